@@ -1,0 +1,74 @@
+"""MongoDB access on pymongo's AsyncMongoClient, within the portable subset of DESIGN.md."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure, PyMongoError
+
+from services.core.logging import get_logger
+
+NOT_IMPLEMENTED = 238
+Document = dict[str, Any]
+log = get_logger(__name__)
+
+
+def connect(uri: str, app_name: str, *, timeout_ms: int = 5000, max_pool_size: int = 100) -> AsyncMongoClient[Document]:
+    """One client per process, shared by everything in it (it pools connections)."""
+    return AsyncMongoClient(
+        uri,
+        appname=f"otpgate-{app_name}",
+        tz_aware=True,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        maxPoolSize=max_pool_size,
+        retryWrites=False,  # dev database and standalone servers have no retryable writes
+    )
+
+
+async def ensure_index(
+    collection: AsyncCollection[Document],
+    keys: str | Sequence[tuple[str, int]],
+    *,
+    name: str | None = None,
+    unique: bool = False,
+    expire_after_seconds: int | None = None,
+) -> bool:
+    """Create one index per call. A TTL index the server does not implement is skipped
+    (returns False): expiry is always checked at read time, and a periodic purge cleans up."""
+    options: dict[str, Any] = {"unique": unique}
+    if name:
+        options["name"] = name
+    if expire_after_seconds is not None:
+        options["expireAfterSeconds"] = expire_after_seconds
+    try:
+        await collection.create_index(keys, **options)
+    except OperationFailure as exc:
+        if exc.code == NOT_IMPLEMENTED and expire_after_seconds is not None:
+            log.info("ttl_index_unsupported", collection=collection.name, keys=str(keys))
+            return False
+        raise
+    return True
+
+
+async def purge_before(
+    collection: AsyncCollection[Document], field: str, cutoff: datetime, extra: Mapping[str, Any] | None = None
+) -> int:
+    """Delete documents whose `field` is older than cutoff: the stand-in for TTL indexes."""
+    query: dict[str, Any] = {field: {"$lt": cutoff}, **(extra or {})}
+    result = await collection.delete_many(query)
+    return int(result.deleted_count)
+
+
+async def ping(database: AsyncDatabase[Document], timeout: float = 2.0) -> bool:
+    try:
+        await asyncio.wait_for(database.command("ping"), timeout)
+    except (PyMongoError, TimeoutError, OSError):
+        return False
+    return True
