@@ -76,6 +76,13 @@ def captured_logs() -> LogCapture:
     return LogCapture()
 
 
+@pytest.fixture
+def own_logging() -> Iterator[None]:
+    """For tests that configure logging themselves: the session capture is restored afterwards."""
+    yield
+    configure_logging("tests", "debug", stream=_LOG_STREAM)
+
+
 def all_logs() -> str:
     """Everything logged so far in this test session."""
     return _LOG_STREAM.getvalue()

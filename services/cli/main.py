@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines register(subparsers) and sets a `handler` default on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("services.cli.keys")
+COMMAND_MODULES: tuple[str, ...] = ("services.cli.dev", "services.cli.keys")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -205,8 +205,11 @@ async def start_service(
     )
     await server.start()
     running = RunningService(app, server, health, bound)
-    if app.database is None:
-        await running._set_all(health_pb2.HealthCheckResponse.SERVING)
+    # Without a database a service is ready at once; with one, it is ready after the first ping.
+    initial = (
+        health_pb2.HealthCheckResponse.SERVING if app.database is None else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await running._set_all(initial)
     running.start_background()
     log.info("service_started", address=f"{host}:{bound}", tls=bool(tls and tls.enabled), reflection=reflection_on)
     return running

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+
 from services.core import errors
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp, start_service
@@ -13,7 +13,8 @@ from services.core.logging import request_id_var
 
 
 class _Directory(directory_pb2_grpc.DirectoryServiceServicer):
-    seen_request_ids: list[str] = []
+    def __init__(self) -> None:
+        self.seen_request_ids: list[str] = []
 
     async def GetSubscriber(self, request, context):  # type: ignore[no-untyped-def]
         self.seen_request_ids.append(request_id_var.get())
@@ -24,7 +25,13 @@ async def test_rich_errors_health_and_request_id() -> None:
     servicer = _Directory()
     app = ServiceApp(
         name="directory",
-        servicers=[(directory_pb2_grpc.add_DirectoryServiceServicer_to_server, servicer, "otpgate.directory.v1.DirectoryService")],
+        servicers=[
+            (
+                directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
+                servicer,
+                "otpgate.directory.v1.DirectoryService",
+            )
+        ],
     )
     running = await start_service(app, "127.0.0.1", 0)
     try:

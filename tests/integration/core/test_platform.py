@@ -1,0 +1,139 @@
+"""Core platform against the real dev database and real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.core.clock import ManualClock
+from services.core.devdb import DevDatabase, free_port
+from services.core.grpc_client import make_channel
+from services.core.grpc_server import ServiceApp, start_service
+from services.core.metrics import start_metrics_server
+from services.core.mongo import Document, connect, ensure_index, purge_before
+
+DIRECTORY = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"]
+
+
+async def test_indexes_one_per_call_and_ttl_tolerated(database: AsyncDatabase[Document], clock: ManualClock) -> None:
+    assert await ensure_index(database.items, [("key", 1)], unique=True) is True
+    ttl = await ensure_index(database.items, [("expire_at", 1)], expire_after_seconds=0)
+    names = [index["name"] async for index in await database.items.list_indexes()]
+    assert "key_1" in names
+    assert ttl is False or "expire_at_1" in names
+    now = clock.now()
+    await database.items.insert_many(
+        [{"key": 1, "expire_at": now - timedelta(seconds=1)}, {"key": 2, "expire_at": now + timedelta(hours=1)}]
+    )
+    assert await purge_before(database.items, "expire_at", now) == 1
+    assert [d["key"] async for d in database.items.find({})] == [2]
+
+
+async def _health(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=DIRECTORY.full_name)
+        )
+        return int(reply.status)
+
+
+async def _wait_for(address: str, status: int, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (current := await _health(address)) != status:
+        assert asyncio.get_running_loop().time() < deadline, f"health stayed {current}"
+        await asyncio.sleep(0.05)
+
+
+async def test_health_follows_the_database() -> None:
+    with DevDatabase() as devdb:
+        client = connect(devdb.uri, "health-test", timeout_ms=500)
+        app = ServiceApp(
+            name="directory",
+            servicers=[
+                (
+                    directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
+                    directory_pb2_grpc.DirectoryServiceServicer(),
+                    DIRECTORY.full_name,
+                )
+            ],
+            database=client.health,
+            health_interval=0.1,
+        )
+        running = await start_service(app, "127.0.0.1", 0)
+        try:
+            await _wait_for(running.address, health_pb2.HealthCheckResponse.SERVING)
+            devdb.stop()
+            await _wait_for(running.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        finally:
+            await running.stop(0)
+            await client.close()
+
+
+async def test_metrics_use_go_grpc_prometheus_names() -> None:
+    app = ServiceApp(
+        name="directory",
+        servicers=[
+            (
+                directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
+                directory_pb2_grpc.DirectoryServiceServicer(),
+                DIRECTORY.full_name,
+            )
+        ],
+    )
+    running = await start_service(app, "127.0.0.1", 0)
+    port = start_metrics_server(0)
+    try:
+        channel = make_channel(running.address, [DIRECTORY])
+        try:
+            await directory_pb2_grpc.DirectoryServiceStub(channel).ResolvePhone(
+                directory_pb2.ResolvePhoneRequest(phone="+79991234567")
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+        await channel.close()
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        )
+    finally:
+        await running.stop(0)
+    labels = 'grpc_code="UNIMPLEMENTED",grpc_method="ResolvePhone",grpc_service="otpgate.directory.v1.DirectoryService",grpc_type="unary"'
+    assert f"grpc_server_handled_total{{{labels}}}" in body
+    assert f"grpc_client_handled_total{{{labels}}}" in body
+    assert "grpc_server_handling_seconds_bucket" in body
+    assert "grpc_client_handling_seconds_bucket" in body
+
+
+async def test_idempotent_calls_retry_through_a_restart_of_the_server() -> None:
+    """UNAVAILABLE on an idempotent method is retried by the channel's retry policy."""
+    port = free_port()
+    calls = 0
+
+    class Directory(directory_pb2_grpc.DirectoryServiceServicer):
+        async def ResolvePhone(self, request, context):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            return directory_pb2.ResolvePhoneResponse(found=True, telegram_user_id=7)
+
+    app = ServiceApp(
+        name="directory",
+        servicers=[(directory_pb2_grpc.add_DirectoryServiceServicer_to_server, Directory(), DIRECTORY.full_name)],
+    )
+    running = await start_service(app, "127.0.0.1", port)
+    try:
+        channel = make_channel(running.address, [DIRECTORY])
+        reply = await directory_pb2_grpc.DirectoryServiceStub(channel).ResolvePhone(
+            directory_pb2.ResolvePhoneRequest(phone="+79991234567")
+        )
+        await channel.close()
+    finally:
+        await running.stop(0)
+    assert reply.telegram_user_id == 7
+    assert calls == 2
