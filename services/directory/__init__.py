@@ -1,0 +1,1 @@
+"""The directory: the encrypted phone number <-> Telegram user mapping, with per-bot link state."""
