@@ -6,6 +6,7 @@ import argparse
 import json
 import secrets
 
+from services.cli import rotate
 from services.core.crypto import Keyring
 
 
@@ -15,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     generate = actions.add_parser("generate", help="print a new root key for OTPGATE_KEYS")
     generate.add_argument("--id", default="", help="key id (default: k<random>)")
     generate.set_defaults(handler=_generate)
+    rotate.register(actions)
 
 
 def _generate(args: argparse.Namespace) -> int:
