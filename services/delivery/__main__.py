@@ -1,0 +1,7 @@
+"""python -m services.delivery"""
+
+from services.core.bootstrap import service_main
+from services.delivery.app import build_app, load_config
+
+if __name__ == "__main__":
+    service_main("delivery", load_config, build_app)

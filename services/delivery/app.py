@@ -1,0 +1,337 @@
+"""Delivery service assembly: configuration, indexes, channels, providers, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.core.clock import Clock, SystemClock
+from services.core.config import CommonConfig, Env
+from services.core.grpc_client import make_channel
+from services.core.grpc_server import ServiceApp
+from services.core.logging import get_logger
+from services.core.mongo import Document
+from services.delivery.bots import BotCatalog
+from services.delivery.claims import Claims
+from services.delivery.engine import Engine, EngineSettings
+from services.delivery.fraud import FraudGuard, FraudSettings
+from services.delivery.limits import Limiter, Rate
+from services.delivery.policy import PolicyStore
+from services.delivery.service import DeliveryServicer, SmsSandboxServicer
+from services.delivery.sms import HttpSettings, SandboxSmsProvider, SmscProvider, SmsProvider, WebhookSmsProvider
+from services.delivery.store import Store
+from services.delivery.webhooks import WebhookOutbox, guarded_session
+
+log = get_logger(__name__)
+
+_LIMIT_DEFAULTS = {
+    "client": ("1000/60", "SendMessage per client"),
+    "phone_short": ("5/600", "messages per phone, short window"),
+    "phone_daily": ("20/86400", "messages per phone per day"),
+    "ip_sms": ("5/1800", "SMS legs per end-user IP"),
+    "session": ("10/600", "messages per end-user session id"),
+    "global": ("20000/60", "messages accepted by the whole service"),
+    "reachability": ("60/60", "CheckReachability per client"),
+}
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    engine: EngineSettings
+    fraud: FraudSettings
+    sms_provider: str
+    smsc_url: str
+    smsc_login: str
+    smsc_password: str
+    sms_webhook_url: str
+    sms_webhook_secret: str
+    sms_http: HttpSettings
+    poll_interval: float
+    dispatcher: bool
+    purge_interval: float
+    bot_cache_ttl: float
+    webhook_max_attempts: int
+    webhook_timeout: float
+    webhook_backoff: float
+    sms_any_default: bool | None
+
+
+def _rate(env: Env, name: str, default: str, help: str) -> Rate:
+    raw = env.text(f"OTPGATE_DELIVERY_LIMIT_{name.upper()}", default, f"rate limit: {help}, as <count>/<seconds>")
+    try:
+        return Rate.parse(raw)
+    except ValueError as exc:
+        env.errors.append(f"OTPGATE_DELIVERY_LIMIT_{name.upper()} {raw!r} is invalid: {exc}")
+        return Rate.parse(default)
+
+
+def load_config(env: Env) -> DeliveryConfig:
+    limits = {name: _rate(env, name, default, help) for name, (default, help) in _LIMIT_DEFAULTS.items()}
+    sms_countries = env.items("OTPGATE_DELIVERY_SMS_COUNTRIES", [], "regions any SMS may go to (empty: any)")
+    default_sms_any = env.text(
+        "OTPGATE_DELIVERY_DEFAULT_SMS_ANY",
+        "",
+        "whether clients without a policy may get SMS to any country (default: only in sandbox mode)",
+        choices=("", "true", "false"),
+    )
+    engine = EngineSettings(
+        default_ttl=env.number("OTPGATE_DELIVERY_DEFAULT_TTL", 600.0, "message ttl when a request sets none, s", min=1),
+        min_ttl=env.number("OTPGATE_DELIVERY_MIN_TTL", 10.0, "smallest ttl a request may set, s", min=1),
+        max_ttl=env.number("OTPGATE_DELIVERY_MAX_TTL", 7 * 86400.0, "largest ttl a request may set, s", min=1),
+        lease=env.number("OTPGATE_DELIVERY_LEASE", 30.0, "dispatch lease, s (longer than any send)", min=1),
+        batch=env.integer("OTPGATE_DELIVERY_BATCH", 50, "messages a dispatcher claims per pass", min=1, max=1000),
+        backoff_base=env.number("OTPGATE_DELIVERY_BACKOFF_BASE", 2.0, "first retry delay, s", min=0.01),
+        backoff_max=env.number("OTPGATE_DELIVERY_BACKOFF_MAX", 120.0, "longest retry delay, s", min=0.01),
+        inline_dispatch=env.flag("OTPGATE_DELIVERY_INLINE_DISPATCH", True, "send within SendMessage when possible"),
+        text_retention=env.number(
+            "OTPGATE_DELIVERY_TEXT_RETENTION", 86400.0, "keep sealed texts and phones this long after the end, s", min=0
+        ),
+        message_retention=env.number(
+            "OTPGATE_DELIVERY_MESSAGE_RETENTION", 90 * 86400.0, "keep finished messages this long, s", min=3600
+        ),
+        sms_sender=env.text("OTPGATE_SMS_SENDER", "otpgate", "SMS sender name"),
+        sms_poll_interval=env.number(
+            "OTPGATE_SMS_STATUS_POLL", 30.0, "how often to ask for SMS delivery reports, s", min=1
+        ),
+        sms_poll_for=env.number(
+            "OTPGATE_SMS_STATUS_FOR", 86400.0, "how long to ask for SMS delivery reports, s", min=1
+        ),
+        sms_countries=tuple(c.upper() for c in sms_countries),
+        webhook_default_secret=env.text(
+            "OTPGATE_DELIVERY_WEBHOOK_SECRET",
+            "",
+            "signs status webhooks of clients without their own secret",
+            secret=True,
+        ),
+        limits=limits,
+    )
+    fraud = FraudSettings(
+        mode=env.text(
+            "OTPGATE_FRAUD_MODE",
+            "block",
+            "fraud guard default: block, monitor or off",
+            choices=("block", "monitor", "off"),
+        ),
+        safe_prefixes=tuple(
+            env.items("OTPGATE_FRAUD_SAFE_PREFIXES", [], "E.164 prefixes the fraud guard lets through")
+        ),
+        velocity_window=env.number("OTPGATE_FRAUD_VELOCITY_WINDOW", 600.0, "prefix velocity window, s", min=1),
+        baseline_window=env.number("OTPGATE_FRAUD_BASELINE_WINDOW", 86400.0, "prefix baseline window, s", min=1),
+        velocity_min=env.integer("OTPGATE_FRAUD_VELOCITY_MIN", 20, "SMS per prefix and window always allowed", min=1),
+        velocity_factor=env.number("OTPGATE_FRAUD_VELOCITY_FACTOR", 5.0, "allowed multiple of the baseline", min=1),
+        conversion_window=env.number("OTPGATE_FRAUD_CONVERSION_WINDOW", 86400.0, "conversion window, s", min=1),
+        conversion_grace=env.number(
+            "OTPGATE_FRAUD_CONVERSION_GRACE", 300.0, "time a code gets to be entered, s", min=0
+        ),
+        prefix_min_volume=env.integer(
+            "OTPGATE_FRAUD_PREFIX_MIN_VOLUME", 20, "SMS before prefix conversion counts", min=1
+        ),
+        country_min_volume=env.integer(
+            "OTPGATE_FRAUD_COUNTRY_MIN_VOLUME", 200, "SMS before country conversion counts", min=1
+        ),
+        captcha_below=env.number(
+            "OTPGATE_FRAUD_CAPTCHA_BELOW", 0.2, "conversion below which CAPTCHA is demanded", min=0
+        ),
+        block_below=env.number("OTPGATE_FRAUD_BLOCK_BELOW", 0.05, "conversion below which SMS are refused", min=0),
+    )
+    provider = env.text(
+        "OTPGATE_SMS_PROVIDER",
+        "sandbox",
+        "SMS provider: sandbox, smsc or webhook",
+        choices=("sandbox", "smsc", "webhook"),
+    )
+    config = DeliveryConfig(
+        engine=engine,
+        fraud=fraud,
+        sms_provider=provider,
+        smsc_url=env.text("OTPGATE_SMSC_URL", "https://smsc.ru/sys/", "base URL of the smsc.ru-compatible API"),
+        smsc_login=env.text("OTPGATE_SMSC_LOGIN", "", "smsc login"),
+        smsc_password=env.text("OTPGATE_SMSC_PASSWORD", "", "smsc password (or API key)", secret=True),
+        sms_webhook_url=env.text("OTPGATE_SMS_WEBHOOK_URL", "", "URL the webhook SMS provider POSTs to"),
+        sms_webhook_secret=env.text(
+            "OTPGATE_SMS_WEBHOOK_SECRET", "", "HMAC secret of the webhook SMS provider", secret=True
+        ),
+        sms_http=HttpSettings(
+            timeout=env.number("OTPGATE_SMS_TIMEOUT", 5.0, "SMS provider request timeout, s", min=0.05),
+            retries=env.integer(
+                "OTPGATE_SMS_RETRIES", 2, "extra tries when a provider cannot be reached", min=0, max=10
+            ),
+        ),
+        poll_interval=env.number("OTPGATE_DELIVERY_POLL_INTERVAL", 0.5, "dispatcher poll interval, s", min=0.01),
+        dispatcher=env.flag("OTPGATE_DELIVERY_DISPATCHER", True, "run the dispatcher and purge loops in this process"),
+        purge_interval=env.number("OTPGATE_DELIVERY_PURGE_INTERVAL", 300.0, "how often old data is purged, s", min=1),
+        bot_cache_ttl=env.number("OTPGATE_DELIVERY_BOT_CACHE_TTL", 60.0, "how long bot facts are cached, s", min=0),
+        webhook_max_attempts=env.integer("OTPGATE_WEBHOOK_MAX_RETRIES", 10, "status webhook retries", min=0, max=50),
+        webhook_timeout=env.number("OTPGATE_WEBHOOK_TIMEOUT", 5.0, "status webhook timeout, s", min=0.05),
+        webhook_backoff=env.number("OTPGATE_WEBHOOK_BACKOFF", 5.0, "first status webhook retry delay, s", min=0.01),
+        sms_any_default={"": None, "true": True, "false": False}[default_sms_any],
+    )
+    if provider == "smsc" and not (config.smsc_login and config.smsc_password):
+        env.errors.append("OTPGATE_SMS_PROVIDER=smsc needs OTPGATE_SMSC_LOGIN and OTPGATE_SMSC_PASSWORD")
+    if provider == "webhook" and not (config.sms_webhook_url and config.sms_webhook_secret):
+        env.errors.append("OTPGATE_SMS_PROVIDER=webhook needs OTPGATE_SMS_WEBHOOK_URL and OTPGATE_SMS_WEBHOOK_SECRET")
+    return config
+
+
+@dataclass
+class DeliveryRuntime:
+    """Everything build_app made, for the loops and for tests (app.runtime)."""
+
+    engine: Engine
+    config: DeliveryConfig
+    http: aiohttp.ClientSession
+    webhook_http: aiohttp.ClientSession
+
+    async def dispatcher_loop(self) -> None:
+        while True:
+            try:
+                tried = await self.engine.dispatch_due_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher_pass_failed")
+                tried = 0
+            await asyncio.sleep(0 if tried >= self.engine.settings.batch else self.config.poll_interval)
+
+    async def purge_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.engine.purge_once()
+            await asyncio.sleep(self.config.purge_interval)
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.webhook_http.close()
+
+
+async def build_app(
+    common: CommonConfig,
+    config: DeliveryConfig,
+    client: AsyncMongoClient[Document],
+    clock: Clock | None = None,
+) -> ServiceApp:
+    clock = clock or SystemClock()
+    db = client[common.database]
+    keyring = common.keyring
+    owner = f"{socket.gethostname()}:{os.getpid()}:{id(config):x}"
+    store = Store(db, clock)
+    claims = Claims(db["claims"], clock, owner, config.engine.lease)
+    limiter = Limiter(db["limits"], clock)
+    fraud = FraudGuard(db["sms_events"], db["conversions"], keyring, clock, config.fraud)
+    sms_any = config.sms_any_default if config.sms_any_default is not None else common.sandbox
+    policies = PolicyStore(db["policies"], clock, sms_any)
+    http = aiohttp.ClientSession()
+    webhook_http = guarded_session(allow_private=common.dev)
+    sandbox = SandboxSmsProvider(db["sandbox_sms"], keyring, clock) if common.sandbox else None
+    provider: SmsProvider
+    if config.sms_provider == "smsc":
+        provider = SmscProvider(http, config.smsc_url, config.smsc_login, config.smsc_password, config.sms_http)
+    elif config.sms_provider == "webhook":
+        provider = WebhookSmsProvider(http, config.sms_webhook_url, config.sms_webhook_secret, config.sms_http, clock)
+    else:
+        if sandbox is None:
+            sandbox = SandboxSmsProvider(db["sandbox_sms"], keyring, clock)
+        provider = sandbox
+    timeout = common.rpc_timeout
+    directory_channel = make_channel(
+        common.addresses["directory"],
+        [directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"]],
+        timeout=timeout,
+        tls=common.tls,
+    )
+    botgateway_channel = make_channel(
+        common.addresses["botgateway"],
+        [botgateway_pb2.DESCRIPTOR.services_by_name["BotGatewayService"]],
+        timeout=timeout,
+        tls=common.tls,
+    )
+    verification_channel = make_channel(
+        common.addresses["verification"],
+        [verification_pb2.DESCRIPTOR.services_by_name["VerificationService"]],
+        timeout=timeout,
+        tls=common.tls,
+    )
+    botgateway = botgateway_pb2_grpc.BotGatewayServiceStub(botgateway_channel)
+    settings = config.engine
+    if settings.dev != common.dev:
+        from dataclasses import replace
+
+        settings = replace(settings, dev=common.dev)
+    engine_ref: list[Engine] = []
+
+    async def secret_for(client_id: str) -> str:
+        return await engine_ref[0].webhook_secret(client_id)
+
+    webhooks = WebhookOutbox(
+        db["webhooks"],
+        claims,
+        webhook_http,
+        clock,
+        secret_for,
+        max_attempts=config.webhook_max_attempts,
+        timeout=config.webhook_timeout,
+        backoff_base=config.webhook_backoff,
+    )
+    engine = Engine(
+        store=store,
+        policies=policies,
+        limiter=limiter,
+        fraud=fraud,
+        claims=claims,
+        bots=BotCatalog(botgateway, common.shared_bots, config.bot_cache_ttl),
+        directory=directory_pb2_grpc.DirectoryServiceStub(directory_channel),
+        botgateway=botgateway,
+        verification=verification_pb2_grpc.VerificationServiceStub(verification_channel),
+        sms=provider,
+        sandbox=sandbox,
+        webhooks=webhooks,
+        keyring=keyring,
+        clock=clock,
+        settings=settings,
+    )
+    engine_ref.append(engine)
+    for part in (store, claims, limiter, fraud, webhooks):
+        await part.create_indexes()
+    if sandbox is not None:
+        await sandbox.create_indexes()
+    runtime = DeliveryRuntime(engine, config, http, webhook_http)
+    servicers: list[tuple[object, object, str]] = [
+        (
+            delivery_pb2_grpc.add_DeliveryServiceServicer_to_server,
+            DeliveryServicer(engine),
+            delivery_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
+        )
+    ]
+    if common.sandbox and sandbox is not None:
+        servicers.append(
+            (
+                delivery_pb2_grpc.add_SmsSandboxServiceServicer_to_server,
+                SmsSandboxServicer(sandbox),
+                delivery_pb2.DESCRIPTOR.services_by_name["SmsSandboxService"].full_name,
+            )
+        )
+
+    async def close_all() -> None:
+        await runtime.close()
+        for channel in (directory_channel, botgateway_channel, verification_channel):
+            await channel.close()
+
+    app = ServiceApp(
+        name="delivery",
+        servicers=servicers,  # type: ignore[arg-type]
+        database=db,
+        background=[runtime.dispatcher_loop, runtime.purge_loop] if config.dispatcher else [],
+        on_stop=[close_all],
+    )
+    app.runtime = runtime  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,225 @@
+"""Client delivery policies: defaults, validation, FieldMask updates, storage form."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from otpgate.common.v1 import common_pb2
+from pymongo.asynchronous.collection import AsyncCollection
+
+from services.core.clock import Clock, as_utc
+from services.core.crypto import Keyring, SealContext
+from services.core.errors import Violations, invalid_argument
+from services.core.mongo import Document
+from services.delivery.limits import Rate
+
+_REGION = re.compile(r"^[A-Z]{2}$")
+RATE_LIMIT_FIELDS = ("client", "phone_short", "phone_daily", "ip_sms", "session", "reachability")
+MAX_WINDOW_SECONDS = 31 * 86400
+
+
+@dataclass(frozen=True)
+class Policy:
+    client_id: str
+    allowed_countries: tuple[str, ...] = ()
+    sms_countries: tuple[str, ...] = ()
+    sms_countries_any: bool = False
+    sms_fallback: bool = False
+    default_confirm_days: int = 0
+    captcha_rule: int = common_pb2.CAPTCHA_RULE_ON_RISK
+    daily_sms_cap: int = 0
+    # Overrides by name (see RATE_LIMIT_FIELDS); absent: service default.
+    rate_limits: dict[str, Rate] = field(default_factory=dict)
+    fraud_mode: int = common_pb2.FRAUD_MODE_UNSPECIFIED
+    allow_custom_code: bool = False
+    webhook_secret_sealed: bytes | None = None
+    update_time: datetime | None = None
+    stored: bool = False
+
+    def country_allowed(self, region: str) -> bool:
+        return not self.allowed_countries or region in self.allowed_countries
+
+    def sms_allowed(self, region: str) -> bool:
+        return self.sms_countries_any or region in self.sms_countries
+
+    def webhook_secret(self, keyring: Keyring) -> str:
+        if not self.webhook_secret_sealed:
+            return ""
+        return keyring.open_str(self.webhook_secret_sealed, SealContext("policies", self.client_id, "webhook_secret"))
+
+    def to_proto(self) -> common_pb2.ClientPolicy:
+        limits = common_pb2.RateLimits()
+        for name, rate in self.rate_limits.items():
+            target = getattr(limits, name)
+            target.limit = rate.limit
+            target.window.CopyFrom(duration_pb2.Duration(seconds=int(rate.window)))
+        out = common_pb2.ClientPolicy(
+            client_id=self.client_id,
+            allowed_countries=list(self.allowed_countries),
+            sms_countries=list(self.sms_countries),
+            sms_countries_any=self.sms_countries_any,
+            sms_fallback=self.sms_fallback,
+            default_confirm_days=self.default_confirm_days,
+            captcha_rule=self.captcha_rule,  # type: ignore[arg-type]
+            daily_sms_cap=self.daily_sms_cap,
+            rate_limits=limits,
+            fraud_mode=self.fraud_mode,  # type: ignore[arg-type]
+            allow_custom_code=self.allow_custom_code,
+            webhook_secret_set=bool(self.webhook_secret_sealed),
+        )
+        if self.update_time is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(self.update_time)
+            out.update_time.CopyFrom(stamp)
+        return out
+
+
+def default_policy(client_id: str, sms_any: bool) -> Policy:
+    return Policy(client_id=client_id, sms_countries_any=sms_any)
+
+
+def _from_doc(doc: Document) -> Policy:
+    return Policy(
+        client_id=str(doc["_id"]),
+        allowed_countries=tuple(doc.get("allowed_countries", ())),
+        sms_countries=tuple(doc.get("sms_countries", ())),
+        sms_countries_any=bool(doc.get("sms_countries_any", False)),
+        sms_fallback=bool(doc.get("sms_fallback", False)),
+        default_confirm_days=int(doc.get("default_confirm_days", 0)),
+        captcha_rule=int(doc.get("captcha_rule", common_pb2.CAPTCHA_RULE_ON_RISK)),
+        daily_sms_cap=int(doc.get("daily_sms_cap", 0)),
+        rate_limits={k: Rate(int(v["limit"]), float(v["window"])) for k, v in (doc.get("rate_limits") or {}).items()},
+        fraud_mode=int(doc.get("fraud_mode", 0)),
+        allow_custom_code=bool(doc.get("allow_custom_code", False)),
+        webhook_secret_sealed=bytes(doc["webhook_secret"]) if doc.get("webhook_secret") else None,
+        update_time=as_utc(doc["update_time"]) if doc.get("update_time") else None,
+        stored=True,
+    )
+
+
+def _to_doc(policy: Policy) -> Document:
+    return {
+        "_id": policy.client_id,
+        "allowed_countries": list(policy.allowed_countries),
+        "sms_countries": list(policy.sms_countries),
+        "sms_countries_any": policy.sms_countries_any,
+        "sms_fallback": policy.sms_fallback,
+        "default_confirm_days": policy.default_confirm_days,
+        "captcha_rule": policy.captcha_rule,
+        "daily_sms_cap": policy.daily_sms_cap,
+        "rate_limits": {k: {"limit": r.limit, "window": r.window} for k, r in policy.rate_limits.items()},
+        "fraud_mode": policy.fraud_mode,
+        "allow_custom_code": policy.allow_custom_code,
+        "webhook_secret": policy.webhook_secret_sealed,
+        "update_time": policy.update_time,
+    }
+
+
+_TOP_FIELDS = {f.name for f in common_pb2.ClientPolicy.DESCRIPTOR.fields} - {
+    "client_id",
+    "webhook_secret_set",
+    "update_time",
+}
+
+
+def _validate(proto: common_pb2.ClientPolicy, paths: set[str]) -> None:
+    problems = Violations()
+    for name in ("allowed_countries", "sms_countries"):
+        if name in paths:
+            for i, region in enumerate(getattr(proto, name)):
+                if not _REGION.match(region.upper()):
+                    problems.add(f"policy.{name}[{i}]", "must be an ISO 3166-1 alpha-2 region, e.g. DE")
+    if "default_confirm_days" in paths and not 0 <= proto.default_confirm_days <= 3650:
+        problems.add("policy.default_confirm_days", "must be between 0 and 3650")
+    if "daily_sms_cap" in paths and proto.daily_sms_cap < 0:
+        problems.add("policy.daily_sms_cap", "must be >= 0")
+    if "captcha_rule" in paths and proto.captcha_rule not in common_pb2.CaptchaRule.values():
+        problems.add("policy.captcha_rule", "unknown value")
+    if "fraud_mode" in paths and proto.fraud_mode not in common_pb2.FraudMode.values():
+        problems.add("policy.fraud_mode", "unknown value")
+    for name in RATE_LIMIT_FIELDS:
+        if f"rate_limits.{name}" in paths or "rate_limits" in paths:
+            rate = getattr(proto.rate_limits, name)
+            seconds = rate.window.seconds + rate.window.nanos / 1e9
+            if rate.limit < 0:
+                problems.add(f"policy.rate_limits.{name}.limit", "must be >= 0")
+            if rate.limit > 0 and not 1 <= seconds <= MAX_WINDOW_SECONDS:
+                problems.add(f"policy.rate_limits.{name}.window", "must be between 1 second and 31 days")
+    if "webhook_secret" in paths and proto.webhook_secret and len(proto.webhook_secret) < 16:
+        problems.add("policy.webhook_secret", "must be at least 16 characters")
+    problems.raise_if_any()
+
+
+def apply_update(
+    current: Policy,
+    proto: common_pb2.ClientPolicy,
+    mask: field_mask_pb2.FieldMask,
+    keyring: Keyring,
+    now: datetime,
+) -> Policy:
+    paths = set(mask.paths) if mask.paths else set(_TOP_FIELDS)
+    unknown = [
+        p
+        for p in paths
+        if p.split(".")[0] not in _TOP_FIELDS
+        or (p.startswith("rate_limits.") and p.split(".")[1] not in RATE_LIMIT_FIELDS)
+    ]
+    if unknown:
+        raise invalid_argument([("update_mask", f"unknown or read-only field {p!r}") for p in sorted(unknown)])
+    _validate(proto, paths)
+    updated = current
+    simple = (
+        "sms_countries_any",
+        "sms_fallback",
+        "default_confirm_days",
+        "captcha_rule",
+        "daily_sms_cap",
+        "fraud_mode",
+        "allow_custom_code",
+    )
+    for name in simple:
+        if name in paths:
+            changes: dict[str, Any] = {name: getattr(proto, name)}
+            updated = replace(updated, **changes)
+    if "allowed_countries" in paths:
+        updated = replace(updated, allowed_countries=tuple(sorted({r.upper() for r in proto.allowed_countries})))
+    if "sms_countries" in paths:
+        updated = replace(updated, sms_countries=tuple(sorted({r.upper() for r in proto.sms_countries})))
+    limits = dict(updated.rate_limits)
+    for name in RATE_LIMIT_FIELDS:
+        if "rate_limits" in paths or f"rate_limits.{name}" in paths:
+            rate = getattr(proto.rate_limits, name)
+            if rate.limit == 0:
+                limits.pop(name, None)
+            else:
+                limits[name] = Rate(rate.limit, float(rate.window.seconds + rate.window.nanos / 1e9))
+    updated = replace(updated, rate_limits=limits)
+    if "webhook_secret" in paths:
+        sealed = (
+            keyring.seal(proto.webhook_secret, SealContext("policies", current.client_id, "webhook_secret"))
+            if proto.webhook_secret
+            else None
+        )
+        updated = replace(updated, webhook_secret_sealed=sealed)
+    return replace(updated, update_time=now, stored=True)
+
+
+class PolicyStore:
+    def __init__(self, collection: AsyncCollection[Document], clock: Clock, sms_any_default: bool) -> None:
+        self._coll = collection
+        self._clock = clock
+        self._sms_any_default = sms_any_default
+
+    async def get(self, client_id: str) -> Policy:
+        doc = await self._coll.find_one({"_id": client_id})
+        return _from_doc(doc) if doc else default_policy(client_id, self._sms_any_default)
+
+    async def update(self, proto: common_pb2.ClientPolicy, mask: field_mask_pb2.FieldMask, keyring: Keyring) -> Policy:
+        current = await self.get(proto.client_id)
+        updated = apply_update(current, proto, mask, keyring, self._clock.now())
+        await self._coll.replace_one({"_id": updated.client_id}, _to_doc(updated), upsert=True)
+        return updated

@@ -1,0 +1,174 @@
+"""Thin servicers: DeliveryService and, in sandbox mode, SmsSandboxService."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+
+from services.core.errors import Violations, invalid_argument, not_found
+from services.core.phone import InvalidPhoneError, parse_phone
+from services.delivery.engine import Engine
+from services.delivery.sms import SandboxSmsProvider
+from services.delivery.store import decode_page_token, encode_page_token, to_proto
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def SendMessage(
+        self, request: delivery_pb2.SendMessageRequest, context: Context
+    ) -> delivery_pb2.SendMessageResponse:
+        return await self.engine.send_message(request)
+
+    async def GetMessage(
+        self, request: delivery_pb2.GetMessageRequest, context: Context
+    ) -> delivery_pb2.GetMessageResponse:
+        return delivery_pb2.GetMessageResponse(message=await self.engine.get_message(request.client_id, request.id))
+
+    async def ListMessages(
+        self, request: delivery_pb2.ListMessagesRequest, context: Context
+    ) -> delivery_pb2.ListMessagesResponse:
+        problems = Violations()
+        problems.check(bool(request.client_id), "client_id", "is required")
+        problems.check(0 <= request.page_size <= 100, "page_size", "must be between 0 and 100")
+        after = None
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token)
+            except (ValueError, TypeError):
+                problems.add("page_token", "is not a token from a previous page")
+        problems.raise_if_any()
+        size = request.page_size or 20
+        created_after = (
+            request.create_time_after.ToDatetime(tzinfo=UTC) if request.HasField("create_time_after") else None
+        )
+        created_before = (
+            request.create_time_before.ToDatetime(tzinfo=UTC) if request.HasField("create_time_before") else None
+        )
+        docs = await self.engine.store.list_for_client(
+            request.client_id, size, after, int(request.status), created_after, created_before
+        )
+        now = self.engine.clock.now()
+        reply = delivery_pb2.ListMessagesResponse(messages=[to_proto(d, now) for d in docs[:size]])
+        if len(docs) > size:
+            last = docs[size - 1]
+            reply.next_page_token = encode_page_token(last["created_at"], str(last["_id"]))
+        return reply
+
+    async def CancelMessage(
+        self, request: delivery_pb2.CancelMessageRequest, context: Context
+    ) -> delivery_pb2.CancelMessageResponse:
+        return delivery_pb2.CancelMessageResponse(
+            message=await self.engine.cancel_message(request.client_id, request.id)
+        )
+
+    async def ReleaseHeldMessages(
+        self, request: delivery_pb2.ReleaseHeldMessagesRequest, context: Context
+    ) -> delivery_pb2.ReleaseHeldMessagesResponse:
+        if request.telegram_user_id <= 0:
+            raise invalid_argument([("telegram_user_id", "is required")])
+        released = await self.engine.release_held(request.telegram_user_id, request.phone)
+        return delivery_pb2.ReleaseHeldMessagesResponse(released_count=released)
+
+    async def CheckReachability(
+        self, request: delivery_pb2.CheckReachabilityRequest, context: Context
+    ) -> delivery_pb2.CheckReachabilityResponse:
+        return await self.engine.check_reachability(request)
+
+    async def GetClientPolicy(
+        self, request: delivery_pb2.GetClientPolicyRequest, context: Context
+    ) -> delivery_pb2.GetClientPolicyResponse:
+        if not request.client_id:
+            raise invalid_argument([("client_id", "is required")])
+        policy = await self.engine.policies.get(request.client_id)
+        return delivery_pb2.GetClientPolicyResponse(policy=policy.to_proto())
+
+    async def UpdateClientPolicy(
+        self, request: delivery_pb2.UpdateClientPolicyRequest, context: Context
+    ) -> delivery_pb2.UpdateClientPolicyResponse:
+        if not request.policy.client_id:
+            raise invalid_argument([("policy.client_id", "is required")])
+        policy = await self.engine.policies.update(request.policy, request.update_mask, self.engine.keyring)
+        return delivery_pb2.UpdateClientPolicyResponse(policy=policy.to_proto())
+
+    async def RecordConversion(
+        self, request: delivery_pb2.RecordConversionRequest, context: Context
+    ) -> delivery_pb2.RecordConversionResponse:
+        await self.engine.record_conversion(request.client_id, request.message_id)
+        return delivery_pb2.RecordConversionResponse()
+
+    async def GetUsage(self, request: delivery_pb2.GetUsageRequest, context: Context) -> delivery_pb2.GetUsageResponse:
+        problems = Violations()
+        problems.check(bool(request.client_id), "client_id", "is required")
+        today = self.engine.clock.now().strftime("%Y-%m-%d")
+        start = request.start_day or (self.engine.clock.now() - timedelta(days=30)).strftime("%Y-%m-%d")
+        end = request.end_day or today
+        for name, value in (("start_day", start), ("end_day", end)):
+            if not _DAY.match(value):
+                problems.add(name, "must be YYYY-MM-DD")
+            else:
+                try:
+                    datetime.strptime(value, "%Y-%m-%d")
+                except ValueError:
+                    problems.add(name, "is not a calendar day")
+        problems.raise_if_any()
+        if start > end:
+            raise invalid_argument([("end_day", "must not be before start_day")])
+        rows = await self.engine.store.usage_between(request.client_id, start, end)
+        records = []
+        for row in rows:
+            day, _, channel = str(row["_id"]).partition("|")
+            records.append(
+                delivery_pb2.UsageRecord(
+                    day=day,
+                    channel=common_pb2.Channel.ValueType(int(channel or 0)),
+                    messages=int(row["messages"]),
+                    billed_sms=int(row["billed"]),
+                )
+            )
+        return delivery_pb2.GetUsageResponse(records=records)
+
+
+class SmsSandboxServicer(delivery_pb2_grpc.SmsSandboxServiceServicer):
+    def __init__(self, provider: SandboxSmsProvider) -> None:
+        self.provider = provider
+
+    async def ListSandboxSms(
+        self, request: delivery_pb2.ListSandboxSmsRequest, context: Context
+    ) -> delivery_pb2.ListSandboxSmsResponse:
+        problems = Violations()
+        problems.check(0 <= request.page_size <= 100, "page_size", "must be between 0 and 100")
+        e164 = ""
+        try:
+            e164 = parse_phone(request.phone).e164
+        except InvalidPhoneError as exc:
+            problems.add("phone", str(exc))
+        problems.raise_if_any()
+        docs = await self.provider.inbox(e164, request.page_size or 20)
+        out = []
+        for doc in docs:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(doc["at"])
+            out.append(
+                delivery_pb2.SandboxSms(
+                    id=str(doc["_id"]),
+                    phone_masked=doc["phone_masked"],
+                    text=doc["text"],
+                    sender=doc.get("sender", ""),
+                    create_time=stamp,
+                )
+            )
+        return delivery_pb2.ListSandboxSmsResponse(messages=out)
+
+
+_ = not_found

@@ -1,0 +1,239 @@
+"""The outbox (messages), usage records and their indexes.
+
+A message document is written only by whoever holds its claim (services/delivery/claims.py).
+Texts and phones are sealed; lookups by phone use a blind index; the prefix is never stored
+in clear (the masked phone shows the last 4 digits, the prefix would show the rest).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from otpgate.common.v1 import common_pb2
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.core.clock import Clock, as_utc
+from services.core.mongo import Document, ensure_index
+
+QUEUED = common_pb2.MESSAGE_STATUS_QUEUED
+HELD = common_pb2.MESSAGE_STATUS_HELD
+SENT = common_pb2.MESSAGE_STATUS_SENT
+DELIVERED = common_pb2.MESSAGE_STATUS_DELIVERED
+FAILED = common_pb2.MESSAGE_STATUS_FAILED
+EXPIRED = common_pb2.MESSAGE_STATUS_EXPIRED
+CANCELED = common_pb2.MESSAGE_STATUS_CANCELED
+OPEN_STATUSES = (QUEUED, HELD)
+FINAL_STATUSES = (DELIVERED, FAILED, EXPIRED, CANCELED)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+STATUS_NAMES: dict[int, str] = {
+    v: common_pb2.MessageStatus.Name(v).removeprefix("MESSAGE_STATUS_") for v in common_pb2.MessageStatus.values()
+}
+CHANNEL_NAMES: dict[int, str] = {
+    v: common_pb2.Channel.Name(v).removeprefix("CHANNEL_") for v in common_pb2.Channel.values()
+}
+REASON_NAMES: dict[int, str] = {
+    v: common_pb2.FailureReason.Name(v).removeprefix("FAILURE_REASON_") for v in common_pb2.FailureReason.values()
+}
+
+
+def _ts(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(as_utc(moment))
+    return stamp
+
+
+def effective_status(doc: Document, now: datetime) -> tuple[int, int]:
+    """Status and failure reason as of `now`: expiry is decided at read time."""
+    status = int(doc["status"])
+    reason = int(doc.get("failure_reason", 0))
+    if status in OPEN_STATUSES and as_utc(doc["expire_at"]) <= now:
+        held = status == HELD
+        return EXPIRED, (
+            common_pb2.FAILURE_REASON_CONFIRMATION_TIMEOUT if held else common_pb2.FAILURE_REASON_TTL_EXPIRED
+        )
+    return status, reason
+
+
+def to_proto(doc: Document, now: datetime) -> common_pb2.Message:
+    status, reason = effective_status(doc, now)
+    message = common_pb2.Message(
+        id=str(doc["_id"]),
+        request_id=doc.get("request_id", ""),
+        phone_masked=doc.get("phone_masked", ""),
+        requested_channel=int(doc.get("requested_channel", 0)),  # type: ignore[arg-type]
+        channel=int(doc.get("channel", 0)),  # type: ignore[arg-type]
+        bot_id=doc.get("bot_id", ""),
+        status=status,  # type: ignore[arg-type]
+        failure_reason=reason,  # type: ignore[arg-type]
+        confirm_days=int(doc.get("confirm_days", 0)),
+        protect_content=bool(doc.get("protect_content", False)),
+        callback_url=doc.get("callback_url", ""),
+        attempts=int(doc.get("attempts", 0)),
+    )
+    if doc.get("delete_after"):
+        message.delete_after.CopyFrom(duration_pb2.Duration(seconds=int(doc["delete_after"])))
+    for name, key in (
+        ("create_time", "created_at"),
+        ("update_time", "updated_at"),
+        ("expire_time", "expire_at"),
+        ("sent_time", "sent_at"),
+        ("delivered_time", "delivered_at"),
+    ):
+        stamp = _ts(doc.get(key))
+        if stamp is not None:
+            getattr(message, name).CopyFrom(stamp)
+    expired_at = _ts(doc["expire_at"])
+    if status == EXPIRED and int(doc["status"]) != EXPIRED and expired_at is not None:
+        message.update_time.CopyFrom(expired_at)
+    return message
+
+
+def encode_page_token(created_at: datetime, message_id: str) -> str:
+    raw = json.dumps([as_utc(created_at).isoformat(), message_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    padded = token + "=" * (-len(token) % 4)
+    created, message_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    return datetime.fromisoformat(created), str(message_id)
+
+
+class Store:
+    def __init__(self, database: AsyncDatabase[Document], clock: Clock) -> None:
+        self.db = database
+        self.messages = database["messages"]
+        self.usage = database["usage"]
+        self.clock = clock
+
+    async def create_indexes(self) -> None:
+        m = self.messages
+        await ensure_index(m, [("idem", 1)], unique=True)
+        await ensure_index(m, [("client_id", 1), ("created_at", -1), ("_id", -1)])
+        await ensure_index(m, [("status", 1), ("next_attempt_at", 1)])
+        await ensure_index(m, [("status", 1), ("expire_at", 1)])
+        await ensure_index(m, [("phone_index", 1), ("status", 1)])
+        await ensure_index(m, [("sms_poll_at", 1)])
+        await ensure_index(m, [("purge_at", 1)])
+        await ensure_index(self.usage, [("c", 1), ("d", 1)])
+
+    async def insert(self, doc: Document) -> Document | None:
+        """Insert a new message; on an idempotency key already used, return the existing one."""
+        try:
+            await self.messages.insert_one(doc)
+            return None
+        except DuplicateKeyError:
+            existing = await self.messages.find_one({"idem": doc["idem"]})
+            if existing is None:
+                raise
+            return existing
+
+    async def get(self, message_id: str) -> Document | None:
+        return await self.messages.find_one({"_id": message_id})
+
+    async def by_idem(self, idem: str) -> Document | None:
+        return await self.messages.find_one({"idem": idem})
+
+    async def get_for_client(self, client_id: str, message_id: str) -> Document | None:
+        return await self.messages.find_one({"_id": message_id, "client_id": client_id})
+
+    async def write(self, message_id: str, changes: dict[str, Any]) -> None:
+        """Write under the message's claim (see claims.py)."""
+        await self.messages.update_one({"_id": message_id}, {"$set": changes})
+
+    async def list_for_client(
+        self,
+        client_id: str,
+        page_size: int,
+        after: tuple[datetime, str] | None,
+        status: int,
+        created_after: datetime | None,
+        created_before: datetime | None,
+    ) -> list[Document]:
+        query: dict[str, Any] = {"client_id": client_id}
+        created: dict[str, Any] = {}
+        if created_after is not None:
+            created["$gte"] = created_after
+        if created_before is not None:
+            created["$lt"] = created_before
+        if after is not None:
+            at, last_id = after
+            query["$or"] = [{"created_at": {"$lt": at}}, {"created_at": at, "_id": {"$lt": last_id}}]
+        if created:
+            query["created_at"] = created
+        if status:
+            now = self.clock.now()
+            if status == EXPIRED:
+                query["$and"] = [
+                    {"$or": [{"status": EXPIRED}, {"status": {"$in": list(OPEN_STATUSES)}, "expire_at": {"$lte": now}}]}
+                ]
+            elif status in OPEN_STATUSES:
+                query["status"] = status
+                query["expire_at"] = {"$gt": now}
+            else:
+                query["status"] = status
+        cursor = self.messages.find(query).sort([("created_at", -1), ("_id", -1)]).limit(page_size + 1)
+        return [doc async for doc in cursor]
+
+    async def due(self, now: datetime, limit: int) -> list[Document]:
+        query = {"status": QUEUED, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        cursor = self.messages.find(query).sort("next_attempt_at", 1).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def held_needing_confirmation(self, now: datetime, limit: int) -> list[Document]:
+        query = {
+            "status": HELD,
+            "confirmation_started": False,
+            "next_attempt_at": {"$lte": now},
+            "lease_until": {"$lte": now},
+        }
+        return [doc async for doc in self.messages.find(query).limit(limit)]
+
+    async def expired_open(self, now: datetime, limit: int) -> list[Document]:
+        query = {"status": {"$in": list(OPEN_STATUSES)}, "expire_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        return [doc async for doc in self.messages.find(query).limit(limit)]
+
+    async def held_for_phone(self, phone_index: str) -> list[Document]:
+        return [doc async for doc in self.messages.find({"phone_index": phone_index, "status": HELD}).limit(500)]
+
+    async def sms_to_poll(self, now: datetime, limit: int) -> list[Document]:
+        query = {"status": SENT, "sms_poll_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        return [doc async for doc in self.messages.find(query).limit(limit)]
+
+    async def purge_texts(self, now: datetime) -> int:
+        result = await self.messages.update_many(
+            {"purge_at": {"$lte": now}}, {"$set": {"text": None, "phone": None, "purge_at": None}}
+        )
+        return int(result.modified_count)
+
+    async def purge_messages(self, before: datetime) -> int:
+        result = await self.messages.delete_many(
+            {"created_at": {"$lt": before}, "status": {"$nin": list(OPEN_STATUSES)}}
+        )
+        return int(result.deleted_count)
+
+    # Usage: one record per counted message (unique id), summed on read. ---------------------
+
+    async def count_usage(self, message_id: str, client_id: str, day: str, channel: int, billed: bool) -> None:
+        with contextlib.suppress(DuplicateKeyError):
+            await self.usage.insert_one(
+                {"_id": message_id, "c": client_id, "d": day, "k": f"{day}|{channel}", "b": 1 if billed else 0}
+            )
+
+    async def usage_between(self, client_id: str, start: str, end: str) -> list[Document]:
+        pipeline: list[Document] = [
+            {"$match": {"c": client_id, "d": {"$gte": start, "$lte": end}}},
+            {"$group": {"_id": "$k", "messages": {"$sum": 1}, "billed": {"$sum": "$b"}}},
+            {"$sort": {"_id": 1}},
+        ]
+        cursor = await self.usage.aggregate(pipeline)
+        return [doc async for doc in cursor]

@@ -1,0 +1,103 @@
+"""Rate limits and claims on the real dev database: exact under concurrency, shared by replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.core.clock import ManualClock
+from services.core.mongo import Document
+from services.delivery.claims import Claims
+from services.delivery.limits import Hit, Limiter, Rate, RateLimited
+
+
+async def _admitted(limiter: Limiter, hits: list[Hit]) -> bool:
+    try:
+        await limiter.acquire(hits)
+    except RateLimited:
+        return False
+    return True
+
+
+async def test_concurrent_hits_from_two_replicas_admit_exactly_the_limit(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    a, b = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
+    await a.create_indexes()
+    hit = Hit("phone_short", "k1", Rate(10, 600))
+    results = await asyncio.gather(*[_admitted(a if i % 2 else b, [hit]) for i in range(40)])
+    assert sum(results) == 10
+
+
+async def test_fixed_window_rolls_over_and_says_when_to_retry(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    hit = Hit("client", "c", Rate(2, 60), sliding=False)
+    assert await _admitted(limiter, [hit]) and await _admitted(limiter, [hit])
+    clock.advance(10)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.acquire([hit])
+    assert 49 <= refused.value.retry_after <= 51
+    error = refused.value.to_error()
+    assert error.reason == "RATE_LIMITED"
+    clock.advance(51)
+    assert await _admitted(limiter, [hit])
+
+
+async def test_sliding_window_weighs_the_previous_window(database: AsyncDatabase[Document], clock: ManualClock) -> None:
+    limiter = Limiter(database["limits"], clock)
+    hit = Hit("phone_short", "p", Rate(4, 100))
+    clock.set(clock.now().replace(minute=0, second=0))  # a window boundary (100 s divides an hour)
+    for _ in range(4):
+        assert await _admitted(limiter, [hit])
+    clock.advance(100)  # next window, the previous one still weighs 4 * (1 - 0) = 4
+    assert not await _admitted(limiter, [hit])
+    clock.advance(50)  # previous weighs 2: two more fit
+    assert await _admitted(limiter, [hit]) and await _admitted(limiter, [hit])
+    assert not await _admitted(limiter, [hit])
+
+
+async def test_a_refused_request_gives_back_slots_taken_for_other_limits(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    wide, narrow = Hit("client", "c", Rate(3, 60), sliding=False), Hit("phone_short", "p", Rate(1, 60), sliding=False)
+    assert await _admitted(limiter, [wide, narrow])
+    assert not await _admitted(limiter, [wide, narrow])
+    assert not await _admitted(limiter, [wide, narrow])
+    # Only the first request counted against "client".
+    assert await _admitted(limiter, [wide]) and await _admitted(limiter, [wide])
+    assert not await _admitted(limiter, [wide])
+
+
+async def test_zero_means_unlimited_and_rates_parse() -> None:
+    assert Rate.parse("5/10m") == Rate(5, 600)
+    assert Rate.parse("20/1d") == Rate(20, 86400)
+    assert Rate.parse("3/45") == Rate(3, 45)
+    assert Rate(5, 600).describe() == "5 per 10 minutes"
+    with pytest.raises(ValueError):
+        Rate.parse("five")
+
+
+async def test_only_one_of_many_concurrent_claims_wins(database: AsyncDatabase[Document], clock: ManualClock) -> None:
+    replicas = [Claims(database["claims"], clock, f"r{i}", lease=30) for i in range(5)]
+    results = await asyncio.gather(*[replicas[i % 5].acquire("message", "m1", 0) for i in range(20)])
+    assert len([r for r in results if r is not None]) == 1
+
+
+async def test_a_lapsed_lease_can_be_taken_over_and_a_released_claim_at_once(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    dead, survivor = Claims(database["claims"], clock, "dead", 30), Claims(database["claims"], clock, "alive", 30)
+    first = await dead.acquire("message", "m", 0)
+    assert first is not None
+    assert await survivor.acquire("message", "m", 0) is None
+    clock.advance(31)
+    second = await survivor.acquire("message", "m", 0)
+    assert second is not None and second.seq == 2
+    await survivor.release(second)
+    third = await dead.acquire("message", "m", 2)
+    assert third is not None and third.seq == 3
