@@ -24,6 +24,10 @@ def new_user_id() -> int:
     return next(_user_ids)
 
 
+# Every number the directory suite used, so the last test can prove none of them was ever logged.
+USED_PHONES: list[str] = []
+
+
 def new_phone() -> str:
     """A random valid Russian mobile number in E.164."""
     while True:
@@ -32,6 +36,7 @@ def new_phone() -> str:
             parse_phone(e164)
         except ValueError:
             continue
+        USED_PHONES.append(e164)
         return e164
 
 
