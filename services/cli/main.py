@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines register(subparsers) and sets a `handler` default on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("services.cli.dev", "services.cli.keys")
+COMMAND_MODULES: tuple[str, ...] = (
+    "services.cli.dev",
+    "services.cli.keys",
+    "services.cli.clients",
+    "services.cli.status",
+    "services.cli.admin",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,316 @@
+"""The public API's behaviour, shared by the gRPC servicer and the HTTP/JSON gateway.
+
+Every call goes: per-IP limit -> API key and scope -> per-key limit -> CAPTCHA where the
+client's policy asks for it -> the downstream service, with the client id taken from the
+key (never from the request) and a deadline. Downstream errors pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.edge.v1 import edge_pb2
+from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
+
+from services.core.clock import Clock
+from services.core.errors import ServiceError, parse_rpc_error, service_error_from
+from services.core.logging import get_logger
+from services.edge.captcha import CaptchaVerifier, may_send_sms, policy_demands
+from services.edge.keys import SCOPE_ADMIN, SCOPE_READ, SCOPE_SEND, SCOPE_VERIFY, Authenticator, Principal
+from services.edge.limits import EdgeLimits
+
+R = TypeVar("R")
+log = get_logger(__name__)
+_TRANSPORT_CODES = {
+    grpc.StatusCode.UNAVAILABLE: ("SERVICE_UNAVAILABLE", "a service is temporarily unavailable; retry"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: ("DEADLINE_EXCEEDED", "the request took too long; retry"),
+    grpc.StatusCode.UNKNOWN: ("INTERNAL", "internal error"),
+    grpc.StatusCode.INTERNAL: ("INTERNAL", "internal error"),
+    grpc.StatusCode.CANCELLED: ("CANCELLED", "the request was cancelled"),
+}
+
+# Scopes that admit each public method (any one of them).
+PUBLIC_SCOPES: dict[str, frozenset[str]] = {
+    "SendMessage": frozenset({SCOPE_SEND}),
+    "GetMessage": frozenset({SCOPE_READ}),
+    "ListMessages": frozenset({SCOPE_READ}),
+    "CancelMessage": frozenset({SCOPE_SEND}),
+    "CheckReachability": frozenset({SCOPE_SEND}),
+    "StartVerification": frozenset({SCOPE_VERIFY}),
+    "GetVerification": frozenset({SCOPE_VERIFY}),
+    "CheckVerification": frozenset({SCOPE_VERIFY}),
+    "CancelVerification": frozenset({SCOPE_VERIFY}),
+    "ListBots": frozenset({SCOPE_SEND, SCOPE_READ, SCOPE_VERIFY}),
+}
+ADMIN_SCOPES = frozenset({SCOPE_ADMIN})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What the transport knows about a request before it is authenticated."""
+
+    authorization: str
+    ip: str
+    # Seconds left for downstream calls (the caller's deadline, capped by the service default).
+    timeout: float
+
+
+async def forward(call: Callable[..., Awaitable[R]], request: Message, timeout: float) -> R:
+    """One downstream call with a deadline; its error passes on unchanged."""
+    try:
+        return await call(request, timeout=timeout)
+    except grpc.aio.AioRpcError as error:
+        failure = parse_rpc_error(error)
+    if failure.status is None and failure.code in _TRANSPORT_CODES:
+        # Raised by gRPC itself (no otpgate status): its text names internal addresses; keep it in the logs.
+        log.warning("downstream_failed", code=failure.code.name, detail=failure.message[:200])
+        raise ServiceError(failure.code, *_TRANSPORT_CODES[failure.code])
+    raise service_error_from(failure)
+
+
+class PolicyCache:
+    """Client policies from delivery, kept briefly (the CAPTCHA rule is read on every send)."""
+
+    def __init__(self, delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub, clock: Clock, ttl_seconds: float) -> None:
+        self._delivery = delivery
+        self._clock = clock
+        self._ttl = timedelta(seconds=ttl_seconds)
+        self._items: dict[str, tuple[common_pb2.ClientPolicy, datetime]] = {}
+
+    async def get(self, client_id: str, timeout: float) -> common_pb2.ClientPolicy:
+        now = self._clock.now()
+        cached = self._items.get(client_id)
+        if cached is not None and now - cached[1] < self._ttl:
+            return cached[0]
+        reply = await forward(
+            self._delivery.GetClientPolicy, delivery_pb2.GetClientPolicyRequest(client_id=client_id), timeout
+        )
+        if len(self._items) > 10_000:
+            self._items.clear()
+        self._items[client_id] = (reply.policy, now)
+        return reply.policy
+
+    def forget(self, client_id: str) -> None:
+        self._items.pop(client_id, None)
+
+
+class PublicApi:
+    def __init__(
+        self,
+        *,
+        auth: Authenticator,
+        limits: EdgeLimits,
+        captcha: CaptchaVerifier,
+        policies: PolicyCache,
+        delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub,
+        verification: verification_pb2_grpc.VerificationServiceAsyncStub,
+        botgateway: botgateway_pb2_grpc.BotGatewayServiceAsyncStub,
+    ) -> None:
+        self.auth = auth
+        self.limits = limits
+        self.captcha = captcha
+        self.policies = policies
+        self.delivery = delivery
+        self.verification = verification
+        self.botgateway = botgateway
+        self._handlers: dict[str, Callable[[Principal, Caller, Any], Awaitable[Message]]] = {
+            "SendMessage": self.send_message,
+            "GetMessage": self.get_message,
+            "ListMessages": self.list_messages,
+            "CancelMessage": self.cancel_message,
+            "CheckReachability": self.check_reachability,
+            "StartVerification": self.start_verification,
+            "GetVerification": self.get_verification,
+            "CheckVerification": self.check_verification,
+            "CancelVerification": self.cancel_verification,
+            "ListBots": self.list_bots,
+        }
+
+    async def admit(self, caller: Caller, scopes: frozenset[str]) -> Principal:
+        """Per-IP limit, then the key and its scope, then the per-key limit."""
+        self.limits.check_ip(caller.ip)
+        principal = await self.auth.authenticate(caller.authorization, scopes)
+        self.limits.check_key(principal.key_id)
+        return principal
+
+    async def call(self, method: str, caller: Caller, request: Message) -> Message:
+        principal = await self.admit(caller, PUBLIC_SCOPES[method])
+        return await self.handle(method, principal, caller, request)
+
+    async def handle(self, method: str, principal: Principal, caller: Caller, request: Message) -> Message:
+        return await self._handlers[method](principal, caller, request)
+
+    async def _captcha_verified(
+        self, principal: Principal, caller: Caller, token: str, channel: int, sms_fallback: bool | None
+    ) -> bool:
+        """Checks the token when the policy demands one or the client sent one; False when neither."""
+        if token:
+            await self.captcha.verify(token, caller.ip)
+            return True
+        policy = await self.policies.get(principal.client_id, caller.timeout)
+        fallback = policy.sms_fallback if sms_fallback is None else sms_fallback
+        if policy_demands(policy.captcha_rule, may_send_sms(channel, fallback)):
+            await self.captcha.verify("", caller.ip)  # raises CAPTCHA_REQUIRED
+        return False
+
+    # Messages ------------------------------------------------------------------
+
+    async def send_message(
+        self, principal: Principal, caller: Caller, request: edge_pb2.SendMessageRequest
+    ) -> edge_pb2.SendMessageResponse:
+        verified = await self._captcha_verified(
+            principal,
+            caller,
+            request.captcha_token,
+            request.channel,
+            request.sms_fallback if request.HasField("sms_fallback") else None,
+        )
+        downstream = delivery_pb2.SendMessageRequest(
+            client_id=principal.client_id,
+            phone=request.phone,
+            text=request.text,
+            channel=request.channel,
+            bot=request.bot,
+            protect_content=request.protect_content,
+            callback_url=request.callback_url,
+            request_id=request.request_id,
+            origin=common_pb2.Origin(ip=caller.ip, session_id=request.session_id, captcha_verified=verified),
+            purpose=delivery_pb2.MESSAGE_PURPOSE_MESSAGE,
+        )
+        if request.HasField("confirm_days"):
+            downstream.confirm_days = request.confirm_days
+        if request.HasField("sms_fallback"):
+            downstream.sms_fallback = request.sms_fallback
+        if request.HasField("ttl"):
+            downstream.ttl.CopyFrom(request.ttl)
+        if request.HasField("delete_after"):
+            downstream.delete_after.CopyFrom(request.delete_after)
+        reply = await forward(self.delivery.SendMessage, downstream, caller.timeout)
+        return edge_pb2.SendMessageResponse(message=reply.message)
+
+    async def get_message(
+        self, principal: Principal, caller: Caller, request: edge_pb2.GetMessageRequest
+    ) -> edge_pb2.GetMessageResponse:
+        reply = await forward(
+            self.delivery.GetMessage,
+            delivery_pb2.GetMessageRequest(client_id=principal.client_id, id=request.id),
+            caller.timeout,
+        )
+        return edge_pb2.GetMessageResponse(message=reply.message)
+
+    async def list_messages(
+        self, principal: Principal, caller: Caller, request: edge_pb2.ListMessagesRequest
+    ) -> edge_pb2.ListMessagesResponse:
+        downstream = delivery_pb2.ListMessagesRequest(
+            client_id=principal.client_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            status=request.status,
+        )
+        if request.HasField("create_time_after"):
+            downstream.create_time_after.CopyFrom(request.create_time_after)
+        if request.HasField("create_time_before"):
+            downstream.create_time_before.CopyFrom(request.create_time_before)
+        reply = await forward(self.delivery.ListMessages, downstream, caller.timeout)
+        return edge_pb2.ListMessagesResponse(messages=reply.messages, next_page_token=reply.next_page_token)
+
+    async def cancel_message(
+        self, principal: Principal, caller: Caller, request: edge_pb2.CancelMessageRequest
+    ) -> edge_pb2.CancelMessageResponse:
+        reply = await forward(
+            self.delivery.CancelMessage,
+            delivery_pb2.CancelMessageRequest(client_id=principal.client_id, id=request.id),
+            caller.timeout,
+        )
+        return edge_pb2.CancelMessageResponse(message=reply.message)
+
+    async def check_reachability(
+        self, principal: Principal, caller: Caller, request: edge_pb2.CheckReachabilityRequest
+    ) -> edge_pb2.CheckReachabilityResponse:
+        reply = await forward(
+            self.delivery.CheckReachability,
+            delivery_pb2.CheckReachabilityRequest(
+                client_id=principal.client_id,
+                phone=request.phone,
+                bot=request.bot,
+                origin=common_pb2.Origin(ip=caller.ip),
+            ),
+            caller.timeout,
+        )
+        return edge_pb2.CheckReachabilityResponse(
+            reachable=reply.reachable, bot_id=reply.bot_id, confirmed=reply.confirmed
+        )
+
+    # Verifications -----------------------------------------------------------
+
+    async def start_verification(
+        self, principal: Principal, caller: Caller, request: edge_pb2.StartVerificationRequest
+    ) -> edge_pb2.StartVerificationResponse:
+        verified = await self._captcha_verified(principal, caller, request.captcha_token, request.channel, None)
+        downstream = verification_pb2.StartVerificationRequest(
+            client_id=principal.client_id,
+            phone=request.phone,
+            channel=request.channel,
+            code_length=request.code_length,
+            locale=request.locale,
+            bot=request.bot,
+            request_id=request.request_id,
+            origin=common_pb2.Origin(ip=caller.ip, session_id=request.session_id, captcha_verified=verified),
+            custom_code=request.custom_code,
+        )
+        if request.HasField("ttl"):
+            downstream.ttl.CopyFrom(request.ttl)
+        reply = await forward(self.verification.StartVerification, downstream, caller.timeout)
+        return edge_pb2.StartVerificationResponse(verification=reply.verification)
+
+    async def get_verification(
+        self, principal: Principal, caller: Caller, request: edge_pb2.GetVerificationRequest
+    ) -> edge_pb2.GetVerificationResponse:
+        reply = await forward(
+            self.verification.GetVerification,
+            verification_pb2.GetVerificationRequest(client_id=principal.client_id, id=request.id),
+            caller.timeout,
+        )
+        return edge_pb2.GetVerificationResponse(verification=reply.verification)
+
+    async def check_verification(
+        self, principal: Principal, caller: Caller, request: edge_pb2.CheckVerificationRequest
+    ) -> edge_pb2.CheckVerificationResponse:
+        reply = await forward(
+            self.verification.CheckVerification,
+            verification_pb2.CheckVerificationRequest(client_id=principal.client_id, id=request.id, code=request.code),
+            caller.timeout,
+        )
+        return edge_pb2.CheckVerificationResponse(verification=reply.verification, approved=reply.approved)
+
+    async def cancel_verification(
+        self, principal: Principal, caller: Caller, request: edge_pb2.CancelVerificationRequest
+    ) -> edge_pb2.CancelVerificationResponse:
+        reply = await forward(
+            self.verification.CancelVerification,
+            verification_pb2.CancelVerificationRequest(client_id=principal.client_id, id=request.id),
+            caller.timeout,
+        )
+        return edge_pb2.CancelVerificationResponse(verification=reply.verification)
+
+    # Bots ----------------------------------------------------------------------
+
+    async def list_bots(
+        self, principal: Principal, caller: Caller, request: edge_pb2.ListBotsRequest
+    ) -> edge_pb2.ListBotsResponse:
+        reply = await forward(
+            self.botgateway.ListBots,
+            botgateway_pb2.ListBotsRequest(
+                owner_client_id=principal.client_id, page_size=request.page_size, page_token=request.page_token
+            ),
+            caller.timeout,
+        )
+        return edge_pb2.ListBotsResponse(bots=reply.bots, next_page_token=reply.next_page_token)
