@@ -1,0 +1,190 @@
+"""Configuration and assembly of the bot gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.botgateway.conversation import Conversation
+from services.botgateway.gateway import Gateway
+from services.botgateway.limiter import Rate, SendLimiter
+from services.botgateway.registry import BotRegistry, parse_bot_tokens
+from services.botgateway.sandbox import SandboxLimits, SandboxTransport, SimulatedTelegram
+from services.botgateway.service import BotGatewayServicer, SandboxServicer
+from services.botgateway.sessions import BotSessions, instance_id
+from services.botgateway.store import GatewayStore
+from services.botgateway.telethon_transport import TelethonTransport
+from services.botgateway.transport import Transport
+from services.core.clock import Clock, SystemClock
+from services.core.config import CommonConfig, ConfigError, Env
+from services.core.grpc_client import make_channel
+from services.core.grpc_server import ServiceApp
+from services.core.mongo import Document
+
+
+@dataclass(frozen=True)
+class BotGatewayConfig:
+    api_id: int
+    api_hash: str
+    bot_tokens: dict[str, str]
+    bot_rate: float
+    bot_burst: int
+    chat_rate: float
+    chat_burst: int
+    sandbox_limits: SandboxLimits
+    lease_ttl: float
+    lease_renew: float
+    deletion_interval: float
+
+
+def load_config(env: Env) -> BotGatewayConfig:
+    tokens_spec = env.text(
+        "OTPGATE_BOT_TOKENS",
+        "",
+        "tokens of the shared bots, 'bot_id:<numeric id>:<secret>' comma-separated (not used in sandbox mode)",
+        secret=True,
+    )
+    try:
+        tokens = parse_bot_tokens([item.strip() for item in tokens_spec.split(",") if item.strip()])
+    except ValueError as exc:
+        env.errors.append(f"OTPGATE_BOT_TOKENS is invalid: {exc}")
+        tokens = {}
+    return BotGatewayConfig(
+        api_id=env.integer("OTPGATE_TELEGRAM_API_ID", 0, "Telegram api_id for MTProto (my.telegram.org)", min=0),
+        api_hash=env.text("OTPGATE_TELEGRAM_API_HASH", "", "Telegram api_hash matching the api_id", secret=True),
+        bot_tokens=tokens,
+        bot_rate=env.number("OTPGATE_BOTGATEWAY_BOT_RATE", 30.0, "messages per second per bot", min=0.01),
+        bot_burst=env.integer("OTPGATE_BOTGATEWAY_BOT_BURST", 10, "messages a bot may send at once", min=1),
+        chat_rate=env.number("OTPGATE_BOTGATEWAY_CHAT_RATE", 1.0, "messages per second per chat", min=0.01),
+        chat_burst=env.integer("OTPGATE_BOTGATEWAY_CHAT_BURST", 3, "messages a chat may receive at once", min=1),
+        sandbox_limits=SandboxLimits(
+            bot_rate=env.number("OTPGATE_SANDBOX_BOT_RATE", 30.0, "sandbox Telegram: messages/s per bot", min=0.01),
+            bot_burst=env.integer("OTPGATE_SANDBOX_BOT_BURST", 30, "sandbox Telegram: burst per bot", min=1),
+            chat_rate=env.number("OTPGATE_SANDBOX_CHAT_RATE", 1.0, "sandbox Telegram: messages/s per chat", min=0.01),
+            chat_burst=env.integer("OTPGATE_SANDBOX_CHAT_BURST", 5, "sandbox Telegram: burst per chat", min=1),
+        ),
+        lease_ttl=env.number("OTPGATE_BOTGATEWAY_LEASE_TTL", 30.0, "seconds a bot session lease lasts", min=3.0),
+        lease_renew=env.number("OTPGATE_BOTGATEWAY_LEASE_RENEW", 10.0, "seconds between lease renewals", min=0.5),
+        deletion_interval=env.number(
+            "OTPGATE_BOTGATEWAY_DELETE_INTERVAL", 1.0, "seconds between scheduled-deletion sweeps", min=0.1
+        ),
+    )
+
+
+@dataclass
+class BotGatewayApp(ServiceApp):
+    """The service app, with its parts reachable for the dev runner and tests."""
+
+    gateway: Gateway | None = None
+    registry: BotRegistry | None = None
+    sessions: BotSessions | None = None
+    telegram: SimulatedTelegram | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+async def build_app(
+    common: CommonConfig,
+    config: BotGatewayConfig,
+    client: AsyncMongoClient[Document],
+    clock: Clock | None = None,
+    *,
+    transport: Transport | None = None,
+    telegram: SimulatedTelegram | None = None,
+) -> BotGatewayApp:
+    """`transport`/`telegram` let tests run two gateway instances against one simulated Telegram."""
+    clock = clock or SystemClock()
+    if not common.sandbox and transport is None:
+        missing = [
+            f"{name} is required outside sandbox mode"
+            for name, value in (
+                ("OTPGATE_TELEGRAM_API_ID", config.api_id),
+                ("OTPGATE_TELEGRAM_API_HASH", config.api_hash),
+            )
+            if not value
+        ]
+        missing += [
+            f"OTPGATE_BOT_TOKENS has no token for shared bot {bot}"
+            for bot in common.shared_bots
+            if bot.lower() not in config.bot_tokens
+        ]
+        if missing:
+            raise ConfigError("configuration is invalid:\n  - " + "\n  - ".join(missing))
+    store = GatewayStore(client[common.database], common.keyring)
+    await store.create_indexes()
+    holder = instance_id()
+    if transport is None:
+        if common.sandbox:
+            telegram = telegram or SimulatedTelegram(config.sandbox_limits, clock=clock)
+            transport = SandboxTransport(telegram, holder)
+        else:
+            transport = TelethonTransport(config.api_id, config.api_hash)
+    limiter = SendLimiter(Rate(config.bot_rate, config.bot_burst), Rate(config.chat_rate, config.chat_burst))
+    sessions = BotSessions(
+        store, transport, clock, holder=holder, lease_ttl=config.lease_ttl, renew_interval=config.lease_renew
+    )
+    directory_channel = make_channel(
+        common.addresses["directory"],
+        [directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"]],
+        timeout=common.rpc_timeout,
+        tls=common.tls,
+    )
+    verification_channel = make_channel(
+        common.addresses["verification"],
+        [verification_pb2.DESCRIPTOR.services_by_name["VerificationService"]],
+        timeout=common.rpc_timeout,
+        tls=common.tls,
+    )
+    directory = directory_pb2_grpc.DirectoryServiceStub(directory_channel)
+    conversation = Conversation(
+        store, directory, verification_pb2_grpc.VerificationServiceStub(verification_channel), clock, common.rpc_timeout
+    )
+    gateway = Gateway(
+        store, transport, limiter, sessions, conversation, directory, clock, rpc_timeout=common.rpc_timeout
+    )
+    registry = BotRegistry(store, transport, sessions, clock)
+    await registry.ensure_config_bots(common.shared_bots, config.bot_tokens, telegram if common.sandbox else None)
+    await sessions.tick()
+
+    servicers: list[tuple[object, object, str]] = [
+        (
+            botgateway_pb2_grpc.add_BotGatewayServiceServicer_to_server,
+            BotGatewayServicer(gateway, registry),
+            botgateway_pb2.DESCRIPTOR.services_by_name["BotGatewayService"].full_name,
+        )
+    ]
+    if common.sandbox and telegram is not None:
+        servicers.append(
+            (
+                botgateway_pb2_grpc.add_SandboxServiceServicer_to_server,
+                SandboxServicer(telegram),
+                botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
+            )
+        )
+
+    async def run_sessions() -> None:
+        await sessions.run()
+
+    async def run_deletions() -> None:
+        await gateway.run_deletions(config.deletion_interval)
+
+    async def stop() -> None:
+        await gateway.close()
+        await sessions.close()
+        await directory_channel.close()
+        await verification_channel.close()
+
+    return BotGatewayApp(
+        name="botgateway",
+        servicers=servicers,  # type: ignore[arg-type]
+        database=store.db,
+        background=[run_sessions, run_deletions],
+        on_stop=[stop],
+        gateway=gateway,
+        registry=registry,
+        sessions=sessions,
+        telegram=telegram if common.sandbox else None,
+    )

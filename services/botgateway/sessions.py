@@ -1,0 +1,163 @@
+"""Which bots run on this replica: one lease document per bot, so exactly one replica holds a
+live Telegram session for it (two live sessions give AUTH_KEY_DUPLICATED).
+
+Every tick renews the leases this replica holds, takes over bots whose lease lapsed, starts their
+sessions, and stops the sessions whose lease was lost. A replica considers its lease usable only
+until a safety margin before it expires, so it has stopped sending before anyone can take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta
+
+from services.botgateway import metrics
+from services.botgateway.store import BotRecord, GatewayStore
+from services.botgateway.transport import BotCredentials, FloodWait, TokenInvalid, Transport, TransportError
+from services.core.clock import Clock
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def instance_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class BotSessions:
+    def __init__(
+        self,
+        store: GatewayStore,
+        transport: Transport,
+        clock: Clock,
+        *,
+        holder: str,
+        lease_ttl: float = 30.0,
+        renew_interval: float = 10.0,
+        safety_margin: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.holder = holder
+        self.lease_ttl = timedelta(seconds=lease_ttl)
+        self.renew_interval = renew_interval
+        self.safety_margin = timedelta(seconds=min(safety_margin, lease_ttl / 3))
+        self._usable_until: dict[str, datetime] = {}
+        self._retry_after: dict[str, datetime] = {}
+        self._lock = asyncio.Lock()
+
+    def live(self, bot_id: str) -> bool:
+        """Whether this replica may send through the bot now."""
+        until = self._usable_until.get(bot_id)
+        return until is not None and until > self.clock.now() and self.transport.running(bot_id)
+
+    def live_bots(self) -> list[str]:
+        return [bot_id for bot_id in self._usable_until if self.live(bot_id)]
+
+    async def tick(self) -> None:
+        async with self._lock:
+            bots = await self.store.all_bots()
+            known = {bot.bot_id for bot in bots}
+            for bot_id in list(self._usable_until):
+                if bot_id not in known:
+                    await self._stop(bot_id, release=True)
+                    metrics.drop_session(bot_id)
+            for bot in bots:
+                await self._tick_bot(bot)
+
+    async def _tick_bot(self, bot: BotRecord) -> None:
+        now = self.clock.now()
+        expires = await self.store.acquire_lease(bot.bot_id, self.holder, now, self.lease_ttl)
+        if expires is None:
+            if bot.bot_id in self._usable_until or self.transport.running(bot.bot_id):
+                log.warning("bot_lease_lost", bot=bot.bot_id)
+                await self._stop(bot.bot_id, release=False)
+            metrics.set_session_state(bot.bot_id, "standby")
+            return
+        if self.transport.running(bot.bot_id):
+            self._usable_until[bot.bot_id] = expires - self.safety_margin
+            metrics.set_session_state(bot.bot_id, "running")
+            return
+        retry = self._retry_after.get(bot.bot_id)
+        if retry is not None and retry > now:
+            await self.store.release_lease(bot.bot_id, self.holder)
+            return
+        try:
+            identity, session = await self.transport.start_bot(BotCredentials(bot.bot_id, bot.token, bot.session))
+        except FloodWait as wait:
+            self._retry_after[bot.bot_id] = now + timedelta(seconds=wait.seconds)
+            await self._failed(bot, "flood_wait")
+            return
+        except TokenInvalid:
+            self._retry_after[bot.bot_id] = now + timedelta(minutes=5)
+            await self.store.clear_session(bot.bot_id, now)
+            await self._failed(bot, "token_invalid")
+            return
+        except (TransportError, OSError, ConnectionError) as exc:
+            self._retry_after[bot.bot_id] = now + timedelta(seconds=self.renew_interval)
+            await self._failed(bot, type(exc).__name__)
+            return
+        self._retry_after.pop(bot.bot_id, None)
+        if session and session != bot.session:
+            await self.store.save_session(bot.bot_id, session, now)
+        if identity.username and identity.username.lower() != bot.bot_id:
+            log.warning("bot_username_mismatch", bot=bot.bot_id)
+        self._usable_until[bot.bot_id] = expires - self.safety_margin
+        metrics.set_session_state(bot.bot_id, "running")
+        log.info("bot_session_started", bot=bot.bot_id, holder=self.holder)
+
+    async def _failed(self, bot: BotRecord, why: str) -> None:
+        log.warning("bot_session_failed", bot=bot.bot_id, reason=why)
+        metrics.set_session_state(bot.bot_id, "failed")
+        await self.store.release_lease(bot.bot_id, self.holder)
+
+    async def _stop(self, bot_id: str, *, release: bool) -> None:
+        self._usable_until.pop(bot_id, None)
+        try:
+            await self.transport.stop_bot(bot_id)
+        finally:
+            if release:
+                await self.store.release_lease(bot_id, self.holder)
+        log.info("bot_session_stopped", bot=bot_id, released=release)
+
+    async def stop_bot(self, bot_id: str) -> None:
+        async with self._lock:
+            await self._stop(bot_id, release=True)
+            metrics.drop_session(bot_id)
+
+    async def enforce_expiry(self) -> list[str]:
+        """Stop every session whose lease this replica can no longer count on (the watchdog: it runs
+        even when renewals fail, so the session is closed before another replica may take over)."""
+        now = self.clock.now()
+        lapsed = [bot_id for bot_id, until in self._usable_until.items() if until <= now]
+        for bot_id in lapsed:
+            log.warning("bot_lease_lapsed", bot=bot_id)
+            await self._stop(bot_id, release=False)
+            metrics.set_session_state(bot_id, "standby")
+        return lapsed
+
+    async def run(self, watchdog_interval: float = 1.0) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("bot_sessions_tick_failed")
+            slept = 0.0
+            while slept < self.renew_interval:
+                step = min(watchdog_interval, self.renew_interval - slept)
+                await asyncio.sleep(step)
+                slept += step
+                try:
+                    await self.enforce_expiry()
+                except Exception:
+                    log.exception("bot_sessions_watchdog_failed")
+
+    async def close(self) -> None:
+        async with self._lock:
+            for bot_id in list(self._usable_until):
+                await self._stop(bot_id, release=True)
+            await self.transport.close()

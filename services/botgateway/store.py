@@ -1,0 +1,311 @@
+"""The gateway's own database: bots (sealed tokens and sessions), peers, leases, scheduled deletions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson.int64 import Int64
+from pymongo import ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.core.clock import as_utc
+from services.core.crypto import Keyring, SealContext
+from services.core.ids import new_id
+from services.core.mongo import Document, ensure_index
+
+BOTS = "bots"
+PEERS = "peers"
+LEASES = "leases"
+DELETIONS = "deletions"
+
+
+@dataclass(frozen=True)
+class BotRecord:
+    bot_id: str
+    username: str
+    telegram_id: int
+    shared: bool
+    owner_client_id: str
+    source: str  # "config" | "api"
+    create_time: datetime
+    token: str
+    session: str
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    bot_id: str
+    user_id: int
+    access_hash: int
+    language_code: str
+    stopped: bool
+    forget_until: datetime | None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    id: str
+    bot_id: str
+    user_id: int
+    access_hash: int
+    message_id: int
+    attempts: int
+
+
+class BotAlreadyRegistered(Exception):
+    pass
+
+
+def _peer_id(bot_id: str, user_id: int) -> str:
+    return f"{bot_id}:{user_id}"
+
+
+class GatewayStore:
+    def __init__(self, database: AsyncDatabase[Document], keyring: Keyring) -> None:
+        self.db = database
+        self.keyring = keyring
+        self.bots = database[BOTS]
+        self.peers = database[PEERS]
+        self.leases = database[LEASES]
+        self.deletions = database[DELETIONS]
+
+    async def create_indexes(self) -> None:
+        await ensure_index(self.bots, [("telegram_id", 1)], unique=True)
+        await ensure_index(self.bots, [("owner_client_id", 1), ("_id", 1)])
+        await ensure_index(self.peers, [("user_id", 1)])
+        await ensure_index(self.peers, [("bot_id", 1)])
+        await ensure_index(self.deletions, [("due_time", 1)])
+        await ensure_index(self.deletions, [("bot_id", 1), ("due_time", 1)])
+
+    # Bots ---------------------------------------------------------------------------
+
+    def _bot(self, doc: Document) -> BotRecord:
+        bot_id = str(doc["_id"])
+        token = doc.get("token_sealed")
+        session = doc.get("session_sealed")
+        return BotRecord(
+            bot_id=bot_id,
+            username=str(doc.get("username", bot_id)),
+            telegram_id=int(doc.get("telegram_id", 0)),
+            shared=bool(doc.get("shared")),
+            owner_client_id=str(doc.get("owner_client_id", "")),
+            source=str(doc.get("source", "api")),
+            create_time=as_utc(doc["create_time"]),
+            token=self.keyring.open_str(token, SealContext(BOTS, bot_id, "token_sealed")) if token else "",
+            session=self.keyring.open_str(session, SealContext(BOTS, bot_id, "session_sealed")) if session else "",
+        )
+
+    async def insert_bot(
+        self,
+        *,
+        bot_id: str,
+        username: str,
+        telegram_id: int,
+        shared: bool,
+        owner_client_id: str,
+        source: str,
+        token: str,
+        session: str,
+        now: datetime,
+    ) -> BotRecord:
+        doc: Document = {
+            "_id": bot_id,
+            "username": username,
+            "telegram_id": Int64(telegram_id),
+            "shared": shared,
+            "owner_client_id": owner_client_id,
+            "source": source,
+            "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
+            "create_time": now,
+            "update_time": now,
+        }
+        if session:
+            doc["session_sealed"] = self.keyring.seal(session, SealContext(BOTS, bot_id, "session_sealed"))
+        try:
+            await self.bots.insert_one(doc)
+        except DuplicateKeyError:
+            raise BotAlreadyRegistered(bot_id) from None
+        return self._bot(doc)
+
+    async def update_config_bot(self, bot_id: str, token: str, now: datetime) -> None:
+        """A shared bot from configuration: its token may change between deployments."""
+        await self.bots.update_one(
+            {"_id": bot_id},
+            {
+                "$set": {
+                    "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
+                    "shared": True,
+                    "source": "config",
+                    "update_time": now,
+                }
+            },
+        )
+
+    async def get_bot(self, bot_id: str) -> BotRecord | None:
+        doc = await self.bots.find_one({"_id": bot_id})
+        return self._bot(doc) if doc else None
+
+    async def find_bot_by_telegram_id(self, telegram_id: int) -> BotRecord | None:
+        doc = await self.bots.find_one({"telegram_id": Int64(telegram_id)})
+        return self._bot(doc) if doc else None
+
+    async def all_bots(self) -> list[BotRecord]:
+        return [self._bot(doc) async for doc in self.bots.find({}).sort("_id", 1)]
+
+    async def list_bots(self, owner_client_id: str, after: str, limit: int) -> list[BotRecord]:
+        owners: list[Any] = [{"shared": True}]
+        if owner_client_id:
+            owners.append({"owner_client_id": owner_client_id})
+        query: Document = {"$or": owners}
+        if after:
+            query = {"$and": [query, {"_id": {"$gt": after}}]}
+        cursor = self.bots.find(query).sort("_id", 1).limit(limit)
+        return [self._bot(doc) async for doc in cursor]
+
+    async def save_session(self, bot_id: str, session: str, now: datetime) -> None:
+        sealed = self.keyring.seal(session, SealContext(BOTS, bot_id, "session_sealed"))
+        await self.bots.update_one({"_id": bot_id}, {"$set": {"session_sealed": sealed, "update_time": now}})
+
+    async def clear_session(self, bot_id: str, now: datetime) -> None:
+        await self.bots.update_one({"_id": bot_id}, {"$unset": {"session_sealed": ""}, "$set": {"update_time": now}})
+
+    async def delete_bot(self, bot_id: str) -> bool:
+        result = await self.bots.delete_one({"_id": bot_id})
+        await self.peers.delete_many({"bot_id": bot_id})
+        await self.deletions.delete_many({"bot_id": bot_id})
+        await self.leases.delete_one({"_id": bot_id})
+        return result.deleted_count > 0
+
+    # Peers ----------------------------------------------------------------------------
+
+    def _peer(self, doc: Document) -> PeerRecord:
+        until = doc.get("forget_until")
+        return PeerRecord(
+            bot_id=str(doc["bot_id"]),
+            user_id=int(doc["user_id"]),
+            access_hash=int(doc.get("access_hash", 0)),
+            language_code=str(doc.get("language_code", "")),
+            stopped=bool(doc.get("stopped")),
+            forget_until=as_utc(until) if until else None,
+        )
+
+    async def remember_peer(
+        self, bot_id: str, user_id: int, access_hash: int, language_code: str, now: datetime
+    ) -> PeerRecord:
+        """Record what a person's message tells us: the access hash for this bot and their language."""
+        fields: Document = {"bot_id": bot_id, "user_id": Int64(user_id), "update_time": now}
+        if access_hash:
+            fields["access_hash"] = Int64(access_hash)
+        if language_code:
+            fields["language_code"] = language_code
+        doc = await self.peers.find_one_and_update(
+            {"_id": _peer_id(bot_id, user_id)},
+            {"$set": fields, "$setOnInsert": {"create_time": now}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert doc is not None  # upserted
+        return self._peer(doc)
+
+    async def get_peer(self, bot_id: str, user_id: int) -> PeerRecord | None:
+        doc = await self.peers.find_one({"_id": _peer_id(bot_id, user_id)})
+        return self._peer(doc) if doc else None
+
+    async def set_stopped(self, bot_id: str, user_id: int, stopped: bool, now: datetime) -> None:
+        await self.peers.update_one(
+            {"_id": _peer_id(bot_id, user_id)},
+            {"$set": {"stopped": stopped, "update_time": now, "bot_id": bot_id, "user_id": Int64(user_id)}},
+            upsert=True,
+        )
+
+    async def set_forget_until(self, bot_id: str, user_id: int, until: datetime | None) -> None:
+        await self.peers.update_one({"_id": _peer_id(bot_id, user_id)}, {"$set": {"forget_until": until}})
+
+    async def take_forget_confirmation(self, bot_id: str, user_id: int, now: datetime) -> bool:
+        """Atomically consume a pending /forget confirmation that has not expired."""
+        doc = await self.peers.find_one_and_update(
+            {"_id": _peer_id(bot_id, user_id), "forget_until": {"$gt": now}},
+            {"$set": {"forget_until": None}},
+        )
+        return doc is not None
+
+    async def forget_user(self, user_id: int) -> int:
+        """Erase what the gateway keeps about a person (every bot)."""
+        result = await self.peers.delete_many({"user_id": Int64(user_id)})
+        await self.deletions.delete_many({"user_id": Int64(user_id)})
+        return int(result.deleted_count)
+
+    # Leases ---------------------------------------------------------------------------
+
+    async def acquire_lease(self, bot_id: str, holder: str, now: datetime, ttl: timedelta) -> datetime | None:
+        """Take or renew the lease on a bot; returns its expiry, or None when another live holder has it."""
+        expires = now + ttl
+        try:
+            doc = await self.leases.find_one_and_update(
+                {"_id": bot_id, "$or": [{"holder": holder}, {"expire_time": {"$lte": now}}]},
+                {"$set": {"holder": holder, "expire_time": expires, "renew_time": now}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            return None
+        if doc is None or doc.get("holder") != holder:
+            return None
+        return expires
+
+    async def release_lease(self, bot_id: str, holder: str) -> None:
+        await self.leases.delete_one({"_id": bot_id, "holder": holder})
+
+    async def lease_holder(self, bot_id: str, now: datetime) -> str | None:
+        doc = await self.leases.find_one({"_id": bot_id})
+        if doc is None or as_utc(doc["expire_time"]) <= now:
+            return None
+        return str(doc["holder"])
+
+    # Deletions --------------------------------------------------------------------------
+
+    async def schedule_deletion(
+        self, bot_id: str, user_id: int, access_hash: int, message_id: int, due: datetime
+    ) -> None:
+        await self.deletions.insert_one(
+            {
+                "_id": new_id(),
+                "bot_id": bot_id,
+                "user_id": Int64(user_id),
+                "access_hash": Int64(access_hash),
+                "message_id": Int64(message_id),
+                "due_time": due,
+                "claim_until": due,
+                "attempts": 0,
+            }
+        )
+
+    async def claim_deletion(self, bot_ids: list[str], now: datetime, hold: timedelta) -> Deletion | None:
+        """Claim one due deletion of a bot this process runs (retried after `hold` if not completed)."""
+        if not bot_ids:
+            return None
+        doc = await self.deletions.find_one_and_update(
+            {"bot_id": {"$in": bot_ids}, "due_time": {"$lte": now}, "claim_until": {"$lte": now}},
+            {"$set": {"claim_until": now + hold}, "$inc": {"attempts": 1}},
+            sort=[("due_time", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return Deletion(
+            id=str(doc["_id"]),
+            bot_id=str(doc["bot_id"]),
+            user_id=int(doc["user_id"]),
+            access_hash=int(doc.get("access_hash", 0)),
+            message_id=int(doc["message_id"]),
+            attempts=int(doc.get("attempts", 1)),
+        )
+
+    async def finish_deletion(self, deletion_id: str) -> None:
+        await self.deletions.delete_one({"_id": deletion_id})
+
+    async def pending_deletions(self, bot_id: str) -> int:
+        return int(await self.deletions.count_documents({"bot_id": bot_id}))

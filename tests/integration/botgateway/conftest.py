@@ -1,0 +1,89 @@
+"""A running bot gateway (sandbox mode) with the real directory, over real gRPC and the dev database."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.directory.v1 import directory_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.botgateway.app import BotGatewayApp
+from services.botgateway.sandbox import SimulatedTelegram
+from services.core.clock import ManualClock
+from services.core.crypto import Keyring
+from services.core.mongo import Document
+from services.core.phone import parse_phone
+from tests.support.stack import Stack, running_stack
+
+SHARED = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
+_user_ids = itertools.count(random.randrange(10**8, 9 * 10**8), 13)
+
+
+def new_user_id() -> int:
+    return next(_user_ids)
+
+
+def new_phone() -> str:
+    while True:
+        e164 = f"+79{random.randrange(10**9):09d}"
+        try:
+            parse_phone(e164)
+        except ValueError:
+            continue
+        return e164
+
+
+@dataclass
+class Gw:
+    stack: Stack
+    bots: botgateway_pb2_grpc.BotGatewayServiceStub
+    sandbox: botgateway_pb2_grpc.SandboxServiceStub
+    directory: directory_pb2_grpc.DirectoryServiceStub
+
+    @property
+    def app(self) -> BotGatewayApp:
+        app = self.stack.app("botgateway")
+        assert isinstance(app, BotGatewayApp)
+        return app
+
+    @property
+    def telegram(self) -> SimulatedTelegram:
+        assert self.app.telegram is not None
+        return self.app.telegram
+
+    async def user(self, language: str = "en", phone: str = "") -> botgateway_pb2.SandboxUser:
+        reply = await self.sandbox.CreateSandboxUser(
+            botgateway_pb2.CreateSandboxUserRequest(
+                user=botgateway_pb2.SandboxUser(
+                    user_id=new_user_id(), first_name="Test", language_code=language, phone=phone or new_phone()
+                )
+            )
+        )
+        return reply.user
+
+    async def connect(self, user: botgateway_pb2.SandboxUser, bot: str = "smscodes_bot") -> None:
+        await self.sandbox.StartBot(botgateway_pb2.StartBotRequest(user_id=user.user_id, bot_id=bot))
+        await self.sandbox.ShareContact(botgateway_pb2.ShareContactRequest(user_id=user.user_id, bot_id=bot))
+
+
+def gateway_overrides(**extra: str) -> dict[str, str]:
+    return {"OTPGATE_SHARED_BOTS": ",".join(SHARED), **extra}
+
+
+@pytest.fixture
+async def gw(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[Gw]:
+    async with running_stack(
+        mongo_client, keyring, services=["directory", "botgateway"], clock=clock, overrides=gateway_overrides()
+    ) as stack:
+        channel = stack.channel("botgateway")
+        yield Gw(
+            stack,
+            botgateway_pb2_grpc.BotGatewayServiceStub(channel),
+            botgateway_pb2_grpc.SandboxServiceStub(channel),
+            directory_pb2_grpc.DirectoryServiceStub(stack.channel("directory")),
+        )
