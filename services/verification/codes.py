@@ -1,0 +1,376 @@
+"""The code engine shared by phone re-confirmation and the Verify API.
+
+A code comes from `secrets`, is stored as a keyed HMAC bound to the record id
+(Keyring.code_hash) and checked in constant time (Keyring.code_matches). The code itself is
+kept sealed only while it may be re-sent and erased at every final state. Expiry is decided
+at read time with the injected clock; the sweeper only tidies up.
+
+Every decision that must happen once is an insert with a unique `_id` into `code_slots`,
+so it is atomic on any MongoDB-wire server, including the dev database whose updates are
+read-modify-write without isolation (concurrent updates of one document lose writes there):
+
+- attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts: a check must take one first,
+  so no more than max_attempts codes are ever compared, however many checks race;
+- send slots `<coll>:<id>:send:<n>`, n = 1..max_sends: a re-send takes the next one, so two
+  racing re-sends never both go out, and the cooldown is measured from the latest one;
+- the final fence `<coll>:<id>:final`: the first of APPROVED / EXPIRED / CANCELED /
+  MAX_ATTEMPTS_REACHED to insert it wins; only the winner writes the final state into the
+  record (find_one_and_update conditioned on status PENDING), erasing the sealed code.
+  A reader that finds a record still PENDING consults the fence, so a crash between the two
+  writes cannot resurrect a finished code.
+
+So 100 concurrent correct checks approve exactly once, and a check that loses the race with
+expiry (decided with the clock at the moment of the decision) cannot approve after it.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
+
+from services.core.clock import Clock, as_utc
+from services.core.crypto import Keyring, SealContext
+from services.core.mongo import Document
+from services.verification.store import (
+    APPROVED,
+    EXPIRED,
+    FINAL_STATUSES,
+    MAX_ATTEMPTS_REACHED,
+    PENDING,
+    Store,
+)
+
+MIN_CODE_LENGTH = 4
+MAX_CODE_LENGTH = 10
+DEFAULT_CODE_LENGTH = 6
+
+
+def generate_code(length: int = DEFAULT_CODE_LENGTH) -> str:
+    if not MIN_CODE_LENGTH <= length <= MAX_CODE_LENGTH:
+        raise ValueError("code length must be 4 to 10")
+    return str(secrets.randbelow(10**length)).zfill(length)
+
+
+def normalize_typed_code(raw: str) -> str:
+    """What a person types: spaces and dashes ignored."""
+    return "".join(ch for ch in raw if ch not in " -\u00a0\t")
+
+
+def is_code_shaped(code: str) -> bool:
+    return MIN_CODE_LENGTH <= len(code) <= MAX_CODE_LENGTH and code.isascii() and code.isdigit()
+
+
+def expire_at(record: Document) -> datetime:
+    return as_utc(record["expire_at"])
+
+
+@dataclass
+class View:
+    """A record with what lives beside it: attempts used, sends made, the latest send."""
+
+    record: Document
+    status: str  # effective status: the fence wins over the record; lapsed PENDING reads EXPIRED
+    attempts: int
+    send_count: int
+    last_send: Document | None
+
+    @property
+    def id(self) -> str:
+        return str(self.record["_id"])
+
+    @property
+    def attempts_left(self) -> int:
+        return max(0, int(self.record["max_attempts"]) - self.attempts)
+
+    @property
+    def pending(self) -> bool:
+        return self.status == PENDING
+
+    @property
+    def last_send_at(self) -> datetime:
+        return as_utc((self.last_send or self.record)["at" if self.last_send else "created_at"])
+
+
+class CheckOutcome(enum.Enum):
+    APPROVED = "approved"
+    WRONG_CODE = "wrong_code"
+    # No attempt left: the wrong code used the last one, or concurrent checks used them up.
+    EXHAUSTED = "exhausted"
+    EXPIRED = "expired"
+    # The record is already final (approved by an earlier or concurrent check, canceled, ...).
+    FINAL = "final"
+
+
+@dataclass
+class CheckResult:
+    outcome: CheckOutcome
+    view: View
+    # This check used up one attempt with a wrong code (counts against the phone's failed checks).
+    counted_failure: bool = False
+
+    @property
+    def record(self) -> Document:
+        return self.view.record
+
+    @property
+    def attempts_left(self) -> int:
+        return self.view.attempts_left
+
+
+class SendRefusal(enum.Enum):
+    TOO_SOON = "too_soon"
+    MAX_SENDS = "max_sends"
+    NOT_PENDING = "not_pending"
+
+
+@dataclass
+class SendReservation:
+    view: View
+    number: int = 0
+    refusal: SendRefusal | None = None
+    retry_after: float = 0.0
+
+
+class CodeEngine:
+    """State changes of one collection of code records."""
+
+    def __init__(
+        self,
+        store: Store,
+        collection: AsyncCollection[Document],
+        keyring: Keyring,
+        clock: Clock,
+        *,
+        final_unset: Sequence[str] = ("code_sealed", "phone_sealed"),
+        approve_unset: Sequence[str] = ("code_sealed", "phone_sealed"),
+        approve_set: dict[str, Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.collection = collection
+        self.keyring = keyring
+        self.clock = clock
+        self._final_unset = {name: "" for name in final_unset}
+        self._approve_unset = {name: "" for name in approve_unset}
+        self._approve_set = dict(approve_set or {})
+
+    # Building ----------------------------------------------------------------------------
+
+    def context(self, record_id: str, field: str) -> SealContext:
+        return SealContext(self.collection.name, record_id, field)
+
+    def code_fields(self, record_id: str, code: str) -> dict[str, Any]:
+        """What a new record stores about its code: the keyed hash and the sealed code."""
+        return {
+            "code_hash": self.keyring.code_hash(record_id, code),
+            "code_sealed": self.keyring.seal(code, self.context(record_id, "code")),
+        }
+
+    def seal_phone(self, record_id: str, e164: str) -> bytes:
+        return self.keyring.seal(e164, self.context(record_id, "phone"))
+
+    def open_code(self, record: Document) -> str:
+        return self.keyring.open_str(record["code_sealed"], self.context(str(record["_id"]), "code"))
+
+    def open_phone(self, record: Document) -> str:
+        return self.keyring.open_str(record["phone_sealed"], self.context(str(record["_id"]), "phone"))
+
+    def owner(self, record_id: str) -> str:
+        return f"{self.collection.name}:{record_id}"
+
+    def slot_id(self, record_id: str, kind: str, number: int) -> str:
+        return f"{self.owner(record_id)}:{kind}:{number}"
+
+    def fence_id(self, record_id: str) -> str:
+        return f"{self.owner(record_id)}:final"
+
+    async def insert(self, record: Document) -> None:
+        """Insert a new pending record and its first send slot (DuplicateKeyError if one is pending)."""
+        await self.collection.insert_one(record)
+        await self._take_slot(str(record["_id"]), "send", 1, as_utc(record["created_at"]))
+
+    async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime, **extra: Any) -> bool:
+        try:
+            await self.store.slots.insert_one(
+                {
+                    "_id": self.slot_id(record_id, kind, number),
+                    "owner": self.owner(record_id),
+                    "kind": kind,
+                    "n": number,
+                    "at": now,
+                    **extra,
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    # Reading -----------------------------------------------------------------------------
+
+    def is_lapsed(self, record: Document, now: datetime | None = None) -> bool:
+        return expire_at(record) <= (now or self.clock.now())
+
+    async def view(self, record: Document) -> View:
+        record_id = str(record["_id"])
+        if record["status"] == PENDING:
+            fence = await self.store.slots.find_one({"_id": self.fence_id(record_id)})
+            if fence is not None:
+                record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record
+        owner = self.owner(record_id)
+        attempts = await self.store.slots.count_documents({"owner": owner, "kind": "attempt"})
+        last_send = await self.store.slots.find_one({"owner": owner, "kind": "send"}, sort=[("n", DESCENDING)])
+        status = str(record["status"])
+        if status == PENDING and self.is_lapsed(record):
+            status = EXPIRED
+        return View(record, status, attempts, int(last_send["n"]) if last_send else 0, last_send)
+
+    async def load(self, record_id: str, extra: dict[str, Any] | None = None) -> View | None:
+        record = await self.collection.find_one({"_id": record_id, **(extra or {})})
+        return None if record is None else await self.view(record)
+
+    async def reload(self, view: View) -> View:
+        return await self.load(view.id) or view
+
+    # Final states ------------------------------------------------------------------------
+
+    async def decide(self, record_id: str, status: str) -> tuple[bool, View | None]:
+        """Try to move a pending record to a final status. (won, view after). Once per record."""
+        assert status in FINAL_STATUSES
+        now = self.clock.now()
+        try:
+            await self.store.slots.insert_one(
+                {
+                    "_id": self.fence_id(record_id),
+                    "owner": self.owner(record_id),
+                    "kind": "final",
+                    "status": status,
+                    "at": now,
+                }
+            )
+            won = True
+        except DuplicateKeyError:
+            won = False
+        if won:
+            await self._materialize(record_id, status, now)
+        return won, await self.load(record_id)
+
+    async def _materialize(self, record_id: str, status: str, at: datetime) -> Document | None:
+        """Write the fence's decision into the record (idempotent; only while it says PENDING)."""
+        update: dict[str, Any] = {
+            "$set": {"status": status, "final_at": at, "updated_at": at, "pending_key": record_id},
+        }
+        unset = self._approve_unset if status == APPROVED else self._final_unset
+        if status == APPROVED:
+            update["$set"].update(self._approve_set)
+        if unset:
+            update["$unset"] = unset
+        return await self.store.update(self.collection, {"_id": record_id, "status": PENDING}, update)
+
+    async def settle_lapsed(self, view: View) -> View:
+        """Write EXPIRED for a lapsed pending record (read-time expiry made durable)."""
+        if view.record["status"] != PENDING or not self.is_lapsed(view.record):
+            return view
+        _, after = await self.decide(view.id, EXPIRED)
+        return after or view
+
+    # Checking ----------------------------------------------------------------------------
+
+    async def check(self, view: View, code: str) -> CheckResult:
+        """One check of a code. At most max_attempts comparisons ever happen per record."""
+        if view.record["status"] != PENDING:
+            return CheckResult(CheckOutcome.FINAL, view)
+        if self.is_lapsed(view.record):
+            return await self._expired(view)
+        max_attempts = int(view.record["max_attempts"])
+        number = view.attempts + 1
+        while number <= max_attempts and not await self._take_slot(view.id, "attempt", number, self.clock.now()):
+            number += 1
+        if number > max_attempts:
+            after = await self.reload(view)
+            if after.record["status"] == PENDING and not self.is_lapsed(after.record):
+                return CheckResult(CheckOutcome.EXHAUSTED, after)
+            return self._classify_final(after)
+        if self.keyring.code_matches(str(view.record["code_hash"]), view.id, code):
+            if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
+                return await self._expired(view)
+            won, decided = await self.decide(view.id, APPROVED)
+            if won:
+                return CheckResult(CheckOutcome.APPROVED, decided or view)
+            return self._classify_final(decided or view)
+        if number >= max_attempts:
+            _, decided = await self.decide(view.id, MAX_ATTEMPTS_REACHED)
+            final = decided or view
+            outcome = CheckOutcome.EXHAUSTED if final.status == MAX_ATTEMPTS_REACHED else CheckOutcome.FINAL
+            return CheckResult(outcome, final, counted_failure=True)
+        after = await self.reload(view)
+        after.attempts = max(after.attempts, number)
+        return CheckResult(CheckOutcome.WRONG_CODE, after, counted_failure=True)
+
+    async def _expired(self, view: View) -> CheckResult:
+        after = await self.settle_lapsed(view)
+        if after.status == EXPIRED:
+            return CheckResult(CheckOutcome.EXPIRED, after)
+        return self._classify_final(after)
+
+    @staticmethod
+    def _classify_final(view: View) -> CheckResult:
+        if view.status == EXPIRED:
+            return CheckResult(CheckOutcome.EXPIRED, view)
+        if view.status == MAX_ATTEMPTS_REACHED:
+            return CheckResult(CheckOutcome.EXHAUSTED, view)
+        return CheckResult(CheckOutcome.FINAL, view)
+
+    # Sending -----------------------------------------------------------------------------
+
+    async def reserve_send(self, view: View, cooldown: float, now: datetime | None = None) -> SendReservation:
+        """Take the next send of a pending record if its cooldown passed and sends are left."""
+        now = now or self.clock.now()
+        if not view.pending:
+            return SendReservation(view, refusal=SendRefusal.NOT_PENDING)
+        number = view.send_count + 1
+        if number > int(view.record["max_sends"]):
+            left = (expire_at(view.record) - now).total_seconds()
+            return SendReservation(view, refusal=SendRefusal.MAX_SENDS, retry_after=max(left, 1.0))
+        ready_at = view.last_send_at + timedelta(seconds=cooldown)
+        if ready_at > now:
+            wait = (ready_at - now).total_seconds()
+            return SendReservation(view, refusal=SendRefusal.TOO_SOON, retry_after=max(wait, 1.0))
+        if not await self._take_slot(view.id, "send", number, now):
+            # A concurrent re-send took it this instant.
+            return SendReservation(view, refusal=SendRefusal.TOO_SOON, retry_after=max(cooldown, 1.0))
+        after = await self.reload(view)
+        if after.send_count < number:
+            after.send_count = number
+        return SendReservation(after, number)
+
+    async def undo_send(self, record_id: str, number: int) -> None:
+        """Give back a reserved send that was refused downstream (the earlier code stays valid)."""
+        await self.store.slots.delete_one({"_id": self.slot_id(record_id, "send", number)})
+
+    async def record_send(self, record_id: str, number: int, fields: dict[str, Any]) -> None:
+        """What delivery answered for one send (message id, channel): kept on its slot."""
+        await self.store.slots.update_one({"_id": self.slot_id(record_id, "send", number)}, {"$set": fields})
+
+    # Housekeeping ------------------------------------------------------------------------
+
+    async def sweep_lapsed(self, limit: int = 500) -> int:
+        """Write EXPIRED (erasing sealed codes) for pending records past their expiry."""
+        now = self.clock.now()
+        done = 0
+        cursor = self.collection.find({"status": PENDING, "expire_at": {"$lte": now}}, {"_id": 1}).limit(limit)
+        async for doc in cursor:
+            record_id = str(doc["_id"])
+            won, _ = await self.decide(record_id, EXPIRED)
+            if not won:  # decided earlier (crash between fence and record): just materialise it
+                fence = await self.store.slots.find_one({"_id": self.fence_id(record_id)})
+                if fence is not None:
+                    await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"]))
+            done += 1
+        return done

@@ -1,0 +1,435 @@
+"""Phone re-confirmation: an SMS code the person types back to a bot.
+
+Delivery holds a message whose number was confirmed too long ago and calls
+StartPhoneConfirmation. One pending confirmation exists per number (reused, never
+duplicated) and per Telegram user. The SMS code and a bot prompt both go through
+delivery.SendMessage (purpose CONFIRMATION, confirm_days=0). The person types the code to
+any bot; SubmitConfirmationCode accepts it only from the Telegram user the confirmation was
+started for, who must still own the number in the directory. Success marks the number
+confirmed in the directory and releases the held messages; the answer tells the bot what
+to say.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import grpc
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+from otpgate.verification.v1 import verification_pb2
+from pymongo.errors import DuplicateKeyError
+
+from services.core.clock import Clock, as_utc
+from services.core.crypto import Keyring
+from services.core.errors import Violations, aborted, invalid_argument
+from services.core.ids import new_id
+from services.core.logging import get_logger
+from services.core.mongo import Document
+from services.core.phone import InvalidPhoneError, Phone, parse_phone
+from services.verification import metrics, templates
+from services.verification.codes import (
+    MAX_CODE_LENGTH,
+    MIN_CODE_LENGTH,
+    CheckOutcome,
+    CodeEngine,
+    View,
+    expire_at,
+    generate_code,
+    is_code_shaped,
+    normalize_typed_code,
+)
+from services.verification.config import ConfirmationPolicy
+from services.verification.downstream import DownstreamError, call, duration, timestamp
+from services.verification.store import APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED, PENDING, Store
+
+log = get_logger(__name__)
+
+PHONE_INDEX = "confirmation/phone"
+# A finished confirmation still explains a late typed code ("expired", "too many tries") this long.
+RECENT_FINAL = timedelta(hours=24)
+# The sweeper retries a follow-up (directory + release) that did not finish inline after this long.
+FOLLOWUP_GRACE = timedelta(seconds=30)
+NOT_OWNER_REASONS = frozenset({"PHONE_NOT_LINKED", "SUBSCRIBER_NOT_FOUND"})
+
+Outcome = verification_pb2.ConfirmationOutcome
+CONFIRMED = verification_pb2.CONFIRMATION_OUTCOME_CONFIRMED
+WRONG_CODE = verification_pb2.CONFIRMATION_OUTCOME_WRONG_CODE
+OUTCOME_EXPIRED = verification_pb2.CONFIRMATION_OUTCOME_EXPIRED
+NO_PENDING = verification_pb2.CONFIRMATION_OUTCOME_NO_PENDING
+TOO_MANY_ATTEMPTS = verification_pb2.CONFIRMATION_OUTCOME_TOO_MANY_ATTEMPTS
+
+
+@dataclass(frozen=True)
+class StartInput:
+    phone: Phone
+    telegram_user_id: int
+    bot_id: str
+    client_id: str
+    locale: str
+
+
+class Confirmer:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        clock: Clock,
+        policy: ConfirmationPolicy,
+        delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub,
+        directory: directory_pb2_grpc.DirectoryServiceAsyncStub,
+        failed_checks_per_hour: int = 100,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.clock = clock
+        self.policy = policy
+        self.delivery = delivery
+        self.directory = directory
+        self.failed_checks_per_hour = failed_checks_per_hour
+        # On success the code is erased at once; the sealed phone stays until the follow-up
+        # (directory.MarkConfirmed, delivery.ReleaseHeldMessages) is done.
+        self.engine = CodeEngine(
+            store,
+            store.confirmations,
+            keyring,
+            clock,
+            approve_unset=("code_sealed",),
+            approve_set={"followup_pending": True},
+        )
+
+    # Start -------------------------------------------------------------------------------
+
+    def validate_start(self, request: verification_pb2.StartPhoneConfirmationRequest) -> StartInput:
+        v = Violations()
+        phone: Phone | None = None
+        try:
+            phone = parse_phone(request.phone)
+        except InvalidPhoneError as exc:
+            v.add("phone", str(exc))
+        v.check(request.telegram_user_id > 0, "telegram_user_id", "required")
+        v.check(bool(request.bot_id), "bot_id", "required")
+        v.check(bool(request.client_id), "client_id", "required")
+        v.raise_if_any()
+        assert phone is not None
+        return StartInput(
+            phone=phone,
+            telegram_user_id=request.telegram_user_id,
+            bot_id=request.bot_id,
+            client_id=request.client_id,
+            locale=templates.normalize_locale(request.locale or templates.DEFAULT_LOCALE),
+        )
+
+    async def start(
+        self, request: verification_pb2.StartPhoneConfirmationRequest
+    ) -> verification_pb2.StartPhoneConfirmationResponse:
+        start = self.validate_start(request)
+        phone_bi = self.keyring.blind_index(PHONE_INDEX, start.phone.e164)
+        for _ in range(5):
+            existing = await self.store.confirmations.find_one({"pending_key": phone_bi})
+            if existing is not None:
+                view = await self.engine.settle_lapsed(await self.engine.view(existing))
+                if view.pending:
+                    if int(view.record["telegram_user_id"]) == start.telegram_user_id:
+                        return await self._reuse(view, start)
+                    # The number moved to another Telegram account: the old person's code must not count.
+                    won, _ = await self.engine.decide(view.id, CANCELED)
+                    if won:
+                        metrics.confirmations.labels("superseded").inc()
+                continue
+            created = await self._create(start, phone_bi)
+            if created is not None:
+                return created
+        raise aborted("the confirmation changed concurrently; retry", reason="CONFLICT")
+
+    async def issue(self, start: StartInput, phone_bi: str) -> tuple[Document, str] | None:
+        """Store a new pending confirmation and its code (not sent yet). None if one is pending."""
+        now = self.clock.now()
+        # One pending confirmation per person too: an older one for another number is void.
+        async for other in self.store.confirmations.find(
+            {"telegram_user_id": start.telegram_user_id, "status": PENDING}, {"_id": 1}
+        ):
+            won, _ = await self.engine.decide(str(other["_id"]), CANCELED)
+            if won:
+                metrics.confirmations.labels("superseded").inc()
+        record_id = new_id(int(now.timestamp() * 1000))
+        code = generate_code(self.policy.code_length)
+        record: Document = {
+            "_id": record_id,
+            "pending_key": phone_bi,
+            "phone_bi": phone_bi,
+            "phone_sealed": self.engine.seal_phone(record_id, start.phone.e164),
+            "phone_masked": start.phone.masked,
+            "telegram_user_id": start.telegram_user_id,
+            "bot_id": start.bot_id,
+            "client_id": start.client_id,
+            "locale": start.locale,
+            "status": PENDING,
+            **self.engine.code_fields(record_id, code),
+            "max_attempts": self.policy.max_attempts,
+            "max_sends": self.policy.max_sends,
+            "created_at": now,
+            "updated_at": now,
+            "expire_at": now + timedelta(seconds=self.policy.ttl),
+        }
+        try:
+            await self.engine.insert(record)
+        except DuplicateKeyError:
+            return None
+        return record, code
+
+    async def _create(self, start: StartInput, phone_bi: str) -> verification_pb2.StartPhoneConfirmationResponse | None:
+        issued = await self.issue(start, phone_bi)
+        if issued is None:
+            return None
+        record, code = issued
+        record_id = str(record["_id"])
+        try:
+            sms = await self._send_sms(record, start, code, 1)
+        except BaseException as exc:
+            # A refused SMS leaves no pending confirmation behind.
+            await self.store.confirmations.delete_one({"_id": record_id, "status": PENDING})
+            await self.store.slots.delete_many({"owner": self.engine.owner(record_id)})
+            if isinstance(exc, DownstreamError):
+                metrics.confirmations.labels("refused").inc()
+                log.info("confirmation_refused", confirmation_id=record_id, reason=exc.reason)
+                raise exc.service_error() from None
+            raise
+        prompt_id = await self._send_prompt(record, start, 1)
+        await self.engine.record_send(record_id, 1, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        metrics.confirmations.labels("started").inc()
+        log.info(
+            "confirmation_started",
+            confirmation_id=record_id,
+            client_id=start.client_id,
+            bot_id=start.bot_id,
+            telegram_user_id=start.telegram_user_id,
+        )
+        return self._start_response(record, reused=False, code_sent=True)
+
+    async def _reuse(self, view: View, start: StartInput) -> verification_pb2.StartPhoneConfirmationResponse:
+        metrics.confirmations.labels("reused").inc()
+        reservation = await self.engine.reserve_send(view, self.policy.resend_cooldown)
+        if reservation.refusal is not None:
+            # Inside the cooldown, or out of sends: the code already sent stays valid.
+            log.info("confirmation_reused", confirmation_id=view.id, resent=False, why=reservation.refusal.value)
+            return self._start_response(view.record, reused=True, code_sent=False)
+        number = reservation.number
+        record = reservation.view.record
+        try:
+            code = self.engine.open_code(record)
+            sms = await self._send_sms(record, start, code, number)
+        except DownstreamError as err:
+            await self.engine.undo_send(view.id, number)
+            log.info("confirmation_resend_refused", confirmation_id=view.id, reason=err.reason)
+            return self._start_response(record, reused=True, code_sent=False)
+        except BaseException:
+            await self.engine.undo_send(view.id, number)
+            raise
+        prompt_id = await self._send_prompt(record, start, number)
+        await self.engine.record_send(view.id, number, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        metrics.confirmations.labels("resent").inc()
+        log.info("confirmation_reused", confirmation_id=view.id, resent=True, send_count=number)
+        return self._start_response(record, reused=True, code_sent=True)
+
+    def _start_response(
+        self, record: Document, *, reused: bool, code_sent: bool
+    ) -> verification_pb2.StartPhoneConfirmationResponse:
+        response = verification_pb2.StartPhoneConfirmationResponse(
+            confirmation_id=str(record["_id"]), reused=reused, code_sent=code_sent
+        )
+        response.expire_time.CopyFrom(timestamp(expire_at(record)))
+        return response
+
+    def _remaining(self, record: Document) -> float:
+        return max(1.0, (expire_at(record) - self.clock.now()).total_seconds())
+
+    async def _send_sms(self, record: Document, start: StartInput, code: str, send_number: int) -> common_pb2.Message:
+        request = delivery_pb2.SendMessageRequest(
+            client_id=start.client_id,
+            phone=start.phone.e164,
+            text=templates.confirmation_sms_text(start.locale, code),
+            channel=common_pb2.CHANNEL_SMS,
+            # The bot that triggered it: delivery bills the SMS to the client only for its own bot.
+            bot=start.bot_id,
+            confirm_days=0,
+            ttl=duration(math.floor(self._remaining(record))),
+            request_id=f"confirmation:{record['_id']}:{send_number}",
+            purpose=delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION,
+        )
+        reply = await call(lambda: self.delivery.SendMessage(request))
+        return reply.message
+
+    async def _send_prompt(self, record: Document, start: StartInput, send_number: int) -> str:
+        """Tell the person in the bot to type the SMS code. Best effort: the SMS is what matters."""
+        request = delivery_pb2.SendMessageRequest(
+            client_id=start.client_id,
+            phone=start.phone.e164,
+            text=templates.confirmation_prompt_text(start.locale, start.phone.masked, self._remaining(record)),
+            channel=common_pb2.CHANNEL_TELEGRAM,
+            bot=start.bot_id,
+            confirm_days=0,
+            sms_fallback=False,
+            ttl=duration(math.floor(self._remaining(record))),
+            request_id=f"confirmation:{record['_id']}:{send_number}:prompt",
+            purpose=delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION,
+        )
+        try:
+            reply = await call(lambda: self.delivery.SendMessage(request))
+        except DownstreamError as err:
+            log.warning("confirmation_prompt_not_sent", confirmation_id=str(record["_id"]), reason=err.reason)
+            return ""
+        return str(reply.message.id)
+
+    # Submit ------------------------------------------------------------------------------
+
+    async def submit(
+        self, request: verification_pb2.SubmitConfirmationCodeRequest
+    ) -> verification_pb2.SubmitConfirmationCodeResponse:
+        if request.telegram_user_id <= 0:
+            raise invalid_argument([("telegram_user_id", "required")])
+        code = normalize_typed_code(request.code)
+        if not is_code_shaped(code):
+            raise invalid_argument([("code", f"must be {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} digits")])
+        user = request.telegram_user_id
+        record = await self.store.latest_confirmation(user, PENDING)
+        if record is None:
+            return await self._answer_without_pending(user)
+        view = await self.engine.view(record)
+        masked = str(record["phone_masked"])
+        if not view.pending:
+            view = await self.engine.settle_lapsed(view)
+            if view.status == EXPIRED:
+                return self._answer("expired", OUTCOME_EXPIRED, masked, view.id)
+            return await self._answer_without_pending(user)
+        phone = self.engine.open_phone(view.record)
+        if not await self._still_owner(user, phone):
+            await self.engine.decide(view.id, CANCELED)
+            log.info("confirmation_owner_changed", confirmation_id=view.id, telegram_user_id=user)
+            return self._answer("no_pending", NO_PENDING, "", view.id)
+        now = self.clock.now()
+        phone_bi = str(record["phone_bi"])
+        if await self._failed_budget_spent(phone_bi, now):
+            return self._answer("too_many_failed_checks", TOO_MANY_ATTEMPTS, masked, view.id)
+        result = await self.engine.check(view, code)
+        if result.counted_failure:
+            await self.store.add_failed_check(phone_bi, now)
+        if result.outcome is CheckOutcome.APPROVED:
+            released = await self.follow_up(result.record, phone)
+            if released is None:
+                return self._answer("no_pending", NO_PENDING, "", view.id)
+            return self._answer("confirmed", CONFIRMED, masked, view.id, released=released)
+        if result.outcome is CheckOutcome.WRONG_CODE:
+            return self._answer("wrong_code", WRONG_CODE, masked, view.id, attempts_left=result.attempts_left)
+        if result.outcome is CheckOutcome.EXHAUSTED:
+            return self._answer("too_many_attempts", TOO_MANY_ATTEMPTS, masked, view.id)
+        if result.outcome is CheckOutcome.EXPIRED:
+            return self._answer("expired", OUTCOME_EXPIRED, masked, view.id)
+        # FINAL: confirmed by a concurrent submit of the same code, or canceled meanwhile.
+        if result.view.status == APPROVED:
+            return self._answer("confirmed", CONFIRMED, masked, view.id)
+        return self._answer("no_pending", NO_PENDING, "", view.id)
+
+    async def _answer_without_pending(self, user: int) -> verification_pb2.SubmitConfirmationCodeResponse:
+        last = await self.store.latest_confirmation(user)
+        now = self.clock.now()
+        if last is not None and last.get("final_at") and as_utc(last["final_at"]) > now - RECENT_FINAL:
+            if last["status"] == EXPIRED:
+                return self._answer("expired", OUTCOME_EXPIRED, str(last["phone_masked"]), str(last["_id"]))
+            if last["status"] == MAX_ATTEMPTS_REACHED:
+                return self._answer("too_many_attempts", TOO_MANY_ATTEMPTS, str(last["phone_masked"]), str(last["_id"]))
+        return self._answer("no_pending", NO_PENDING, "", "")
+
+    def _answer(
+        self,
+        outcome_label: str,
+        outcome: Outcome.ValueType,
+        masked: str,
+        confirmation_id: str,
+        *,
+        attempts_left: int = 0,
+        released: int = 0,
+    ) -> verification_pb2.SubmitConfirmationCodeResponse:
+        metrics.confirmations.labels(outcome_label).inc()
+        log.info(
+            "confirmation_code_submitted",
+            confirmation_id=confirmation_id,
+            outcome=outcome_label,
+            attempts_left=attempts_left,
+            released_count=released,
+        )
+        return verification_pb2.SubmitConfirmationCodeResponse(
+            outcome=outcome, attempts_left=attempts_left, phone_masked=masked, released_count=released
+        )
+
+    async def _still_owner(self, user: int, phone: str) -> bool:
+        """The directory still links this number to this Telegram user."""
+        try:
+            reply = await call(lambda: self.directory.GetSubscriber(directory_pb2.GetSubscriberRequest(phone=phone)))
+        except DownstreamError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise err.service_error() from None
+        return int(reply.subscriber.telegram_user_id) == user
+
+    async def _failed_budget_spent(self, phone_bi: str, now: datetime) -> bool:
+        failed = await self.store.count_failed_checks(phone_bi, now, timedelta(hours=1))
+        return failed >= self.failed_checks_per_hour
+
+    async def follow_up(self, record: Document, phone: str) -> int | None:
+        """After a correct code: directory.MarkConfirmed, then delivery.ReleaseHeldMessages.
+
+        Returns the released count; None when the number is no longer this person's. A transient
+        failure leaves `followup_pending` set, and the sweeper finishes the work later.
+        """
+        record_id = str(record["_id"])
+        user = int(record["telegram_user_id"])
+        if not record.get("marked_at"):
+            try:
+                await call(
+                    lambda: self.directory.MarkConfirmed(
+                        directory_pb2.MarkConfirmedRequest(telegram_user_id=user, phone=phone)
+                    )
+                )
+            except DownstreamError as err:
+                if err.reason in NOT_OWNER_REASONS or err.code == grpc.StatusCode.NOT_FOUND:
+                    await self._close_followup(record_id, {"followup_failed": err.reason})
+                    log.info("confirmation_owner_changed", confirmation_id=record_id, reason=err.reason)
+                    return None
+                log.warning("confirmation_mark_failed", confirmation_id=record_id, reason=err.reason)
+                return 0
+            await self.store.confirmations.update_one({"_id": record_id}, {"$set": {"marked_at": self.clock.now()}})
+        try:
+            reply = await call(
+                lambda: self.delivery.ReleaseHeldMessages(
+                    delivery_pb2.ReleaseHeldMessagesRequest(telegram_user_id=user, phone=phone)
+                )
+            )
+        except DownstreamError as err:
+            log.warning("confirmation_release_failed", confirmation_id=record_id, reason=err.reason)
+            return 0
+        await self._close_followup(record_id, {"released_count": reply.released_count})
+        log.info("confirmation_confirmed", confirmation_id=record_id, released_count=reply.released_count)
+        return int(reply.released_count)
+
+    async def _close_followup(self, record_id: str, extra: Document) -> None:
+        await self.store.confirmations.update_one(
+            {"_id": record_id},
+            {"$set": {"followup_pending": False, **extra}, "$unset": {"phone_sealed": ""}},
+        )
+
+    async def retry_followups(self, limit: int = 100) -> int:
+        """Finish confirmations whose directory/release step failed inline."""
+        cutoff = self.clock.now() - FOLLOWUP_GRACE
+        done = 0
+        cursor = self.store.confirmations.find({"followup_pending": True, "final_at": {"$lte": cutoff}}).limit(limit)
+        async for record in cursor:
+            if not record.get("phone_sealed"):
+                await self._close_followup(str(record["_id"]), {})
+                continue
+            await self.follow_up(record, self.engine.open_phone(record))
+            done += 1
+        return done

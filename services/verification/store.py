@@ -1,0 +1,148 @@
+"""MongoDB access of the verification service: collections, indexes, counters, request claims.
+
+Collections (database owned by this service only):
+- verifications: Verify API codes (one pending per client and phone through `pending_key`).
+- confirmations: phone re-confirmations (one pending per phone through `pending_key`).
+- verification_requests: request_id claims for StartVerification idempotency (AIP-155).
+- code_slots: attempt and send slots and final fences of the codes above (see codes.py).
+- failed_checks: one document per failed code check, by phone blind index (sliding hour).
+
+`pending_key` carries a unique index. While a record is pending it holds the key that must be
+unique among pending records; every final state sets it to the record's own id. This gives
+"unique among pending" without partial indexes, which the dev database does not implement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import DESCENDING, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.core.clock import as_utc
+from services.core.mongo import Document, ensure_index, purge_before
+from services.verification.sealed import CONFIRMATIONS, VERIFICATIONS
+
+REQUESTS = "verification_requests"
+SLOTS = "code_slots"
+FAILED_CHECKS = "failed_checks"
+
+PENDING = "PENDING"
+APPROVED = "APPROVED"
+CANCELED = "CANCELED"
+EXPIRED = "EXPIRED"
+MAX_ATTEMPTS_REACHED = "MAX_ATTEMPTS_REACHED"
+FINAL_STATUSES = (APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED)
+
+REQUEST_CLAIM_DAYS = 1
+
+
+@dataclass
+class Store:
+    database: AsyncDatabase[Document]
+
+    @property
+    def verifications(self) -> AsyncCollection[Document]:
+        return self.database[VERIFICATIONS]
+
+    @property
+    def confirmations(self) -> AsyncCollection[Document]:
+        return self.database[CONFIRMATIONS]
+
+    @property
+    def requests(self) -> AsyncCollection[Document]:
+        return self.database[REQUESTS]
+
+    @property
+    def slots(self) -> AsyncCollection[Document]:
+        return self.database[SLOTS]
+
+    @property
+    def failed_checks(self) -> AsyncCollection[Document]:
+        return self.database[FAILED_CHECKS]
+
+    async def ensure_indexes(self) -> None:
+        for coll in (self.verifications, self.confirmations):
+            await ensure_index(coll, [("pending_key", 1)], name="pending_key_unique", unique=True)
+            await ensure_index(coll, [("status", 1), ("expire_at", 1)], name="status_expire")
+            await ensure_index(coll, [("final_at", 1)], name="final_at")
+        await ensure_index(self.verifications, [("client_id", 1), ("created_at", -1)], name="client_created")
+        await ensure_index(
+            self.confirmations, [("telegram_user_id", 1), ("created_at", -1)], name="telegram_user_created"
+        )
+        await ensure_index(self.confirmations, [("followup_pending", 1)], name="followup_pending")
+        await ensure_index(self.requests, [("created_at", 1)], name="created_at")
+        await ensure_index(self.slots, [("owner", 1), ("kind", 1), ("n", -1)], name="owner_kind_n")
+        await ensure_index(self.slots, [("at", 1)], name="at")
+        await ensure_index(self.failed_checks, [("phone_bi", 1), ("at", 1)], name="phone_at")
+        await ensure_index(self.failed_checks, [("at", 1)], name="at")
+
+    # Failed checks per phone -------------------------------------------------------------
+
+    async def count_failed_checks(self, phone_bi: str, now: datetime, window: timedelta) -> int:
+        return await self.failed_checks.count_documents({"phone_bi": phone_bi, "at": {"$gt": now - window}})
+
+    async def oldest_failed_check(self, phone_bi: str, now: datetime, window: timedelta) -> datetime | None:
+        doc = await self.failed_checks.find_one({"phone_bi": phone_bi, "at": {"$gt": now - window}}, sort=[("at", 1)])
+        return None if doc is None else as_utc(doc["at"])
+
+    async def add_failed_check(self, phone_bi: str, now: datetime) -> None:
+        # One document per failure (an insert is atomic everywhere; a shared counter would lose
+        # increments on servers whose updates are not isolated).
+        await self.failed_checks.insert_one({"phone_bi": phone_bi, "at": now})
+
+    # Request claims (StartVerification idempotency) ---------------------------------------
+
+    @staticmethod
+    def request_key(client_id: str, request_id: str) -> str:
+        return f"{client_id}\x1f{request_id}"
+
+    async def claim_request(self, client_id: str, request_id: str, fingerprint: str, now: datetime) -> Document | None:
+        """Claim a request id. Returns None when claimed now, else the earlier claim."""
+        key = self.request_key(client_id, request_id)
+        try:
+            await self.requests.insert_one(
+                {"_id": key, "fingerprint": fingerprint, "verification_id": None, "created_at": now}
+            )
+            return None
+        except DuplicateKeyError:
+            existing = await self.requests.find_one({"_id": key})
+            if existing is None:  # released between the two calls: try once more
+                return await self.claim_request(client_id, request_id, fingerprint, now)
+            return existing
+
+    async def complete_request(self, client_id: str, request_id: str, verification_id: str) -> None:
+        await self.requests.update_one(
+            {"_id": self.request_key(client_id, request_id)}, {"$set": {"verification_id": verification_id}}
+        )
+
+    async def release_request(self, client_id: str, request_id: str) -> None:
+        await self.requests.delete_one({"_id": self.request_key(client_id, request_id), "verification_id": None})
+
+    # Generic record helpers --------------------------------------------------------------
+
+    @staticmethod
+    async def update(coll: AsyncCollection[Document], query: dict[str, Any], update: dict[str, Any]) -> Document | None:
+        return await coll.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+
+    async def latest_confirmation(self, telegram_user_id: int, status: str | None = None) -> Document | None:
+        query: dict[str, Any] = {"telegram_user_id": telegram_user_id}
+        if status:
+            query["status"] = status
+        return await self.confirmations.find_one(query, sort=[("created_at", DESCENDING)])
+
+    # Retention -----------------------------------------------------------------------------
+
+    async def purge(self, now: datetime, retention: timedelta) -> int:
+        cutoff = now - retention
+        removed = 0
+        for coll in (self.verifications, self.confirmations):
+            removed += await purge_before(coll, "final_at", cutoff)
+        removed += await purge_before(self.requests, "created_at", now - timedelta(days=REQUEST_CLAIM_DAYS))
+        removed += await purge_before(self.slots, "at", cutoff - timedelta(days=1))
+        removed += await purge_before(self.failed_checks, "at", now - timedelta(hours=2))
+        return removed
