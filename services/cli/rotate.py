@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from services.core.config import DEFAULT_PORTS, ConfigError, Env, load_common
+from services.core.logging import configure_logging
 from services.core.mongo import connect
 from services.core.rotation_runner import (
     DEFAULT_BATCH_SIZE,
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if first.keyring is None:
         raise ConfigError("OTPGATE_KEYS is required")
     json_out = bool(getattr(args, "json", False))
+    # Problems (unreadable values, clashes) go to stderr as JSON lines; stdout keeps the report.
+    configure_logging("cli", "warning", stream=sys.stderr)
     console = Console(stderr=True)
     results = asyncio.run(_rotate(args, commons, console, quiet=json_out))
     total = RotationCounts()

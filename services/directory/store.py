@@ -28,6 +28,7 @@ from datetime import datetime
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from services.core.clock import as_utc
 from services.core.mongo import Document, ensure_index
@@ -82,6 +83,21 @@ class SubscriberRecord:
         )
 
 
+def is_duplicate_key(error: Exception) -> bool:
+    """A unique index refused the write. MongoDB says 11000 (DuplicateKeyError); the dev database
+    (FerretDB 1.x on SQLite) says so on insert, but reports an update that breaks a unique index
+    as InternalError (code 1) with SQLite's "UNIQUE constraint failed"."""
+    if isinstance(error, DuplicateKeyError):
+        return True
+    return isinstance(error, OperationFailure) and (
+        error.code == 11000 or (error.code == 1 and "UNIQUE constraint failed" in str(error))
+    )
+
+
+class UniqueViolation(Exception):
+    """A write would have given a person or a number a second record."""
+
+
 def link_path(bot_id: str) -> str:
     """The field path of one bot's link. Bot ids are validated (A-Z a-z 0-9 _), so safe as field names."""
     return f"links.{bot_id}"
@@ -115,18 +131,28 @@ class SubscriberStore:
     # Writes --------------------------------------------------------------------
 
     async def insert(self, doc: Document) -> SubscriberRecord:
-        """Raises DuplicateKeyError when the person or the number already has a record."""
-        await self.collection.insert_one(doc)
+        """Raises UniqueViolation when the person or the number already has a record."""
+        try:
+            await self.collection.insert_one(doc)
+        except OperationFailure as exc:
+            if is_duplicate_key(exc):
+                raise UniqueViolation from None
+            raise
         return SubscriberRecord.from_doc(doc)
 
     async def update_if_unchanged(self, record: SubscriberRecord, update: Document) -> SubscriberRecord | None:
         """Apply `update` only if the record still holds the number it held when read.
-        None: it changed or vanished meanwhile. May raise DuplicateKeyError (a new phone_index taken)."""
-        doc = await self.collection.find_one_and_update(
-            {"_id": record.id, "phone_index": record.phone_index, "telegram_user_id": record.telegram_user_id},
-            update,
-            return_document=ReturnDocument.AFTER,
-        )
+        None: it changed or vanished meanwhile. Raises UniqueViolation when the new phone_index is taken."""
+        try:
+            doc = await self.collection.find_one_and_update(
+                {"_id": record.id, "phone_index": record.phone_index, "telegram_user_id": record.telegram_user_id},
+                update,
+                return_document=ReturnDocument.AFTER,
+            )
+        except OperationFailure as exc:
+            if is_duplicate_key(exc):
+                raise UniqueViolation from None
+            raise
         return SubscriberRecord.from_doc(doc) if doc else None
 
     async def update_by_user(self, telegram_user_id: int, update: Document) -> SubscriberRecord | None:

@@ -21,7 +21,6 @@ from datetime import datetime
 from enum import StrEnum
 
 import grpc
-from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock
 from services.core.crypto import CryptoError, Keyring, SealContext
@@ -32,7 +31,7 @@ from services.core.phone import Phone, mask_phone
 from services.directory import metrics
 from services.directory.locks import KeyedLocks
 from services.directory.sealed import SUBSCRIBERS
-from services.directory.store import SubscriberRecord, SubscriberStore, link_path
+from services.directory.store import SubscriberRecord, SubscriberStore, UniqueViolation, link_path
 
 log = get_logger(__name__)
 
@@ -180,7 +179,7 @@ class Directory:
                 }
                 try:
                     record = await self.store.insert(doc)
-                except DuplicateKeyError:
+                except UniqueViolation:
                     continue
                 log.info("subscriber_linked", subscriber_id=subscriber_id, bot_id=bot_id, phone=phone.masked)
                 return LinkOutcome(record, number_changed=False, number_moved=moved)
@@ -208,7 +207,7 @@ class Directory:
                 )
             try:
                 updated = await self.store.update_if_unchanged(mine, update)
-            except DuplicateKeyError:
+            except UniqueViolation:
                 continue
             if updated is None:
                 continue
