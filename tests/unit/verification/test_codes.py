@@ -175,9 +175,7 @@ async def test_raw_collections_hold_no_plaintext_code_and_final_states_erase_the
     canceled, code_c = await issue(verifier, phone="+79991234503", code_length=10)
     pending, code_d = await issue(verifier, phone="+79991234504", code_length=10)
     everything = [
-        doc
-        for name in await store.database.list_collection_names()
-        async for doc in store.database[name].find({})
+        doc for name in await store.database.list_collection_names() async for doc in store.database[name].find({})
     ]
     dump = repr(everything)
     for code in (code_a, code_b, code_c, code_d):

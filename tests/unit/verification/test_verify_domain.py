@@ -1,0 +1,179 @@
+"""Verify API rules that need no other service: validation, scoping, limits, presentation."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import pytest
+from otpgate.common.v1 import common_pb2
+
+from services.core.clock import ManualClock
+from services.core.errors import ServiceError
+from services.verification import templates
+from services.verification.store import Store
+from services.verification.verify import Verifier
+from tests.unit.verification.conftest import start_request
+
+
+def violations(err: ServiceError) -> dict[str, str]:
+    from google.rpc import error_details_pb2
+
+    for detail in err.details:
+        if isinstance(detail, error_details_pb2.BadRequest):
+            return {v.field: v.description for v in detail.field_violations}
+    return {}
+
+
+def test_start_defaults(verifier: Verifier) -> None:
+    start = verifier.validate_start(start_request())
+    assert start.channel == common_pb2.CHANNEL_AUTO
+    assert start.code_length == 6 and start.ttl == 300 and start.locale == "en"
+
+
+def test_start_validation_names_every_bad_field_and_never_echoes_input(verifier: Verifier) -> None:
+    with pytest.raises(ServiceError) as info:
+        verifier.validate_start(
+            start_request(
+                client_id="",
+                phone="+7999",
+                code_length=11,
+                ttl={"seconds": 29},
+                locale="xx",
+                custom_code="12ab",
+                request_id="r" * 200,
+            )
+        )
+    err = info.value
+    assert err.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(err)) == {"client_id", "phone", "code_length", "ttl", "locale", "custom_code", "request_id"}
+    assert "12ab" not in err.message and "+7999" not in err.message
+    with pytest.raises(ServiceError) as info:
+        verifier.validate_start(start_request(ttl={"seconds": 3601}))
+    assert set(violations(info.value)) == {"ttl"}
+    with pytest.raises(ServiceError) as info:
+        verifier.validate_start(start_request(custom_code="1234", code_length=6))
+    assert set(violations(info.value)) == {"code_length"}
+
+
+def test_start_accepts_the_whole_documented_range(verifier: Verifier) -> None:
+    for length in (4, 10):
+        assert verifier.validate_start(start_request(code_length=length)).code_length == length
+    for ttl in (30, 3600):
+        assert verifier.validate_start(start_request(ttl={"seconds": ttl})).ttl == ttl
+    assert verifier.validate_start(start_request(locale="ru-RU")).locale == "ru"
+    custom = verifier.validate_start(start_request(custom_code="12 34 56 78"))
+    assert custom.custom_code == "12345678" and custom.code_length == 8
+
+
+def test_request_fingerprint_separates_different_requests(verifier: Verifier) -> None:
+    base = verifier.fingerprint(verifier.validate_start(start_request()))
+    assert base == verifier.fingerprint(verifier.validate_start(start_request()))
+    for change in (
+        {"phone": "+79991234568"},
+        {"channel": 3},
+        {"code_length": 8},
+        {"ttl": {"seconds": 60}},
+        {"locale": "ru"},
+        {"bot": "smscodes_bot"},
+        {"custom_code": "123456"},
+    ):
+        assert verifier.fingerprint(verifier.validate_start(start_request(**change))) != base
+
+
+async def test_other_clients_ids_look_exactly_like_unknown_ids(verifier: Verifier) -> None:
+    issued = await verifier.issue(verifier.validate_start(start_request()))
+    assert issued is not None
+    record, _ = issued
+    errors = []
+    for client_id, verification_id in (
+        ("client-b", record["_id"]),
+        ("client-a", "01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        ("client-a", "not-an-id"),
+    ):
+        for call in (verifier.get, verifier.cancel):
+            with pytest.raises(ServiceError) as info:
+                await call(client_id, verification_id)
+            errors.append((info.value.code, info.value.reason, info.value.message))
+        with pytest.raises(ServiceError) as info:
+            await verifier.check(client_id, verification_id, "123456")
+        errors.append((info.value.code, info.value.reason, info.value.message))
+    assert set(errors) == {(grpc.StatusCode.NOT_FOUND, "VERIFICATION_NOT_FOUND", "verification not found")}
+    assert (await verifier.get("client-a", record["_id"])).pending
+
+
+async def test_check_refuses_malformed_codes_without_spending_an_attempt(verifier: Verifier) -> None:
+    issued = await verifier.issue(verifier.validate_start(start_request()))
+    assert issued is not None
+    record, _ = issued
+    for bad in ("", "12", "abcdef", "12345678901"):
+        with pytest.raises(ServiceError) as info:
+            await verifier.check("client-a", record["_id"], bad)
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert (await verifier.get("client-a", record["_id"])).attempts_left == 5
+
+
+async def test_failed_checks_per_phone_are_capped_across_verifications(
+    verifier: Verifier, store: Store, clock: ManualClock
+) -> None:
+    # 100 failed checks an hour for one number, whichever verifications (and clients) they hit.
+    done = 0
+    client = 0
+    while done < 100:
+        client += 1
+        issued = await verifier.issue(verifier.validate_start(start_request(client_id=f"c{client}")))
+        assert issued is not None
+        record, code = issued
+        for _ in range(5):
+            view, _ = await verifier.check(f"c{client}", record["_id"], "0000" if code != "0000" else "1111")
+            done += 1
+        assert view.status == "MAX_ATTEMPTS_REACHED"
+        clock.advance(30)
+    issued = await verifier.issue(verifier.validate_start(start_request(client_id="fresh", ttl={"seconds": 3600})))
+    assert issued is not None
+    record, code = issued
+    with pytest.raises(ServiceError) as info:
+        await verifier.check("fresh", record["_id"], code)  # even the right code waits
+    err = info.value
+    assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_FAILED_CHECKS")
+    assert code not in err.message
+    # Another number is not affected.
+    other = await verifier.issue(verifier.validate_start(start_request(client_id="fresh", phone="+79991234500")))
+    assert other is not None
+    _, approved = await verifier.check("fresh", other[0]["_id"], other[1])
+    assert approved
+    # The window slides: an hour after the first failures the number may be checked again.
+    # (the first five failures were 600 s before "fresh" was issued)
+    clock.advance(timedelta(hours=1) - timedelta(seconds=600) + timedelta(seconds=1))
+    _, approved = await verifier.check("fresh", record["_id"], code)
+    assert approved
+
+
+async def test_presentation_of_a_pending_verification(verifier: Verifier, clock: ManualClock) -> None:
+    issued = await verifier.issue(verifier.validate_start(start_request(code_length=8, locale="ru", channel=3)))
+    assert issued is not None
+    record, code = issued
+    view = await verifier.get("client-a", record["_id"])
+    out = verifier.to_proto(view)
+    assert out.status == common_pb2.VERIFICATION_STATUS_PENDING
+    assert out.phone_masked == "+7******4567" and out.code_length == 8 and out.locale == "ru"
+    assert out.requested_channel == common_pb2.CHANNEL_SMS
+    assert out.send_count == 1 and out.check_attempts_left == 5
+    assert out.expire_time.ToDatetime().timestamp() - out.create_time.ToDatetime().timestamp() == 300
+    assert out.resend_time.ToDatetime().timestamp() - out.create_time.ToDatetime().timestamp() == 30
+    assert code not in str(out)
+    clock.advance(300)
+    expired = verifier.to_proto(await verifier.get("client-a", record["_id"]))
+    assert expired.status == common_pb2.VERIFICATION_STATUS_EXPIRED and expired.check_attempts_left == 0
+    assert not expired.HasField("resend_time")
+
+
+def test_templates_in_english_and_russian_carry_the_code() -> None:
+    en = templates.verification_text("en", "123456", 300)
+    ru = templates.verification_text("ru", "123456", 300)
+    assert "123456" in en and "5 min" in en
+    assert "123456" in ru and "5 мин" in ru and en != ru
+    assert templates.verification_text("de", "123456", 300) == en  # unknown -> English
+    assert "4321" in templates.confirmation_sms_text("ru", "4321")
+    prompt = templates.confirmation_prompt_text("en", "+7******4567", 600)
+    assert "+7******4567" in prompt and "10 min" in prompt
