@@ -190,7 +190,7 @@ class HttpGateway:
             return error_response(ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))
         finally:
             metrics.requests_total.labels(route, code).inc()
-            log.debug("http_request", route=route, code=code, ms=round((time.perf_counter() - started) * 1000, 2))
+            log.debug("http_request", route=route, status=code, ms=round((time.perf_counter() - started) * 1000, 2))
             request_id_var.reset(token)
 
     async def _healthz(self) -> web.Response:
@@ -266,9 +266,8 @@ class HttpGateway:
                 raise invalid_argument([("body", "must be a JSON object")])
         else:
             data = query_to_json(rule.method.input_type, request.rel_url.query.items(), problems)
-            problems.raise_if_any()
         put_path_values(rule.method.input_type, data, values)
-        return parse_message(cls, data)
+        return parse_message(cls, data, problems)
 
 
 def _message_class(rule: HttpRule) -> type[Message]:

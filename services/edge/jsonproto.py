@@ -177,9 +177,10 @@ def _check_scalar(field: FieldDescriptor, value: Any, path: str, problems: Viola
         problems.add(path, "must be base64")
 
 
-def parse_message(cls: type[M], data: Any) -> M:
-    """A request message from decoded JSON; raises INVALID_ARGUMENT listing every bad field."""
-    problems = Violations()
+def parse_message(cls: type[M], data: Any, problems: Violations | None = None) -> M:
+    """A request message from decoded JSON; raises INVALID_ARGUMENT listing every bad field
+    (with those already found in `problems`, e.g. by query_to_json)."""
+    problems = problems if problems is not None else Violations()
     descriptor: Descriptor = cls.DESCRIPTOR  # type: ignore[assignment]
     check_message(descriptor, data, "", problems)
     problems.raise_if_any()
