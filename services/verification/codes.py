@@ -149,8 +149,8 @@ class CodeEngine:
         keyring: Keyring,
         clock: Clock,
         *,
-        final_unset: Sequence[str] = ("code_sealed", "phone_sealed"),
-        approve_unset: Sequence[str] = ("code_sealed", "phone_sealed"),
+        final_unset: Sequence[str] = ("code", "phone"),
+        approve_unset: Sequence[str] = ("code", "phone"),
         approve_set: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
@@ -170,17 +170,17 @@ class CodeEngine:
         """What a new record stores about its code: the keyed hash and the sealed code."""
         return {
             "code_hash": self.keyring.code_hash(record_id, code),
-            "code_sealed": self.keyring.seal(code, self.context(record_id, "code")),
+            "code": self.keyring.seal(code, self.context(record_id, "code")),
         }
 
     def seal_phone(self, record_id: str, e164: str) -> bytes:
         return self.keyring.seal(e164, self.context(record_id, "phone"))
 
     def open_code(self, record: Document) -> str:
-        return self.keyring.open_str(record["code_sealed"], self.context(str(record["_id"]), "code"))
+        return self.keyring.open_str(record["code"], self.context(str(record["_id"]), "code"))
 
     def open_phone(self, record: Document) -> str:
-        return self.keyring.open_str(record["phone_sealed"], self.context(str(record["_id"]), "phone"))
+        return self.keyring.open_str(record["phone"], self.context(str(record["_id"]), "phone"))
 
     def owner(self, record_id: str) -> str:
         return f"{self.collection.name}:{record_id}"

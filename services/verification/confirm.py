@@ -97,7 +97,7 @@ class Confirmer:
             store.confirmations,
             keyring,
             clock,
-            approve_unset=("code_sealed",),
+            approve_unset=("code",),
             approve_set={"followup_pending": True},
         )
 
@@ -161,7 +161,7 @@ class Confirmer:
             "_id": record_id,
             "pending_key": phone_bi,
             "phone_bi": phone_bi,
-            "phone_sealed": self.engine.seal_phone(record_id, start.phone.e164),
+            "phone": self.engine.seal_phone(record_id, start.phone.e164),
             "phone_masked": start.phone.masked,
             "telegram_user_id": start.telegram_user_id,
             "bot_id": start.bot_id,
@@ -418,7 +418,7 @@ class Confirmer:
     async def _close_followup(self, record_id: str, extra: Document) -> None:
         await self.store.confirmations.update_one(
             {"_id": record_id},
-            {"$set": {"followup_pending": False, **extra}, "$unset": {"phone_sealed": ""}},
+            {"$set": {"followup_pending": False, **extra}, "$unset": {"phone": ""}},
         )
 
     async def retry_followups(self, limit: int = 100) -> int:
@@ -427,7 +427,7 @@ class Confirmer:
         done = 0
         cursor = self.store.confirmations.find({"followup_pending": True, "final_at": {"$lte": cutoff}}).limit(limit)
         async for record in cursor:
-            if not record.get("phone_sealed"):
+            if not record.get("phone"):
                 await self._close_followup(str(record["_id"]), {})
                 continue
             await self.follow_up(record, self.engine.open_phone(record))

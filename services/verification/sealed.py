@@ -10,8 +10,8 @@ CONFIRMATIONS = "confirmations"
 # The code is sealed only while it may still be re-sent, the phone only while it may be needed
 # to re-send or to finish a confirmation; both are erased at the final state.
 SEALED_FIELDS = [
-    SealedField(VERIFICATIONS, "code_sealed"),
-    SealedField(VERIFICATIONS, "phone_sealed"),
-    SealedField(CONFIRMATIONS, "code_sealed"),
-    SealedField(CONFIRMATIONS, "phone_sealed"),
+    SealedField(VERIFICATIONS, "code"),
+    SealedField(VERIFICATIONS, "phone"),
+    SealedField(CONFIRMATIONS, "code"),
+    SealedField(CONFIRMATIONS, "phone"),
 ]

@@ -249,7 +249,7 @@ class Verifier:
             "request_id": start.request_id,
             "pending_key": pending_key,
             "phone_bi": phone_bi,
-            "phone_sealed": self.engine.seal_phone(record_id, start.phone.e164),
+            "phone": self.engine.seal_phone(record_id, start.phone.e164),
             "phone_masked": start.phone.masked,
             "region": start.phone.region,
             "requested_channel": start.channel,

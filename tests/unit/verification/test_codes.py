@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import timedelta
 
 import pytest
 
@@ -105,7 +104,7 @@ async def test_hundred_concurrent_correct_checks_approve_exactly_once(verifier: 
     after = await load(verifier, view)
     assert after.status == APPROVED and after.record["status"] == APPROVED
     assert after.attempts <= 5  # no more comparisons than the budget, however many raced
-    assert "code_sealed" not in after.record
+    assert "code" not in after.record
 
 
 async def test_concurrent_wrong_checks_never_exceed_the_attempt_budget(verifier: Verifier) -> None:
@@ -114,7 +113,7 @@ async def test_concurrent_wrong_checks_never_exceed_the_attempt_budget(verifier:
     assert sum(r.counted_failure for r in results) == 5
     after = await load(verifier, view)
     assert after.status == MAX_ATTEMPTS_REACHED and after.attempts == 5
-    assert "code_sealed" not in after.record
+    assert "code" not in after.record
     # A right code racing wrong ones can never be the sixth comparison.
     view2, code2 = await issue(verifier, phone="+79991234500")
     mixed = await asyncio.gather(
@@ -136,7 +135,7 @@ async def test_expired_code_is_rejected_while_the_document_still_exists(verifier
     result = await verifier.engine.check(stale, code)
     assert result.outcome is CheckOutcome.EXPIRED
     stored = await verifier.store.verifications.find_one({"_id": view.id})
-    assert stored["status"] == EXPIRED and "code_sealed" not in stored
+    assert stored["status"] == EXPIRED and "code" not in stored
 
 
 async def test_a_check_read_before_expiry_cannot_approve_after_it(verifier: Verifier, clock: ManualClock) -> None:
@@ -164,7 +163,7 @@ async def test_a_decision_survives_a_crash_before_the_record_was_written(verifie
     )
     assert (await verifier.engine.check(view, code)).outcome is CheckOutcome.FINAL
     after = await load(verifier, view)
-    assert after.status == CANCELED and after.record["status"] == CANCELED and "code_sealed" not in after.record
+    assert after.status == CANCELED and after.record["status"] == CANCELED and "code" not in after.record
 
 
 async def test_raw_collections_hold_no_plaintext_code_and_final_states_erase_the_sealed_code(
@@ -182,7 +181,7 @@ async def test_raw_collections_hold_no_plaintext_code_and_final_states_erase_the
         assert code not in dump
     assert "79991234501" not in dump
     for doc in [d async for d in store.verifications.find({})]:
-        assert isinstance(doc["code_sealed"], bytes) and re.fullmatch(r"k2:[0-9a-f]{64}", doc["code_hash"])
+        assert isinstance(doc["code"], bytes) and re.fullmatch(r"k2:[0-9a-f]{64}", doc["code_hash"])
 
     await verifier.engine.check(approved, code_a)
     for _ in range(5):
@@ -190,8 +189,8 @@ async def test_raw_collections_hold_no_plaintext_code_and_final_states_erase_the
     await verifier.cancel("client-a", canceled.id)
     after = {doc["_id"]: doc async for doc in store.verifications.find({})}
     for final_id in (approved.id, exhausted.id, canceled.id):
-        assert "code_sealed" not in after[final_id]
-        assert "phone_sealed" not in after[final_id]
+        assert "code" not in after[final_id]
+        assert "phone" not in after[final_id]
         assert after[final_id]["pending_key"] == final_id
     assert verifier.engine.open_code(after[pending.id]) == code_d
 
@@ -202,7 +201,7 @@ async def test_sweeper_expires_lapsed_records_and_erases_their_codes(verifier: V
     clock.advance(31)
     assert await verifier.engine.sweep_lapsed() == 1
     stored = await verifier.store.verifications.find_one({"_id": view.id})
-    assert stored["status"] == EXPIRED and "code_sealed" not in stored and "phone_sealed" not in stored
+    assert stored["status"] == EXPIRED and "code" not in stored and "phone" not in stored
 
 
 async def test_resend_reservation_honours_cooldown_and_send_budget(verifier: Verifier, clock: ManualClock) -> None:
