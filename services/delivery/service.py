@@ -126,14 +126,10 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             raise invalid_argument([("end_day", "must not be before start_day")])
         rows = await self.engine.store.usage_between(request.client_id, start, end)
         records = []
-        for row in rows:
-            day, _, channel = str(row["_id"]).partition("|")
+        for day, channel, messages, billed in rows:
             records.append(
                 delivery_pb2.UsageRecord(
-                    day=day,
-                    channel=common_pb2.Channel.ValueType(int(channel or 0)),
-                    messages=int(row["messages"]),
-                    billed_sms=int(row["billed"]),
+                    day=day, channel=common_pb2.Channel.ValueType(channel), messages=messages, billed_sms=billed
                 )
             )
         return delivery_pb2.GetUsageResponse(records=records)
