@@ -50,6 +50,8 @@ class LinkOutcome:
     subscriber: SubscriberRecord
     number_changed: bool
     number_moved: bool
+    # A new record (the person was not known before).
+    created: bool = False
 
     @property
     def outcome(self) -> str:
@@ -57,7 +59,7 @@ class LinkOutcome:
             return "number_moved"
         if self.number_changed:
             return "number_changed"
-        return "linked"
+        return "linked" if self.created else "relinked"
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class Directory:
                 except UniqueViolation:
                     continue
                 log.info("subscriber_linked", subscriber_id=subscriber_id, bot_id=bot_id, phone=phone.masked)
-                return LinkOutcome(record, number_changed=False, number_moved=moved)
+                return LinkOutcome(record, number_changed=False, number_moved=moved, created=True)
             update = self._link_update(bot_id, LinkStatus.CONNECTED, now)
             changed = mine.phone_index not in indexes
             if changed:

@@ -7,6 +7,7 @@ import pytest
 from otpgate.common.v1 import common_pb2
 from otpgate.directory.v1 import directory_pb2 as pb
 from otpgate.directory.v1 import directory_pb2_grpc
+from prometheus_client import REGISTRY, generate_latest
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.core.clock import ManualClock
@@ -232,3 +233,36 @@ async def test_mark_confirmed_sets_the_time_everywhere(directory: Stub, clock: M
     assert resolved.confirm_time == confirmed.confirm_time
     got = await directory.GetSubscriber(pb.GetSubscriberRequest(telegram_user_id=user))
     assert got.subscriber.confirm_time == confirmed.confirm_time
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_business_metrics_count_outcomes_without_personal_labels(directory: Stub) -> None:
+    names = ("linked", "relinked", "number_changed", "number_moved", "refused_not_own", "invalid")
+    before = {o: counter("otpgate_directory_links_total", outcome=o) for o in names}
+    resolves = counter("otpgate_directory_resolves_total", outcome="not_found")
+    user, other, phone = new_user_id(), new_user_id(), new_phone()
+    await link(directory, user, phone)
+    await link(directory, user, phone)
+    await link(directory, user, new_phone())
+    await link(directory, other, phone)
+    await failure(
+        directory.LinkContact(pb.LinkContactRequest(bot_id="smsccode_bot", telegram_user_id=user, phone=phone))
+    )
+    await failure(directory.LinkContact(pb.LinkContactRequest(bot_id="x", telegram_user_id=user, contact_user_id=user)))
+    await directory.ResolvePhone(pb.ResolvePhoneRequest(phone=new_phone()))
+    after = {o: counter("otpgate_directory_links_total", outcome=o) for o in names}
+    # The third call changed the user's number, so `phone` was free again: `other` linked it anew.
+    assert {o: after[o] - before[o] for o in names} == {
+        "linked": 2,
+        "relinked": 1,
+        "number_changed": 1,
+        "number_moved": 0,
+        "refused_not_own": 1,
+        "invalid": 1,
+    }
+    assert counter("otpgate_directory_resolves_total", outcome="not_found") == resolves + 1
+    exposition = generate_latest(REGISTRY).decode()
+    assert str(user) not in exposition and phone.lstrip("+") not in exposition

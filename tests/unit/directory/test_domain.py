@@ -69,7 +69,8 @@ def test_phone_indexes_cover_every_key_current_first(keyring: Keyring) -> None:
 
 def test_link_outcome_names() -> None:
     subscriber = record({})
-    assert LinkOutcome(subscriber, False, False).outcome == "linked"
+    assert LinkOutcome(subscriber, False, False, created=True).outcome == "linked"
+    assert LinkOutcome(subscriber, False, False).outcome == "relinked"
     assert LinkOutcome(subscriber, True, False).outcome == "number_changed"
     assert LinkOutcome(subscriber, True, True).outcome == "number_moved"
 
