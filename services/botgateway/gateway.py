@@ -79,8 +79,7 @@ class Gateway:
         budget: float | None = None,
     ) -> int:
         """Send one message; raises ServiceError with the reasons of the contract."""
-        bot = await self.store.get_bot(bot_id)
-        if bot is None:
+        if bot_id not in self.sessions.bots and await self.store.get_bot(bot_id) is None:
             raise not_found(f"bot {bot_id}", "BOT_NOT_FOUND")
         if not self.sessions.live(bot_id):
             metrics.bot_messages.labels(bot_id, "unavailable").inc()

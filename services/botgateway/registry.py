@@ -181,6 +181,6 @@ class BotRegistry:
             raise failed_precondition(
                 "BOT_FROM_CONFIG", "shared bots from configuration are removed from OTPGATE_SHARED_BOTS"
             )
-        await self.sessions.stop_bot(bot.bot_id)
         await self.store.delete_bot(bot.bot_id)
+        await self.sessions.stop_bot(bot.bot_id)
         log.info("bot_removed", bot=bot.bot_id)

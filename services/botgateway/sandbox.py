@@ -95,6 +95,8 @@ class SimMessage:
     request_contact: bool = False
     deleted: bool = False
     sender_session: str = ""
+    # Monotonic time Telegram accepted it (to measure pacing).
+    accepted_at: float = 0.0
 
 
 @dataclass
@@ -374,6 +376,7 @@ class SimulatedTelegram:
             silent=message.silent,
             request_contact=bool(keyboard and keyboard.request_contact_label),
             sender_session=owner,
+            accepted_at=self._monotonic(),
         )
         self.sent_count += 1
         return self._append(chat, sent)

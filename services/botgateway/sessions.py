@@ -48,6 +48,8 @@ class BotSessions:
         self.safety_margin = timedelta(seconds=min(safety_margin, lease_ttl / 3))
         self._usable_until: dict[str, datetime] = {}
         self._retry_after: dict[str, datetime] = {}
+        # Every registered bot as of the last tick (read on each send without a database round trip).
+        self.bots: dict[str, BotRecord] = {}
         self._lock = asyncio.Lock()
 
     def live(self, bot_id: str) -> bool:
@@ -61,7 +63,8 @@ class BotSessions:
     async def tick(self) -> None:
         async with self._lock:
             bots = await self.store.all_bots()
-            known = {bot.bot_id for bot in bots}
+            self.bots = {bot.bot_id: bot for bot in bots}
+            known = set(self.bots)
             for bot_id in list(self._usable_until):
                 if bot_id not in known:
                     await self._stop(bot_id, release=True)
@@ -102,6 +105,8 @@ class BotSessions:
             await self._failed(bot, type(exc).__name__)
             return
         self._retry_after.pop(bot.bot_id, None)
+        # Another replica may have served this bot meanwhile: forget what was cached about its peers.
+        self.store.peer_cache.drop_where(bot_id=bot.bot_id)
         if session and session != bot.session:
             await self.store.save_session(bot.bot_id, session, now)
         if identity.username and identity.username.lower() != bot.bot_id:
@@ -126,6 +131,7 @@ class BotSessions:
 
     async def stop_bot(self, bot_id: str) -> None:
         async with self._lock:
+            self.bots.pop(bot_id, None)
             await self._stop(bot_id, release=True)
             metrics.drop_session(bot_id)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,10 +65,49 @@ def _peer_id(bot_id: str, user_id: int) -> str:
     return f"{bot_id}:{user_id}"
 
 
+class PeerCache:
+    """Recently used peers in memory. The replica that holds a bot's lease is the one that both receives
+    that bot's events and sends through it, so its cache stays in step with the database; entries
+    expire after `ttl` seconds to pick up changes made through other bots (e.g. /forget)."""
+
+    def __init__(self, max_entries: int = 200_000, ttl: float = 60.0) -> None:
+        self._entries: OrderedDict[str, tuple[float, PeerRecord]] = OrderedDict()
+        self._max = max_entries
+        self._ttl = ttl
+
+    def get(self, key: str) -> PeerRecord | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        stamp, peer = entry
+        if time.monotonic() - stamp > self._ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return peer
+
+    def put(self, key: str, peer: PeerRecord) -> None:
+        self._entries[key] = (time.monotonic(), peer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def drop_where(self, *, bot_id: str | None = None, user_id: int | None = None) -> None:
+        for key, (_, peer) in list(self._entries.items()):
+            if (bot_id is None or peer.bot_id == bot_id) and (user_id is None or peer.user_id == user_id):
+                del self._entries[key]
+
+
 class GatewayStore:
-    def __init__(self, database: AsyncDatabase[Document], keyring: Keyring) -> None:
+    def __init__(
+        self, database: AsyncDatabase[Document], keyring: Keyring, peer_cache: PeerCache | None = None
+    ) -> None:
         self.db = database
         self.keyring = keyring
+        self.peer_cache = peer_cache or PeerCache()
         self.bots = database[BOTS]
         self.peers = database[PEERS]
         self.leases = database[LEASES]
@@ -175,6 +216,7 @@ class GatewayStore:
     async def delete_bot(self, bot_id: str) -> bool:
         result = await self.bots.delete_one({"_id": bot_id})
         await self.peers.delete_many({"bot_id": bot_id})
+        self.peer_cache.drop_where(bot_id=bot_id)
         await self.deletions.delete_many({"bot_id": bot_id})
         await self.leases.delete_one({"_id": bot_id})
         return result.deleted_count > 0
@@ -208,33 +250,63 @@ class GatewayStore:
             return_document=ReturnDocument.AFTER,
         )
         assert doc is not None  # upserted
-        return self._peer(doc)
+        peer = self._peer(doc)
+        self.peer_cache.put(_peer_id(bot_id, user_id), peer)
+        return peer
 
-    async def get_peer(self, bot_id: str, user_id: int) -> PeerRecord | None:
-        doc = await self.peers.find_one({"_id": _peer_id(bot_id, user_id)})
-        return self._peer(doc) if doc else None
+    async def get_peer(self, bot_id: str, user_id: int, *, fresh: bool = False) -> PeerRecord | None:
+        key = _peer_id(bot_id, user_id)
+        if not fresh:
+            cached = self.peer_cache.get(key)
+            if cached is not None:
+                return cached
+        doc = await self.peers.find_one({"_id": key})
+        if doc is None:
+            self.peer_cache.drop(key)
+            return None
+        peer = self._peer(doc)
+        self.peer_cache.put(key, peer)
+        return peer
+
+    async def _refresh(self, key: str, doc: Document | None) -> None:
+        if doc is None:
+            self.peer_cache.drop(key)
+        else:
+            self.peer_cache.put(key, self._peer(doc))
 
     async def set_stopped(self, bot_id: str, user_id: int, stopped: bool, now: datetime) -> None:
-        await self.peers.update_one(
-            {"_id": _peer_id(bot_id, user_id)},
+        key = _peer_id(bot_id, user_id)
+        doc = await self.peers.find_one_and_update(
+            {"_id": key},
             {"$set": {"stopped": stopped, "update_time": now, "bot_id": bot_id, "user_id": Int64(user_id)}},
             upsert=True,
+            return_document=ReturnDocument.AFTER,
         )
+        await self._refresh(key, doc)
 
     async def set_forget_until(self, bot_id: str, user_id: int, until: datetime | None) -> None:
-        await self.peers.update_one({"_id": _peer_id(bot_id, user_id)}, {"$set": {"forget_until": until}})
+        key = _peer_id(bot_id, user_id)
+        doc = await self.peers.find_one_and_update(
+            {"_id": key}, {"$set": {"forget_until": until}}, return_document=ReturnDocument.AFTER
+        )
+        await self._refresh(key, doc)
 
     async def take_forget_confirmation(self, bot_id: str, user_id: int, now: datetime) -> bool:
         """Atomically consume a pending /forget confirmation that has not expired."""
+        key = _peer_id(bot_id, user_id)
         doc = await self.peers.find_one_and_update(
-            {"_id": _peer_id(bot_id, user_id), "forget_until": {"$gt": now}},
+            {"_id": key, "forget_until": {"$gt": now}},
             {"$set": {"forget_until": None}},
+            return_document=ReturnDocument.AFTER,
         )
+        if doc is not None:
+            await self._refresh(key, doc)
         return doc is not None
 
     async def forget_user(self, user_id: int) -> int:
         """Erase what the gateway keeps about a person (every bot)."""
         result = await self.peers.delete_many({"user_id": Int64(user_id)})
+        self.peer_cache.drop_where(user_id=user_id)
         await self.deletions.delete_many({"user_id": Int64(user_id)})
         return int(result.deleted_count)
 

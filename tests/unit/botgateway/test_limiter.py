@@ -76,7 +76,7 @@ async def test_chat_scope_is_reported_when_the_chat_binds() -> None:
 
 
 async def test_flood_pause_stops_one_bot_only() -> None:
-    limiter, vt = make(Rate(30, 10), Rate(1, 3))
+    limiter, _ = make(Rate(30, 10), Rate(1, 3))
     limiter.pause("bot_a", 20)
     with pytest.raises(FloodPaused) as paused:
         await limiter.acquire("bot_a", 1, 5.0)

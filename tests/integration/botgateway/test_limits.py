@@ -1,0 +1,148 @@
+"""Telegram's limits end to end: pacing against the sandbox's own enforcement, flood waits, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.botgateway.app import BotGatewayApp
+from services.botgateway.sandbox import SimulatedTelegram
+from services.core.clock import ManualClock
+from services.core.crypto import Keyring
+from services.core.errors import parse_rpc_error
+from services.core.mongo import Document
+from tests.integration.botgateway.conftest import gateway_overrides, new_user_id
+from tests.support.stack import Stack, running_stack
+
+B = botgateway_pb2
+
+
+async def connected_users(app: BotGatewayApp, bot_id: str, count: int) -> list[int]:
+    """People who started the bot (set up directly; the conversation is tested elsewhere)."""
+    telegram, gateway = app.telegram, app.gateway
+    assert telegram is not None and gateway is not None
+    users = []
+    for _ in range(count):
+        user = telegram.create_user(new_user_id(), phone="")
+        telegram.chat(bot_id, user.user_id).started = True
+        await gateway.store.remember_peer(
+            bot_id, user.user_id, telegram.access_hash(bot_id, user.user_id), "en", gateway.clock.now()
+        )
+        users.append(user.user_id)
+    return users
+
+
+@pytest.fixture
+async def fast_stack(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> AsyncIterator[Stack]:
+    overrides = gateway_overrides(
+        OTPGATE_BOTGATEWAY_BOT_RATE="200",
+        OTPGATE_BOTGATEWAY_BOT_BURST="10",
+        # Telegram measures on its side and tolerates short bursts; our bucket keeps a smaller burst so
+        # that a message delayed on its way (GC, scheduling) cannot make the next ones look like a burst.
+        OTPGATE_SANDBOX_BOT_RATE="200",
+        OTPGATE_SANDBOX_BOT_BURST="30",
+    )
+    async with running_stack(mongo_client, keyring, services=["botgateway"], clock=clock, overrides=overrides) as s:
+        yield s
+
+
+async def test_a_burst_to_one_bot_is_paced_at_the_rate_with_no_flood_errors(fast_stack: Stack) -> None:
+    app = fast_stack.app("botgateway")
+    assert isinstance(app, BotGatewayApp) and app.telegram is not None
+    stub = botgateway_pb2_grpc.BotGatewayServiceStub(fast_stack.channel("botgateway"))
+    users = await connected_users(app, "smscodes_bot", 300)
+    started = time.monotonic()
+    replies = await asyncio.gather(
+        *(
+            stub.SendBotMessage(
+                B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=u, text="x"), timeout=30
+            )
+            for u in users
+        )
+    )
+    elapsed = time.monotonic() - started
+    assert len(replies) == 300 and all(r.telegram_message_id > 0 for r in replies)
+    assert app.telegram.flood_errors == 0
+    # 10 at once, then 290 at 200/s: never faster than 1.45 s, and at least 95 % of the configured rate
+    # as Telegram (the sandbox) saw the messages arrive.
+    accepted = sorted(app.telegram.message(u, "smscodes_bot", 1).accepted_at for u in users)  # type: ignore[union-attr]
+    span = accepted[-1] - accepted[0]
+    assert elapsed >= 1.45 and span >= 1.45 - 0.01, f"{290 / span:.1f} msg/s is faster than the configured rate"
+    assert 290 / span >= 0.95 * 200, f"paced at only {290 / span:.1f} msg/s"
+
+
+async def test_a_caller_deadline_is_never_waited_past(fast_stack: Stack) -> None:
+    app = fast_stack.app("botgateway")
+    assert isinstance(app, BotGatewayApp) and app.telegram is not None
+    stub = botgateway_pb2_grpc.BotGatewayServiceStub(fast_stack.channel("botgateway"))
+    (user,) = await connected_users(app, "smscodes_bot", 1)
+    # The chat allows 3 at once, then 1/s: the 4th cannot make a 0.3 s deadline and is refused at once.
+    for _ in range(3):
+        await stub.SendBotMessage(B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=user, text="x"))
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SendBotMessage(
+            B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=user, text="x"), timeout=0.3
+        )
+    failure = parse_rpc_error(err.value)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BOT_RATE_LIMITED")
+    assert failure.retry_after is not None and failure.retry_after >= 1
+    assert time.monotonic() - started < 0.25
+    # With a deadline long enough, the same call waits for its slot instead.
+    await stub.SendBotMessage(
+        B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=user, text="x"), timeout=3
+    )
+    assert app.telegram.flood_errors == 0
+
+
+@pytest.fixture
+async def flood_stack(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> AsyncIterator[Stack]:
+    # Our limiter allows more than "Telegram" does, so Telegram answers with flood waits.
+    overrides = gateway_overrides(
+        OTPGATE_BOTGATEWAY_BOT_RATE="1000",
+        OTPGATE_BOTGATEWAY_BOT_BURST="100",
+        OTPGATE_SANDBOX_BOT_RATE="1",
+        OTPGATE_SANDBOX_BOT_BURST="2",
+    )
+    async with running_stack(mongo_client, keyring, services=["botgateway"], clock=clock, overrides=overrides) as s:
+        yield s
+
+
+async def test_flood_wait_pauses_that_bot_only(flood_stack: Stack) -> None:
+    app = flood_stack.app("botgateway")
+    assert isinstance(app, BotGatewayApp) and app.telegram is not None
+    telegram: SimulatedTelegram = app.telegram
+    stub = botgateway_pb2_grpc.BotGatewayServiceStub(flood_stack.channel("botgateway"))
+    a_users = await connected_users(app, "smscodes_bot", 4)
+    b_users = await connected_users(app, "smsc_code_bot", 2)
+
+    def req(bot: str, user: int) -> B.SendBotMessageRequest:
+        return B.SendBotMessageRequest(bot_id=bot, telegram_user_id=user, text="x")
+
+    await stub.SendBotMessage(req("smscodes_bot", a_users[0]))
+    await stub.SendBotMessage(req("smscodes_bot", a_users[1]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # Telegram's flood wait
+        await stub.SendBotMessage(req("smscodes_bot", a_users[2]), timeout=0.5)
+    failure = parse_rpc_error(err.value)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "FLOOD_WAIT")
+    assert failure.retry_after == 1 and telegram.flood_errors == 1
+    # The bot is paused: the next call is refused here, without asking Telegram again.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SendBotMessage(req("smscodes_bot", a_users[3]), timeout=0.3)
+    assert parse_rpc_error(err.value).reason == "FLOOD_WAIT"
+    assert telegram.flood_errors == 1
+    # Another bot is not paused.
+    await stub.SendBotMessage(req("smsc_code_bot", b_users[0]), timeout=0.5)
+    # A caller with time to spare waits the pause out and gets through.
+    await stub.SendBotMessage(req("smscodes_bot", a_users[3]), timeout=5)
+    assert telegram.flood_errors == 1
