@@ -35,6 +35,7 @@ from services.core.rotation_runner import (
 # Exit codes beyond 0 (all done) and 1 (error).
 EXIT_UNREADABLE = 3  # some values could not be opened: old keys must stay until an operator looks
 EXIT_STOPPED = 4  # stopped by --max-batches: run again to resume
+EXIT_STALE = 5  # finished, but values on other keys appeared meanwhile (a replica on old settings?): run again
 
 
 def register(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     if not all(r.finished for r in results):
         return EXIT_STOPPED
+    if not args.dry_run and any(r.remaining for r in results):
+        return EXIT_STALE
     return 0
 
 
@@ -125,7 +128,10 @@ async def _rotate(
                         service=declarations.service,
                         batch_size=args.batch_size,
                     )
-                    task = progress.add_task(f"{declarations.service}.{collection}", total=await rotation.count())
+                    done = 0 if (args.restart or args.dry_run) else await rotation.resumable_scanned()
+                    task = progress.add_task(
+                        f"{declarations.service}.{collection}", total=await rotation.count(), completed=done
+                    )
                     result = await rotation.run(
                         restart=args.restart,
                         max_batches=args.max_batches,

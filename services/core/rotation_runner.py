@@ -164,6 +164,13 @@ class CollectionRotation:
     async def count(self) -> int:
         return int(await self.collection.count_documents({}))
 
+    async def resumable_scanned(self) -> int:
+        """Documents already done by an unfinished run towards the current keys (0: a fresh scan)."""
+        checkpoint = await self.progress.find_one({"_id": self._progress_id})
+        if checkpoint and checkpoint.get("target") == self.target and not checkpoint.get("finished_at"):
+            return int((checkpoint.get("counts") or {}).get("scanned", 0))
+        return 0
+
     async def run(
         self,
         *,

@@ -261,3 +261,29 @@ async def test_cli_progress_and_final_count_for_people(
     assert "directory.subscribers" in result.stderr  # the progress bar
     assert "re-sealed 3 values" in result.stdout and "recomputed 3 blind indexes" in result.stdout
     assert "older key ids can be retired" in result.stdout
+
+
+async def test_values_written_with_an_old_key_meanwhile_are_reported(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    old, both = Keyring.parse(OLD_ONLY), Keyring.parse(BOTH)
+    people = await seed(database, old, clock, 6)
+    lagging = Directory(SubscriberStore(database), old, clock, [])  # a replica still sealing with k1
+    runner = rotation(database, both, batch_size=2)
+    first_user = next(iter(people))
+    writes: list[int] = []
+
+    def on_batch(count: int) -> None:
+        writes.append(count)
+
+    partial = await runner.run(max_batches=1, on_batch=on_batch)
+    assert not partial.finished and writes == [2]
+    assert await runner.resumable_scanned() == 2
+    # Behind the run's position, the lagging replica re-links a number with k1.
+    await lagging.link_contact("smsccode_bot", first_user, parse_phone(new_phone()))
+    result = await runner.run(on_batch=on_batch)
+    assert result.finished and result.resumed and writes == [2, 2, 2]
+    assert result.remaining == {"phone": {"k1": 1}, "phone_index": {"k1": 1}}
+    assert await runner.resumable_scanned() == 0  # finished: the next run is a fresh scan
+    fresh = await runner.run()
+    assert not fresh.resumed and fresh.run.resealed == 1 and fresh.remaining == {}
