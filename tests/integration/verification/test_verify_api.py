@@ -1,0 +1,204 @@
+"""The Verify API end to end: codes really leave through delivery (sandbox SMS inbox, sandbox
+Telegram chat) and are checked back."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+from google.protobuf import duration_pb2
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2
+from otpgate.verification.v1 import verification_pb2 as V
+
+from tests.integration.verification.conftest import Env, new_phone, refused
+
+SMS = common_pb2.CHANNEL_SMS
+PENDING = common_pb2.VERIFICATION_STATUS_PENDING
+APPROVED = common_pb2.VERIFICATION_STATUS_APPROVED
+
+
+def start(phone: str, client_id: str = "shop", **fields: object) -> V.StartVerificationRequest:
+    return V.StartVerificationRequest(client_id=client_id, phone=phone, channel=fields.pop("channel", SMS), **fields)  # type: ignore[arg-type]
+
+
+async def test_sms_code_wrong_then_right(env: Env, captured_logs: object) -> None:
+    phone = new_phone()
+    started = (await env.verification.StartVerification(start(phone, locale="ru"))).verification
+    assert started.status == PENDING and started.channel == SMS and started.message_id
+    assert started.send_count == 1 and started.check_attempts_left == 5 and started.phone_masked.endswith(phone[-4:])
+    (text,) = await env.inbox(phone)
+    assert "ваш код" in text
+    (code,) = await env.codes_by_sms(phone)
+    assert len(code) == 6
+    wrong = str((int(code) + 1) % 10**6).zfill(6)
+    first = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=wrong)
+    )
+    assert not first.approved and first.verification.status == PENDING and first.verification.check_attempts_left == 4
+    ok = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
+    )
+    assert ok.approved and ok.verification.status == APPROVED
+    again = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
+    )
+    assert not again.approved and again.verification.status == APPROVED  # single use
+    got = await env.verification.GetVerification(V.GetVerificationRequest(client_id="shop", id=started.id))
+    assert got.verification.status == APPROVED
+    logs = captured_logs.text()  # type: ignore[attr-defined]
+    assert code not in logs and phone not in logs and phone[1:] not in logs
+
+
+async def test_resend_returns_the_same_code_after_the_cooldown_and_at_most_five_times(env: Env) -> None:
+    phone = new_phone()
+    first = (
+        await env.verification.StartVerification(start(phone, ttl=duration_pb2.Duration(seconds=900)))
+    ).verification
+    env.clock.advance(10)
+    too_soon = await refused(env.verification.StartVerification(start(phone)))
+    assert (too_soon.code, too_soon.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESEND_TOO_SOON")
+    assert too_soon.retry_after == 20
+    assert len(await env.inbox(phone)) == 1
+    for sends in range(2, 6):
+        env.clock.advance(30)
+        again = (await env.verification.StartVerification(start(phone))).verification
+        assert again.id == first.id and again.send_count == sends
+    codes = await env.codes_by_sms(phone)
+    assert len(codes) == 5 and len(set(codes)) == 1  # the same code every time
+    env.clock.advance(30)
+    spent = await refused(env.verification.StartVerification(start(phone)))
+    assert (spent.code, spent.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MAX_SENDS_REACHED")
+    assert len(await env.inbox(phone)) == 5
+    ok = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=first.id, code=codes[0])
+    )
+    assert ok.approved
+    # Once approved, a new start is a new verification; here delivery's per-phone limit (5 SMS in
+    # 10 minutes) refuses it, and that refusal reaches the caller unchanged, leaving nothing pending.
+    env.clock.advance(1)
+    limited = await refused(env.verification.StartVerification(start(phone)))
+    assert (limited.code, limited.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert limited.retry_after and limited.retry_after > 0
+    assert await env.database["verifications"].count_documents({"status": "PENDING"}) == 0
+    env.clock.advance(600)
+    fresh = (await env.verification.StartVerification(start(phone))).verification
+    assert fresh.id != first.id and fresh.send_count == 1
+
+
+async def test_expired_verification_is_refused_and_a_new_start_issues_a_new_code(env: Env) -> None:
+    phone = new_phone()
+    first = (await env.verification.StartVerification(start(phone, ttl=duration_pb2.Duration(seconds=60)))).verification
+    (code,) = await env.codes_by_sms(phone)
+    env.clock.advance(60)
+    late = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=first.id, code=code)
+    )
+    assert not late.approved and late.verification.status == common_pb2.VERIFICATION_STATUS_EXPIRED
+    second = (await env.verification.StartVerification(start(phone))).verification
+    assert second.id != first.id
+
+
+async def test_request_id_idempotency(env: Env) -> None:
+    phone = new_phone()
+    first = (await env.verification.StartVerification(start(phone, request_id="r-1"))).verification
+    env.clock.advance(60)
+    replay = (await env.verification.StartVerification(start(phone, request_id="r-1"))).verification
+    assert replay.id == first.id and replay.send_count == 1
+    assert len(await env.inbox(phone)) == 1  # the repeat sent nothing
+    conflict = await refused(env.verification.StartVerification(start(phone, request_id="r-1", code_length=8)))
+    assert (conflict.code, conflict.reason) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_CONFLICT")
+    # Request ids are per client.
+    other = (await env.verification.StartVerification(start(phone, client_id="other", request_id="r-1"))).verification
+    assert other.id != first.id
+
+
+async def test_delivery_refusals_pass_through_and_leave_nothing_behind(env: Env) -> None:
+    await env.delivery.UpdateClientPolicy(
+        delivery_pb2.UpdateClientPolicyRequest(
+            policy=common_pb2.ClientPolicy(client_id="de-only", allowed_countries=["DE"], sms_countries_any=True)
+        )
+    )
+    phone = new_phone()
+    failure = await refused(env.verification.StartVerification(start(phone, client_id="de-only")))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED, "COUNTRY_NOT_ALLOWED")
+    assert await env.database["verifications"].count_documents({}) == 0
+    assert await env.database["code_slots"].count_documents({}) == 0
+    assert await env.inbox(phone) == []
+
+
+async def test_custom_code_needs_the_policy(env: Env) -> None:
+    phone = new_phone()
+    refusal = await refused(env.verification.StartVerification(start(phone, client_id="bank", custom_code="424242")))
+    assert (refusal.code, refusal.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CUSTOM_CODE_NOT_ALLOWED")
+    await env.delivery.UpdateClientPolicy(
+        delivery_pb2.UpdateClientPolicyRequest(
+            policy=common_pb2.ClientPolicy(client_id="bank", allow_custom_code=True, sms_countries_any=True)
+        )
+    )
+    started = (
+        await env.verification.StartVerification(start(phone, client_id="bank", custom_code="424242"))
+    ).verification
+    assert started.code_length == 6
+    assert await env.codes_by_sms(phone) == ["424242"]
+    ok = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="bank", id=started.id, code="424242")
+    )
+    assert ok.approved
+
+
+async def test_telegram_channel_delivers_the_code_in_the_bot_chat(env: Env) -> None:
+    user = await env.user()
+    await env.connect(user)
+    started = (
+        await env.verification.StartVerification(start(user.phone, channel=common_pb2.CHANNEL_TELEGRAM, code_length=8))
+    ).verification
+    assert started.channel == common_pb2.CHANNEL_TELEGRAM
+    chat = await env.chat(user)
+    codes = [m.group(0) for text in chat if "verification code" in text and (m := re.search(r"\d{8}", text))]
+    assert len(codes) == 1
+    assert await env.inbox(user.phone) == []  # no SMS for a person reachable in Telegram
+    ok = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=codes[0])
+    )
+    assert ok.approved
+
+
+async def test_cancel_and_scoping(env: Env) -> None:
+    phone = new_phone()
+    started = (await env.verification.StartVerification(start(phone))).verification
+    (code,) = await env.codes_by_sms(phone)
+    for call in (
+        env.verification.GetVerification(V.GetVerificationRequest(client_id="thief", id=started.id)),
+        env.verification.CancelVerification(V.CancelVerificationRequest(client_id="thief", id=started.id)),
+        env.verification.CheckVerification(V.CheckVerificationRequest(client_id="thief", id=started.id, code=code)),
+    ):
+        failure = await refused(call)
+        assert (failure.code, failure.reason) == (grpc.StatusCode.NOT_FOUND, "VERIFICATION_NOT_FOUND")
+    canceled = await env.verification.CancelVerification(V.CancelVerificationRequest(client_id="shop", id=started.id))
+    assert canceled.verification.status == common_pb2.VERIFICATION_STATUS_CANCELED
+    late = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
+    )
+    assert not late.approved and late.verification.status == common_pb2.VERIFICATION_STATUS_CANCELED
+    stored = await env.database["verifications"].find_one({"_id": started.id})
+    assert stored is not None and "code" not in stored and "phone" not in stored
+
+
+async def test_brute_force_over_grpc_stops_at_five(env: Env) -> None:
+    phone = new_phone()
+    started = (await env.verification.StartVerification(start(phone, code_length=4))).verification
+    (code,) = await env.codes_by_sms(phone)
+    guesses = [g for g in (f"{n:04d}" for n in range(10000)) if g != code][:6]
+    lefts = []
+    for guess in guesses[:5]:
+        reply = await env.verification.CheckVerification(
+            V.CheckVerificationRequest(client_id="shop", id=started.id, code=guess)
+        )
+        lefts.append(reply.verification.check_attempts_left)
+    assert lefts == [4, 3, 2, 1, 0]
+    assert reply.verification.status == common_pb2.VERIFICATION_STATUS_MAX_ATTEMPTS_REACHED
+    late = await env.verification.CheckVerification(
+        V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
+    )
+    assert not late.approved
