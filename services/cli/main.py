@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from services.core.logging import configure_logging
 
 # Each module defines register(subparsers) and sets a `handler` default on its parsers.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # stdout carries command output (often JSON); diagnostics go to stderr, redacted like the services'.
+    configure_logging("cli", os.environ.get("OTPGATE_LOG_LEVEL", "warning"), stream=sys.stderr)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
