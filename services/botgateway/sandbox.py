@@ -314,7 +314,7 @@ class SimulatedTelegram:
             phone, contact_user_id = user.phone, user.user_id
         digits = phone.lstrip("+")  # Telegram sends contact numbers without "+"
         message = self._append(
-            chat, SimMessage(0, False, f"[contact {'forwarded ' if forwarded else ''}]", self._clock.now())
+            chat, SimMessage(0, False, "[forwarded contact]" if forwarded else "[contact]", self._clock.now())
         )
         event = ContactReceived(
             bot.bot_id, self._sender(user, bot.bot_id), contact_user_id, digits, forwarded, message.message_id

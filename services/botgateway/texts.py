@@ -131,5 +131,5 @@ def text(key: str, language: str, **values: object) -> str:
     return template.format(**values) if values else template
 
 
-def keys() -> list[str]:
+def all_keys() -> list[str]:
     return list(_TEXTS)
