@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2
 from otpgate.verification.v1 import verification_pb2 as V
+from prometheus_client import REGISTRY
 
 from tests.integration.verification.conftest import Env, new_phone, refused
 
@@ -36,10 +37,15 @@ async def test_sms_code_wrong_then_right(env: Env, captured_logs: object) -> Non
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=wrong)
     )
     assert not first.approved and first.verification.status == PENDING and first.verification.check_attempts_left == 4
+    approved_before = REGISTRY.get_sample_value("otpgate_verifications_total", {"outcome": "approved"}) or 0
     ok = await env.verification.CheckVerification(
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
     )
     assert ok.approved and ok.verification.status == APPROVED
+    assert REGISTRY.get_sample_value("otpgate_verifications_total", {"outcome": "approved"}) == approved_before + 1
+    # The approval reached delivery's fraud guard as a conversion of the SMS that carried the code.
+    delivery_db = env.database.client[env.stack.env["OTPGATE_DELIVERY_DATABASE"]]
+    assert await delivery_db["conversions"].find_one({"_id": started.message_id}) is not None
     again = await env.verification.CheckVerification(
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
     )
@@ -122,8 +128,8 @@ async def test_delivery_refusals_pass_through_and_leave_nothing_behind(env: Env)
     phone = new_phone()
     failure = await refused(env.verification.StartVerification(start(phone, client_id="de-only")))
     assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED, "COUNTRY_NOT_ALLOWED")
-    assert await env.database["verifications"].count_documents({}) == 0
-    assert await env.database["code_slots"].count_documents({}) == 0
+    assert await env.database["verifications"].find_one({}) is None
+    assert await env.database["code_slots"].find_one({}) is None
     assert await env.inbox(phone) == []
 
 
