@@ -39,6 +39,7 @@ class BotGatewayConfig:
     lease_ttl: float
     lease_renew: float
     deletion_interval: float
+    max_bots: int
 
 
 def load_config(env: Env) -> BotGatewayConfig:
@@ -71,6 +72,9 @@ def load_config(env: Env) -> BotGatewayConfig:
         lease_renew=env.number("OTPGATE_BOTGATEWAY_LEASE_RENEW", 10.0, "seconds between lease renewals", min=0.5),
         deletion_interval=env.number(
             "OTPGATE_BOTGATEWAY_DELETE_INTERVAL", 1.0, "seconds between scheduled-deletion sweeps", min=0.1
+        ),
+        max_bots=env.integer(
+            "OTPGATE_BOTGATEWAY_MAX_BOTS", 0, "most bot sessions one replica runs (0: no cap), to spread bots", min=0
         ),
     )
 
@@ -124,7 +128,13 @@ async def build_app(
             transport = TelethonTransport(config.api_id, config.api_hash)
     limiter = SendLimiter(Rate(config.bot_rate, config.bot_burst), Rate(config.chat_rate, config.chat_burst))
     sessions = BotSessions(
-        store, transport, clock, holder=holder, lease_ttl=config.lease_ttl, renew_interval=config.lease_renew
+        store,
+        transport,
+        clock,
+        holder=holder,
+        lease_ttl=config.lease_ttl,
+        renew_interval=config.lease_renew,
+        max_bots=config.max_bots,
     )
     directory_channel = make_channel(
         common.addresses["directory"],

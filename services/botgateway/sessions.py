@@ -38,6 +38,7 @@ class BotSessions:
         lease_ttl: float = 30.0,
         renew_interval: float = 10.0,
         safety_margin: float = 5.0,
+        max_bots: int = 0,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -46,6 +47,8 @@ class BotSessions:
         self.lease_ttl = timedelta(seconds=lease_ttl)
         self.renew_interval = renew_interval
         self.safety_margin = timedelta(seconds=min(safety_margin, lease_ttl / 3))
+        # At most this many sessions on this replica (0: no cap), so bots spread over replicas.
+        self.max_bots = max_bots
         self._usable_until: dict[str, datetime] = {}
         self._retry_after: dict[str, datetime] = {}
         # Every registered bot as of the last tick (read on each send without a database round trip).
@@ -74,6 +77,14 @@ class BotSessions:
 
     async def _tick_bot(self, bot: BotRecord) -> None:
         now = self.clock.now()
+        if (
+            self.max_bots
+            and bot.bot_id not in self._usable_until
+            and not self.transport.running(bot.bot_id)
+            and len(self._usable_until) >= self.max_bots
+        ):
+            metrics.set_session_state(bot.bot_id, "standby")
+            return
         expires = await self.store.acquire_lease(bot.bot_id, self.holder, now, self.lease_ttl)
         if expires is None:
             if bot.bot_id in self._usable_until or self.transport.running(bot.bot_id):

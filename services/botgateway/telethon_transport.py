@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from telethon import TelegramClient, errors, events
@@ -199,11 +200,25 @@ class TelethonTransport:
         event = event_from_update(bot_id, update)
         if event is None or self._handler is None:
             return []
+        if not isinstance(event, BotStopped) and not event.sender.access_hash:
+            # Short updates carry no users: take the access hash from Telethon's entity cache.
+            access_hash = await self._cached_access_hash(bot_id, event.sender.user_id)
+            event = replace(event, sender=replace(event.sender, access_hash=access_hash))
         try:
             return await self._handler(event)
         except Exception:
             log.exception("bot_update_failed", bot=bot_id, kind=type(event).__name__)
             return []
+
+    async def _cached_access_hash(self, bot_id: str, user_id: int) -> int:
+        client = self._clients.get(bot_id)
+        if client is None:
+            return 0
+        try:
+            peer = await client.get_input_entity(types.PeerUser(user_id))
+        except (ValueError, TypeError, errors.RPCError, OSError):
+            return 0
+        return int(getattr(peer, "access_hash", 0) or 0)
 
     async def stop_bot(self, bot_id: str) -> None:
         client = self._clients.pop(bot_id, None)
@@ -226,6 +241,8 @@ class TelethonTransport:
             result = await client(request)
         except errors.RPCError as exc:
             raise map_error(exc) or TransportError(type(exc).__name__) from None
+        except (OSError, TimeoutError) as exc:  # connection lost; Telethon reconnects on its own
+            raise TransportError(type(exc).__name__) from None
         return sent_message_id(result, random_id)
 
     async def delete(self, bot_id: str, peer: Peer, message_ids: list[int]) -> None:
@@ -236,6 +253,8 @@ class TelethonTransport:
             )
         except errors.RPCError as exc:
             raise map_error(exc) or TransportError(type(exc).__name__) from None
+        except (OSError, TimeoutError) as exc:
+            raise TransportError(type(exc).__name__) from None
 
     async def close(self) -> None:
         for bot_id in list(self._clients):

@@ -27,8 +27,17 @@ class Pair:
 
 
 @pytest.fixture
-async def pair(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[Pair]:
-    env = stack_env(_uri_of(mongo_client), ",".join(_spec_of(keyring)), {"OTPGATE_SHARED_BOTS": ",".join(SHARED)})
+def extra_env() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture
+async def pair(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, extra_env: dict[str, str]
+) -> AsyncIterator[Pair]:
+    env = stack_env(
+        _uri_of(mongo_client), ",".join(_spec_of(keyring)), {"OTPGATE_SHARED_BOTS": ",".join(SHARED), **extra_env}
+    )
     reader = Env(env, service="botgateway")
     common = load_common("botgateway", reader)
     config = load_config(reader)
@@ -138,3 +147,12 @@ async def test_session_is_sealed_and_reused_after_restart(pair: Pair, mongo_clie
     assert raw is not None and "session_sealed" in raw and b"sandbox:" not in bytes(raw["session_sealed"])
     bot = await pair.a.gateway.store.get_bot("smscodes_bot")
     assert bot is not None and bot.session.startswith("sandbox:")
+
+
+@pytest.mark.parametrize("extra_env", [{"OTPGATE_BOTGATEWAY_MAX_BOTS": "2"}])
+async def test_a_cap_spreads_bots_over_replicas(pair: Pair, extra_env: dict[str, str]) -> None:
+    assert pair.a.sessions is not None and pair.b.sessions is not None
+    await pair.b.sessions.tick()
+    a_bots, b_bots = set(pair.a.sessions.live_bots()), set(pair.b.sessions.live_bots())
+    assert len(a_bots) == 2 and len(b_bots) == 1 and a_bots | b_bots == set(SHARED)
+    assert not a_bots & b_bots

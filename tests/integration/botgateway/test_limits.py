@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 
 from services.botgateway.app import BotGatewayApp
@@ -129,6 +130,7 @@ async def test_flood_wait_pauses_that_bot_only(flood_stack: Stack) -> None:
     def req(bot: str, user: int) -> B.SendBotMessageRequest:
         return B.SendBotMessageRequest(bot_id=bot, telegram_user_id=user, text="x")
 
+    floods_before = REGISTRY.get_sample_value("otpgate_bot_flood_waits_total", {"bot": "smscodes_bot"}) or 0.0
     await stub.SendBotMessage(req("smscodes_bot", a_users[0]))
     await stub.SendBotMessage(req("smscodes_bot", a_users[1]))
     with pytest.raises(grpc.aio.AioRpcError) as err:  # Telegram's flood wait
@@ -136,6 +138,7 @@ async def test_flood_wait_pauses_that_bot_only(flood_stack: Stack) -> None:
     failure = parse_rpc_error(err.value)
     assert (failure.code, failure.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "FLOOD_WAIT")
     assert failure.retry_after == 1 and telegram.flood_errors == 1
+    assert REGISTRY.get_sample_value("otpgate_bot_flood_waits_total", {"bot": "smscodes_bot"}) == floods_before + 1
     # The bot is paused: the next call is refused here, without asking Telegram again.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SendBotMessage(req("smscodes_bot", a_users[3]), timeout=0.3)

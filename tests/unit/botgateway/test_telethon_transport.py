@@ -242,3 +242,25 @@ def test_event_mapping_of_text_forwarded_foreign_contact_and_bot_stopped() -> No
         pts_count=1,
     )
     assert event_from_update("b", outgoing) is None
+
+
+async def test_short_update_without_users_takes_the_access_hash_from_telethons_cache(
+    transport: TelethonTransport,
+) -> None:
+    received: list[IncomingEvent] = []
+
+    async def handler(event: IncomingEvent) -> list[int]:
+        received.append(event)
+        return []
+
+    transport.set_handler(handler)
+    await transport.start_bot(BotCredentials("acme_codes_bot", TOKEN))
+    client = transport.client("acme_codes_bot")
+    client.session.process_entities(types.contacts.ResolvedPeer(peer=types.PeerUser(USER), users=[person()], chats=[]))
+    update = types.UpdateNewMessage(
+        message=types.Message(id=7, peer_id=types.PeerUser(USER), date=datetime.now(UTC), message="/help"),
+        pts=2,
+        pts_count=1,
+    )
+    await transport.handle_update("acme_codes_bot", update)
+    assert isinstance(received[0], TextReceived) and received[0].sender.access_hash == -998877665544
