@@ -3,6 +3,7 @@ Telegram chat) and are checked back."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import grpc
@@ -12,6 +13,7 @@ from otpgate.delivery.v1 import delivery_pb2
 from otpgate.verification.v1 import verification_pb2 as V
 from prometheus_client import REGISTRY
 
+from services.core.errors import parse_rpc_error
 from tests.integration.verification.conftest import Env, new_phone, refused
 
 SMS = common_pb2.CHANNEL_SMS
@@ -208,3 +210,25 @@ async def test_brute_force_over_grpc_stops_at_five(env: Env) -> None:
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
     )
     assert not late.approved
+
+
+async def test_concurrency_over_grpc(env: Env) -> None:
+    phone = new_phone()
+    starts = await asyncio.gather(
+        *(env.verification.StartVerification(start(phone)) for _ in range(20)), return_exceptions=True
+    )
+    made = {r.verification.id for r in starts if not isinstance(r, BaseException)}
+    refusals = {parse_rpc_error(r).reason for r in starts if isinstance(r, grpc.aio.AioRpcError)}
+    assert len(made) == 1 and refusals <= {"RESEND_TOO_SOON"}
+    assert len(await env.inbox(phone)) == 1  # one verification, one SMS
+    (verification_id,) = made
+    (code,) = await env.codes_by_sms(phone)
+    checks = await asyncio.gather(
+        *(
+            env.verification.CheckVerification(
+                V.CheckVerificationRequest(client_id="shop", id=verification_id, code=code)
+            )
+            for _ in range(100)
+        )
+    )
+    assert sum(c.approved for c in checks) == 1
