@@ -92,6 +92,12 @@ def load_config(env: Env) -> DeliveryConfig:
         batch=env.integer("OTPGATE_DELIVERY_BATCH", 50, "messages a dispatcher claims per pass", min=1, max=1000),
         backoff_base=env.number("OTPGATE_DELIVERY_BACKOFF_BASE", 2.0, "first retry delay, s", min=0.01),
         backoff_max=env.number("OTPGATE_DELIVERY_BACKOFF_MAX", 120.0, "longest retry delay, s", min=0.01),
+        bot_send_timeout=env.number(
+            "OTPGATE_DELIVERY_BOT_SEND_TIMEOUT",
+            3.0,
+            "deadline of one bot send (rate-limit waits included), s",
+            min=0.05,
+        ),
         inline_dispatch=env.flag("OTPGATE_DELIVERY_INLINE_DISPATCH", True, "send within SendMessage when possible"),
         text_retention=env.number(
             "OTPGATE_DELIVERY_TEXT_RETENTION", 86400.0, "keep sealed texts and phones this long after the end, s", min=0

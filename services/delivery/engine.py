@@ -86,6 +86,8 @@ class EngineSettings:
     backoff_base: float = 2.0
     backoff_max: float = 120.0
     inline_dispatch: bool = True
+    # How long one SendBotMessage may wait for the gateway's rate limits before we reschedule.
+    bot_send_timeout: float = 3.0
     text_retention: float = 86400.0
     message_retention: float = 90 * 86400.0
     sms_sender: str = "otpgate"
@@ -519,7 +521,7 @@ class Engine:
                     directory_pb2.ResolvePhoneRequest(phone=e164, bot_id=doc.get("requested_bot", ""))
                 )
             except grpc.aio.AioRpcError as error:
-                log.warning("resolve_failed", message_id=doc["_id"], code=error.code().name)
+                log.warning("resolve_failed", message_id=doc["_id"], status=error.code().name)
                 return self._retry(doc, None, attempted=False)
         candidates = await self._candidates(
             resolution, doc.get("requested_bot", ""), doc.get("bot_owner", ""), doc["client_id"]
@@ -568,11 +570,15 @@ class Engine:
             if doc.get("delete_after"):
                 request.delete_after.seconds = int(doc["delete_after"])
             try:
-                await self.botgateway.SendBotMessage(request)
+                await self.botgateway.SendBotMessage(request, timeout=self.settings.bot_send_timeout)
             except grpc.aio.AioRpcError as error:
                 failure = parse_rpc_error(error)
                 log.info(
-                    "bot_send_refused", message_id=doc["_id"], bot=bot_id, code=failure.code.name, reason=failure.reason
+                    "bot_send_refused",
+                    message_id=doc["_id"],
+                    bot=bot_id,
+                    status=failure.code.name,
+                    reason=failure.reason,
                 )
                 if failure.code == grpc.StatusCode.FAILED_PRECONDITION:
                     if failure.reason == "USER_DEACTIVATED":
@@ -722,7 +728,7 @@ class Engine:
         except grpc.aio.AioRpcError as error:
             failure = parse_rpc_error(error)
             log.warning(
-                "confirmation_start_failed", message_id=doc["_id"], code=failure.code.name, reason=failure.reason
+                "confirmation_start_failed", message_id=doc["_id"], status=failure.code.name, reason=failure.reason
             )
             changes = {
                 "confirmation_started": False,

@@ -45,17 +45,19 @@ async def test_two_dispatchers_never_send_the_same_message_twice(
 ) -> None:
     async with running_stack(mongo_client, keyring, ["delivery"], overrides=QUEUE_ONLY, clock=clock) as stack:
         delivery, _ = stubs(stack)
-        ids = [(await delivery.SendMessage(sms_request(p))).message.id for p in _phones(40)]
+        ids = [(await delivery.SendMessage(sms_request(p))).message.id for p in _phones(24)]
         async with delivery_replica(mongo_client, stack, clock) as second:
             first_engine, second_engine = engine_of(stack), replica_engine(second)
             tried = [0, 0]
-            for _ in range(10):
+            for _ in range(6):
                 a, b = await asyncio.gather(first_engine.dispatch_due_once(), second_engine.dispatch_due_once())
                 tried[0] += a
                 tried[1] += b
+                if a == b == 0:
+                    break
             receipts = await _receipts(mongo_client, stack.env["OTPGATE_DELIVERY_DATABASE"])
             assert sorted(receipts) == sorted(ids) and set(receipts.values()) == {1}
-            assert sum(tried) == 40 and min(tried) > 0
+            assert sum(tried) == 24 and min(tried) > 0
         for message_id in ids[:3]:
             got = await delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=message_id))
             assert got.message.status == common_pb2.MESSAGE_STATUS_DELIVERED and got.message.attempts == 1

@@ -20,12 +20,12 @@ VERIFY = delivery_pb2.MESSAGE_PURPOSE_VERIFICATION
 async def test_a_burst_into_one_prefix_is_blocked_while_other_prefixes_pass(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, captured_logs: object
 ) -> None:
-    overrides = {**QUIET, "OTPGATE_FRAUD_VELOCITY_MIN": "8", "OTPGATE_FRAUD_SAFE_PREFIXES": "+7999777"}
+    overrides = {**QUIET, "OTPGATE_FRAUD_VELOCITY_MIN": "5", "OTPGATE_FRAUD_SAFE_PREFIXES": "+7999777"}
     async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
         delivery, _ = stubs(stack)
         blocked = passed = 0
         ordinary = 0
-        for i in range(20):
+        for i in range(10):
             try:
                 await delivery.SendMessage(sms_request(f"+7999123{i:04d}", purpose=VERIFY))
                 passed += 1
@@ -35,11 +35,11 @@ async def test_a_burst_into_one_prefix_is_blocked_while_other_prefixes_pass(
             # Ordinary traffic: numbers spread over many prefixes.
             reply = await delivery.SendMessage(sms_request(f"+7916{i:03d}{i:04d}", purpose=VERIFY))
             ordinary += reply.message.status == common_pb2.MESSAGE_STATUS_DELIVERED
-        assert passed == 8 and blocked == 12 and ordinary == 20
+        assert passed == 5 and blocked == 5 and ordinary == 10
         failure = await refused(delivery.SendMessage(sms_request("+79991239999", purpose=VERIFY)))
         assert failure.reason == "FRAUD_SUSPECTED" and "PREFIX_VELOCITY" in failure.message
         # The safe list bypasses the guard.
-        for i in range(12):
+        for i in range(7):
             await delivery.SendMessage(sms_request(f"+7999777{i:04d}", purpose=VERIFY))
         # The burst is over after the window and its baseline grew.
         clock.advance(3600)

@@ -1,0 +1,278 @@
+"""Routing with the real directory and bot gateway (sandbox Telegram): shared pool, own bots,
+fallback to SMS, people who blocked a bot, Telegram rate limits, and the hold for re-confirmation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.core.clock import ManualClock
+from services.core.crypto import Keyring
+from services.core.mongo import Document
+from services.delivery.engine import Engine
+from tests.integration.delivery.support import QUIET, engine_of, refused, ttl
+from tests.support.stack import Stack, running_stack
+
+SHARED = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
+_ids = itertools.count(random.randrange(10**8, 9 * 10**8), 17)
+_numbers = itertools.count(random.randrange(10**6, 9 * 10**6))
+
+
+def new_phone() -> str:
+    return f"+7999{next(_numbers) % 10**7:07d}"
+
+
+@dataclass
+class World:
+    stack: Stack
+    delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub
+    sms: delivery_pb2_grpc.SmsSandboxServiceAsyncStub
+    bots: botgateway_pb2_grpc.BotGatewayServiceAsyncStub
+    telegram: botgateway_pb2_grpc.SandboxServiceAsyncStub
+    engine: Engine
+
+    async def person(self, *bots: str) -> tuple[int, str]:
+        user_id, phone = next(_ids), new_phone()
+        await self.telegram.CreateSandboxUser(
+            botgateway_pb2.CreateSandboxUserRequest(
+                user=botgateway_pb2.SandboxUser(user_id=user_id, first_name="T", language_code="en", phone=phone)
+            )
+        )
+        for i, bot in enumerate(bots):
+            await self.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user_id, bot_id=bot))
+            if i == 0:
+                await self.telegram.ShareContact(botgateway_pb2.ShareContactRequest(user_id=user_id, bot_id=bot))
+        return user_id, phone
+
+    async def chat(self, user_id: int, bot: str) -> list[str]:
+        reply = await self.telegram.ListChatMessages(
+            botgateway_pb2.ListChatMessagesRequest(user_id=user_id, bot_id=bot)
+        )
+        return [m.text for m in reply.messages if m.from_bot]
+
+    async def policy(self, client_id: str, **fields: object) -> None:
+        await self.delivery.UpdateClientPolicy(
+            delivery_pb2.UpdateClientPolicyRequest(
+                policy=common_pb2.ClientPolicy(client_id=client_id, **fields),  # type: ignore[arg-type]
+                update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
+            )
+        )
+
+    async def send(self, phone: str, text: str, **fields: object) -> common_pb2.Message:
+        request = delivery_pb2.SendMessageRequest(
+            client_id=str(fields.pop("client_id", "shop")), phone=phone, text=text
+        )
+        for name, value in fields.items():
+            if name == "ttl":
+                request.ttl.CopyFrom(value)  # type: ignore[arg-type]
+            else:
+                setattr(request, name, value)
+        return (await self.delivery.SendMessage(request)).message
+
+
+def world_of(stack: Stack) -> World:
+    d, b = stack.channel("delivery"), stack.channel("botgateway")
+    return World(
+        stack,
+        delivery_pb2_grpc.DeliveryServiceStub(d),  # type: ignore[arg-type]
+        delivery_pb2_grpc.SmsSandboxServiceStub(d),  # type: ignore[arg-type]
+        botgateway_pb2_grpc.BotGatewayServiceStub(b),  # type: ignore[arg-type]
+        botgateway_pb2_grpc.SandboxServiceStub(b),  # type: ignore[arg-type]
+        engine_of(stack),
+    )
+
+
+def overrides(**extra: str) -> dict[str, str]:
+    return {**QUIET, "OTPGATE_SHARED_BOTS": ",".join(SHARED), **extra}
+
+
+@pytest.fixture
+async def world(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[World]:
+    async with running_stack(
+        mongo_client, keyring, ["directory", "botgateway", "delivery"], overrides=overrides(), clock=clock
+    ) as stack:
+        yield world_of(stack)
+
+
+async def test_shared_pool_uses_the_bot_the_person_is_connected_to_preferring_the_named_one(world: World) -> None:
+    user, phone = await world.person("smsc_code_bot")
+    via_pool = await world.send(phone, "Code 1111", bot="smscodes_bot")
+    assert via_pool.status == common_pb2.MESSAGE_STATUS_SENT and via_pool.bot_id == "smsc_code_bot"
+    assert via_pool.channel == common_pb2.CHANNEL_TELEGRAM
+    assert "Code 1111" in await world.chat(user, "smsc_code_bot")
+    # Connected to two shared bots: the named one wins; without a name any connected one.
+    await world.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user, bot_id="smsccode_bot"))
+    named = await world.send(phone, "Code 2222", bot="smsccode_bot")
+    assert named.bot_id == "smsccode_bot" and "Code 2222" in await world.chat(user, "smsccode_bot")
+    anyone = await world.send(phone, "Code 3333")
+    assert anyone.status == common_pb2.MESSAGE_STATUS_SENT and anyone.bot_id in {"smsccode_bot", "smsc_code_bot"}
+    usage = await world.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop"))
+    assert [(r.channel, r.messages, r.billed_sms) for r in usage.records] == [(common_pb2.CHANNEL_TELEGRAM, 3, 0)]
+
+
+async def test_own_bot_only_for_its_owner_and_only_through_that_bot(world: World) -> None:
+    own = (
+        await world.bots.RegisterBot(
+            botgateway_pb2.RegisterBotRequest(token="6001002003:AAE-own-bot", owner_client_id="shop")
+        )
+    ).bot
+    user, phone = await world.person("smscodes_bot")
+    # Connected to a shared bot only: the own bot cannot carry it.
+    not_connected = await world.send(phone, "Own 1", bot=own.id)
+    assert not_connected.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert not_connected.failure_reason == common_pb2.FAILURE_REASON_NOT_CONNECTED
+    # The person starts the own bot: known already, linked at once, no new contact.
+    await world.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user, bot_id=own.id))
+    sent = await world.send(phone, "Own 2", bot=own.id)
+    assert sent.status == common_pb2.MESSAGE_STATUS_SENT and sent.bot_id == own.id
+    assert "Own 2" in await world.chat(user, own.id)
+    assert "Own 2" not in await world.chat(user, "smscodes_bot")
+    # Another client cannot name it; it looks like an unknown bot.
+    failure = await refused(world.send(phone, "x", bot=own.id, client_id="bank"))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.NOT_FOUND, "BOT_NOT_FOUND")
+    failure = await refused(world.send(phone, "x", bot="no_such_bot"))
+    assert failure.reason == "BOT_NOT_FOUND"
+    # Shared traffic never goes through a client's own bot.
+    shared = await world.send(phone, "Shared")
+    assert shared.bot_id == "smscodes_bot"
+
+
+async def test_not_connected_falls_back_to_sms_only_when_allowed(world: World) -> None:
+    phone = new_phone()
+    failed = await world.send(phone, "No bot")
+    assert failed.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert failed.failure_reason == common_pb2.FAILURE_REASON_NOT_CONNECTED
+    fallback = await world.send(phone, "By SMS", sms_fallback=True)
+    assert fallback.status == common_pb2.MESSAGE_STATUS_DELIVERED and fallback.channel == common_pb2.CHANNEL_SMS
+    inbox = await world.sms.ListSandboxSms(delivery_pb2.ListSandboxSmsRequest(phone=phone))
+    assert [m.text for m in inbox.messages] == ["By SMS"]
+    # The policy default applies too; TELEGRAM-only requests never fall back.
+    await world.policy("shop", sms_fallback=True)
+    assert (await world.send(phone, "Policy")).channel == common_pb2.CHANNEL_SMS
+    telegram_only = await world.send(phone, "TG", channel=common_pb2.CHANNEL_TELEGRAM)
+    assert telegram_only.status == common_pb2.MESSAGE_STATUS_FAILED
+    # An SMS leg decided by routing is refused up front when the fraud guard says no.
+    await world.policy("shop", sms_countries=["DE"], sms_countries_any=False)
+    failure = await refused(world.send(new_phone(), "Nope"))
+    assert failure.reason == "SMS_NOT_ALLOWED"
+
+
+async def test_a_person_who_blocked_the_bot_fails_with_blocked_by_user(world: World) -> None:
+    user, phone = await world.person("smscodes_bot")
+    await world.telegram.SetBotBlocked(
+        botgateway_pb2.SetBotBlockedRequest(user_id=user, bot_id="smscodes_bot", blocked=True)
+    )
+    blocked = await world.send(phone, "Hello")
+    assert blocked.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert blocked.failure_reason == common_pb2.FAILURE_REASON_BLOCKED_BY_USER
+    # Known blocked now: the next one fails without trying, or goes by SMS when allowed.
+    by_sms = await world.send(phone, "Hello again", sms_fallback=True)
+    assert by_sms.channel == common_pb2.CHANNEL_SMS and by_sms.status == common_pb2.MESSAGE_STATUS_DELIVERED
+
+
+async def test_check_reachability(world: World) -> None:
+    _, phone = await world.person("smscodes_bot")
+    reach = await world.delivery.CheckReachability(delivery_pb2.CheckReachabilityRequest(client_id="shop", phone=phone))
+    assert reach.reachable and reach.bot_id == "smscodes_bot" and not reach.confirmed
+    assert not reach.confirmation_required
+    await world.policy("shop", default_confirm_days=30)
+    reach = await world.delivery.CheckReachability(delivery_pb2.CheckReachabilityRequest(client_id="shop", phone=phone))
+    assert reach.confirmation_required
+    nobody = await world.delivery.CheckReachability(
+        delivery_pb2.CheckReachabilityRequest(client_id="shop", phone=new_phone())
+    )
+    assert not nobody.reachable and not nobody.bot_id
+
+
+async def test_reachability_checks_are_rate_limited_per_client(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    async with running_stack(
+        mongo_client,
+        keyring,
+        ["directory", "botgateway", "delivery"],
+        overrides=overrides(OTPGATE_DELIVERY_LIMIT_REACHABILITY="3/60"),
+        clock=clock,
+    ) as stack:
+        world = world_of(stack)
+        for _ in range(3):
+            await world.delivery.CheckReachability(
+                delivery_pb2.CheckReachabilityRequest(client_id="shop", phone=new_phone())
+            )
+        failure = await refused(
+            world.delivery.CheckReachability(delivery_pb2.CheckReachabilityRequest(client_id="shop", phone=new_phone()))
+        )
+        assert failure.reason == "RATE_LIMITED" and failure.retry_after
+        await world.delivery.CheckReachability(
+            delivery_pb2.CheckReachabilityRequest(client_id="bank", phone=new_phone())
+        )
+
+
+async def test_held_message_expires_when_nobody_confirms(world: World, clock: ManualClock) -> None:
+    user, phone = await world.person("smscodes_bot")
+    await world.policy("shop", default_confirm_days=30)
+    held = await world.send(phone, "Wait for me", ttl=ttl(300))
+    assert held.status == common_pb2.MESSAGE_STATUS_HELD and held.bot_id == "smscodes_bot"
+    assert "Wait for me" not in await world.chat(user, "smscodes_bot")
+    # confirm_days=0 explicitly: no hold.
+    direct = await world.send(phone, "Now", confirm_days=0)
+    assert direct.status == common_pb2.MESSAGE_STATUS_SENT
+    clock.advance(301)
+    got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=held.id))
+    assert got.message.status == common_pb2.MESSAGE_STATUS_EXPIRED
+    assert got.message.failure_reason == common_pb2.FAILURE_REASON_CONFIRMATION_TIMEOUT
+    await world.engine.expire_due_once()
+    released = await world.delivery.ReleaseHeldMessages(
+        delivery_pb2.ReleaseHeldMessagesRequest(telegram_user_id=user, phone=phone)
+    )
+    assert released.released_count == 0
+    assert "Wait for me" not in await world.chat(user, "smscodes_bot")
+
+
+async def test_telegram_rate_limits_reschedule_and_the_dispatcher_sends_later(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    # The gateway's buckets run on real time: one message per chat per 0.5 s; delivery gives one
+    # bot send 0.6 s (rate-limit wait included), then reschedules after the RetryInfo.
+    extra = {
+        "OTPGATE_DELIVERY_LIMIT_PHONE_SHORT": "100/600",
+        "OTPGATE_BOTGATEWAY_CHAT_BURST": "1",
+        "OTPGATE_BOTGATEWAY_CHAT_RATE": "2",
+        "OTPGATE_DELIVERY_BOT_SEND_TIMEOUT": "0.6",
+    }
+    async with running_stack(
+        mongo_client, keyring, ["directory", "botgateway", "delivery"], overrides=overrides(**extra), clock=clock
+    ) as stack:
+        world = world_of(stack)
+        user, phone = await world.person("smscodes_bot")
+        sent = await asyncio.gather(*[world.send(phone, f"m{i}") for i in range(4)])
+        queued = [m for m in sent if m.status == common_pb2.MESSAGE_STATUS_QUEUED]
+        assert queued and all(
+            m.status in (common_pb2.MESSAGE_STATUS_SENT, common_pb2.MESSAGE_STATUS_QUEUED) for m in sent
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len([t for t in await world.chat(user, "smscodes_bot") if t.startswith("m")]) < 4:
+            assert loop.time() < deadline
+            clock.advance(2)
+            await world.engine.dispatch_due_once()
+            await asyncio.sleep(0.1)
+        assert sorted(t for t in await world.chat(user, "smscodes_bot") if t.startswith("m")) == [
+            "m0",
+            "m1",
+            "m2",
+            "m3",
+        ]
+        again = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=queued[0].id))
+        assert again.message.status == common_pb2.MESSAGE_STATUS_SENT and again.message.attempts >= 2
