@@ -39,6 +39,8 @@ MAX_ATTEMPTS_REACHED = "MAX_ATTEMPTS_REACHED"
 FINAL_STATUSES = (APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED)
 
 REQUEST_CLAIM_DAYS = 1
+# A claim without a result this old belongs to a request that died; a retry may take it over.
+STALE_CLAIM = timedelta(seconds=60)
 
 
 @dataclass
@@ -113,6 +115,13 @@ class Store:
             existing = await self.requests.find_one({"_id": key})
             if existing is None:  # released between the two calls: try once more
                 return await self.claim_request(client_id, request_id, fingerprint, now)
+            if existing.get("verification_id") is None and as_utc(existing["created_at"]) <= now - STALE_CLAIM:
+                # Its owner died mid-request: take the request id over.
+                taken = await self.requests.delete_one(
+                    {"_id": key, "verification_id": None, "created_at": existing["created_at"]}
+                )
+                if taken.deleted_count:
+                    return await self.claim_request(client_id, request_id, fingerprint, now)
             return existing
 
     async def complete_request(self, client_id: str, request_id: str, verification_id: str) -> None:

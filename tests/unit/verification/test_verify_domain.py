@@ -177,3 +177,20 @@ def test_templates_in_english_and_russian_carry_the_code() -> None:
     assert "4321" in templates.confirmation_sms_text("ru", "4321")
     prompt = templates.confirmation_prompt_text("en", "+7******4567", 600)
     assert "+7******4567" in prompt and "10 min" in prompt
+
+
+async def test_request_id_claims(store: Store, clock: ManualClock) -> None:
+    assert await store.claim_request("c", "r", "fp", clock.now()) is None
+    busy = await store.claim_request("c", "r", "fp", clock.now())
+    assert busy is not None and busy["verification_id"] is None  # in progress
+    await store.release_request("c", "r")  # the request failed: the id is free again
+    assert await store.claim_request("c", "r", "fp", clock.now()) is None
+    # A claim whose owner died is taken over after a minute, never before.
+    clock.advance(59)
+    assert await store.claim_request("c", "r", "fp", clock.now()) is not None
+    clock.advance(2)
+    assert await store.claim_request("c", "r", "fp", clock.now()) is None
+    await store.complete_request("c", "r", "V1")
+    clock.advance(3600)
+    done = await store.claim_request("c", "r", "fp", clock.now())
+    assert done is not None and done["verification_id"] == "V1"
