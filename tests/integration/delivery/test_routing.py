@@ -276,3 +276,32 @@ async def test_telegram_rate_limits_reschedule_and_the_dispatcher_sends_later(
         ]
         again = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=queued[0].id))
         assert again.message.status == common_pb2.MESSAGE_STATUS_SENT and again.message.attempts >= 2
+
+
+async def test_hold_then_confirm_by_sms_code_then_release(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    async with running_stack(
+        mongo_client, keyring, ["directory", "botgateway", "verification", "delivery"], overrides=overrides(), clock=clock
+    ) as stack:
+        world = world_of(stack)
+        user, phone = await world.person("smscodes_bot")
+        await world.policy("shop", default_confirm_days=30)
+        held = await world.send(phone, "The secret notice")
+        assert held.status == common_pb2.MESSAGE_STATUS_HELD
+        # Verification sent the code by SMS (through delivery) and a prompt through the bot.
+        inbox = await world.sms.ListSandboxSms(delivery_pb2.ListSandboxSmsRequest(phone=phone))
+        assert len(inbox.messages) == 1
+        code = "".join(ch for ch in inbox.messages[0].text if ch.isdigit())
+        chat = await world.chat(user, "smscodes_bot")
+        assert "The secret notice" not in chat and len(chat) >= 3
+        # Confirmation SMS for a shared bot are free for the client.
+        usage = await world.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop"))
+        assert all(r.billed_sms == 0 for r in usage.records)
+        # The person types the code to the bot: confirmed, the held message goes out.
+        await world.telegram.SendText(botgateway_pb2.SendTextRequest(user_id=user, bot_id="smscodes_bot", text=code))
+        got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=held.id))
+        assert got.message.status == common_pb2.MESSAGE_STATUS_SENT and got.message.bot_id == "smscodes_bot"
+        assert "The secret notice" in await world.chat(user, "smscodes_bot")
+        # Confirmed now: the next message is not held.
+        assert (await world.send(phone, "Next")).status == common_pb2.MESSAGE_STATUS_SENT
