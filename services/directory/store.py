@@ -118,12 +118,12 @@ class SubscriberStore:
         return SubscriberRecord.from_doc(doc) if doc else None
 
     async def by_phone(self, indexes: Sequence[str]) -> SubscriberRecord | None:
-        """The record holding a number, given its blind index under every key that may have made it.
-        Two matches exist only transiently while an index key rotates: the newest link wins."""
-        cursor = self.collection.find({"phone_index": {"$in": list(indexes)}}).sort("linked_at", -1).limit(1)
-        async for doc in cursor:
-            return SubscriberRecord.from_doc(doc)
-        return None
+        """The record holding a number, given its blind index under every key that may have made it
+        (one query: an index lookup on MongoDB). Two records match only in the transient clash of
+        an index-key rotation, which `otpgate keys rotate` settles; either one is a valid answer
+        meanwhile. No server-side sort: the dev database would scan the whole collection for it."""
+        doc = await self.collection.find_one({"phone_index": {"$in": list(indexes)}})
+        return SubscriberRecord.from_doc(doc) if doc else None
 
     async def count(self) -> int:
         return int(await self.collection.count_documents({}))
