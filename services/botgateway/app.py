@@ -20,7 +20,7 @@ from services.botgateway.store import GatewayStore
 from services.botgateway.telethon_transport import TelethonTransport
 from services.botgateway.transport import Transport
 from services.core.clock import Clock, SystemClock
-from services.core.config import CommonConfig, ConfigError, Env
+from services.core.config import DEFAULT_SHARED_BOTS, CommonConfig, ConfigError, Env
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.mongo import Document
@@ -54,9 +54,24 @@ def load_config(env: Env) -> BotGatewayConfig:
     except ValueError as exc:
         env.errors.append(f"OTPGATE_BOT_TOKENS is invalid: {exc}")
         tokens = {}
+    api_id = env.integer("OTPGATE_TELEGRAM_API_ID", 0, "Telegram api_id for MTProto (my.telegram.org)", min=0)
+    api_hash = env.text("OTPGATE_TELEGRAM_API_HASH", "", "Telegram api_hash matching the api_id", secret=True)
+    # The same variables load_common reads: outside sandbox mode the real Telegram needs credentials.
+    environment = env.text(
+        "OTPGATE_ENV", "dev", "dev or production; production refuses dev shortcuts", choices=("dev", "production")
+    )
+    if not env.flag("OTPGATE_SANDBOX", environment == "dev", "use the sandbox Telegram and SMS providers"):
+        env.errors.extend(
+            production_problems(
+                api_id,
+                api_hash,
+                tokens,
+                env.items("OTPGATE_SHARED_BOTS", DEFAULT_SHARED_BOTS, "ids of the shared bot pool"),
+            )
+        )
     return BotGatewayConfig(
-        api_id=env.integer("OTPGATE_TELEGRAM_API_ID", 0, "Telegram api_id for MTProto (my.telegram.org)", min=0),
-        api_hash=env.text("OTPGATE_TELEGRAM_API_HASH", "", "Telegram api_hash matching the api_id", secret=True),
+        api_id=api_id,
+        api_hash=api_hash,
         bot_tokens=tokens,
         bot_rate=env.number("OTPGATE_BOTGATEWAY_BOT_RATE", 30.0, "messages per second per bot", min=0.01),
         bot_burst=env.integer("OTPGATE_BOTGATEWAY_BOT_BURST", 10, "messages a bot may send at once", min=1),
@@ -77,6 +92,18 @@ def load_config(env: Env) -> BotGatewayConfig:
             "OTPGATE_BOTGATEWAY_MAX_BOTS", 0, "most bot sessions one replica runs (0: no cap), to spread bots", min=0
         ),
     )
+
+
+def production_problems(api_id: int, api_hash: str, tokens: dict[str, str], shared_bots: list[str]) -> list[str]:
+    problems = [
+        f"{name} is required outside sandbox mode"
+        for name, value in (("OTPGATE_TELEGRAM_API_ID", api_id), ("OTPGATE_TELEGRAM_API_HASH", api_hash))
+        if not value
+    ]
+    problems += [
+        f"OTPGATE_BOT_TOKENS has no token for shared bot {bot}" for bot in shared_bots if bot.lower() not in tokens
+    ]
+    return problems
 
 
 @dataclass
@@ -102,19 +129,7 @@ async def build_app(
     """`transport`/`telegram` let tests run two gateway instances against one simulated Telegram."""
     clock = clock or SystemClock()
     if not common.sandbox and transport is None:
-        missing = [
-            f"{name} is required outside sandbox mode"
-            for name, value in (
-                ("OTPGATE_TELEGRAM_API_ID", config.api_id),
-                ("OTPGATE_TELEGRAM_API_HASH", config.api_hash),
-            )
-            if not value
-        ]
-        missing += [
-            f"OTPGATE_BOT_TOKENS has no token for shared bot {bot}"
-            for bot in common.shared_bots
-            if bot.lower() not in config.bot_tokens
-        ]
+        missing = production_problems(config.api_id, config.api_hash, config.bot_tokens, common.shared_bots)
         if missing:
             raise ConfigError("configuration is invalid:\n  - " + "\n  - ".join(missing))
     store = GatewayStore(client[common.database], common.keyring)

@@ -62,3 +62,17 @@ def test_page_tokens_round_trip_and_refuse_garbage() -> None:
     assert decode_page_token(encode_page_token("smscodes_bot")) == "smscodes_bot"
     with pytest.raises(ServiceError):
         decode_page_token("!!!")
+
+
+def test_production_config_fails_fast_without_telegram_credentials() -> None:
+    from services.botgateway.app import load_config
+    from services.core.config import Env
+
+    env = Env({"OTPGATE_ENV": "production", "OTPGATE_SHARED_BOTS": "a_bot,b_bot", "OTPGATE_BOT_TOKENS": "a_bot:1:x"})
+    load_config(env)
+    assert "OTPGATE_TELEGRAM_API_ID is required outside sandbox mode" in env.errors
+    assert "OTPGATE_BOT_TOKENS has no token for shared bot b_bot" in env.errors
+    assert not any("a_bot" in e for e in env.errors)
+    sandbox = Env({"OTPGATE_ENV": "dev"})
+    load_config(sandbox)
+    assert sandbox.errors == []
