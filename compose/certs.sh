@@ -3,6 +3,7 @@
 # services), the MongoDB replica-set key file, and a client certificate for operators.
 #
 #   compose/certs.sh [OUT_DIR]        (default: compose/certs; `make certs`)
+#   OTPGATE_PUBLIC_HOSTNAME=api.example.com compose/certs.sh     (name on the edge's public cert)
 #
 # Existing files are kept (re-running is safe); delete OUT_DIR to issue everything anew.
 # Every leaf certificate carries both serverAuth and clientAuth: a service presents the same
@@ -55,6 +56,12 @@ for svc in "${SERVICES[@]}"; do
   issue "$svc" "DNS:$svc,DNS:otpgate-$svc,DNS:localhost,IP:127.0.0.1"
 done
 issue operator "DNS:operator"
+# The edge's public listeners (gRPC 50051, HTTP 8080) for trials: replace it with a certificate of a
+# public CA in production (OTPGATE_PUBLIC_CERT / OTPGATE_PUBLIC_KEY in compose/.env).
+PUBLIC_HOSTNAME="${OTPGATE_PUBLIC_HOSTNAME:-localhost}"
+PUBLIC_SAN="DNS:edge,DNS:localhost,IP:127.0.0.1"
+[[ "$PUBLIC_HOSTNAME" == localhost ]] || PUBLIC_SAN="DNS:$PUBLIC_HOSTNAME,$PUBLIC_SAN"
+issue edge-public "$PUBLIC_SAN"
 # The Prometheus blackbox exporter probes every service's gRPC health through mTLS with this one.
 issue monitoring "DNS:monitoring"
 
@@ -68,7 +75,7 @@ fi
 # the folder itself private (0700): containers get single files bind-mounted, the host sees nothing.
 chmod 0644 ca.crt ./*.crt
 chmod 0600 ca.key operator.key mongo-keyfile
-for svc in "${SERVICES[@]}" monitoring; do
+for svc in "${SERVICES[@]}" edge-public monitoring; do
   if [[ "$(id -u)" == "0" ]]; then
     if [[ "$svc" == monitoring ]]; then chown "$MONITORING_UID" "$svc.key"; else chown "$SERVICE_UID:$SERVICE_UID" "$svc.key"; fi
     chmod 0400 "$svc.key"

@@ -177,6 +177,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help=f"check only this service (repeatable; one of {', '.join(SERVICE_ORDER)}; default: all)",
     )
+    status.add_argument(
+        "--target",
+        action="append",
+        type=_target,
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="check NAME at this address instead of $OTPGATE_<NAME>_ADDR (e.g. a container's own replica)",
+    )
     status.add_argument("--no-database", action="store_true", help="do not ping MongoDB")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds per check (default 2)")
     status.add_argument(
@@ -185,11 +193,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status.set_defaults(handler=_status)
 
 
+def _target(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not sep or name not in SERVICE_ORDER or ":" not in address:
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT with NAME one of {', '.join(SERVICE_ORDER)}")
+    return name, address
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
         raise SystemExit(f"otpgate status: {exc}") from None
+    settings.addresses.update(dict(args.target))
     services = [name for name in SERVICE_ORDER if not args.service or name in args.service]
     database = not args.no_database
     checks = asyncio.run(

@@ -1,0 +1,40 @@
+# Compose deployment targets. The root Makefile includes this file (`include compose/compose.mk`).
+#   make certs           CA + per-service mTLS certificates + MongoDB key file in compose/certs/
+#   make compose-env     compose/.env and compose/*.env from the examples, with fresh secrets
+#   make compose-config  validate the compose file (docker compose config)
+#   make compose-up      build the image and start everything; make compose-down stops it
+#   make compose-status  `otpgate status` inside the deployment
+#   make alerts-test     promtool check + unit tests of the Prometheus alerts
+COMPOSE_DIR := compose
+COMPOSE := docker compose -f $(COMPOSE_DIR)/docker-compose.yml --project-directory $(COMPOSE_DIR)
+PROMTOOL ?= promtool
+
+.PHONY: certs compose-env compose-config compose-up compose-down compose-status compose-logs alerts-test configref
+
+certs: ## compose: CA, per-service mTLS certificates and the MongoDB key file (compose/certs/)
+	$(COMPOSE_DIR)/certs.sh
+
+compose-env: $(STAMP)/python ## compose: write compose/.env and compose/*.env with fresh secrets
+	$(COMPOSE_DIR)/init-env.sh $(CURDIR)/$(BIN)/otpgate
+
+compose-config: ## compose: validate compose/docker-compose.yml
+	$(COMPOSE) config --quiet
+
+compose-up: certs compose-env ## compose: build the image and start the deployment
+	$(COMPOSE) up -d --build --wait
+
+compose-down: ## compose: stop the deployment (data volumes are kept)
+	$(COMPOSE) down
+
+compose-status: ## compose: health of every service and the database, from inside
+	$(COMPOSE) run --rm cli status
+
+compose-logs: ## compose: follow the services' logs
+	$(COMPOSE) logs -f edge delivery verification directory botgateway
+
+alerts-test: ## promtool: check and unit-test the Prometheus alerts
+	$(PROMTOOL) check rules $(COMPOSE_DIR)/prometheus/alerts.yml
+	$(PROMTOOL) test rules $(COMPOSE_DIR)/prometheus/alerts_test.yml
+
+configref: $(STAMP)/python ## regenerate docs/configuration.md from the config definitions
+	$(BIN)/python tools/configref.py
