@@ -44,11 +44,10 @@ from services.verification.codes import (
 )
 from services.verification.config import ConfirmationPolicy
 from services.verification.downstream import DownstreamError, call, duration, timestamp
-from services.verification.store import APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED, PENDING, Store
+from services.verification.store import APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED, PENDING, PHONE_INDEX, Store
 
 log = get_logger(__name__)
 
-PHONE_INDEX = "confirmation/phone"
 # A finished confirmation still explains a late typed code ("expired", "too many tries") this long.
 RECENT_FINAL = timedelta(hours=24)
 # The sweeper retries a follow-up (directory + release) that did not finish inline after this long.

@@ -31,6 +31,9 @@ REQUESTS = "verification_requests"
 SLOTS = "code_slots"
 FAILED_CHECKS = "failed_checks"
 
+# One blind index of the phone for both flows, so failed checks of a number add up across them.
+PHONE_INDEX = "verification/phone"
+
 PENDING = "PENDING"
 APPROVED = "APPROVED"
 CANCELED = "CANCELED"

@@ -49,11 +49,10 @@ from services.verification.codes import (
 )
 from services.verification.config import VerifyPolicy
 from services.verification.downstream import DownstreamError, call, duration, timestamp
-from services.verification.store import CANCELED, PENDING, Store
+from services.verification.store import CANCELED, PENDING, PHONE_INDEX, Store
 
 log = get_logger(__name__)
 
-PHONE_INDEX = "verification/phone"
 MAX_REQUEST_ID = 128
 MAX_BOT_ID = 64
 _STATUS = {
