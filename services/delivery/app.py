@@ -287,6 +287,7 @@ async def build_app(
         max_attempts=config.webhook_max_attempts,
         timeout=config.webhook_timeout,
         backoff_base=config.webhook_backoff,
+        dev=common.dev,
     )
     engine = Engine(
         store=store,

@@ -129,7 +129,9 @@ class WebhookOutbox:
         timeout: float = 5.0,
         backoff_base: float = 5.0,
         backoff_max: float = 3600.0,
+        dev: bool = False,
     ) -> None:
+        self._dev = dev
         self._coll = collection
         self._claims = claims
         self._session = session
@@ -190,6 +192,19 @@ class WebhookOutbox:
         body = doc["body"].encode()
         attempts = int(doc["attempts"]) + 1
         outcome = "failed"
+        try:
+            # Checked again at every attempt: DNS may have changed since SendMessage (the guarded
+            # resolver checks the addresses actually connected to; IP literals are checked here).
+            await check_url(doc["url"], dev=self._dev)
+        except UnsafeTarget:
+            now = self._clock.now()
+            metrics.webhooks_total.labels("unsafe_target").inc()
+            log.warning("webhook_target_refused", event_id=doc["_id"])
+            await self._coll.update_one(
+                {"_id": doc["_id"]},
+                {"$set": {"state": "failed", "last_outcome": "unsafe_target", "lease_until": now, "claim_seq": seq}},
+            )
+            return
         try:
             secret = await self._secret_for(str(doc["client_id"]))
             timestamp = str(int(self._clock.now().timestamp()))

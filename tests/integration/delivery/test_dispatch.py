@@ -118,3 +118,28 @@ async def test_queued_messages_expire_after_their_ttl_and_texts_are_purged(
         doc = await db["messages"].find_one({"_id": queued.message.id})
         assert doc is not None and doc["text"] is None and doc["phone"] is None
         assert not await _receipts(mongo_client, stack.env["OTPGATE_DELIVERY_DATABASE"])
+
+
+async def test_limits_are_shared_by_two_delivery_processes(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    from otpgate.delivery.v1 import delivery_pb2_grpc
+
+    from services.core.grpc_client import make_channel
+    from tests.integration.delivery.support import refused
+
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=QUIET, clock=clock) as stack:
+        first, _ = stubs(stack)
+        async with delivery_replica(mongo_client, stack, clock) as other:
+            channel = make_channel(other.address, [delivery_pb2.DESCRIPTOR.services_by_name["DeliveryService"]])
+            try:
+                second = delivery_pb2_grpc.DeliveryServiceStub(channel)
+                replies = await asyncio.gather(
+                    *[(first if i % 2 else second).SendMessage(sms_request("+79991234567", f"n{i}")) for i in range(5)]
+                )
+                assert len({r.message.id for r in replies}) == 5
+                for stub in (first, second):
+                    failure = await refused(stub.SendMessage(sms_request("+79991234567", "one too many")))
+                    assert failure.reason == "RATE_LIMITED"
+            finally:
+                await channel.close()

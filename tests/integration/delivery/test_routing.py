@@ -282,7 +282,11 @@ async def test_hold_then_confirm_by_sms_code_then_release(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
     async with running_stack(
-        mongo_client, keyring, ["directory", "botgateway", "verification", "delivery"], overrides=overrides(), clock=clock
+        mongo_client,
+        keyring,
+        ["directory", "botgateway", "verification", "delivery"],
+        overrides=overrides(),
+        clock=clock,
     ) as stack:
         world = world_of(stack)
         user, phone = await world.person("smscodes_bot")
@@ -305,3 +309,22 @@ async def test_hold_then_confirm_by_sms_code_then_release(
         assert "The secret notice" in await world.chat(user, "smscodes_bot")
         # Confirmed now: the next message is not held.
         assert (await world.send(phone, "Next")).status == common_pb2.MESSAGE_STATUS_SENT
+
+
+async def test_confirmation_messages_are_never_held_and_metrics_count_them(world: World) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"status": "SENT", "channel": "TELEGRAM", "bot": "smscodes_bot"}
+    before = REGISTRY.get_sample_value("otpgate_messages_total", labels) or 0.0
+    user, phone = await world.person("smscodes_bot")
+    await world.policy("shop", default_confirm_days=30)
+    prompt = await world.send(
+        phone,
+        "Type the code you got by SMS",
+        purpose=delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION,
+        channel=common_pb2.CHANNEL_TELEGRAM,
+        bot="smscodes_bot",
+    )
+    assert prompt.status == common_pb2.MESSAGE_STATUS_SENT and prompt.confirm_days == 0
+    assert "Type the code you got by SMS" in await world.chat(user, "smscodes_bot")
+    assert (REGISTRY.get_sample_value("otpgate_messages_total", labels) or 0.0) == before + 1
