@@ -67,6 +67,8 @@ def load_config(env: Env) -> VerificationConfig:
             f"{p}CONFIRMATION_RESEND_COOLDOWN", 60.0, "seconds before a re-confirmation SMS may be re-sent", min=0
         ),
     )
+    if not verify.min_ttl <= verify.default_ttl <= verify.max_ttl:
+        env.errors.append(f"{p}DEFAULT_TTL must lie between {p}MIN_TTL and {p}MAX_TTL")
     return VerificationConfig(
         verify=verify,
         confirmation=confirmation,
