@@ -185,7 +185,7 @@ async def build_app(
         servicers.append(
             (
                 botgateway_pb2_grpc.add_SandboxServiceServicer_to_server,
-                SandboxServicer(telegram),
+                SandboxServicer(telegram, sessions),
                 botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
             )
         )

@@ -81,7 +81,7 @@ class Gateway:
         """Send one message; raises ServiceError with the reasons of the contract."""
         if bot_id not in self.sessions.bots and await self.store.get_bot(bot_id) is None:
             raise not_found(f"bot {bot_id}", "BOT_NOT_FOUND")
-        if not self.sessions.live(bot_id):
+        if not await self.sessions.ensure_live(bot_id):
             metrics.bot_messages.labels(bot_id, "unavailable").inc()
             raise bot_unavailable(bot_id)
         peer = await self.store.get_peer(bot_id, user_id)
@@ -120,7 +120,7 @@ class Gateway:
                 [(f"{limited.scope}:{bot_id}", f"{limit.per_second:g} messages per second")],
             ) from None
         metrics.limiter_wait.observe(waited)
-        if not self.sessions.live(bot_id):  # the lease may have lapsed while waiting
+        if not await self.sessions.ensure_live(bot_id):  # the lease may have lapsed while waiting
             metrics.bot_messages.labels(bot_id, "unavailable").inc()
             raise bot_unavailable(bot_id)
         try:

@@ -21,6 +21,7 @@ from services.botgateway.sandbox import (
     UnknownBot,
     UnknownUser,
 )
+from services.botgateway.sessions import BotSessions
 from services.botgateway.transport import BotNotRunning
 from services.core.errors import Violations, failed_precondition, invalid_argument, not_found
 
@@ -131,8 +132,14 @@ async def _sandbox_call(action: Callable[[], Awaitable[T]], bot_id: str = "") ->
 
 
 class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, telegram: SimulatedTelegram) -> None:
+    def __init__(self, telegram: SimulatedTelegram, sessions: BotSessions | None = None) -> None:
         self.telegram = telegram
+        self.sessions = sessions
+
+    async def _bot_ready(self, bot_id: str) -> None:
+        """A user's action reaches the bot only through a live session (started now if it lapsed)."""
+        if self.sessions is not None and bot_id:
+            await self.sessions.ensure_live(bot_id.lower())
 
     async def CreateSandboxUser(
         self, request: botgateway_pb2.CreateSandboxUserRequest, context: grpc.aio.ServicerContext[object, object]
@@ -150,6 +157,7 @@ class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
     async def StartBot(
         self, request: botgateway_pb2.StartBotRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> botgateway_pb2.StartBotResponse:
+        await self._bot_ready(request.bot_id)
         replies = await _sandbox_call(
             lambda: self.telegram.start(request.user_id, request.bot_id, request.payload), request.bot_id
         )
@@ -158,6 +166,7 @@ class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
     async def ShareContact(
         self, request: botgateway_pb2.ShareContactRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> botgateway_pb2.ShareContactResponse:
+        await self._bot_ready(request.bot_id)
         replies = await _sandbox_call(
             lambda: self.telegram.share_contact(request.user_id, request.bot_id, request.phone, request.forwarded),
             request.bot_id,
@@ -167,6 +176,7 @@ class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
     async def SendText(
         self, request: botgateway_pb2.SendTextRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> botgateway_pb2.SendTextResponse:
+        await self._bot_ready(request.bot_id)
         if len(request.text) > MAX_TEXT:
             raise invalid_argument([("text", f"at most {MAX_TEXT} characters")])
         replies = await _sandbox_call(
@@ -177,6 +187,7 @@ class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
     async def SetBotBlocked(
         self, request: botgateway_pb2.SetBotBlockedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> botgateway_pb2.SetBotBlockedResponse:
+        await self._bot_ready(request.bot_id)
         await _sandbox_call(
             lambda: self.telegram.set_blocked(request.user_id, request.bot_id, request.blocked), request.bot_id
         )

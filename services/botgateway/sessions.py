@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from datetime import datetime, timedelta
 
@@ -51,6 +52,7 @@ class BotSessions:
         self.max_bots = max_bots
         self._usable_until: dict[str, datetime] = {}
         self._retry_after: dict[str, datetime] = {}
+        self._last_attempt: dict[str, float] = {}
         # Every registered bot as of the last tick (read on each send without a database round trip).
         self.bots: dict[str, BotRecord] = {}
         self._lock = asyncio.Lock()
@@ -59,6 +61,23 @@ class BotSessions:
         """Whether this replica may send through the bot now."""
         until = self._usable_until.get(bot_id)
         return until is not None and until > self.clock.now() and self.transport.running(bot_id)
+
+    async def ensure_live(self, bot_id: str, min_interval: float = 1.0) -> bool:
+        """Live, or made live now: renew a lapsed lease of ours or take over an expired one on demand
+        (at most once per `min_interval` per bot), instead of waiting for the next renewal round."""
+        if self.live(bot_id):
+            return True
+        bot = self.bots.get(bot_id)
+        if bot is None:
+            return False
+        now = time.monotonic()
+        if now - self._last_attempt.get(bot_id, float("-inf")) < min_interval:
+            return False
+        self._last_attempt[bot_id] = now
+        async with self._lock:
+            if not self.live(bot_id):
+                await self._tick_bot(bot)
+        return self.live(bot_id)
 
     def live_bots(self) -> list[str]:
         return [bot_id for bot_id in self._usable_until if self.live(bot_id)]

@@ -89,9 +89,9 @@ async def test_one_replica_runs_each_bot_and_the_other_takes_over_after_a_lapse(
     await b.sessions.tick()
     assert b.sessions.live_bots() == [] and isinstance(await send(a, "smscodes_bot", user), int)
 
-    # A stalls (no renewals). Its watchdog closes the sessions before the lease lapses for others...
+    # A stalls (no renewals, no calls). Its watchdog closes the sessions before the lease lapses for others...
     clock.advance(26)
-    assert await send(a, "smscodes_bot", user) == "BOT_UNAVAILABLE"
+    assert not a.sessions.live("smscodes_bot")
     assert sorted(await a.sessions.enforce_expiry()) == sorted(SHARED)
     assert all(telegram.sessions(bot) == [] for bot in SHARED)
     await b.sessions.tick()
@@ -156,3 +156,15 @@ async def test_a_cap_spreads_bots_over_replicas(pair: Pair, extra_env: dict[str,
     a_bots, b_bots = set(pair.a.sessions.live_bots()), set(pair.b.sessions.live_bots())
     assert len(a_bots) == 2 and len(b_bots) == 1 and a_bots | b_bots == set(SHARED)
     assert not a_bots & b_bots
+
+
+async def test_a_lapsed_lease_of_ours_is_renewed_on_demand(pair: Pair, clock: ManualClock) -> None:
+    """A replica that is alive but missed its renewal round (or whose clock jumped) renews on the next
+    send instead of refusing until the next round, as long as nobody else took the bot."""
+    assert pair.a.sessions is not None
+    user = await person(pair, "smscodes_bot")
+    clock.advance(3600)
+    await pair.a.sessions.enforce_expiry()
+    assert not pair.a.sessions.live("smscodes_bot")
+    assert isinstance(await send(pair.a, "smscodes_bot", user), int)
+    assert pair.telegram.duplicate_sessions == 0
