@@ -493,6 +493,7 @@ class Engine:
         doc = {**doc, **changes}
         if outcome.start_confirmation:
             doc = await self._start_confirmation(doc)
+            status = doc["status"]
         await self.claims.release(claim)
         if status != started:
             await self._on_status(doc)
@@ -730,10 +731,24 @@ class Engine:
             log.warning(
                 "confirmation_start_failed", message_id=doc["_id"], status=failure.code.name, reason=failure.reason
             )
-            changes = {
-                "confirmation_started": False,
-                "next_attempt_at": self.clock.now() + timedelta(seconds=self._backoff(doc)),
-            }
+            now = self.clock.now()
+            if failure.code in _CONFIRMATION_REFUSED:
+                # The confirmation SMS cannot go out (policy, fraud guard, bad number): never deliverable.
+                reason = (
+                    R.FAILURE_REASON_SMS_NOT_ALLOWED
+                    if failure.code == grpc.StatusCode.PERMISSION_DENIED
+                    else R.FAILURE_REASON_CONFIRMATION_FAILED
+                )
+                changes = {
+                    "status": FAILED,
+                    "failure_reason": reason,
+                    "confirmation_started": False,
+                    "updated_at": now,
+                    "purge_at": now + timedelta(seconds=self.settings.text_retention),
+                }
+            else:
+                delay = failure.retry_after if failure.retry_after else self._backoff(doc)
+                changes = {"confirmation_started": False, "next_attempt_at": now + timedelta(seconds=delay)}
         await self.store.write(str(doc["_id"]), changes)
         return {**doc, **changes}
 
@@ -1023,6 +1038,16 @@ class Engine:
     async def webhook_secret(self, client_id: str) -> str:
         policy = await self.policies.get(client_id)
         return policy.webhook_secret(self.keyring) or self.settings.webhook_default_secret
+
+
+_CONFIRMATION_REFUSED = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
 
 
 def _captcha_required() -> ServiceError:

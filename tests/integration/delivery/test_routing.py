@@ -328,3 +328,23 @@ async def test_confirmation_messages_are_never_held_and_metrics_count_them(world
     assert prompt.status == common_pb2.MESSAGE_STATUS_SENT and prompt.confirm_days == 0
     assert "Type the code you got by SMS" in await world.chat(user, "smscodes_bot")
     assert (REGISTRY.get_sample_value("otpgate_messages_total", labels) or 0.0) == before + 1
+
+
+async def test_a_held_message_fails_when_its_confirmation_sms_is_refused(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    # SMS are offered only to Germany: the confirmation SMS to a Russian number is refused.
+    async with running_stack(
+        mongo_client,
+        keyring,
+        ["directory", "botgateway", "verification", "delivery"],
+        overrides=overrides(OTPGATE_DELIVERY_SMS_COUNTRIES="DE"),
+        clock=clock,
+    ) as stack:
+        world = world_of(stack)
+        user, phone = await world.person("smscodes_bot")
+        await world.policy("shop", default_confirm_days=30)
+        held = await world.send(phone, "Never shown")
+        assert held.status == common_pb2.MESSAGE_STATUS_FAILED
+        assert held.failure_reason == common_pb2.FAILURE_REASON_SMS_NOT_ALLOWED
+        assert "Never shown" not in await world.chat(user, "smscodes_bot")
