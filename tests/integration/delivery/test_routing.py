@@ -146,6 +146,18 @@ async def test_own_bot_only_for_its_owner_and_only_through_that_bot(world: World
     # Shared traffic never goes through a client's own bot.
     shared = await world.send(phone, "Shared")
     assert shared.bot_id == "smscodes_bot"
+    # Confirmation SMS are billed to the client only for its own bot.
+    for bot in (own.id, "smscodes_bot"):
+        await world.send(
+            phone,
+            "Code 5555",
+            channel=common_pb2.CHANNEL_SMS,
+            purpose=delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION,
+            bot=bot,
+        )
+    usage = await world.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop"))
+    sms = [r for r in usage.records if r.channel == common_pb2.CHANNEL_SMS]
+    assert [(r.messages, r.billed_sms) for r in sms] == [(2, 1)]
 
 
 async def test_not_connected_falls_back_to_sms_only_when_allowed(world: World) -> None:
@@ -348,3 +360,27 @@ async def test_a_held_message_fails_when_its_confirmation_sms_is_refused(
         assert held.status == common_pb2.MESSAGE_STATUS_FAILED
         assert held.failure_reason == common_pb2.FAILURE_REASON_SMS_NOT_ALLOWED
         assert "Never shown" not in await world.chat(user, "smscodes_bot")
+
+
+async def test_a_rate_limited_bot_hands_the_message_to_another_shared_bot_of_the_person(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    # Two messages per chat, then one per 100 s (real time): the bot's replies while the person
+    # connects use up the first chat; the second bot has one left.
+    extra = {
+        "OTPGATE_BOTGATEWAY_CHAT_BURST": "2",
+        "OTPGATE_BOTGATEWAY_CHAT_RATE": "0.01",
+        "OTPGATE_DELIVERY_BOT_SEND_TIMEOUT": "0.3",
+    }
+    async with running_stack(
+        mongo_client, keyring, ["directory", "botgateway", "delivery"], overrides=overrides(**extra), clock=clock
+    ) as stack:
+        world = world_of(stack)
+        user, phone = await world.person("smscodes_bot", "smsccode_bot")
+        moved = await world.send(phone, "Moved", bot="smscodes_bot")
+        assert moved.status == common_pb2.MESSAGE_STATUS_SENT and moved.bot_id == "smsccode_bot"
+        assert moved.attempts == 2
+        assert "Moved" in await world.chat(user, "smsccode_bot")
+        # Both exhausted: rescheduled, not failed.
+        waiting = await world.send(phone, "Later", bot="smscodes_bot")
+        assert waiting.status == common_pb2.MESSAGE_STATUS_QUEUED
