@@ -199,7 +199,8 @@ def to_dict(message: Message) -> dict[str, Any]:
 
 
 def _enum_name(value: str, prefix: str) -> str:
-    return value.removeprefix(prefix).lower() if value.startswith(prefix) else value.lower()
+    name = value.removeprefix(prefix).lower()
+    return "service default" if name == "unspecified" else name
 
 
 def describe_policy(policy: common_pb2.ClientPolicy) -> str:
