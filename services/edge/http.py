@@ -13,6 +13,7 @@ import json
 import math
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,8 @@ def status_body(error: ServiceError) -> dict[str, Any]:
 def error_response(error: ServiceError, http_status: int | None = None) -> web.Response:
     status = http_status or http_status_for(error.code)
     headers: dict[str, str] = {}
-    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED or status == 429:
+    has_retry = any(isinstance(d, error_details_pb2.RetryInfo) for d in error.details)
+    if status == 429 or has_retry:
         headers["Retry-After"] = str(_retry_after(error))
     return web.json_response(status_body(error), status=status, headers=headers)
 
@@ -152,8 +154,18 @@ class HttpGateway:
     # Dispatch ----------------------------------------------------------------
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        rid = (request.headers.get("X-Request-Id") or "")[:64] or None
-        token = request_id_var.set(rid or request_id_var.get())
+        """Every answer carries X-Request-Id (the caller's, or a new one), which also travels downstream."""
+        given = request.headers.get("X-Request-Id", "")
+        rid = given[:64] if given.isprintable() and given.strip() else uuid.uuid4().hex[:16]
+        token = request_id_var.set(rid)
+        try:
+            response = await self._dispatch(request)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         route = "unmatched"
         code = "OK"
@@ -191,7 +203,6 @@ class HttpGateway:
         finally:
             metrics.requests_total.labels(route, code).inc()
             log.debug("http_request", route=route, status=code, ms=round((time.perf_counter() - started) * 1000, 2))
-            request_id_var.reset(token)
 
     async def _healthz(self) -> web.Response:
         """Cheap: cached for 2 s; the edge database and each downstream's gRPC health, 1 s each."""

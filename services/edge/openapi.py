@@ -285,6 +285,27 @@ def _status_schemas() -> dict[str, Any]:
     }
 
 
+def _add_links(paths: dict[str, dict[str, Any]], rules: list[HttpRule]) -> None:
+    """OpenAPI links from a creating call to the calls on what it created, e.g. the `message.id` of
+    POST /v1/messages feeds GET /v1/messages/{id} (clients and stateful test tools follow them)."""
+    for create in rules:
+        if create.verb != "POST" or create.variables:
+            continue
+        output = create.method.output_type
+        carriers = [f for f in output.fields if f.type == FieldDescriptor.TYPE_MESSAGE and not f.is_repeated]
+        if len(carriers) != 1 or "id" not in message_of(carriers[0]).fields_by_name:
+            continue
+        links: dict[str, Any] = {}
+        for target in rules:
+            if target.template.startswith(create.template + "/{id}") and target.path_fields == ("id",):
+                links[target.method.name] = {
+                    "operationId": f"{target.service.name}_{target.method.name}",
+                    "parameters": {"id": f"$response.body#/{carriers[0].json_name}/id"},
+                }
+        if links:
+            paths[create.template][create.verb.lower()]["responses"]["200"]["links"] = links
+
+
 def build_document(comments: Mapping[str, str] | None = None) -> dict[str, Any]:
     builder = _Builder(comments or {})
     paths: dict[str, dict[str, Any]] = {}
@@ -295,6 +316,7 @@ def build_document(comments: Mapping[str, str] | None = None) -> dict[str, Any]:
                 item[rule.verb.lower()] = builder.operation(rule, sandbox)
                 if sandbox:
                     item[SANDBOX_FLAG] = True
+    _add_links(paths, [r for s in PUBLIC_SERVICES for r in rules_for(s)])
     tags = [
         {"name": s.name, "description": builder.comments.get(s.full_name, "")}
         for s in (*PUBLIC_SERVICES, *SANDBOX_SERVICES)

@@ -145,6 +145,10 @@ async def test_documents_and_health(
         status, document, headers = await edge.get("/openapi.json")
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         assert "/v1/messages" in document["paths"] and "/sandbox/v1/sms" in document["paths"]
+        _, _, headers = await edge.get("/v1/bots", headers={"X-Request-Id": "req-abc-123"})
+        assert headers["X-Request-Id"] == "req-abc-123"
+        _, _, headers = await edge.get("/v1/bots")
+        assert len(headers["X-Request-Id"]) == 16
         status, health, _ = await edge.get("/healthz")
         # Only the edge runs here: its database is fine, the services behind it are not reachable.
         assert status == 503 and health["checks"]["database"] == "SERVING"

@@ -45,6 +45,16 @@ def test_document_describes_routes_auth_and_errors() -> None:
     )
     user = document["components"]["schemas"]["otpgate.botgateway.v1.SandboxUser"]["properties"]["userId"]
     assert user["type"] == "string" and user["format"] == "int64"  # proto3 JSON: 64-bit integers are strings
+    links = document["paths"]["/v1/messages"]["post"]["responses"]["200"]["links"]
+    assert links["GetMessage"] == {
+        "operationId": "PublicService_GetMessage",
+        "parameters": {"id": "$response.body#/message/id"},
+    }
+    assert set(document["paths"]["/v1/verifications"]["post"]["responses"]["200"]["links"]) == {
+        "GetVerification",
+        "CheckVerification",
+        "CancelVerification",
+    }
     body = document["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["additionalProperties"] is False and "captchaToken" in body["properties"]
 
