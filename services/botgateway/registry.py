@@ -136,7 +136,14 @@ class BotRegistry:
         existing = await self.store.find_bot_by_telegram_id(identity.telegram_id) or await self.store.get_bot(bot_id)
         if existing is not None:
             if existing.owner_client_id == owner_client_id and existing.shared == shared:
-                return existing  # the same registration again
+                if existing.token == token:
+                    return existing  # the same registration again
+                # The owner reissued the token at BotFather: keep the bot, switch its credentials.
+                updated = await self.store.replace_token(existing.bot_id, token, session, self.clock.now())
+                await self.sessions.stop_bot(existing.bot_id)
+                await self.sessions.tick()
+                log.info("bot_token_replaced", bot=existing.bot_id)
+                return updated or existing
             raise already_exists("this bot is already registered", "BOT_ALREADY_REGISTERED")
         try:
             record = await self.store.insert_bot(

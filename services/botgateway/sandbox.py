@@ -196,6 +196,12 @@ class SimulatedTelegram:
         self.bots[bot.bot_id] = bot
         return bot
 
+    def revoke_token(self, bot_id: str) -> str:
+        """BotFather's /revoke: the bot gets a new token and the old one stops logging in."""
+        bot = self._bot(bot_id)
+        bot.token = f"{bot.telegram_id}:revoked{os.urandom(8).hex()}"
+        return bot.token
+
     def add_bot(self, bot_id: str, token: str) -> SimBot:
         """A configured bot with a known username (shared bots in sandbox mode)."""
         match = _TOKEN_RE.match(token)

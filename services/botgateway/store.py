@@ -185,6 +185,20 @@ class GatewayStore:
             },
         )
 
+    async def replace_token(self, bot_id: str, token: str, session: str, now: datetime) -> BotRecord | None:
+        """A new token for a registered bot (revoked and reissued at BotFather): new session too."""
+        fields: Document = {
+            "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
+            "update_time": now,
+        }
+        update: Document = {"$set": fields}
+        if session:
+            fields["session_sealed"] = self.keyring.seal(session, SealContext(BOTS, bot_id, "session_sealed"))
+        else:
+            update["$unset"] = {"session_sealed": ""}
+        doc = await self.bots.find_one_and_update({"_id": bot_id}, update, return_document=ReturnDocument.AFTER)
+        return self._bot(doc) if doc else None
+
     async def get_bot(self, bot_id: str) -> BotRecord | None:
         doc = await self.bots.find_one({"_id": bot_id})
         return self._bot(doc) if doc else None

@@ -125,3 +125,20 @@ async def test_list_pages(gw: Gw) -> None:
     assert len(seen) == 6 and seen == sorted(seen)
     code, _ = await failure(gw.bots.ListBots(B.ListBotsRequest(page_token="@@@")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_reissued_token_replaces_the_stored_one(gw: Gw) -> None:
+    first = await gw.bots.RegisterBot(B.RegisterBotRequest(token="6007007007:first", owner_client_id="client-r"))
+    new_token = gw.telegram.revoke_token(first.bot.id)
+    assert await failure(
+        gw.bots.RegisterBot(B.RegisterBotRequest(token="6007007007:first", owner_client_id="client-r"))
+    ) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BOT_TOKEN_INVALID",
+    )
+    again = await gw.bots.RegisterBot(B.RegisterBotRequest(token=new_token, owner_client_id="client-r"))
+    assert again.bot.id == first.bot.id
+    assert gw.app.gateway is not None and gw.app.sessions is not None
+    stored = await gw.app.gateway.store.get_bot(first.bot.id)
+    assert stored is not None and stored.token == new_token
+    assert gw.app.sessions.live(first.bot.id)
