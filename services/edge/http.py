@@ -140,9 +140,8 @@ class HttpGateway:
             backlog=1024,
         )
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        port = int(sockets[0].getsockname()[1]) if sockets else self._settings.port
+        bound = self._runner.addresses
+        port = int(bound[0][1]) if bound else self._settings.port
         log.info("http_started", address=f"{self._settings.host}:{port}", tls=bool(self._settings.tls_cert))
         return port
 

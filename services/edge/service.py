@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -149,12 +151,7 @@ class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
 
     async def _admit(self, method: str, context: Context) -> Caller:
         caller = caller_from(context, self._origins, self._timeout)
-        try:
-            await self._api.admit(caller, ADMIN_SCOPES)
-        except ServiceError as err:
-            metrics.requests_total.labels(ADMIN + method, err.code.name).inc()
-            raise
-        metrics.requests_total.labels(ADMIN + method, "OK").inc()
+        await self._api.admit(caller, ADMIN_SCOPES)
         return caller
 
     async def CreateClient(
@@ -264,3 +261,27 @@ class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
             caller.timeout,
         )
         return edge_pb2.RemoveBotResponse()
+
+
+def _counted(route: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Counts a handler's outcomes in otpgate_edge_requests_total."""
+
+    @functools.wraps(handler)
+    async def counted(self: Any, request: Any, context: Context) -> Any:
+        code = grpc.StatusCode.OK
+        try:
+            return await handler(self, request, context)
+        except ServiceError as err:
+            code = err.code
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            metrics.requests_total.labels(route, code.name).inc()
+
+    return counted
+
+
+for _method in edge_pb2.DESCRIPTOR.services_by_name["AdminService"].methods:
+    setattr(AdminServicer, _method.name, _counted(ADMIN + _method.name, getattr(AdminServicer, _method.name)))

@@ -62,6 +62,13 @@ async def test_metrics(
             await stub.ListBots(edge_pb2.ListBotsRequest())
         for _ in range(2):
             await edge.post("/v1/verifications", headers=edge.auth(), json={"captchaToken": "bad-metrics"})
+        admin = edge_pb2_grpc.AdminServiceStub(edge.stack.channel("edge"))
+        admin_route = "/otpgate.edge.v1.AdminService/GetClient"
+        found = _sample("otpgate_edge_requests_total", {"route": admin_route, "code": "NOT_FOUND"})
+        key = await edge.new_key(edge.client_id, ["admin"])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await admin.GetClient(edge_pb2.GetClientRequest(id="nope"), metadata=(("authorization", f"Bearer {key}"),))
+        assert _sample("otpgate_edge_requests_total", {"route": admin_route, "code": "NOT_FOUND"}) == found + 1
         assert _sample("otpgate_edge_requests_total", route) == before["http"] + 1
         assert _sample("otpgate_edge_requests_total", grpc_route) == before["grpc"] + 1
         assert _sample("otpgate_edge_auth_failures_total", {"reason": "missing"}) == before["missing"] + 2
