@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -211,8 +210,12 @@ class DeliveryRuntime:
 
     async def purge_loop(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.engine.purge_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("purge_failed")
             await asyncio.sleep(self.config.purge_interval)
 
     async def close(self) -> None:

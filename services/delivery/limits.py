@@ -98,6 +98,9 @@ class Limiter:
         self._max_probe = max_probe
         # Closed windows never change: their counts are cached (key|window -> count).
         self._closed: dict[str, int] = {}
+        # The last slot this process took per open window: the next try starts above it without a
+        # count; the first collision (another replica took it) falls back to counting.
+        self._hints: dict[str, int] = {}
 
     async def create_indexes(self) -> None:
         await ensure_index(self._coll, [("w", 1)])
@@ -131,11 +134,16 @@ class Limiter:
         if hit.sliding:
             previous = await self._closed_count(f"{base}|{index - 1}")
         carried = previous * (1.0 - frac)
-        count = await self._coll.count_documents({"w": current_w})
+        hint = self._hints.get(current_w)
+        counted = hint is None
+        slot = (await self._coll.count_documents({"w": current_w}) if counted else hint or 0) + 1
         limit = hit.rate.limit
-        slot = count + 1
         for _ in range(self._max_probe):
             if carried + slot > limit:
+                if not counted:  # the hint may be stale (slots given back): count before refusing
+                    counted = True
+                    slot = await self._coll.count_documents({"w": current_w}) + 1
+                    continue
                 raise RateLimited(hit, self._retry_after(hit, start, epoch, previous, slot - 1))
             slot_id = f"{current_w}|{slot}"
             try:
@@ -146,8 +154,15 @@ class Limiter:
                         "exp": datetime.fromtimestamp(start + 2 * window, tz=now.tzinfo) + timedelta(seconds=1),
                     }
                 )
+                if len(self._hints) > 50_000:
+                    self._hints.clear()
+                self._hints[current_w] = slot
                 return _Taken(slot_id)
             except DuplicateKeyError:
+                if not counted:
+                    counted = True
+                    slot = max(slot, await self._coll.count_documents({"w": current_w})) + 1
+                    continue
                 slot += 1
         raise RateLimited(hit, 1.0)
 

@@ -101,3 +101,17 @@ async def test_a_lapsed_lease_can_be_taken_over_and_a_released_claim_at_once(
     await survivor.release(second)
     third = await dead.acquire("message", "m", 2)
     assert third is not None and third.seq == 3
+
+
+async def test_a_replica_with_a_stale_slot_hint_still_counts_exactly(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    a, b = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
+    hit = Hit("client", "c", Rate(6, 60), sliding=False)
+    for _ in range(3):
+        assert await _admitted(a, [hit])
+    for _ in range(2):
+        assert await _admitted(b, [hit])
+    assert await _admitted(a, [hit])  # its hint says 3; slots 4 and 5 are taken: it counts, takes 6
+    assert not await _admitted(a, [hit]) and not await _admitted(b, [hit])
+    assert await database["limits"].count_documents({}) == 6
