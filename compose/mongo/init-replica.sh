@@ -16,7 +16,7 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 
-mongosh --quiet "$root_uri" <<JS
+script=$(cat <<JS
 const rsName = "${MONGO_REPLICA_SET}";
 try {
   rs.status();
@@ -56,4 +56,6 @@ ensureUser("otpgate_operator", "${MONGO_OPERATOR_PASSWORD:-}",
 ensureUser("otpgate_exporter", "${MONGO_EXPORTER_PASSWORD:-}",
   [{role: "clusterMonitor", db: "admin"}, {role: "read", db: "local"}]);
 JS
+)
+mongosh --quiet "$root_uri" --eval "$script"
 echo "mongo-init: done"

@@ -253,3 +253,20 @@ def test_docker_compose_config_accepts_it(tmp_path: Path) -> None:
         shutil.copy(example, example.with_name(example.name.removesuffix(".example")))
     result = run([docker, "compose", "-f", str(work / "docker-compose.yml"), "config", "--quiet"], cwd=work)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_mongo_init_script_is_valid_javascript(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    text = (COMPOSE / "mongo" / "init-replica.sh").read_text()
+    script = text.split("script=$(cat <<JS\n", 1)[1].split("\nJS\n)", 1)[0]
+    script = re.sub(r"\$\{MONGO_\w+(:-)?\}", "x", script)
+    assert "${" not in script
+    path = tmp_path / "init.js"
+    path.write_text(script)
+    result = run([node, "--check", str(path)])
+    assert result.returncode == 0, result.stderr
+    for svc in SERVICES:  # one user per service, on its own database only
+        assert f"MONGO_{svc.upper()}_PASSWORD" in text
+    assert 'ensureUser("otpgate_" + svc, passwords[svc], [{role: "readWrite", db: "otpgate_" + svc}])' in text
