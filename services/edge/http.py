@@ -266,7 +266,7 @@ class HttpGateway:
             if raw.strip():
                 try:
                     data = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     raise invalid_argument([("body", "is not valid JSON")]) from None
             else:
                 data = {}

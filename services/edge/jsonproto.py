@@ -187,7 +187,7 @@ def parse_message(cls: type[M], data: Any, problems: Violations | None = None) -
     message = cls()
     try:
         json_format.ParseDict(data, message, ignore_unknown_fields=False)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
         found = re.search(r"Failed to parse (\w+) field", str(exc))
         problems.add(found.group(1) if found else "body", "invalid value")
         problems.raise_if_any()

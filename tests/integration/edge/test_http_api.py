@@ -77,6 +77,8 @@ async def test_bodies_routes_and_sizes(
             ("confirm_days", "must be an integer"),
             ("to", "unknown field"),
         ]
+        status, body, _ = await edge.post("/v1/messages", headers=headers, data=b"[" * 60_000)
+        assert (status, _violations(body)) == (400, [("body", "is not valid JSON")])  # nesting bomb
         status, body, _ = await edge.post("/v1/messages", headers=headers, json=[1, 2])
         assert (status, _violations(body)) == (400, [("body", "must be a JSON object")])
         status, body, _ = await edge.get("/v1/messages?pageSize=ten&color=red", headers=headers)
