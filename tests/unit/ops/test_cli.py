@@ -17,7 +17,7 @@ from services.core.devdb import free_port
 from services.core.grpc_server import RunningService, ServiceApp, start_service
 from tests.unit.ops.names import COMPOSE, run
 
-EVERY_COMMAND = ["policies", "bots", "status", "clients", "apikeys", "keys", "dev"]
+EVERY_COMMAND = ["policies", "bots", "status", "clients", "apikeys", "keys", "sandbox", "dev"]
 
 
 def _leaves(parser: argparse.ArgumentParser, path: list[str]) -> list[list[str]]:
