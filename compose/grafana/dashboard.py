@@ -293,6 +293,35 @@ def build() -> dict[str, Any]:
         )
     )
 
+    lay.row("Edge and webhooks")
+    lay.add(
+        timeseries(
+            "API key refusals",
+            [(f"sum by (reason) (rate(otpgate_edge_auth_failures_total[{RI}]))", "{{reason}}")],
+            unit="reqps",
+            stack=True,
+            description="Missing, unknown, revoked keys and missing scopes. A burst of unknown keys is credential "
+            "stuffing; revoked ones are a client still using an old key.",
+        )
+    )
+    lay.add(
+        timeseries(
+            "CAPTCHA checks",
+            [(f"sum by (outcome) (rate(otpgate_captcha_verifications_total[{RI}]))", "{{outcome}}")],
+            unit="reqps",
+            stack=True,
+        )
+    )
+    lay.add(
+        timeseries(
+            "Status webhooks",
+            [(f"sum by (outcome) (rate(otpgate_webhooks_total[{RI}]))", "{{outcome}}")],
+            unit="reqps",
+            stack=True,
+            description="Signed status webhooks to clients, by outcome (retried with backoff).",
+        )
+    )
+
     lay.row("Bots")
     lay.add(
         timeseries(
