@@ -79,10 +79,10 @@ def load_config(env: Env) -> EdgeConfig:
         max_body_bytes=env.integer(
             "OTPGATE_EDGE_MAX_BODY_BYTES", 64 * 1024, "largest HTTP request body accepted (413 above)", min=1024
         ),
-        key_rate=env.number("OTPGATE_EDGE_KEY_RATE", 200.0, "requests per second per API key (0: off)", min=0),
-        key_burst=env.integer("OTPGATE_EDGE_KEY_BURST", 400, "burst of requests per API key", min=1),
-        ip_rate=env.number("OTPGATE_EDGE_IP_RATE", 200.0, "requests per second per client IP (0: off)", min=0),
-        ip_burst=env.integer("OTPGATE_EDGE_IP_BURST", 400, "burst of requests per client IP", min=1),
+        key_rate=env.number("OTPGATE_EDGE_KEY_RATE", 50.0, "requests per second per API key (0: off)", min=0),
+        key_burst=env.integer("OTPGATE_EDGE_KEY_BURST", 100, "burst of requests per API key", min=1),
+        ip_rate=env.number("OTPGATE_EDGE_IP_RATE", 50.0, "requests per second per client IP (0: off)", min=0),
+        ip_burst=env.integer("OTPGATE_EDGE_IP_BURST", 100, "burst of requests per client IP", min=1),
         auth_cache_seconds=env.number(
             "OTPGATE_EDGE_AUTH_CACHE_SECONDS", 5.0, "how long an API key lookup is cached (revocation delay)", min=0
         ),
