@@ -39,13 +39,15 @@ run: install ## start the dev database and all five services (sandbox mode)
 proto: $(STAMP)/python $(STAMP)/node ## lint the protos and regenerate gen/
 	$(BUF) lint
 	$(BIN)/python tools/protogen.py
+	$(BIN)/python tools/openapi.py
 
-lint: install ## ruff, mypy, buf lint, codegen drift
+lint: install ## ruff, mypy, buf lint, codegen and OpenAPI drift
 	$(BIN)/ruff check services tests tools bench
 	$(BIN)/ruff format --check services tests tools bench
 	$(BIN)/mypy
 	$(BUF) lint
 	$(BIN)/python tools/protogen.py --check
+	$(BIN)/python tools/openapi.py --check
 
 test: lint ## lint, then unit, integration and e2e tests
 	$(BIN)/pytest -q
