@@ -28,6 +28,8 @@ class Claim:
     seq: int
     owner: str
     lease_until: datetime
+    # Held by creating the document itself (its lease_until and claim_seq), with no claim record.
+    implicit: bool = False
 
     @property
     def claim_id(self) -> str:
@@ -44,9 +46,19 @@ class Claims:
     async def create_indexes(self) -> None:
         await ensure_index(self._coll, [("at", 1)])
 
-    async def acquire(self, kind: str, target: str, last_seq: int, *, max_probe: int = 16) -> Claim | None:
-        """Claim `target`; `last_seq` is the claim sequence recorded on the document. None: busy."""
+    def implicit(self, kind: str, target: str) -> Claim:
+        """The claim of whoever inserts a new document with `claim_seq` 1 and `lease_until` set to
+        this claim's lease: others see the lease on the document and stay away (see acquire)."""
+        until = self._clock.now() + timedelta(seconds=self.lease)
+        return Claim(kind, target, 1, self.owner, until, implicit=True)
+
+    async def acquire(
+        self, kind: str, target: str, last_seq: int, *, lease_until: datetime | None = None, max_probe: int = 16
+    ) -> Claim | None:
+        """Claim `target`; `last_seq` and `lease_until` are what the document records. None: busy."""
         now = self._clock.now()
+        if lease_until is not None and as_utc(lease_until) > now:
+            return None
         until = now + timedelta(seconds=self.lease)
         seq = last_seq + 1
         for _ in range(max_probe):
@@ -66,6 +78,8 @@ class Claims:
         return None
 
     async def release(self, claim: Claim) -> None:
+        if claim.implicit:
+            return
         await self._coll.update_one({"_id": claim.claim_id}, {"$set": {"released": True}})
 
     async def purge(self, before: datetime) -> int:

@@ -296,8 +296,7 @@ class Engine:
             )
             await self._admit_sms(leg, policy, origin, billed, purpose)
         now = self.clock.now()
-        claim = await self.claims.acquire("message", message_id, 0)
-        assert claim is not None
+        claim = self.claims.implicit("message", message_id)
         doc: dict[str, Any] = {
             "_id": message_id,
             "idem": idem or f"\x1f{message_id}",
@@ -791,7 +790,9 @@ class Engine:
         docs = [*await self.store.due(now, batch), *await self.store.held_needing_confirmation(now, batch)]
         claimed: list[tuple[dict[str, Any], Claim]] = []
         for doc in docs:
-            claim = await self.claims.acquire("message", str(doc["_id"]), int(doc.get("claim_seq", 0)))
+            claim = await self.claims.acquire(
+                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+            )
             if claim is None:
                 continue
             fresh = await self.store.get(str(doc["_id"]))
@@ -816,7 +817,9 @@ class Engine:
     async def expire_due_once(self) -> int:
         count = 0
         for doc in await self.store.expired_open(self.clock.now(), self.settings.batch):
-            claim = await self.claims.acquire("message", str(doc["_id"]), int(doc.get("claim_seq", 0)))
+            claim = await self.claims.acquire(
+                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+            )
             if claim is None:
                 continue
             fresh = await self.store.get(str(doc["_id"]))
@@ -832,7 +835,9 @@ class Engine:
         count = 0
         now = self.clock.now()
         for doc in await self.store.sms_to_poll(now, self.settings.batch):
-            claim = await self.claims.acquire("message", str(doc["_id"]), int(doc.get("claim_seq", 0)))
+            claim = await self.claims.acquire(
+                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+            )
             if claim is None:
                 continue
             changes: dict[str, Any] = {"lease_until": EPOCH, "claim_seq": claim.seq}
@@ -867,7 +872,9 @@ class Engine:
         doc = await self.store.messages.find_one({"provider_id": provider_id, "status": SENT})
         if doc is None:
             return False
-        claim = await self.claims.acquire("message", str(doc["_id"]), int(doc.get("claim_seq", 0)))
+        claim = await self.claims.acquire(
+            "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+        )
         if claim is None:
             return False
         now = self.clock.now()
@@ -913,7 +920,9 @@ class Engine:
         for doc in await self.store.held_for_phone(index):
             if int(doc.get("telegram_user_id", 0)) != telegram_user_id:
                 continue
-            claim = await self.claims.acquire("message", str(doc["_id"]), int(doc.get("claim_seq", 0)))
+            claim = await self.claims.acquire(
+                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+            )
             if claim is None:
                 continue
             fresh = await self.store.get(str(doc["_id"]))
@@ -948,7 +957,9 @@ class Engine:
             raise failed_precondition(
                 "MESSAGE_NOT_CANCELABLE", f"the message is {STATUS_NAMES[status]} and can no longer be canceled"
             )
-        claim = await self.claims.acquire("message", message_id, int(doc.get("claim_seq", 0)))
+        claim = await self.claims.acquire(
+            "message", message_id, int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
+        )
         if claim is None:
             raise aborted("the message is being sent right now; read it again", reason="MESSAGE_BUSY")
         fresh = await self.store.get(message_id)

@@ -134,16 +134,21 @@ class Limiter:
         if hit.sliding:
             previous = await self._closed_count(f"{base}|{index - 1}")
         carried = previous * (1.0 - frac)
-        hint = self._hints.get(current_w)
-        counted = hint is None
-        slot = (await self._coll.count_documents({"w": current_w}) if counted else hint or 0) + 1
         limit = hit.rate.limit
+        counted = current_w not in self._hints
+        if counted:
+            self._raise_hint(current_w, await self._coll.count_documents({"w": current_w}))
         for _ in range(self._max_probe):
+            # Numbers are reserved in this process before the insert, so concurrent requests here
+            # never race for one slot; only other replicas can collide.
+            slot = self._reserve(current_w)
             if carried + slot > limit:
                 if not counted:  # the hint may be stale (slots given back): count before refusing
                     counted = True
-                    slot = await self._coll.count_documents({"w": current_w}) + 1
+                    self._hints[current_w] = await self._coll.count_documents({"w": current_w})
                     continue
+                if self._hints.get(current_w) == slot:
+                    self._hints[current_w] = slot - 1  # give the number back
                 raise RateLimited(hit, self._retry_after(hit, start, epoch, previous, slot - 1))
             slot_id = f"{current_w}|{slot}"
             try:
@@ -154,17 +159,23 @@ class Limiter:
                         "exp": datetime.fromtimestamp(start + 2 * window, tz=now.tzinfo) + timedelta(seconds=1),
                     }
                 )
-                if len(self._hints) > 50_000:
-                    self._hints.clear()
-                self._hints[current_w] = slot
                 return _Taken(slot_id)
             except DuplicateKeyError:
                 if not counted:
                     counted = True
-                    slot = max(slot, await self._coll.count_documents({"w": current_w})) + 1
-                    continue
-                slot += 1
+                    self._raise_hint(current_w, await self._coll.count_documents({"w": current_w}))
         raise RateLimited(hit, 1.0)
+
+    def _raise_hint(self, window_id: str, count: int) -> None:
+        if len(self._hints) > 50_000:
+            self._hints.clear()
+        self._hints[window_id] = max(self._hints.get(window_id, 0), count)
+
+    def _reserve(self, window_id: str) -> int:
+        """The next slot number for this process, above everything reserved here."""
+        slot = self._hints.get(window_id, 0) + 1
+        self._hints[window_id] = slot
+        return slot
 
     async def _closed_count(self, window_id: str) -> int:
         cached = self._closed.get(window_id)

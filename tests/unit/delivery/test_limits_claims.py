@@ -115,3 +115,17 @@ async def test_a_replica_with_a_stale_slot_hint_still_counts_exactly(
     assert await _admitted(a, [hit])  # its hint says 3; slots 4 and 5 are taken: it counts, takes 6
     assert not await _admitted(a, [hit]) and not await _admitted(b, [hit])
     assert await database["limits"].count_documents({}) == 6
+
+
+async def test_an_implicit_claim_keeps_others_away_until_its_lease_on_the_document_lapses(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    creator, other = Claims(database["claims"], clock, "creator", 30), Claims(database["claims"], clock, "other", 30)
+    held = creator.implicit("message", "m")
+    assert held.seq == 1 and held.implicit
+    assert await other.acquire("message", "m", 1, lease_until=held.lease_until) is None
+    clock.advance(31)  # the creator died holding it
+    taken = await other.acquire("message", "m", 1, lease_until=held.lease_until)
+    assert taken is not None and taken.seq == 2
+    await creator.release(held)  # a no-op: there is no claim record
+    assert await database["claims"].count_documents({}) == 1
