@@ -22,8 +22,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.clock import ManualClock
 from services.core.crypto import Keyring
 from services.core.errors import RpcFailure, parse_rpc_error
+from services.core.logging import configure_logging
 from services.core.mongo import Document
 from services.core.phone import parse_phone
+from tests.conftest import _LOG_STREAM
 from tests.support.stack import Stack, running_stack
 
 SHARED = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
@@ -93,6 +95,13 @@ class Env:
         reply = await self.sandbox.SendText(botgateway_pb2.SendTextRequest(user_id=user.user_id, bot_id=bot, text=text))
         self.clock.advance(2)
         return "\n".join(m.text for m in reply.replies)
+
+
+@pytest.fixture(autouse=True)
+def session_log_capture() -> None:
+    """Route logs to the session capture even if an earlier test reconfigured logging (the CLI's
+    main() sends them to stderr), so the no-code-in-logs assertions below see every line."""
+    configure_logging("tests", "debug", stream=_LOG_STREAM)
 
 
 @pytest.fixture

@@ -76,6 +76,7 @@ async def test_hold_sms_code_typed_to_the_bot_releases_the_message(env: Env, cap
     assert stored is not None and stored["status"] == "APPROVED"
     assert "code" not in stored and "phone" not in stored and not stored["followup_pending"]
     logs = captured_logs.text()  # type: ignore[attr-defined]
+    assert "confirmation_started" in logs and "confirmation_code_submitted" in logs  # the capture works
     assert code not in logs and user.phone not in logs and user.phone[1:] not in logs
 
 

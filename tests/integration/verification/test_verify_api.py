@@ -55,6 +55,7 @@ async def test_sms_code_wrong_then_right(env: Env, captured_logs: object) -> Non
     got = await env.verification.GetVerification(V.GetVerificationRequest(client_id="shop", id=started.id))
     assert got.verification.status == APPROVED
     logs = captured_logs.text()  # type: ignore[attr-defined]
+    assert "verification_started" in logs and "verification_checked" in logs  # the capture works
     assert code not in logs and phone not in logs and phone[1:] not in logs
 
 
