@@ -270,3 +270,39 @@ def test_the_mongo_init_script_is_valid_javascript(tmp_path: Path) -> None:
     for svc in SERVICES:  # one user per service, on its own database only
         assert f"MONGO_{svc.upper()}_PASSWORD" in text
     assert 'ensureUser("otpgate_" + svc, passwords[svc], [{role: "readWrite", db: "otpgate_" + svc}])' in text
+
+
+def _composecheck() -> Path | None:
+    """compose/composecheck (compose-go, the loader of `docker compose config`), built once into .cache/bin."""
+    binary = ROOT / ".cache" / "bin" / "composecheck"
+    source = COMPOSE / "composecheck"
+    newest = max(p.stat().st_mtime for p in source.iterdir())
+    if binary.exists() and binary.stat().st_mtime >= newest:
+        return binary
+    go = shutil.which("go")
+    if go is None:
+        return None
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    result = run([go, "build", "-o", str(binary), "."], cwd=source, timeout=600)
+    return binary if result.returncode == 0 else None
+
+
+def test_compose_go_accepts_it_as_docker_compose_config_would(tmp_path: Path) -> None:
+    checker = _composecheck()
+    if checker is None:
+        pytest.skip("go is not available, or compose-go could not be fetched")
+    work = tmp_path / "compose"
+    shutil.copytree(COMPOSE, work, ignore=shutil.ignore_patterns("*.env", ".env", "certs", "composecheck"))
+    for example in [work / ".env.example", *work.glob("?*.env.example")]:
+        shutil.copy(example, example.with_name(example.name.removesuffix(".example")))
+    result = run([str(checker), str(work / "docker-compose.yml"), str(work)])
+    assert result.returncode == 0, result.stderr
+    project = yaml.safe_load(result.stdout)
+    assert set(project["services"]) == set(SERVICES) | INFRA
+    edge = project["services"]["edge"]
+    assert {p["target"] for p in edge["ports"]} == {50051, 8080}
+    assert [Path(f).name for f in edge["env_file"]] == ["otpgate.env", "edge.env"]
+    # A missing secret is refused at interpolation, as docker compose refuses it.
+    (work / ".env").write_text((work / ".env").read_text().replace("MONGO_DIRECTORY_PASSWORD=", "#"))
+    refused = run([str(checker), str(work / "docker-compose.yml"), str(work)])
+    assert refused.returncode == 1 and "MONGO_DIRECTORY_PASSWORD" in refused.stderr
