@@ -1,0 +1,47 @@
+"""`python -m bench` on a tiny load, against the test session's database: the script works end to
+end and ends with a well-formed summary line. It measures nothing here (benchmarks are never timed
+tests); `make bench` runs the real sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.core.devdb import ROOT
+
+pytestmark = pytest.mark.e2e
+
+SUMMARY = re.compile(r"^bench: pipeline/floor=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$")
+
+
+def test_bench_runs_on_a_tiny_load(mongo_uri: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--skip-ceiling", "--out", str(out)],
+        env={**os.environ, "MONGODB_URI": mongo_uri},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    assert SUMMARY.match(lines[-1]), lines[-1]
+    report = json.loads(out.read_text())
+    assert report["summary"] == lines[-1]
+    pipeline = report["pipeline"]
+    send = pipeline["send"][0]
+    assert send["done"] > 0 and send["received"] == send["done"]
+    assert pipeline["floor"][0]["done"] > 0
+    assert pipeline["verify"][0]["done"] > 0
+    mix = pipeline["op_mix"]["per_message"]
+    # One message costs at least: its own insert and the recipient lookup in the directory.
+    assert any(key.endswith("messages:insert:-") for key in mix), mix
+    assert any("subscribers:find" in key for key in mix), mix

@@ -1,0 +1,60 @@
+"""The benchmark's own logic: command shapes, ceiling send plans, percentiles, the summary line."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from bench.__main__ import summary_line, table
+from bench.instrument import shape
+from bench.scenarios import ceiling_plans, ceiling_sends, percentile
+from bench.system import SHARED_BOTS, User, counts_delta
+
+SUMMARY = re.compile(r"^bench: pipeline/floor=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$")
+
+
+def test_command_shapes_tell_key_lookups_from_scans() -> None:
+    assert shape("find", {"find": "m", "filter": {"_id": "a"}}) == "id"
+    assert shape("find", {"find": "m", "filter": {"_id": {"$in": ["a", "b"]}}}) == "id"
+    assert shape("find", {"find": "s", "filter": {"phone_bi": "x"}}) == "scan"
+    assert shape("findAndModify", {"findAndModify": "m", "query": {"_id": "a", "lease": {"$lt": 1}}}) == "idplus"
+    assert shape("update", {"update": "m", "updates": [{"q": {"_id": "a"}, "u": {}}]}) == "id"
+    assert shape("delete", {"delete": "m", "deletes": [{"q": {"exp": {"$lt": 1}}}]}) == "scan"
+    assert shape("aggregate", {"aggregate": "l", "pipeline": [{"$match": {"w": "k"}}, {"$group": {}}]}) == "scan"
+    assert shape("insert", {"insert": "m", "documents": []}) == "-"
+
+
+def test_pool_sends_give_each_bot_a_third_through_bots_the_person_started() -> None:
+    users = [User(i + 1, f"+7999{i:07d}", plan) for i, plan in enumerate(ceiling_plans(30))]
+    sends = ceiling_sends(users, 90, pool=True)
+    assert len(sends) == 90
+    assert Counter(bot for _, bot in sends) == {bot: 30 for bot in SHARED_BOTS}
+    assert all(bot in user.bots for user, bot in sends)
+    assert Counter(user.user_id for user, _ in sends) == {user.user_id: 3 for user in users}
+    single = ceiling_sends(users, 90, pool=False)
+    assert {bot for _, bot in single} == {SHARED_BOTS[0]}
+    assert all(SHARED_BOTS[0] in user.bots for user in users)
+
+
+def test_percentile_and_counts_delta() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) in (50.0, 51.0)
+    assert percentile(values, 99) == 99.0
+    before = {"delivery": {"db.m:insert:-": 3}}
+    after = {"delivery": {"db.m:insert:-": 10, "db.l:aggregate:scan": 2}, "edge": {}}
+    assert counts_delta(after, before) == {"delivery|db.m:insert:-": 7, "delivery|db.l:aggregate:scan": 2}
+
+
+def test_summary_line_is_well_formed_with_and_without_results() -> None:
+    assert SUMMARY.match(summary_line({}))
+    report = {
+        "pipeline": {
+            "send": [{"concurrency": 4, "rate": 40.0}],
+            "floor": [{"concurrency": 4, "rate": 50.0}],
+        },
+        "ceiling": {"one_bot": {"ratio": 0.97, "flood_errors": 0}, "pool": {"ratio": 0.96, "flood_errors": 1}},
+    }
+    line = summary_line(report)
+    assert SUMMARY.match(line)
+    assert line == "bench: pipeline/floor=0.80 bot/limit=0.97 pool/limit=0.96 flood_errors=1"
+    assert isinstance(table({}), str)
