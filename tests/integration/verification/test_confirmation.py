@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2
 from otpgate.directory.v1 import directory_pb2
@@ -223,3 +224,26 @@ async def test_a_follow_up_that_did_not_finish_inline_is_finished_by_the_sweeper
     assert subscriber.subscriber.HasField("confirm_time")
     stored = await env.database["confirmations"].find_one({"_id": record["_id"]})
     assert not stored["followup_pending"] and "phone" not in stored and stored["released_count"] == 1
+
+
+async def test_confirmation_sms_is_billed_to_the_client_only_for_its_own_bot(env: Env) -> None:
+    bots = botgateway_pb2_grpc.BotGatewayServiceStub(env.stack.channel("botgateway"))
+    own = (
+        await bots.RegisterBot(botgateway_pb2.RegisterBotRequest(token="6001234567:own-bot", owner_client_id="bank"))
+    ).bot
+    shared_user = await env.user()
+    own_user = await env.user()
+    await env.connect(shared_user)
+    await env.connect(own_user, bot=own.id)
+    for user, bot in ((shared_user, BOT), (own_user, own.id)):
+        started = await env.verification.StartPhoneConfirmation(
+            V.StartPhoneConfirmationRequest(
+                phone=user.phone, telegram_user_id=user.user_id, bot_id=bot, client_id="bank"
+            )
+        )
+        assert started.code_sent
+        assert len(await env.codes_by_sms(user.phone)) == 1
+    day = env.clock.now().strftime("%Y-%m-%d")
+    usage = await env.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="bank", start_day=day, end_day=day))
+    sms = [r for r in usage.records if r.channel == common_pb2.CHANNEL_SMS]
+    assert sum(r.billed_sms for r in sms) == 1  # the own bot's confirmation only
