@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose"
 SERVICES = ("edge", "delivery", "verification", "directory", "botgateway")
 # Metrics that come from Prometheus itself and the exporters the compose file runs.
-EXTERNAL_METRICS = {"up", "probe_success", "mongodb_up"}
+EXTERNAL_METRICS = {"up", "probe_success", "probe_ssl_earliest_cert_expiry", "mongodb_up"}
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
