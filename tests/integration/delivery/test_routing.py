@@ -8,6 +8,7 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -240,6 +241,15 @@ async def test_held_message_expires_when_nobody_confirms(world: World, clock: Ma
     # confirm_days=0 explicitly: no hold.
     direct = await world.send(phone, "Now", confirm_days=0)
     assert direct.status == common_pb2.MESSAGE_STATUS_SENT
+    # A held message can be canceled; a sent one cannot.
+    other = await world.send(phone, "Cancel me")
+    assert other.status == common_pb2.MESSAGE_STATUS_HELD
+    canceled = await world.delivery.CancelMessage(delivery_pb2.CancelMessageRequest(client_id="shop", id=other.id))
+    assert canceled.message.status == common_pb2.MESSAGE_STATUS_CANCELED
+    too_late = await refused(
+        world.delivery.CancelMessage(delivery_pb2.CancelMessageRequest(client_id="shop", id=direct.id))
+    )
+    assert too_late.reason == "MESSAGE_NOT_CANCELABLE"
     clock.advance(301)
     got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=held.id))
     assert got.message.status == common_pb2.MESSAGE_STATUS_EXPIRED
@@ -291,7 +301,7 @@ async def test_telegram_rate_limits_reschedule_and_the_dispatcher_sends_later(
 
 
 async def test_hold_then_confirm_by_sms_code_then_release(
-    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, captured_logs: Any
 ) -> None:
     async with running_stack(
         mongo_client,
@@ -321,6 +331,8 @@ async def test_hold_then_confirm_by_sms_code_then_release(
         assert "The secret notice" in await world.chat(user, "smscodes_bot")
         # Confirmed now: the next message is not held.
         assert (await world.send(phone, "Next")).status == common_pb2.MESSAGE_STATUS_SENT
+        logs = captured_logs.text()
+        assert phone not in logs and phone.lstrip("+") not in logs and f'"{code}"' not in logs
 
 
 async def test_confirmation_messages_are_never_held_and_metrics_count_them(world: World) -> None:
