@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -74,6 +75,15 @@ class LogCapture:
 @pytest.fixture
 def captured_logs() -> LogCapture:
     return LogCapture()
+
+
+@pytest.fixture(autouse=True)
+def _session_log_capture() -> Iterator[None]:
+    """Code under test (the CLI's main(), for one) may reconfigure logging; put the capture back."""
+    yield
+    handlers = logging.getLogger().handlers
+    if not handlers or getattr(handlers[0], "stream", None) is not _LOG_STREAM:
+        configure_logging("tests", "debug", stream=_LOG_STREAM)
 
 
 @pytest.fixture
