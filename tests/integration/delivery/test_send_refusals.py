@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 import phonenumbers
 import pytest
@@ -214,6 +216,11 @@ async def test_messages_are_scoped_to_their_client(
         listed = [m.id for m in [*page1.messages, *page2.messages, *page3.messages]]
         assert listed == list(reversed(ids)) and not page3.next_page_token
         assert not (await delivery.ListMessages(delivery_pb2.ListMessagesRequest(client_id="bank"))).messages
+        # Time filters: [after, before).
+        window = delivery_pb2.ListMessagesRequest(client_id=client)
+        window.create_time_after.FromDatetime(clock.now() - timedelta(seconds=4))
+        window.create_time_before.FromDatetime(clock.now() - timedelta(seconds=1))
+        assert [m.id for m in (await delivery.ListMessages(window)).messages] == [ids[3], ids[2], ids[1]]
         # Cancel, then filter by status.
         canceled = await delivery.CancelMessage(delivery_pb2.CancelMessageRequest(client_id=client, id=ids[1]))
         assert canceled.message.status == common_pb2.MESSAGE_STATUS_CANCELED
