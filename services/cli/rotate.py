@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if json_out:
         print(json.dumps({"results": [_result_json(r) for r in results], "run": asdict(total)}))
     else:
-        _print_report(Console(), results, total, dry_run=args.dry_run, keyring_primary=first.keyring.primary_id)
+        # Piped or logged output gets a table wide enough not to fold its columns.
+        report_console = Console() if sys.stdout.isatty() else Console(width=140)
+        _print_report(report_console, results, total, dry_run=args.dry_run, keyring_primary=first.keyring.primary_id)
     if any(r.total.failed for r in results):
         return EXIT_UNREADABLE
     if not all(r.finished for r in results):
