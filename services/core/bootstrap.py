@@ -9,13 +9,14 @@ from typing import TypeVar
 
 from pymongo import AsyncMongoClient
 
+from services.core.clock import Clock, SystemClock
 from services.core.config import CommonConfig, ConfigError, Env, load_common
 from services.core.grpc_server import ServiceApp, run_service
 from services.core.logging import configure_logging, get_logger
 from services.core.mongo import Document, connect
 
 C = TypeVar("C")
-Build = Callable[[CommonConfig, C, AsyncMongoClient[Document]], Awaitable[ServiceApp]]
+Build = Callable[[CommonConfig, C, AsyncMongoClient[Document], Clock], Awaitable[ServiceApp]]
 
 
 def service_main(name: str, load: Callable[[Env], C], build: Build[C]) -> None:
@@ -36,7 +37,7 @@ def service_main(name: str, load: Callable[[Env], C], build: Build[C]) -> None:
 async def _run(name: str, common: CommonConfig, specific: C, build: Build[C]) -> None:
     client = connect(common.mongodb_uri, name)
     try:
-        app = await build(common, specific, client)
+        app = await build(common, specific, client, SystemClock())
         await run_service(app, common)
     except Exception:
         get_logger(__name__).exception("service_crashed", service=name)
