@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 
-from services.cli.main import main
 from services.core.phone import mask_phone
 from tests.integration.botgateway.conftest import Gw, new_phone, new_user_id
 
@@ -15,10 +15,18 @@ LAST_ERR: list[str] = []
 
 
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = await asyncio.to_thread(main, list(argv))
-    captured = capsys.readouterr()
-    LAST_ERR[:] = [captured.err]
-    return code, captured.out
+    """The real command, in its own process (as an operator runs it)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli.main",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    LAST_ERR[:] = [err.decode()]
+    return int(process.returncode or 0), out.decode()
 
 
 async def test_play_a_user_from_the_command_line(gw: Gw, capsys: pytest.CaptureFixture[str]) -> None:
