@@ -157,7 +157,10 @@ class TelethonTransport:
         return client
 
     def running(self, bot_id: str) -> bool:
-        return bot_id in self._clients
+        """A client exists and is connected (a client that gave up reconnecting is restarted by the
+        session manager's next round)."""
+        client = self._clients.get(bot_id)
+        return client is not None and bool(client.is_connected())
 
     async def _login(self, client: TelegramClient, token: str) -> BotIdentity:
         try:

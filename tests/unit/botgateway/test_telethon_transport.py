@@ -264,3 +264,10 @@ async def test_short_update_without_users_takes_the_access_hash_from_telethons_c
     )
     await transport.handle_update("acme_codes_bot", update)
     assert isinstance(received[0], TextReceived) and received[0].sender.access_hash == -998877665544
+
+
+async def test_a_client_that_lost_its_connection_is_not_running(transport: TelethonTransport) -> None:
+    await transport.start_bot(BotCredentials("acme_codes_bot", TOKEN))
+    assert transport.running("acme_codes_bot")
+    await transport.client("acme_codes_bot")._sender.disconnect()
+    assert not transport.running("acme_codes_bot")
