@@ -25,7 +25,7 @@ class System:
 
     def cli(self, *args: str) -> dict[str, object]:
         """Run `otpgate --json ...` against this system and parse its answer."""
-        result = subprocess.run(  # noqa: S603 - our own CLI
+        result = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "--json", *args],
             env={**os.environ, **self.stack.service_env()},
             capture_output=True,

@@ -14,7 +14,9 @@ USER_ID = 5550001
 BOT = "smscodes_bot"
 
 
-async def _poll_chat(session: aiohttp.ClientSession, system: System, text: str, timeout: float = 20.0) -> dict[str, object]:
+async def _poll_chat(
+    session: aiohttp.ClientSession, system: System, text: str, timeout: float = 20.0
+) -> dict[str, object]:
     deadline = asyncio.get_running_loop().time() + timeout
     url = f"{system.http}/sandbox/v1/users/{USER_ID}/bots/{BOT}/messages"
     while True:
@@ -32,7 +34,9 @@ async def test_message_reaches_a_connected_sandbox_user(system: System) -> None:
     api_key = str(created["key"])
     async with aiohttp.ClientSession() as session:
         sandbox = f"{system.http}/sandbox/v1/users"
-        async with session.post(sandbox, json={"user": {"userId": str(USER_ID), "phone": PHONE, "languageCode": "en"}}) as reply:
+        async with session.post(
+            sandbox, json={"user": {"userId": str(USER_ID), "phone": PHONE, "languageCode": "en"}}
+        ) as reply:
             assert reply.status == 200, await reply.text()
         async with session.post(f"{sandbox}/{USER_ID}/bots/{BOT}:start", json={}) as reply:
             assert reply.status == 200, await reply.text()
