@@ -27,6 +27,8 @@ from pymongo import monitoring
 class CommandCounter(monitoring.CommandListener):
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.micros: Counter[str] = Counter()  # time the server took, summed per key
+        self._pending: dict[tuple[int, int], str] = {}
         self._lock = threading.Lock()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
@@ -35,18 +37,27 @@ class CommandCounter(monitoring.CommandListener):
             return
         target = event.command.get(name)
         collection = target if isinstance(target, str) else ""
+        key = f"{event.database_name}.{collection}:{name}:{shape(name, event.command)}"
         with self._lock:
-            self.counts[f"{event.database_name}.{collection}:{name}:{shape(name, event.command)}"] += 1
+            self.counts[key] += 1
+            self._pending[(event.request_id, event.operation_id or 0)] = key
+
+    def _done(self, event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent) -> None:
+        with self._lock:
+            key = self._pending.pop((event.request_id, event.operation_id or 0), None)
+            if key is not None:
+                self.micros[key] += event.duration_micros
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        self._done(event)
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        self._done(event)
 
     def snapshot(self) -> dict[str, int]:
+        """Counts by key, and summed durations (microseconds) under "<key>#us"."""
         with self._lock:
-            return dict(self.counts)
+            return {**self.counts, **{f"{k}#us": v for k, v in self.micros.items()}}
 
 
 def shape(name: str, command: Any) -> str:
@@ -117,14 +128,14 @@ def main(argv: list[str]) -> None:
         return
     from pyinstrument import Profiler
 
-    profiler: Any = Profiler(async_mode="disabled", interval=0.001)
+    profiler: Any = Profiler(async_mode="disabled", interval=0.002)
     profiler.start()
     try:
         runpy.run_module(f"services.{name}", run_name="__main__", alter_sys=True)
     finally:
         profiler.stop()
-        Path(profile_to).write_text(profiler.output_html())
         Path(profile_to).with_suffix(".txt").write_text(profiler.output_text(unicode=False, show_all=False))
+        Path(profile_to).write_text(profiler.output_html())
 
 
 if __name__ == "__main__":

@@ -70,9 +70,10 @@ async def closed_loop(
     pids: Mapping[str, int] | None = None,
     on_window: Callable[[str], None] | None = None,
 ) -> tuple[LoadResult, list[tuple[int, float, float]]]:
-    """`concurrency` workers call `op` back to back. Operations that start inside the measured
-    window (after `warmup`) are counted; returns the result and (seq, start, end) wall times of
-    the measured successful operations."""
+    """`concurrency` workers call `op` back to back for `warmup` + `duration` seconds. Operations
+    that complete inside the measured window (after the warm-up) are counted; CPU is sampled at
+    the window's edges. Returns the result and (seq, start, end) wall times of the counted
+    successful operations."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     window_start = start + warmup
@@ -85,42 +86,43 @@ async def closed_loop(
 
     async def worker(index: int) -> None:
         nonlocal counter
-        while True:
-            now = loop.time()
-            if now >= window_end:
-                return
-            if now >= window_start and "cpu0" not in marks:
-                marks["cpu0"] = time.process_time()
-                marks["proc0"] = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
-                if on_window:
-                    on_window("start")
-            measured = now >= window_start
+        while loop.time() < window_end:
             counter += 1
             seq = counter
             wall = time.time()
             try:
                 await op(index, seq)
+                failure = ""
             except grpc.aio.AioRpcError as err:
-                if measured:
-                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
-                continue
+                failure = err.code().name
             except Exception as exc:  # the floor's database errors
-                if measured:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                continue
-            if measured:
-                end = time.time()
-                latencies.append(end - wall)
-                timings.append((seq, wall, end))
+                failure = type(exc).__name__
+            now = loop.time()
+            # Counted: what completes inside the window (a closed loop's throughput).
+            if window_start <= now < window_end:
+                if failure:
+                    errors[failure] = errors.get(failure, 0) + 1
+                else:
+                    end = time.time()
+                    latencies.append(end - wall)
+                    timings.append((seq, wall, end))
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    finished = loop.time()
-    driver_cpu = time.process_time() - marks.get("cpu0", time.process_time())
-    proc1 = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
-    service_cpu = {k: proc1[k] - marks.get("proc0", {}).get(k, proc1[k]) for k in proc1}
+    async def mark() -> None:
+        await asyncio.sleep(max(0.0, window_start - loop.time()))
+        marks["cpu0"] = time.process_time()
+        marks["proc0"] = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
+        if on_window:
+            on_window("start")
+        await asyncio.sleep(max(0.0, window_end - loop.time()))
+        marks["cpu1"] = time.process_time()
+        marks["proc1"] = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
+
+    await asyncio.gather(mark(), *(worker(i) for i in range(concurrency)))
+    driver_cpu = marks["cpu1"] - marks["cpu0"]
+    service_cpu = {k: marks["proc1"][k] - marks["proc0"].get(k, 0.0) for k in marks["proc1"]}
     if on_window:
         on_window("end")
-    seconds = max(finished - window_start, 1e-9)
+    seconds = duration
     result = LoadResult(concurrency, seconds, len(latencies), errors, latencies, driver_cpu, service_cpu)
     return result, timings
 
@@ -207,16 +209,23 @@ async def op_mix(system: System, users: Sequence[User], messages: int = 200, con
     busy = counts_delta(system.db_counts(), before)
     scale = (busy_seconds + 0.6) / idle_seconds
     per_message: dict[str, float] = {}
+    server_ms: dict[str, float] = {}
     for key, count in busy.items():
+        if key.endswith("#us"):
+            continue
         value = (count - idle.get(key, 0) * scale) / messages
         if value > 0.005:
             per_message[key] = round(value, 3)
+            # Mean time per command as the driver saw it (round trip, under this load).
+            server_ms[key] = round(busy.get(f"{key}#us", 0) / count / 1000, 2)
     return {
         "messages": messages,
         "seconds": round(busy_seconds, 2),
         "per_message": dict(sorted(per_message.items())),
         "total_per_message": round(sum(per_message.values()), 2),
-        "idle_per_second": {k: round(v / idle_seconds, 2) for k, v in sorted(idle.items())},
+        "mean_ms": dict(sorted(server_ms.items())),
+        "ms_per_message": round(sum(per_message[k] * server_ms[k] for k in per_message), 1),
+        "idle_per_second": {k: round(v / idle_seconds, 2) for k, v in sorted(idle.items()) if not k.endswith("#us")},
     }
 
 
