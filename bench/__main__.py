@@ -22,6 +22,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from bench import scenarios
 from bench.scenarios import (
     Floor,
     LoadResult,
@@ -79,6 +80,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=("raised", "off"),
         default="raised",
         help="delivery rate limits raised far out of reach (default; still counted) or off (not counted at all)",
+    )
+    parser.add_argument(
+        "--no-request-id", action="store_true", help="send messages without request_id (no idempotency lookup)"
     )
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/bench-<time>.json)")
     parser.add_argument("--keep", action="store_true", help="keep logs and profiles under bench/results/work")
@@ -280,12 +284,14 @@ def summary_line(report: dict[str, Any]) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     plan = plan_of(args)
+    scenarios.REQUEST_IDS["on"] = not args.no_request_id
     work = workdir(args.keep or bool(args.profile))
     report: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(),
         "plan": plan.__dict__,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "delivery_limits": args.delivery_limits,
+        "request_ids": not args.no_request_id,
         "driver": "python asyncio + grpc.aio, one process (its CPU is reported as 'driver')",
     }
     out = args.out or RESULTS / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

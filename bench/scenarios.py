@@ -130,6 +130,14 @@ async def closed_loop(
 # Scenario 1: send ----------------------------------------------------------------------------
 
 
+# Set from --no-request-id: send without an idempotency key (what clients that send none cost).
+REQUEST_IDS = {"on": True}
+
+
+def rid(value: str) -> str:
+    return value if REQUEST_IDS["on"] else ""
+
+
 def public_stub(system: System) -> tuple[edge_pb2_grpc.PublicServiceAsyncStub, tuple[tuple[str, str], ...]]:
     return edge_pb2_grpc.PublicServiceStub(system.channel("edge")), (("authorization", f"Bearer {system.api_key}"),)
 
@@ -145,7 +153,7 @@ async def send_run(
         text = f"bench {tag} #{seq}: your code is {seq % 1_000_000:06d}"
         texts[text] = seq
         await stub.SendMessage(
-            edge_pb2.SendMessageRequest(phone=user.phone, text=text, bot=user.bots[0], request_id=f"{tag}-{seq}"),
+            edge_pb2.SendMessageRequest(phone=user.phone, text=text, bot=user.bots[0], request_id=rid(f"{tag}-{seq}")),
             metadata=metadata,
             timeout=30,
         )
@@ -197,7 +205,7 @@ async def op_mix(system: System, users: Sequence[User], messages: int = 200, con
         async with gate:
             await stub.SendMessage(
                 edge_pb2.SendMessageRequest(
-                    phone=user.phone, text=f"{tag} {i}", bot=user.bots[0], request_id=f"{tag}{i}"
+                    phone=user.phone, text=f"{tag} {i}", bot=user.bots[0], request_id=rid(f"{tag}{i}")
                 ),
                 metadata=metadata,
                 timeout=30,
@@ -459,7 +467,7 @@ async def ceiling_run(system: System, messages: int, pool: bool, concurrency: in
         async with gate:
             try:
                 await stub.SendMessage(
-                    edge_pb2.SendMessageRequest(phone=user.phone, text=text, bot=bot, request_id=f"{tag}-{i}"),
+                    edge_pb2.SendMessageRequest(phone=user.phone, text=text, bot=bot, request_id=rid(f"{tag}-{i}")),
                     metadata=metadata,
                     timeout=60,
                 )
