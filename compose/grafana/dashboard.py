@@ -17,7 +17,7 @@ from typing import Any
 
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "otpgate.json"
 DATASOURCE = {"type": "prometheus", "uid": "otpgate-prometheus"}
-SERVER_ERRORS = "UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|UNIMPLEMENTED"
+SERVER_ERRORS = "Unknown|Internal|Unavailable|DeadlineExceeded|DataLoss|Unimplemented"
 RI = "$__rate_interval"
 
 

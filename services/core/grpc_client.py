@@ -91,7 +91,7 @@ class _ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             code = error.code()
             raise
         finally:
-            metrics.client_handled.labels(*labels, code.name).inc()
+            metrics.client_handled.labels(*labels, metrics.code_label(code)).inc()
             metrics.client_handling.labels(*labels).observe(time.perf_counter() - started)
 
 

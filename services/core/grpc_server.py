@@ -96,7 +96,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("rpc_failed", method=method, error=type(exc).__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
-                metrics.server_handled.labels(*labels, code.name).inc()
+                metrics.server_handled.labels(*labels, metrics.code_label(code)).inc()
                 metrics.server_handling.labels(*labels).observe(time.perf_counter() - started)
                 request_id_var.reset(token)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -29,6 +30,11 @@ client_handling = Histogram(
     _LABELS,
     buckets=LATENCY_BUCKETS,
 )
+
+
+def code_label(code: grpc.StatusCode) -> str:
+    """go-grpc-prometheus spells codes as Go does: OK, InvalidArgument, DeadlineExceeded..."""
+    return "OK" if code is grpc.StatusCode.OK else "".join(part.capitalize() for part in code.name.split("_"))
 
 
 def split_method(full_method: str) -> tuple[str, str]:

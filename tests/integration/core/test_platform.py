@@ -102,7 +102,7 @@ async def test_metrics_use_go_grpc_prometheus_names() -> None:
         )
     finally:
         await running.stop(0)
-    labels = 'grpc_code="UNIMPLEMENTED",grpc_method="ResolvePhone",grpc_service="otpgate.directory.v1.DirectoryService",grpc_type="unary"'
+    labels = 'grpc_code="Unimplemented",grpc_method="ResolvePhone",grpc_service="otpgate.directory.v1.DirectoryService",grpc_type="unary"'
     assert f"grpc_server_handled_total{{{labels}}}" in body
     assert f"grpc_client_handled_total{{{labels}}}" in body
     assert "grpc_server_handling_seconds_bucket" in body

@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from prometheus_client import REGISTRY
 
+from services.core.metrics import code_label
+
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose"
 SERVICES = ("edge", "delivery", "verification", "directory", "botgateway")
@@ -53,7 +55,7 @@ def code_corpus() -> str:
 
 def value_in_code(label: str, value: str) -> bool:
     if label == "grpc_code":
-        return value in grpc.StatusCode.__members__
+        return value in {code_label(code) for code in grpc.StatusCode}
     corpus = code_corpus()
     return f'"{value}"' in corpus or f"_{value} =" in corpus or f"'{value}'" in corpus
 

@@ -92,4 +92,5 @@ def test_the_expression_checker_catches_mistakes() -> None:
     assert check_expression("rate(otpgate_no_such_metric_total[5m])")
     assert check_expression('rate(otpgate_messages_total{colour="red"}[5m])')
     assert check_expression('rate(otpgate_fraud_decisions_total{decision="maybe"}[5m])')
-    assert check_expression('rate(grpc_server_handled_total{grpc_code="Internal"}[5m])')
+    assert check_expression('rate(grpc_server_handled_total{grpc_code="INTERNAL"}[5m])')
+    assert check_expression('rate(grpc_server_handled_total{grpc_code="Internal"}[5m])') == []
