@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: help install run test lint proto lock bench devdb clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP):
 	@mkdir -p $(STAMP)
@@ -58,6 +58,8 @@ bench: install ## benchmarks (see bench/README.md)
 lock: ## re-resolve requirements.lock from pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^otpgate' > requirements.lock
+
+include compose/compose.mk
 
 clean: ## remove caches and builds (keeps the venv)
 	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
