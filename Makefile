@@ -25,7 +25,8 @@ $(STAMP)/python: requirements.lock pyproject.toml | $(STAMP)
 	@touch $@
 
 $(STAMP)/node: package.json package-lock.json | $(STAMP)
-	npm ci --silent --no-audit --no-fund
+	@# `npm ci` trips over buf's per-platform optional packages; install honours the lock file.
+	npm install --silent --no-audit --no-fund
 	@touch $@
 
 devdb: ## build the dev database (FerretDB on SQLite) into .cache/bin
