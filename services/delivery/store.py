@@ -113,6 +113,8 @@ class Store:
         self.db = database
         self.messages = database["messages"]
         self.usage = database["usage"]
+        # client_id + request_id -> message id, keyed by _id: repeats are found without scanning the outbox.
+        self.idempotency = database["idempotency"]
         self.clock = clock
 
     async def create_indexes(self) -> None:
@@ -130,18 +132,25 @@ class Store:
         """Insert a new message; on an idempotency key already used, return the existing one."""
         try:
             await self.messages.insert_one(doc)
-            return None
         except DuplicateKeyError:
             existing = await self.messages.find_one({"idem": doc["idem"]})
             if existing is None:
                 raise
             return existing
+        if doc.get("request_id"):
+            # A lost pointer only costs speed: the unique idem index still refuses the duplicate.
+            with contextlib.suppress(DuplicateKeyError):
+                await self.idempotency.insert_one(
+                    {"_id": doc["idem"], "message_id": doc["_id"], "created_at": doc["created_at"]}
+                )
+        return None
 
     async def get(self, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id})
 
     async def by_idem(self, idem: str) -> Document | None:
-        return await self.messages.find_one({"idem": idem})
+        pointer = await self.idempotency.find_one({"_id": idem})
+        return None if pointer is None else await self.get(str(pointer["message_id"]))
 
     async def get_for_client(self, client_id: str, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id, "client_id": client_id})
@@ -219,6 +228,8 @@ class Store:
         result = await self.messages.delete_many(
             {"created_at": {"$lt": before}, "status": {"$nin": list(OPEN_STATUSES)}}
         )
+        # Pointers outlive nothing they point to; a pointer to a purged message reads as "not seen".
+        await self.idempotency.delete_many({"created_at": {"$lt": before}})
         return int(result.deleted_count)
 
     # Usage: one record per counted message (unique id), summed on read. ---------------------

@@ -169,6 +169,10 @@ async def test_idempotent_and_conflicting_repeats(
         first = await delivery.SendMessage(sms_request("+79991234567", "A", request_id="same"))
         repeat = await delivery.SendMessage(sms_request("+79991234567", "A", request_id="same"))
         assert repeat.replayed and not first.replayed and repeat.message.id == first.message.id
+        # Repeats are found through an _id-keyed pointer, not by scanning the outbox.
+        database = mongo_client[stack.commons["delivery"].database]
+        pointer = await database.idempotency.find_one({"_id": "shop\x1fsame"})
+        assert pointer is not None and pointer["message_id"] == first.message.id
         conflict = await refused(delivery.SendMessage(sms_request("+79991234567", "B", request_id="same")))
         assert (conflict.code, conflict.reason) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_CONFLICT")
         # Another client may use the same request id.
