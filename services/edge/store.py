@@ -62,6 +62,9 @@ class EdgeStore:
         self.database = database
         self.clients: AsyncCollection[Document] = database["clients"]
         self.api_keys: AsyncCollection[Document] = database["api_keys"]
+        # Last-use times live apart from the keys: a busy key's usage writes must never race
+        # (and, on a database without atomic updates, undo) its revocation.
+        self.key_usage: AsyncCollection[Document] = database["api_key_usage"]
         self.captcha_tokens: AsyncCollection[Document] = database["captcha_tokens"]
 
     async def create_indexes(self) -> None:
@@ -104,19 +107,25 @@ class EdgeStore:
             "scopes": scopes,
             "secret_hash": secret_hash,
             "created_at": now,
-            "last_used_at": None,
             "revoked_at": None,
         }
         await self.api_keys.insert_one(doc)
         return _key(doc)
 
+    async def _with_usage(self, docs: list[Document]) -> list[ApiKeyRecord]:
+        if not docs:
+            return []
+        cursor = self.key_usage.find({"_id": {"$in": [doc["_id"] for doc in docs]}})
+        used = {usage["_id"]: usage.get("last_used_at") async for usage in cursor}
+        return [_key({**doc, "last_used_at": used.get(doc["_id"])}) for doc in docs]
+
     async def get_key(self, key_id: str) -> ApiKeyRecord | None:
         doc = await self.api_keys.find_one({"_id": key_id})
-        return _key(doc) if doc else None
+        return (await self._with_usage([doc]))[0] if doc else None
 
     async def list_keys(self, client_id: str) -> list[ApiKeyRecord]:
         cursor = self.api_keys.find({"client_id": client_id}).sort("_id", 1).limit(1000)
-        return [_key(doc) async for doc in cursor]
+        return await self._with_usage([doc async for doc in cursor])
 
     async def revoke_key(self, key_id: str, now: datetime) -> ApiKeyRecord | None:
         """Revokes once; a second call returns the key as it is (revoke time unchanged)."""
@@ -127,14 +136,16 @@ class EdgeStore:
         )
         if doc is None:
             doc = await self.api_keys.find_one({"_id": key_id})
-        return _key(doc) if doc else None
+        return (await self._with_usage([doc]))[0] if doc else None
 
     async def touch_key(self, key_id: str, now: datetime, not_after: datetime) -> None:
         """Sets last_used_at unless another replica already did so after not_after."""
-        await self.api_keys.update_one(
-            {"_id": key_id, "$or": [{"last_used_at": None}, {"last_used_at": {"$lt": not_after}}]},
-            {"$set": {"last_used_at": now}},
-        )
+        try:
+            await self.key_usage.insert_one({"_id": key_id, "last_used_at": now})
+        except DuplicateKeyError:
+            await self.key_usage.update_one(
+                {"_id": key_id, "last_used_at": {"$lt": not_after}}, {"$set": {"last_used_at": now}}
+            )
 
     # CAPTCHA tokens ------------------------------------------------------------
 
