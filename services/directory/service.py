@@ -123,19 +123,8 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     async def GetSubscriber(
         self, request: directory_pb2.GetSubscriberRequest, context: Context
     ) -> directory_pb2.GetSubscriberResponse:
-        violations = Violations()
-        selector = request.WhichOneof("selector")
-        if selector == "telegram_user_id":
-            user_id = check_user_id(violations, request.telegram_user_id)
-            violations.raise_if_any()
-            record = await self.directory.get_by_user(user_id)
-        elif selector == "phone":
-            phone = check_phone(violations, request.phone)
-            violations.raise_if_any()
-            assert phone is not None
-            record = await self.directory.get_by_phone(phone.e164)
-        else:
-            raise invalid_argument([("selector", "telegram_user_id or phone is required")])
+        who = _selected(request)
+        record = await (self.directory.get_by_user(who) if isinstance(who, int) else self.directory.get_by_phone(who))
         return directory_pb2.GetSubscriberResponse(subscriber=self._subscriber(record))
 
     async def SetBotStatus(
@@ -166,17 +155,22 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     async def ForgetSubscriber(
         self, request: directory_pb2.ForgetSubscriberRequest, context: Context
     ) -> directory_pb2.ForgetSubscriberResponse:
-        violations = Violations()
-        selector = request.WhichOneof("selector")
-        if selector == "telegram_user_id":
-            user_id = check_user_id(violations, request.telegram_user_id)
-            violations.raise_if_any()
-            erased = await self.directory.forget_user(user_id)
-        elif selector == "phone":
-            phone = check_phone(violations, request.phone)
-            violations.raise_if_any()
-            assert phone is not None
-            erased = await self.directory.forget_phone(phone.e164)
-        else:
-            raise invalid_argument([("selector", "telegram_user_id or phone is required")])
+        who = _selected(request)
+        erased = await (self.directory.forget_user(who) if isinstance(who, int) else self.directory.forget_phone(who))
         return directory_pb2.ForgetSubscriberResponse(erased=erased)
+
+
+def _selected(request: directory_pb2.GetSubscriberRequest | directory_pb2.ForgetSubscriberRequest) -> int | str:
+    """The Telegram user id, or the E.164 number, that a by-user-or-phone request names."""
+    violations = Violations()
+    selector = request.WhichOneof("selector")
+    if selector == "telegram_user_id":
+        user_id = check_user_id(violations, request.telegram_user_id)
+        violations.raise_if_any()
+        return user_id
+    if selector == "phone":
+        phone = check_phone(violations, request.phone)
+        violations.raise_if_any()
+        assert phone is not None
+        return phone.e164
+    raise invalid_argument([("selector", "telegram_user_id or phone is required")])
