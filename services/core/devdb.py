@@ -1,12 +1,14 @@
 """The dev database: a real MongoDB-wire server (FerretDB v1 on SQLite) built from tools/devdb.
 
 Used by `otpgate dev` and the tests when MONGODB_URI is not set. The binary is built once
-into .cache/bin (ignored by git); later runs reuse it.
+into .cache/bin (ignored by git); later runs reuse it. tools/devdb/patches.json lists small
+patches to FerretDB, applied to a copy of the module, that let lookups by _id use the index.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -18,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tools" / "devdb"
 BINARY = ROOT / ".cache" / "bin" / "devdb"
+PATCHES = SOURCE / "patches.json"
+PATCHED = ROOT / ".cache" / "devdb-ferretdb"
 
 
 class DevDatabaseError(RuntimeError):
@@ -25,7 +29,7 @@ class DevDatabaseError(RuntimeError):
 
 
 def ensure_binary() -> Path:
-    sources = [*SOURCE.glob("*.go"), SOURCE / "go.mod", SOURCE / "go.sum"]
+    sources = [*SOURCE.glob("*.go"), SOURCE / "go.mod", SOURCE / "go.sum", PATCHES]
     newest = max(p.stat().st_mtime for p in sources if p.exists())
     if BINARY.exists() and BINARY.stat().st_mtime >= newest:
         return BINARY
@@ -36,12 +40,46 @@ def ensure_binary() -> Path:
         )
     BINARY.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CGO_ENABLED": "0"}
+    modfile = _patched_modfile(go, env)
     result = subprocess.run(  # noqa: S603 - fixed arguments
-        [go, "build", "-o", str(BINARY), "."], cwd=SOURCE, env=env, capture_output=True, text=True, check=False
+        [go, "build", f"-modfile={modfile}", "-o", str(BINARY), "."],
+        cwd=SOURCE,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise DevDatabaseError(f"building the dev database failed:\n{result.stderr[-4000:]}")
     return BINARY
+
+
+def _patched_modfile(go: str, env: dict[str, str]) -> Path:
+    """A copy of the FerretDB module with the patches in tools/devdb/patches.json applied, and a
+    go.mod (for `go build -modfile`) that replaces the module with that copy."""
+    spec = json.loads(PATCHES.read_text())
+    found = subprocess.run(  # noqa: S603 - fixed arguments
+        [go, "mod", "download", "-json", spec["module"]], cwd=SOURCE, env=env, capture_output=True, text=True
+    )
+    if found.returncode != 0:
+        raise DevDatabaseError(f"fetching {spec['module']} failed:\n{found.stdout[-2000:]}{found.stderr[-2000:]}")
+    shutil.rmtree(PATCHED, ignore_errors=True)
+    module = PATCHED / "module"
+    # The module cache is read-only; the copy must be writable to patch it and to remove it later.
+    shutil.copytree(json.loads(found.stdout)["Dir"], module, copy_function=shutil.copyfile)
+    for patch in spec["patches"]:
+        target = module / patch["file"]
+        target.write_text(replace_once(target.read_text(), patch["old"], patch["new"], patch["file"]))
+    modfile = PATCHED / "go.mod"
+    modfile.write_text((SOURCE / "go.mod").read_text() + f"\nreplace {spec['module']} => {module}\n")
+    shutil.copyfile(SOURCE / "go.sum", PATCHED / "go.sum")
+    return modfile
+
+
+def replace_once(text: str, old: str, new: str, where: str) -> str:
+    if text.count(old) != 1:
+        raise DevDatabaseError(f"dev database patch for {where} no longer applies (expected its text once)")
+    return text.replace(old, new)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

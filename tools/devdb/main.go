@@ -41,7 +41,10 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		// WAL (FerretDB's default) with synchronous=NORMAL: commits survive a crash of this
+		// process, and a power loss may drop the last ones; a full fsync per commit would make
+		// every write wait on the disk, which a development database does not need.
+		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(normal)",
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "devdb: %v\n", err)
