@@ -29,6 +29,7 @@ from services.delivery.policy import PolicyStore
 from services.delivery.service import DeliveryServicer, SmsSandboxServicer
 from services.delivery.sms import HttpSettings, SandboxSmsProvider, SmscProvider, SmsProvider, WebhookSmsProvider
 from services.delivery.store import Store
+from services.delivery.wakeup import Wakeup
 from services.delivery.webhooks import WebhookOutbox, guarded_session
 
 log = get_logger(__name__)
@@ -56,6 +57,7 @@ class DeliveryConfig:
     sms_webhook_secret: str
     sms_http: HttpSettings
     poll_interval: float
+    idle_poll_interval: float
     dispatcher: bool
     purge_interval: float
     bot_cache_ttl: float
@@ -172,7 +174,16 @@ def load_config(env: Env) -> DeliveryConfig:
                 "OTPGATE_SMS_RETRIES", 2, "extra tries when a provider cannot be reached", min=0, max=10
             ),
         ),
-        poll_interval=env.number("OTPGATE_DELIVERY_POLL_INTERVAL", 0.5, "dispatcher poll interval, s", min=0.01),
+        poll_interval=env.number(
+            "OTPGATE_DELIVERY_POLL_INTERVAL", 0.5, "dispatcher poll interval while there is work, s", min=0.01
+        ),
+        idle_poll_interval=env.number(
+            "OTPGATE_DELIVERY_IDLE_POLL_INTERVAL",
+            5.0,
+            "dispatcher poll interval when this replica knows of no due work, s: bounds how late it picks up"
+            " what other replicas left behind and open messages that expire",
+            min=0.01,
+        ),
         dispatcher=env.flag("OTPGATE_DELIVERY_DISPATCHER", True, "run the dispatcher and purge loops in this process"),
         purge_interval=env.number("OTPGATE_DELIVERY_PURGE_INTERVAL", 300.0, "how often old data is purged, s", min=1),
         bot_cache_ttl=env.number("OTPGATE_DELIVERY_BOT_CACHE_TTL", 60.0, "how long bot facts are cached, s", min=0),
@@ -194,6 +205,7 @@ class DeliveryRuntime:
 
     engine: Engine
     config: DeliveryConfig
+    wakeup: Wakeup
     http: aiohttp.ClientSession
     webhook_http: aiohttp.ClientSession
 
@@ -206,7 +218,12 @@ class DeliveryRuntime:
             except Exception:
                 log.exception("dispatcher_pass_failed")
                 tried = 0
-            await asyncio.sleep(0 if tried >= self.engine.settings.batch else self.config.poll_interval)
+            if tried >= self.engine.settings.batch:
+                await asyncio.sleep(0)
+            elif tried:
+                await asyncio.sleep(self.config.poll_interval)
+            else:
+                await self.wakeup.wait(self.config.idle_poll_interval, self.config.poll_interval)
 
     async def purge_loop(self) -> None:
         while True:
@@ -233,7 +250,8 @@ async def build_app(
     db = client[common.database]
     keyring = common.keyring
     owner = f"{socket.gethostname()}:{os.getpid()}:{id(config):x}"
-    store = Store(db, clock)
+    wakeup = Wakeup(clock)
+    store = Store(db, clock, wakeup)
     claims = Claims(db["claims"], clock, owner, config.engine.lease)
     limiter = Limiter(db["limits"], clock)
     fraud = FraudGuard(db["sms_events"], db["conversions"], keyring, clock, config.fraud)
@@ -291,6 +309,7 @@ async def build_app(
         timeout=config.webhook_timeout,
         backoff_base=config.webhook_backoff,
         dev=common.dev,
+        wakeup=wakeup,
     )
     engine = Engine(
         store=store,
@@ -314,7 +333,7 @@ async def build_app(
         await part.create_indexes()
     if sandbox is not None:
         await sandbox.create_indexes()
-    runtime = DeliveryRuntime(engine, config, http, webhook_http)
+    runtime = DeliveryRuntime(engine, config, wakeup, http, webhook_http)
     servicers: list[tuple[object, object, str]] = [
         (
             delivery_pb2_grpc.add_DeliveryServiceServicer_to_server,

@@ -354,7 +354,7 @@ class Engine:
         if self.settings.inline_dispatch:
             doc = await self._run_claimed(doc, claim, resolution)
         else:
-            await self.store.write(message_id, {"lease_until": EPOCH})
+            await self.store.write(message_id, {"lease_until": EPOCH, "next_attempt_at": now})
             await self.claims.release(claim)
             doc["lease_until"] = EPOCH
         return delivery_pb2.SendMessageResponse(message=to_proto(doc, self.clock.now()))

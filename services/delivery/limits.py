@@ -6,6 +6,10 @@ so the unique `_id` makes admission exact under concurrency on any MongoDB-wire
 server: a counter updated with `$inc` is not atomic on the dev database (measured:
 20 concurrent increments of one document gave 7), an insert that collides always fails.
 
+Nothing is counted with a query: how far a window is filled is found by probing slot ids
+(1, 2, 4, 8, … then bisecting), so every read is an `_id` lookup; a process remembers the
+last slot it took per window, so its next event is usually one insert.
+
 Windows are fixed (aligned to the epoch) or sliding (the previous fixed window
 weighted by how much of it still overlaps, plus the current one).
 """
@@ -103,7 +107,6 @@ class Limiter:
         self._hints: dict[str, int] = {}
 
     async def create_indexes(self) -> None:
-        await ensure_index(self._coll, [("w", 1)])
         await ensure_index(self._coll, [("exp", 1)])
 
     async def acquire(self, hits: list[Hit]) -> None:
@@ -116,8 +119,8 @@ class Limiter:
                     continue
                 taken.append(await self._take(hit))
         except RateLimited as exc:
-            if taken:
-                await self._coll.delete_many({"_id": {"$in": [t.slot_id for t in taken]}})
+            for given_back in taken:  # one by one: an `_id` lookup each, never a scan
+                await self._coll.delete_one({"_id": given_back.slot_id})
             metrics.limiter_rejections_total.labels(exc.hit.limit_name).inc()
             raise
 
@@ -135,36 +138,54 @@ class Limiter:
             previous = await self._closed_count(f"{base}|{index - 1}")
         carried = previous * (1.0 - frac)
         limit = hit.rate.limit
-        counted = current_w not in self._hints
-        if counted:
-            self._raise_hint(current_w, await self._coll.count_documents({"w": current_w}))
+        # A hint learnt in this process may be stale (another replica took slots, or slots were
+        # given back); it is checked against the database before a refusal.
+        probed = False
         for _ in range(self._max_probe):
             # Numbers are reserved in this process before the insert, so concurrent requests here
             # never race for one slot; only other replicas can collide.
             slot = self._reserve(current_w)
             if carried + slot > limit:
-                if not counted:  # the hint may be stale (slots given back): count before refusing
-                    counted = True
-                    self._hints[current_w] = await self._coll.count_documents({"w": current_w})
-                    continue
                 if self._hints.get(current_w) == slot:
                     self._hints[current_w] = slot - 1  # give the number back
+                if not probed:
+                    probed = True
+                    self._hints[current_w] = await self._first_free(current_w, 0) - 1
+                    continue
                 raise RateLimited(hit, self._retry_after(hit, start, epoch, previous, slot - 1))
             slot_id = f"{current_w}|{slot}"
             try:
                 await self._coll.insert_one(
                     {
                         "_id": slot_id,
-                        "w": current_w,
                         "exp": datetime.fromtimestamp(start + 2 * window, tz=now.tzinfo) + timedelta(seconds=1),
                     }
                 )
                 return _Taken(slot_id)
             except DuplicateKeyError:
-                if not counted:
-                    counted = True
-                    self._raise_hint(current_w, await self._coll.count_documents({"w": current_w}))
+                # Another replica is ahead in this window: continue above its last slot.
+                self._raise_hint(current_w, await self._first_free(current_w, slot) - 1)
         raise RateLimited(hit, 1.0)
+
+    async def _first_free(self, window_id: str, taken: int) -> int:
+        """A free slot number above `taken` (known taken, or 0) whose predecessor is taken: doubling
+        steps until a free slot, then bisection, each probe an `_id` lookup. Slots fill from 1 up,
+        so this is the next free slot; a slot given back below it is simply not reused."""
+        low, step = taken, 1
+        high = low + step
+        while await self._is_taken(window_id, high):
+            low, step = high, step * 2
+            high = low + step
+        while high - low > 1:
+            middle = (low + high) // 2
+            if await self._is_taken(window_id, middle):
+                low = middle
+            else:
+                high = middle
+        return high
+
+    async def _is_taken(self, window_id: str, slot: int) -> bool:
+        return await self._coll.find_one({"_id": f"{window_id}|{slot}"}, {"_id": 1}) is not None
 
     def _raise_hint(self, window_id: str, count: int) -> None:
         if len(self._hints) > 50_000:
@@ -181,7 +202,7 @@ class Limiter:
         cached = self._closed.get(window_id)
         if cached is not None:
             return cached
-        count = await self._coll.count_documents({"w": window_id})
+        count = await self._first_free(window_id, 0) - 1
         if len(self._closed) > 50_000:
             self._closed.clear()
         self._closed[window_id] = count

@@ -20,6 +20,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
+from services.delivery.wakeup import Wakeup
 
 QUEUED = common_pb2.MESSAGE_STATUS_QUEUED
 HELD = common_pb2.MESSAGE_STATUS_HELD
@@ -109,8 +110,9 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
 
 
 class Store:
-    def __init__(self, database: AsyncDatabase[Document], clock: Clock) -> None:
+    def __init__(self, database: AsyncDatabase[Document], clock: Clock, wakeup: Wakeup | None = None) -> None:
         self.db = database
+        self.wakeup = wakeup
         self.messages = database["messages"]
         self.usage = database["usage"]
         # client_id + request_id -> message id, keyed by _id: repeats are found without scanning the outbox.
@@ -158,6 +160,10 @@ class Store:
     async def write(self, message_id: str, changes: dict[str, Any]) -> None:
         """Write under the message's claim (see claims.py)."""
         await self.messages.update_one({"_id": message_id}, {"$set": changes})
+        if self.wakeup is not None:
+            for field in ("next_attempt_at", "sms_poll_at"):
+                if changes.get(field) is not None:
+                    self.wakeup.at(changes[field])
 
     async def list_for_client(
         self,

@@ -30,6 +30,7 @@ from services.core.mongo import Document, ensure_index
 from services.delivery import metrics
 from services.delivery.claims import Claims
 from services.delivery.sms import signature
+from services.delivery.wakeup import Wakeup
 
 log = get_logger(__name__)
 MAX_URL = 2048
@@ -130,8 +131,10 @@ class WebhookOutbox:
         backoff_base: float = 5.0,
         backoff_max: float = 3600.0,
         dev: bool = False,
+        wakeup: Wakeup | None = None,
     ) -> None:
         self._dev = dev
+        self._wakeup = wakeup
         self._coll = collection
         self._claims = claims
         self._session = session
@@ -163,6 +166,8 @@ class WebhookOutbox:
                     "created_at": now,
                 }
             )
+        if self._wakeup is not None:
+            self._wakeup.at(now)
 
     async def deliver_due_once(self, limit: int = 50) -> int:
         """Post every due webhook once; returns how many were attempted."""
@@ -241,6 +246,8 @@ class WebhookOutbox:
             metrics.webhooks_total.labels("retry").inc()
             log.info("webhook_retry", event_id=doc["_id"], attempts=attempts, outcome=outcome, retry_in=delay)
         await self._coll.update_one({"_id": doc["_id"]}, {"$set": changes})
+        if self._wakeup is not None and "next_at" in changes:
+            self._wakeup.at(changes["next_at"])
 
     async def get(self, event_id: str) -> Document | None:
         return await self._coll.find_one({"_id": event_id})

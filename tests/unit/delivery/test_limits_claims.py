@@ -60,6 +60,19 @@ async def test_sliding_window_weighs_the_previous_window(database: AsyncDatabase
     assert not await _admitted(limiter, [hit])
 
 
+async def test_a_fresh_replica_weighs_the_previous_window_another_filled(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    busy, fresh = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
+    hit = Hit("phone_short", "p", Rate(20, 100))
+    clock.set(clock.now().replace(minute=0, second=0))
+    for _ in range(13):  # found by probing slot ids: 1, 2, 4, 8, 16 free, then bisecting to 14
+        assert await _admitted(busy, [hit])
+    clock.advance(150)  # the previous window weighs 13 * 0.5 = 6.5: 13 more fit, not 14
+    results = [await _admitted(fresh, [hit]) for _ in range(15)]
+    assert sum(results) == 13 and not results[-1]
+
+
 async def test_a_refused_request_gives_back_slots_taken_for_other_limits(
     database: AsyncDatabase[Document], clock: ManualClock
 ) -> None:
