@@ -58,6 +58,7 @@ class DeliveryConfig:
     sms_http: HttpSettings
     poll_interval: float
     idle_poll_interval: float
+    policy_cache_ttl: float
     dispatcher: bool
     purge_interval: float
     bot_cache_ttl: float
@@ -177,6 +178,13 @@ def load_config(env: Env) -> DeliveryConfig:
         poll_interval=env.number(
             "OTPGATE_DELIVERY_POLL_INTERVAL", 0.5, "dispatcher poll interval while there is work, s", min=0.01
         ),
+        policy_cache_ttl=env.number(
+            "OTPGATE_DELIVERY_POLICY_CACHE_TTL",
+            2.0,
+            "how long a replica keeps a client policy in memory, s: a change made through another replica"
+            " applies within it (0: read on every message)",
+            min=0,
+        ),
         idle_poll_interval=env.number(
             "OTPGATE_DELIVERY_IDLE_POLL_INTERVAL",
             5.0,
@@ -256,7 +264,7 @@ async def build_app(
     limiter = Limiter(db["limits"], clock)
     fraud = FraudGuard(db["sms_events"], db["conversions"], keyring, clock, config.fraud)
     sms_any = config.sms_any_default if config.sms_any_default is not None else common.sandbox
-    policies = PolicyStore(db["policies"], clock, sms_any)
+    policies = PolicyStore(db["policies"], clock, sms_any, config.policy_cache_ttl)
     http = aiohttp.ClientSession()
     webhook_http = guarded_session(allow_private=common.dev)
     sandbox = SandboxSmsProvider(db["sandbox_sms"], keyring, clock) if common.sandbox else None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.core.clock import Clock
 from services.core.errors import ServiceError, resource_exhausted
@@ -75,8 +75,22 @@ class Hit:
 
 
 @dataclass
-class _Taken:
-    slot_id: str
+class _Window:
+    """Where one hit is counted now: its open window and the weight carried from the previous one."""
+
+    hit: Hit
+    start: float
+    epoch: float
+    current: str
+    previous: str
+    expires: datetime
+    carried_count: int = 0
+
+    @property
+    def carried(self) -> float:
+        if not self.hit.sliding:
+            return 0.0
+        return self.carried_count * (1.0 - (self.epoch - self.start) / self.hit.rate.window)
 
 
 class RateLimited(Exception):
@@ -102,8 +116,8 @@ class Limiter:
         self._max_probe = max_probe
         # Closed windows never change: their counts are cached (key|window -> count).
         self._closed: dict[str, int] = {}
-        # The last slot this process took per open window: the next try starts above it without a
-        # count; the first collision (another replica took it) falls back to counting.
+        # The last slot this process took per open window: the next try starts above it without
+        # probing; a collision (another replica took it) probes for the next free one.
         self._hints: dict[str, int] = {}
 
     async def create_indexes(self) -> None:
@@ -111,61 +125,107 @@ class Limiter:
 
     async def acquire(self, hits: list[Hit]) -> None:
         """Count every hit or none: raises RateLimited for the first limit that is full
-        (slots already taken for earlier limits are given back)."""
-        taken: list[_Taken] = []
+        (slots already taken for other limits are given back). Usually two commands for all
+        the hits together: one lookup of the previous windows, one insert of every slot."""
+        windows = [self._window(hit) for hit in hits if hit.rate.limit > 0]
+        if not windows:
+            return
+        taken: list[str] = []
         try:
-            for hit in hits:
-                if hit.rate.limit <= 0:
-                    continue
-                taken.append(await self._take(hit))
+            await self._weigh_previous(windows)
+            first: list[tuple[_Window, int]] = []
+            try:
+                for window in windows:
+                    first.append((window, await self._candidate(window)))
+            except RateLimited:
+                for window, slot in first:
+                    self._give_back(window.current, slot)
+                raise
+            for window, slot in await self._insert(first, taken):
+                self._raise_hint(window.current, await self._first_free(window.current, slot) - 1)
+                taken.append(await self._take(window))
         except RateLimited as exc:
-            for given_back in taken:  # one by one: an `_id` lookup each, never a scan
-                await self._coll.delete_one({"_id": given_back.slot_id})
+            for slot_id in taken:  # one by one: an `_id` lookup each, never a scan
+                await self._coll.delete_one({"_id": slot_id})
             metrics.limiter_rejections_total.labels(exc.hit.limit_name).inc()
             raise
 
-    async def _take(self, hit: Hit) -> _Taken:
+    def _window(self, hit: Hit) -> _Window:
         now = self._clock.now()
         epoch = now.timestamp()
-        window = hit.rate.window
-        index = math.floor(epoch / window)
-        start = index * window
-        frac = (epoch - start) / window
+        index = math.floor(epoch / hit.rate.window)
+        start = index * hit.rate.window
         base = f"{hit.limit_name}|{hit.key}"
-        current_w = f"{base}|{index}"
-        previous = 0
-        if hit.sliding:
-            previous = await self._closed_count(f"{base}|{index - 1}")
-        carried = previous * (1.0 - frac)
-        limit = hit.rate.limit
-        # A hint learnt in this process may be stale (another replica took slots, or slots were
-        # given back); it is checked against the database before a refusal.
-        probed = False
+        expires = datetime.fromtimestamp(start + 2 * hit.rate.window, tz=now.tzinfo) + timedelta(seconds=1)
+        return _Window(hit, start, epoch, f"{base}|{index}", f"{base}|{index - 1}", expires)
+
+    async def _weigh_previous(self, windows: list[_Window]) -> None:
+        """How many events each sliding hit's previous window holds: cached once it is closed,
+        otherwise probed, all windows together, at slots 1, 2, 4, … (then bisected when needed)."""
+        unknown = [w for w in windows if w.hit.sliding and w.previous not in self._closed]
+        probes = {w.previous: _powers(w.hit.rate.limit + 1) for w in unknown}
+        ids = [f"{window_id}|{slot}" for window_id, slots in probes.items() for slot in slots]
+        present = {doc["_id"] async for doc in self._coll.find({"_id": {"$in": ids}}, {"_id": 1})} if ids else set()
+        for window_id, slots in probes.items():
+            low = 0
+            for slot in slots:
+                if f"{window_id}|{slot}" not in present:
+                    self._remember_closed(window_id, await self._bisect(window_id, low, slot) - 1)
+                    break
+                low = slot
+            else:
+                self._remember_closed(window_id, await self._first_free(window_id, low) - 1)
+        for window in windows:
+            if window.hit.sliding:
+                window.carried_count = self._closed[window.previous]
+
+    async def _candidate(self, window: _Window) -> int:
+        """The slot to try first: above the last one this process took, or RateLimited."""
+        limit = window.hit.rate.limit
+        slot = self._reserve(window.current)
+        if window.carried + slot <= limit:
+            return slot
+        self._give_back(window.current, slot)
+        # The hint may be stale (slots given back, or none taken here yet): look before refusing.
+        self._hints[window.current] = await self._first_free(window.current, 0) - 1
+        slot = self._reserve(window.current)
+        if window.carried + slot <= limit:
+            return slot
+        self._give_back(window.current, slot)
+        raise self._refusal(window, slot - 1)
+
+    async def _insert(self, slots: list[tuple[_Window, int]], taken: list[str]) -> list[tuple[_Window, int]]:
+        """Insert every slot in one command; returns those another replica took first."""
+        ids = [f"{window.current}|{slot}" for window, slot in slots]
+        docs = [{"_id": slot_id, "exp": window.expires} for slot_id, (window, _) in zip(ids, slots, strict=True)]
+        collided: set[int] = set()
+        try:
+            await self._coll.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") != 11000:
+                    raise
+                collided.add(int(error["index"]))
+        taken.extend(slot_id for i, slot_id in enumerate(ids) if i not in collided)
+        return [slots[i] for i in sorted(collided)]
+
+    async def _take(self, window: _Window) -> str:
+        """Take the next free slot of a window another replica is also filling."""
         for _ in range(self._max_probe):
-            # Numbers are reserved in this process before the insert, so concurrent requests here
-            # never race for one slot; only other replicas can collide.
-            slot = self._reserve(current_w)
-            if carried + slot > limit:
-                if self._hints.get(current_w) == slot:
-                    self._hints[current_w] = slot - 1  # give the number back
-                if not probed:
-                    probed = True
-                    self._hints[current_w] = await self._first_free(current_w, 0) - 1
-                    continue
-                raise RateLimited(hit, self._retry_after(hit, start, epoch, previous, slot - 1))
-            slot_id = f"{current_w}|{slot}"
+            slot = await self._candidate(window)
+            slot_id = f"{window.current}|{slot}"
             try:
-                await self._coll.insert_one(
-                    {
-                        "_id": slot_id,
-                        "exp": datetime.fromtimestamp(start + 2 * window, tz=now.tzinfo) + timedelta(seconds=1),
-                    }
-                )
-                return _Taken(slot_id)
+                await self._coll.insert_one({"_id": slot_id, "exp": window.expires})
+                return slot_id
             except DuplicateKeyError:
-                # Another replica is ahead in this window: continue above its last slot.
-                self._raise_hint(current_w, await self._first_free(current_w, slot) - 1)
-        raise RateLimited(hit, 1.0)
+                self._raise_hint(window.current, await self._first_free(window.current, slot) - 1)
+        raise RateLimited(window.hit, 1.0)
+
+    def _refusal(self, window: _Window, current: int) -> RateLimited:
+        retry_after = self._retry_after(
+            window.hit, window.start, window.epoch, window.carried_count if window.hit.sliding else 0, current
+        )
+        return RateLimited(window.hit, retry_after)
 
     async def _first_free(self, window_id: str, taken: int) -> int:
         """A free slot number above `taken` (known taken, or 0) whose predecessor is taken: doubling
@@ -176,6 +236,10 @@ class Limiter:
         while await self._is_taken(window_id, high):
             low, step = high, step * 2
             high = low + step
+        return await self._bisect(window_id, low, high)
+
+    async def _bisect(self, window_id: str, low: int, high: int) -> int:
+        """The first free slot in (low, high], given `low` taken (or 0) and `high` free."""
         while high - low > 1:
             middle = (low + high) // 2
             if await self._is_taken(window_id, middle):
@@ -198,15 +262,14 @@ class Limiter:
         self._hints[window_id] = slot
         return slot
 
-    async def _closed_count(self, window_id: str) -> int:
-        cached = self._closed.get(window_id)
-        if cached is not None:
-            return cached
-        count = await self._first_free(window_id, 0) - 1
+    def _give_back(self, window_id: str, slot: int) -> None:
+        if self._hints.get(window_id) == slot:
+            self._hints[window_id] = slot - 1
+
+    def _remember_closed(self, window_id: str, count: int) -> None:
         if len(self._closed) > 50_000:
             self._closed.clear()
         self._closed[window_id] = count
-        return count
 
     @staticmethod
     def _retry_after(hit: Hit, start: float, epoch: float, previous: int, current: int) -> float:
@@ -223,3 +286,11 @@ class Limiter:
     async def purge(self) -> int:
         result = await self._coll.delete_many({"exp": {"$lt": self._clock.now()}})
         return int(result.deleted_count)
+
+
+def _powers(upto: int) -> list[int]:
+    """1, 2, 4, … up to the first power of two at or above `upto`."""
+    powers = [1]
+    while powers[-1] < upto:
+        powers.append(powers[-1] * 2)
+    return powers

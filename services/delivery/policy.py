@@ -209,17 +209,38 @@ def apply_update(
 
 
 class PolicyStore:
-    def __init__(self, collection: AsyncCollection[Document], clock: Clock, sms_any_default: bool) -> None:
+    """Client policies, read on every message: kept in memory for `cache_ttl` seconds, so a change
+    made through another replica applies here within that time (at once through this one)."""
+
+    def __init__(
+        self, collection: AsyncCollection[Document], clock: Clock, sms_any_default: bool, cache_ttl: float = 0.0
+    ) -> None:
         self._coll = collection
         self._clock = clock
         self._sms_any_default = sms_any_default
+        self._cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[float, Policy]] = {}
 
     async def get(self, client_id: str) -> Policy:
+        now = self._clock.now().timestamp()
+        cached = self._cache.get(client_id)
+        if cached is not None and now - cached[0] < self._cache_ttl:
+            return cached[1]
+        policy = await self._read(client_id)
+        if self._cache_ttl > 0:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[client_id] = (now, policy)
+        return policy
+
+    async def _read(self, client_id: str) -> Policy:
         doc = await self._coll.find_one({"_id": client_id})
         return _from_doc(doc) if doc else default_policy(client_id, self._sms_any_default)
 
     async def update(self, proto: common_pb2.ClientPolicy, mask: field_mask_pb2.FieldMask, keyring: Keyring) -> Policy:
-        current = await self.get(proto.client_id)
+        self._cache.pop(proto.client_id, None)
+        current = await self._read(proto.client_id)
         updated = apply_update(current, proto, mask, keyring, self._clock.now())
         await self._coll.replace_one({"_id": updated.client_id}, _to_doc(updated), upsert=True)
+        self._cache.pop(updated.client_id, None)
         return updated

@@ -47,7 +47,8 @@ async def stack(mongo_client: AsyncMongoClient[Document], keyring: Keyring, cloc
 
 
 @pytest.fixture
-def directory(stack: Stack) -> directory_pb2_grpc.DirectoryServiceStub:
+async def directory(stack: Stack) -> directory_pb2_grpc.DirectoryServiceStub:
+    # Async, so the channel is made inside the test's event loop whatever ran before.
     return directory_pb2_grpc.DirectoryServiceStub(stack.channel("directory"))
 
 

@@ -31,6 +31,22 @@ async def test_concurrent_hits_from_two_replicas_admit_exactly_the_limit(
     assert sum(results) == 10
 
 
+async def test_many_limits_at_once_from_two_replicas_admit_exactly_the_tightest(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    a, b = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
+    hits = [
+        Hit("client", "c", Rate(50, 600)),
+        Hit("phone_short", "p", Rate(7, 600)),
+        Hit("global", "all", Rate(90, 60)),
+    ]
+    results = await asyncio.gather(*[_admitted(a if i % 3 else b, hits) for i in range(30)])
+    assert sum(results) == 7
+    # Every admitted request holds one slot per limit; refused ones gave theirs back.
+    for name in ("client|c|", "phone_short|p|", "global|all|"):
+        assert await database["limits"].count_documents({"_id": {"$regex": f"^{name.replace('|', '[|]')}"}}) == 7
+
+
 async def test_fixed_window_rolls_over_and_says_when_to_retry(
     database: AsyncDatabase[Document], clock: ManualClock
 ) -> None:
