@@ -210,6 +210,9 @@ async def ceiling(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str,
     return report
 
 
+CPU_COLUMNS = ("edge", "delivery", "directory", "botgateway", "verification", "database")
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"
@@ -230,9 +233,7 @@ def table(report: dict[str, Any]) -> str:
         floor = floor_by.get(row["concurrency"], {})
         ratio = row["rate"] / floor["rate"] if floor.get("rate") else float("nan")
         cpu = row["service_cpu_pct"]
-        cpus = "/".join(
-            fmt(cpu.get(k, 0.0)) for k in ("edge", "delivery", "directory", "botgateway", "verification", "database")
-        )
+        cpus = "/".join(fmt(cpu.get(k, 0.0)) for k in CPU_COLUMNS)
         lines.append(
             f"{row['concurrency']:>5} {row['rate']:>8.1f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
             f"{row['received_p50_ms']:>8.1f} {row['received_p99_ms']:>8.1f} {floor.get('rate', 0):>8.1f} "
@@ -266,7 +267,8 @@ def table(report: dict[str, Any]) -> str:
                 f"Telegram ceiling, {'one bot' if name == 'one_bot' else 'three bots'}: {row['received']}/"
                 f"{row['messages']} msgs in {row['seconds']:.1f} s = {row['rate']:.2f} msg/s / {limit} = "
                 f"{row['ratio']:.3f}; flood errors {row['flood_errors']}; bucket retries "
-                f"{row['bot_rate_limited_retries']}; per bot {row['per_bot']}"
+                f"{row['bot_rate_limited_retries']}; per bot {row['per_bot']}; cpu% edge/deliv/dir/bot/verif/db "
+                + "/".join(fmt(row.get("service_cpu_pct", {}).get(k, 0.0)) for k in CPU_COLUMNS)
             )
     return "\n".join(lines)
 

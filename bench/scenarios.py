@@ -408,9 +408,11 @@ class CeilingResult:
     rate_limited: float
     errors: dict[str, int]
     per_bot: dict[str, int]
+    cpu_pct: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
+            "service_cpu_pct": self.cpu_pct,
             "messages": self.messages,
             "received": self.received,
             "seconds": round(self.seconds, 2),
@@ -474,6 +476,9 @@ async def ceiling_run(system: System, messages: int, pool: bool, concurrency: in
             except grpc.aio.AioRpcError as err:
                 errors[err.code().name] = errors.get(err.code().name, 0) + 1
 
+    pids = system.pids()
+    cpu0 = {name: proc_sample(pid).cpu for name, pid in pids.items()}
+    wall0 = time.monotonic()
     await asyncio.gather(*(one(i, u, b) for i, (u, b) in enumerate(sends)))
     # Messages refused for a moment by a bot's bucket are sent by the dispatcher: wait for all.
     arrivals: list[float] = []
@@ -488,13 +493,16 @@ async def ceiling_run(system: System, messages: int, pool: bool, concurrency: in
                 progress = time.monotonic()
         if len(arrivals) < len(sends):
             await asyncio.sleep(1.0)
+    # CPU over the sending (accepting and dispatching), in % of one core.
+    wall = max(1e-9, time.monotonic() - wall0)
+    cpu = {name: round(100 * (proc_sample(pid).cpu - cpu0[name]) / wall, 1) for name, pid in pids.items()}
     arrivals.sort()
     seconds = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
     rate = (len(arrivals) - 1) / seconds if seconds > 0 else 0.0
     bots = len(SHARED_BOTS) if pool else 1
     floods = system.metric("botgateway", "otpgate_bot_flood_waits_total") - floods0
     limited = system.metric("botgateway", "otpgate_bot_messages_total", {"outcome": "rate_limited"}) - limited0
-    return CeilingResult(len(sends), len(arrivals), seconds, rate, 30.0 * bots, floods, limited, errors, per_bot)
+    return CeilingResult(len(sends), len(arrivals), seconds, rate, 30.0 * bots, floods, limited, errors, per_bot, cpu)
 
 
 def median_of(results: Sequence[LoadResult]) -> dict[str, Any]:
