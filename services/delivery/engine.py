@@ -58,6 +58,7 @@ from services.delivery.store import (
     QUEUED,
     SENT,
     STATUS_NAMES,
+    RequestInProgress,
     Store,
     effective_status,
     to_proto,
@@ -257,89 +258,103 @@ class Engine:
             if info is None or (not info.shared and info.owner_client_id != client_id):
                 raise not_found("bot", "BOT_NOT_FOUND")
             bot_owner = info.owner_client_id if not info.shared else ""
-        # Idempotent repeat: answered before any limit counts it again.
+        # Idempotent repeat: answered before any limit counts it again. The key is taken with one
+        # insert before anything is counted, and given back if this request stores no message.
         idem = f"{client_id}\x1f{request.request_id}" if request.request_id else ""
         fingerprint = self._fingerprint(request, phone.e164)
+        message_id = new_id(int(self.clock.now().timestamp() * 1000))
         if idem:
-            existing = await self.store.by_idem(idem)
+            try:
+                existing = await self.store.reserve_idem(idem, message_id, self.clock.now(), self.settings.lease)
+            except RequestInProgress:
+                raise aborted(
+                    "a request with this request_id is still being processed; retry shortly",
+                    reason="REQUEST_IN_PROGRESS",
+                ) from None
             if existing is not None:
                 return self._replay(existing, fingerprint)
-        await self._limits(request, policy, phone, purpose, channel)
-        message_id = new_id(int(self.clock.now().timestamp() * 1000))
-        sms_fallback = request.sms_fallback if request.HasField("sms_fallback") else policy.sms_fallback
-        if purpose == P_CONFIRMATION:
-            confirm_days = 0
-        elif request.HasField("confirm_days"):
-            confirm_days = request.confirm_days
-        else:
-            confirm_days = policy.default_confirm_days
-        resolution: directory_pb2.ResolvePhoneResponse | None = None
-        sms_leg = channel == SMS
-        if channel == AUTO and sms_fallback:
-            # Decide now whether this is an SMS leg, so a refusal is an error, not a stored message.
-            try:
-                resolution = await self.directory.ResolvePhone(
-                    directory_pb2.ResolvePhoneRequest(phone=phone.e164, bot_id=request.bot)
+        try:
+            await self._limits(request, policy, phone, purpose, channel)
+            sms_fallback = request.sms_fallback if request.HasField("sms_fallback") else policy.sms_fallback
+            if purpose == P_CONFIRMATION:
+                confirm_days = 0
+            elif request.HasField("confirm_days"):
+                confirm_days = request.confirm_days
+            else:
+                confirm_days = policy.default_confirm_days
+            resolution: directory_pb2.ResolvePhoneResponse | None = None
+            sms_leg = channel == SMS
+            if channel == AUTO and sms_fallback:
+                # Decide now whether this is an SMS leg, so a refusal is an error, not a stored message.
+                try:
+                    resolution = await self.directory.ResolvePhone(
+                        directory_pb2.ResolvePhoneRequest(phone=phone.e164, bot_id=request.bot)
+                    )
+                    sms_leg = not await self._candidates(resolution, request.bot, bot_owner, client_id)
+                except grpc.aio.AioRpcError:
+                    resolution = None  # the dispatcher routes it later
+            billed = purpose != P_CONFIRMATION or (bool(bot_owner) and bot_owner == client_id)
+            if sms_leg:
+                leg = SmsLeg(
+                    phone=phone,
+                    client_id=client_id,
+                    purpose=purpose,
+                    captcha_verified=origin.captcha_verified,
+                    captcha_possible=purpose != P_CONFIRMATION,
+                    fraud_mode=policy.fraud_mode,
                 )
-                sms_leg = not await self._candidates(resolution, request.bot, bot_owner, client_id)
-            except grpc.aio.AioRpcError:
-                resolution = None  # the dispatcher routes it later
-        billed = purpose != P_CONFIRMATION or (bool(bot_owner) and bot_owner == client_id)
-        if sms_leg:
-            leg = SmsLeg(
-                phone=phone,
-                client_id=client_id,
-                purpose=purpose,
-                captcha_verified=origin.captcha_verified,
-                captcha_possible=purpose != P_CONFIRMATION,
-                fraud_mode=policy.fraud_mode,
-            )
-            await self._admit_sms(leg, policy, origin, billed, purpose)
-        now = self.clock.now()
-        claim = self.claims.implicit("message", message_id)
-        doc: dict[str, Any] = {
-            "_id": message_id,
-            "idem": idem or f"\x1f{message_id}",
-            "fingerprint": fingerprint,
-            "client_id": client_id,
-            "request_id": request.request_id,
-            "purpose": purpose,
-            "phone": self.keyring.seal(phone.e164, SealContext("messages", message_id, "phone")),
-            "phone_index": self.phone_index(phone.e164),
-            "phone_masked": phone.masked,
-            "region": phone.region,
-            "text": self.keyring.seal(request.text, SealContext("messages", message_id, "text")),
-            "requested_channel": channel,
-            "channel": SMS if channel == SMS else 0,
-            "requested_bot": request.bot,
-            "bot_owner": bot_owner,
-            "bot_id": "",
-            "status": QUEUED,
-            "failure_reason": 0,
-            "confirm_days": confirm_days,
-            "sms_fallback": sms_fallback,
-            "sms_admitted": sms_leg,
-            "billed": billed,
-            "protect_content": request.protect_content,
-            "delete_after": int(request.delete_after.seconds),
-            "callback_url": request.callback_url,
-            "captcha_verified": origin.captcha_verified,
-            "created_at": now,
-            "updated_at": now,
-            "expire_at": now + timedelta(seconds=ttl),
-            "next_attempt_at": now,
-            "lease_until": claim.lease_until,
-            "claim_seq": claim.seq,
-            "attempts": 0,
-            "telegram_user_id": 0,
-            "confirmation_started": False,
-            "released_at": None,
-            "sms_poll_at": None,
-            "purge_at": None,
-        }
-        existing = await self.store.insert(doc)
-        if existing is not None:
+                await self._admit_sms(leg, policy, origin, billed, purpose)
+            now = self.clock.now()
+            claim = self.claims.implicit("message", message_id)
+            doc: dict[str, Any] = {
+                "_id": message_id,
+                "idem": idem or f"\x1f{message_id}",
+                "fingerprint": fingerprint,
+                "client_id": client_id,
+                "request_id": request.request_id,
+                "purpose": purpose,
+                "phone": self.keyring.seal(phone.e164, SealContext("messages", message_id, "phone")),
+                "phone_index": self.phone_index(phone.e164),
+                "phone_masked": phone.masked,
+                "region": phone.region,
+                "text": self.keyring.seal(request.text, SealContext("messages", message_id, "text")),
+                "requested_channel": channel,
+                "channel": SMS if channel == SMS else 0,
+                "requested_bot": request.bot,
+                "bot_owner": bot_owner,
+                "bot_id": "",
+                "status": QUEUED,
+                "failure_reason": 0,
+                "confirm_days": confirm_days,
+                "sms_fallback": sms_fallback,
+                "sms_admitted": sms_leg,
+                "billed": billed,
+                "protect_content": request.protect_content,
+                "delete_after": int(request.delete_after.seconds),
+                "callback_url": request.callback_url,
+                "captcha_verified": origin.captcha_verified,
+                "created_at": now,
+                "updated_at": now,
+                "expire_at": now + timedelta(seconds=ttl),
+                "next_attempt_at": now,
+                "lease_until": claim.lease_until,
+                "claim_seq": claim.seq,
+                "attempts": 0,
+                "telegram_user_id": 0,
+                "confirmation_started": False,
+                "released_at": None,
+                "sms_poll_at": None,
+                "purge_at": None,
+            }
+            existing = await self.store.insert(doc)
+        except BaseException:
+            if idem:
+                await asyncio.shield(self.store.release_idem(idem, message_id))
+            raise
+        if existing is not None:  # stored before its key had a pointer: found by the unique idem index
             await self.claims.release(claim)
+            if idem:
+                await self.store.release_idem(idem, message_id)
             return self._replay(existing, fingerprint)
         if sms_leg:
             await self.fraud.record_sms(message_id, leg, doc["phone_index"])

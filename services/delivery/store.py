@@ -109,6 +109,10 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
     return datetime.fromisoformat(created), str(message_id)
 
 
+class RequestInProgress(Exception):
+    """Another request with the same idempotency key is still being accepted."""
+
+
 class Store:
     def __init__(self, database: AsyncDatabase[Document], clock: Clock, wakeup: Wakeup | None = None) -> None:
         self.db = database
@@ -139,20 +143,35 @@ class Store:
             if existing is None:
                 raise
             return existing
-        if doc.get("request_id"):
-            # A lost pointer only costs speed: the unique idem index still refuses the duplicate.
-            with contextlib.suppress(DuplicateKeyError):
-                await self.idempotency.insert_one(
-                    {"_id": doc["idem"], "message_id": doc["_id"], "created_at": doc["created_at"]}
-                )
         return None
 
     async def get(self, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id})
 
-    async def by_idem(self, idem: str) -> Document | None:
-        pointer = await self.idempotency.find_one({"_id": idem})
-        return None if pointer is None else await self.get(str(pointer["message_id"]))
+    async def reserve_idem(self, idem: str, message_id: str, now: datetime, stale_after: float) -> Document | None:
+        """Take an idempotency key for a new message with one insert: None when taken for it, else
+        the message already stored under the key. Raises RequestInProgress while the request that
+        took the key has not stored its message yet; a key held longer than `stale_after` seconds
+        without a message (its process died) is taken over."""
+        for _ in range(3):
+            try:
+                await self.idempotency.insert_one({"_id": idem, "message_id": message_id, "created_at": now})
+                return None
+            except DuplicateKeyError:
+                pointer = await self.idempotency.find_one({"_id": idem})
+            if pointer is None:
+                continue  # given back meanwhile
+            existing = await self.get(str(pointer["message_id"]))
+            if existing is not None:
+                return existing
+            if (now - as_utc(pointer["created_at"])).total_seconds() < stale_after:
+                raise RequestInProgress
+            await self.release_idem(idem, str(pointer["message_id"]))
+        raise RequestInProgress
+
+    async def release_idem(self, idem: str, message_id: str) -> None:
+        """Give a key back, unless another message holds it by now."""
+        await self.idempotency.delete_one({"_id": idem, "message_id": message_id})
 
     async def get_for_client(self, client_id: str, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id, "client_id": client_id})

@@ -182,6 +182,33 @@ async def test_idempotent_and_conflicting_repeats(
         assert len(inbox.messages) == 2
 
 
+async def test_a_refused_request_gives_its_request_id_back_and_a_held_one_is_in_progress(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    overrides = {**QUIET, "OTPGATE_DELIVERY_LIMIT_PHONE_SHORT": "1/600"}
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
+        delivery, _ = stubs(stack)
+        database = mongo_client[stack.commons["delivery"].database]
+        await delivery.SendMessage(sms_request("+79991234567", "A", request_id="first"))
+        limited = await refused(delivery.SendMessage(sms_request("+79991234567", "B", request_id="second")))
+        assert limited.reason == "RATE_LIMITED"
+        assert await database.idempotency.find_one({"_id": "shop\x1fsecond"}) is None  # given back
+        clock.advance(1201)  # past the sliding window
+        later = await delivery.SendMessage(sms_request("+79991234567", "B", request_id="second"))
+        assert not later.replayed
+        # A key taken by a request that has not stored its message yet: the repeat must wait.
+        pointer = {"_id": "shop\x1fbusy", "message_id": "01NEVERSTORED0000000000000", "created_at": clock.now()}
+        await database.idempotency.insert_one(pointer)
+        busy = await refused(delivery.SendMessage(sms_request("+79163330019", "C", request_id="busy")))
+        assert (busy.code, busy.reason) == (grpc.StatusCode.ABORTED, "REQUEST_IN_PROGRESS")
+        # Held past the lease with no message (its process died): taken over.
+        clock.advance(31)
+        taken = await delivery.SendMessage(sms_request("+79163330019", "C", request_id="busy"))
+        assert not taken.replayed
+        stored = await database.idempotency.find_one({"_id": "shop\x1fbusy"})
+        assert stored is not None and stored["message_id"] == taken.message.id
+
+
 @pytest.mark.parametrize("client", ["shop"])
 async def test_messages_are_scoped_to_their_client(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, client: str
