@@ -79,7 +79,9 @@ class SendMessageRequest(_message.Message):
     callback_url: _builtins.str
     """Status webhook URL."""
     request_id: _builtins.str
-    """Idempotency key: a repeat returns the first result."""
+    """Idempotency key: a repeat returns the first result. A repeat sent while the first
+    is still being accepted is refused with ABORTED (REQUEST_IN_PROGRESS): retry it.
+    """
     session_id: _builtins.str
     """Your end user's session, for rate limits."""
     captcha_token: _builtins.str
