@@ -245,7 +245,7 @@ class Floor:
     collection of ours, each kept as large as ours (on the dev database a lookup by anything but
     _id reads the whole collection, so size matters): inserts of documents shaped like ours,
     lookups/updates/find-and-modify by _id or by another field as ours do, deletes of what it
-    inserted, and the rate limiter's count over a window key."""
+    inserted, and counts over a field (none on today's send path)."""
 
     PAYLOAD = os.urandom(384)
 
