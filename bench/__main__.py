@@ -191,8 +191,8 @@ async def ceiling(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str,
         await system.start(os.environ.get("MONGODB_URI", ""))
         say(f"bench: connecting {plan.ceiling_users} sandbox users (their bot replies are paced too)…")
         started = time.monotonic()
-        # Many at once: each person's bot replies are paced at 1 msg/s per chat, so setup waits, not works.
-        await system.connect_users(plan.ceiling_users, ceiling_plans(plan.ceiling_users), concurrency=48)
+        # Several at once: each person's bot replies are paced at 1 msg/s per chat, so setup mostly waits.
+        await system.connect_users(plan.ceiling_users, ceiling_plans(plan.ceiling_users), concurrency=24)
         report["setup_seconds"] = round(time.monotonic() - started, 1)
         report["setup_retries"] = system.setup_retries
         await asyncio.sleep(2.0)  # let the buckets refill after the set-up replies

@@ -23,6 +23,7 @@ from google.protobuf import field_mask_pb2
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
 
 from services.cli.dev import SERVICES, ProcessStack
 from services.core.crypto import Keyring
@@ -267,9 +268,27 @@ class System:
                         )
 
         await asyncio.gather(*(one(u) for u in users))
+        # A contact share whose reply was "try again later" (the directory answered too late under
+        # the set-up load) leaves the person unlinked: check every one, and share again.
+        directory: directory_pb2_grpc.DirectoryServiceAsyncStub = directory_pb2_grpc.DirectoryServiceStub(
+            self.channel("directory")
+        )
+        for _ in range(3):
+            missing = [u for u in users if not await self._connected(directory, u)]
+            if not missing:
+                break
+            self.setup_retries += len(missing)
+            await asyncio.gather(*(one(u) for u in missing))
+        else:
+            raise RuntimeError(f"{len(missing)} sandbox users could not be connected")
         self.users.extend(users)
         await self.chat_messages()  # remember where every chat is, so later reads only see new messages
         return users
+
+    @staticmethod
+    async def _connected(directory: directory_pb2_grpc.DirectoryServiceAsyncStub, user: User) -> bool:
+        found = await directory.ResolvePhone(directory_pb2.ResolvePhoneRequest(phone=user.phone), timeout=30)
+        return found.found and set(user.bots) <= set(found.connected_bot_ids)
 
     async def chat_messages(self, concurrency: int = 32) -> list[tuple[str, float]]:
         """(text, send_time) of every bot message that arrived since the last call."""

@@ -116,7 +116,7 @@ class Conversation:
             failure = parse_rpc_error(err)
             if failure.code == grpc.StatusCode.NOT_FOUND:
                 return [self._ask_contact(language)]
-            log.warning("directory_connect_failed", bot=bot_id, grpc_code=failure.code.name, reason=failure.reason)
+            log.warning("directory_connect_failed", bot=bot_id, status=failure.code.name, reason=failure.reason)
             return [OutgoingMessage(texts.text("try_later", language))]
         phone = reply.subscriber.phone_masked
         return [OutgoingMessage(texts.text("welcome_known", language, phone=phone), keyboard=Keyboard(remove=True))]
@@ -148,7 +148,7 @@ class Conversation:
                 return [self._refuse_contact(language)]
             if failure.code == grpc.StatusCode.INVALID_ARGUMENT:
                 return [OutgoingMessage(texts.text("contact_invalid", language))]
-            log.warning("directory_link_failed", bot=bot_id, grpc_code=failure.code.name, reason=failure.reason)
+            log.warning("directory_link_failed", bot=bot_id, status=failure.code.name, reason=failure.reason)
             return [OutgoingMessage(texts.text("try_later", language))]
         await self.store.set_stopped(bot_id, user_id, False, self.clock.now())
         phone = reply.subscriber.phone_masked
@@ -167,7 +167,7 @@ class Conversation:
             )
         except grpc.aio.AioRpcError as err:
             failure = parse_rpc_error(err)
-            log.warning("confirmation_submit_failed", bot=bot_id, grpc_code=failure.code.name, reason=failure.reason)
+            log.warning("confirmation_submit_failed", bot=bot_id, status=failure.code.name, reason=failure.reason)
             return [OutgoingMessage(texts.text("try_later", language))]
         outcome = reply.outcome
         if outcome == verification_pb2.CONFIRMATION_OUTCOME_CONFIRMED:
@@ -202,7 +202,7 @@ class Conversation:
         except grpc.aio.AioRpcError as err:
             failure = parse_rpc_error(err)
             if failure.code != grpc.StatusCode.NOT_FOUND:
-                log.warning("directory_forget_failed", bot=bot_id, grpc_code=failure.code.name, reason=failure.reason)
+                log.warning("directory_forget_failed", bot=bot_id, status=failure.code.name, reason=failure.reason)
                 return [OutgoingMessage(texts.text("try_later", language))]
         await self.store.forget_user(user_id)
         log.info("subscriber_forgotten", bot=bot_id)
@@ -217,4 +217,4 @@ class Conversation:
         except grpc.aio.AioRpcError as err:
             failure = parse_rpc_error(err)
             if failure.code != grpc.StatusCode.NOT_FOUND:
-                log.warning("directory_status_failed", bot=bot_id, grpc_code=failure.code.name, reason=failure.reason)
+                log.warning("directory_status_failed", bot=bot_id, status=failure.code.name, reason=failure.reason)

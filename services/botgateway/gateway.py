@@ -165,7 +165,7 @@ class Gateway:
                 timeout=self.rpc_timeout,
             )
         except grpc.aio.AioRpcError as err:
-            log.info("directory_status_failed", bot=bot_id, grpc_code=err.code().name)
+            log.info("directory_status_failed", bot=bot_id, status=err.code().name)
 
     # Receiving ----------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
                 return response
             except ServiceError as err:
                 code = err.code
-                log.info("rpc_refused", method=method, code=err.code.name, reason=err.reason)
+                log.info("rpc_refused", method=method, status=err.code.name, reason=err.reason)
                 await context.abort_with_status(err.to_grpc_status())
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED

@@ -71,7 +71,7 @@ async def forward(call: Callable[..., Awaitable[R]], request: Message, timeout: 
         failure = parse_rpc_error(error)
     if failure.status is None and failure.code in _TRANSPORT_CODES:
         # Raised by gRPC itself (no otpgate status): its text names internal addresses; keep it in the logs.
-        log.warning("downstream_failed", grpc_code=failure.code.name, detail=failure.message[:200])
+        log.warning("downstream_failed", status=failure.code.name, detail=failure.message[:200])
         raise ServiceError(failure.code, *_TRANSPORT_CODES[failure.code])
     raise service_error_from(failure)
 
