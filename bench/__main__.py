@@ -34,7 +34,7 @@ from bench.scenarios import (
     send_run,
     verify_run,
 )
-from bench.system import RAISED_OURS, RAISED_TELEGRAM, TELEGRAM_LIMITS, System, proc_sample, workdir
+from bench.system import RAISED_OURS, RAISED_TELEGRAM, SHARED_BOTS, TELEGRAM_LIMITS, System, proc_sample, workdir
 from services.core.devdb import ROOT
 
 RESULTS = ROOT / "bench" / "results"
@@ -200,7 +200,9 @@ async def ceiling(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str,
         report["one_bot"] = one.summary()
         say(f"bench: one bot: {one.rate:.2f} msg/s (limit 30), flood errors {int(one.flood_errors)}")
         await asyncio.sleep(2.0)
-        pool = await ceiling_run(system, plan.ceiling_messages, True, plan.ceiling_concurrency, "c3")
+        # The same requests in flight per bot as the one-bot run: 32 for each of the three.
+        in_flight = plan.ceiling_concurrency * len(SHARED_BOTS)
+        pool = await ceiling_run(system, plan.ceiling_messages, True, in_flight, "c3")
         report["pool"] = pool.summary()
         say(f"bench: three bots: {pool.rate:.2f} msg/s (limit 90), flood errors {int(pool.flood_errors)}")
         report["peak_rss_mb"] = peak_rss(system)
