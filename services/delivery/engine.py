@@ -265,7 +265,7 @@ class Engine:
         message_id = new_id(int(self.clock.now().timestamp() * 1000))
         if idem:
             try:
-                existing = await self.store.reserve_idem(idem, message_id, self.clock.now(), self.settings.lease)
+                existing = await self.store.reserve_idem(idem, message_id, self.settings.lease)
             except RequestInProgress:
                 raise aborted(
                     "a request with this request_id is still being processed; retry shortly",

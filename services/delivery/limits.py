@@ -84,12 +84,11 @@ class _Window:
     current: str
     previous: str
     expires: datetime
-    carried_count: int = 0
+    carried_count: int = 0  # events in the previous window; stays 0 for a fixed window
 
     @property
     def carried(self) -> float:
-        if not self.hit.sliding:
-            return 0.0
+        """The previous window's events still weighing (none for a fixed window)."""
         return self.carried_count * (1.0 - (self.epoch - self.start) / self.hit.rate.window)
 
 
@@ -142,7 +141,7 @@ class Limiter:
                     self._give_back(window.current, slot)
                 raise
             for window, slot in await self._insert(first, taken):
-                self._raise_hint(window.current, await self._first_free(window.current, slot) - 1)
+                await self._skip_past(window.current, slot)
                 taken.append(await self._take(window))
         except RateLimited as exc:
             for slot_id in taken:  # one by one: an `_id` lookup each, never a scan
@@ -218,13 +217,15 @@ class Limiter:
                 await self._coll.insert_one({"_id": slot_id, "exp": window.expires})
                 return slot_id
             except DuplicateKeyError:
-                self._raise_hint(window.current, await self._first_free(window.current, slot) - 1)
+                await self._skip_past(window.current, slot)
         raise RateLimited(window.hit, 1.0)
 
+    async def _skip_past(self, window_id: str, collided: int) -> None:
+        """Another replica took `collided`: continue above its last slot in this window."""
+        self._raise_hint(window_id, await self._first_free(window_id, collided) - 1)
+
     def _refusal(self, window: _Window, current: int) -> RateLimited:
-        retry_after = self._retry_after(
-            window.hit, window.start, window.epoch, window.carried_count if window.hit.sliding else 0, current
-        )
+        retry_after = self._retry_after(window.hit, window.start, window.epoch, window.carried_count, current)
         return RateLimited(window.hit, retry_after)
 
     async def _first_free(self, window_id: str, taken: int) -> int:

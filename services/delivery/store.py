@@ -116,7 +116,7 @@ class RequestInProgress(Exception):
 class Store:
     def __init__(self, database: AsyncDatabase[Document], clock: Clock, wakeup: Wakeup | None = None) -> None:
         self.db = database
-        self.wakeup = wakeup
+        self.wakeup = wakeup or Wakeup(clock)
         self.messages = database["messages"]
         self.usage = database["usage"]
         # client_id + request_id -> message id, keyed by _id: repeats are found without scanning the outbox.
@@ -148,11 +148,12 @@ class Store:
     async def get(self, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id})
 
-    async def reserve_idem(self, idem: str, message_id: str, now: datetime, stale_after: float) -> Document | None:
+    async def reserve_idem(self, idem: str, message_id: str, stale_after: float) -> Document | None:
         """Take an idempotency key for a new message with one insert: None when taken for it, else
         the message already stored under the key. Raises RequestInProgress while the request that
         took the key has not stored its message yet; a key held longer than `stale_after` seconds
         without a message (its process died) is taken over."""
+        now = self.clock.now()
         for _ in range(3):
             try:
                 await self.idempotency.insert_one({"_id": idem, "message_id": message_id, "created_at": now})
@@ -179,10 +180,9 @@ class Store:
     async def write(self, message_id: str, changes: dict[str, Any]) -> None:
         """Write under the message's claim (see claims.py)."""
         await self.messages.update_one({"_id": message_id}, {"$set": changes})
-        if self.wakeup is not None:
-            for field in ("next_attempt_at", "sms_poll_at"):
-                if changes.get(field) is not None:
-                    self.wakeup.at(changes[field])
+        for field in ("next_attempt_at", "sms_poll_at"):
+            if changes.get(field) is not None:
+                self.wakeup.at(changes[field])
 
     async def list_for_client(
         self,

@@ -134,7 +134,7 @@ class WebhookOutbox:
         wakeup: Wakeup | None = None,
     ) -> None:
         self._dev = dev
-        self._wakeup = wakeup
+        self._wakeup = wakeup or Wakeup(clock)
         self._coll = collection
         self._claims = claims
         self._session = session
@@ -166,8 +166,7 @@ class WebhookOutbox:
                     "created_at": now,
                 }
             )
-        if self._wakeup is not None:
-            self._wakeup.at(now)
+        self._wakeup.at(now)
 
     async def deliver_due_once(self, limit: int = 50) -> int:
         """Post every due webhook once; returns how many were attempted."""
@@ -246,7 +245,7 @@ class WebhookOutbox:
             metrics.webhooks_total.labels("retry").inc()
             log.info("webhook_retry", event_id=doc["_id"], attempts=attempts, outcome=outcome, retry_in=delay)
         await self._coll.update_one({"_id": doc["_id"]}, {"$set": changes})
-        if self._wakeup is not None and "next_at" in changes:
+        if "next_at" in changes:
             self._wakeup.at(changes["next_at"])
 
     async def get(self, event_id: str) -> Document | None:

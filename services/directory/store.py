@@ -126,10 +126,11 @@ class SubscriberStore:
         return SubscriberRecord.from_doc(doc) if doc else None
 
     async def by_phone(self, indexes: Sequence[str]) -> SubscriberRecord | None:
-        """The record holding a number, given its blind index under every key that may have made it
-        (one query: an index lookup on MongoDB). Two records match only in the transient clash of
-        an index-key rotation, which `otpgate keys rotate` settles; either one is a valid answer
-        meanwhile. No server-side sort: the dev database would scan the whole collection for it."""
+        """The record holding a number, given its blind index under every key that may have made it:
+        through a `numbers` pointer, else one query on the unique index. Two records match only in
+        the transient clash of an index-key rotation, which `otpgate keys rotate` settles; either
+        one is a valid answer meanwhile. No server-side sort: the dev database would scan the whole
+        collection for it."""
         for index in indexes:
             pointer = await self.numbers.find_one({"_id": index})
             if pointer is not None:
