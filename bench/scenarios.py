@@ -27,6 +27,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each process has used so far."""
+    return {name: proc_sample(pid).cpu for name, pid in pids.items()}
+
+
 @dataclass
 class LoadResult:
     """One measured run of a closed-loop load at a fixed concurrency."""
@@ -110,12 +115,12 @@ async def closed_loop(
     async def mark() -> None:
         await asyncio.sleep(max(0.0, window_start - loop.time()))
         marks["cpu0"] = time.process_time()
-        marks["proc0"] = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
+        marks["proc0"] = cpu_seconds(pids or {})
         if on_window:
             on_window("start")
         await asyncio.sleep(max(0.0, window_end - loop.time()))
         marks["cpu1"] = time.process_time()
-        marks["proc1"] = {k: proc_sample(p).cpu for k, p in (pids or {}).items()}
+        marks["proc1"] = cpu_seconds(pids or {})
 
     await asyncio.gather(mark(), *(worker(i) for i in range(concurrency)))
     driver_cpu = marks["cpu1"] - marks["cpu0"]
@@ -477,7 +482,7 @@ async def ceiling_run(system: System, messages: int, pool: bool, concurrency: in
                 errors[err.code().name] = errors.get(err.code().name, 0) + 1
 
     pids = system.pids()
-    cpu0 = {name: proc_sample(pid).cpu for name, pid in pids.items()}
+    cpu0 = cpu_seconds(pids)
     wall0 = time.monotonic()
     await asyncio.gather(*(one(i, u, b) for i, (u, b) in enumerate(sends)))
     # Messages refused for a moment by a bot's bucket are sent by the dispatcher: wait for all.
@@ -495,7 +500,7 @@ async def ceiling_run(system: System, messages: int, pool: bool, concurrency: in
             await asyncio.sleep(1.0)
     # CPU over the sending (accepting and dispatching), in % of one core.
     wall = max(1e-9, time.monotonic() - wall0)
-    cpu = {name: round(100 * (proc_sample(pid).cpu - cpu0[name]) / wall, 1) for name, pid in pids.items()}
+    cpu = {name: round(100 * (used - cpu0[name]) / wall, 1) for name, used in cpu_seconds(pids).items()}
     arrivals.sort()
     seconds = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
     rate = (len(arrivals) - 1) / seconds if seconds > 0 else 0.0
