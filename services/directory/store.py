@@ -144,7 +144,13 @@ class SubscriberStore:
         return SubscriberRecord.from_doc(doc)
 
     async def _point(self, doc: Document) -> None:
-        await self.numbers.replace_one({"_id": doc["phone_index"]}, {"subscriber_id": doc["_id"]}, upsert=True)
+        pointer = ({"_id": doc["phone_index"]}, {"subscriber_id": doc["_id"]})
+        try:
+            await self.numbers.replace_one(*pointer, upsert=True)
+        except DuplicateKeyError:
+            # Two writers upserted the same pointer at once (MongoDB can refuse one of them too):
+            # it exists now, so write it over; the last writer wins, as readers check it anyway.
+            await self.numbers.replace_one(*pointer)
 
     async def _unpoint(self, record: SubscriberRecord) -> None:
         """Drop the pointer of a number the record no longer holds, unless it points elsewhere now."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 from pymongo.asynchronous.database import AsyncDatabase
@@ -60,6 +61,18 @@ async def test_a_stale_or_missing_pointer_still_finds_the_true_holder(database: 
     await database["numbers"].delete_many({})
     found = await store.by_phone(["ix-other-key", "ix-a"])
     assert found is not None and found.id == "a"
+
+
+async def test_many_readers_rewriting_one_missing_pointer_at_once_all_succeed(
+    database: AsyncDatabase[Document],
+) -> None:
+    stores = [SubscriberStore(database), SubscriberStore(database)]
+    await stores[0].ensure_indexes()
+    await stores[0].insert(subscriber("a", 1, "ix-a"))
+    await database["numbers"].delete_many({})
+    found = await asyncio.gather(*(stores[i % 2].by_phone(["ix-a"]) for i in range(20)))
+    assert all(record is not None and record.id == "a" for record in found)
+    assert await database["numbers"].find_one({"_id": "ix-a"}) == {"_id": "ix-a", "subscriber_id": "a"}
 
 
 async def test_forgetting_removes_the_pointers(database: AsyncDatabase[Document]) -> None:
