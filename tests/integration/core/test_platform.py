@@ -9,7 +9,9 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
+import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import ManualClock
 from services.core.devdb import DevDatabase, free_port
@@ -33,6 +35,25 @@ async def test_indexes_one_per_call_and_ttl_tolerated(database: AsyncDatabase[Do
     )
     assert await purge_before(database.items, "expire_at", now) == 1
     assert [d["key"] async for d in database.items.find({})] == [2]
+
+
+async def test_indexes_keep_their_contract(database: AsyncDatabase[Document]) -> None:
+    """Whatever the server builds underneath (the dev database builds only unique indexes), every
+    index is listed and dropped as asked, unique ones are enforced and queries answer the same."""
+    items = database.indexed
+    await ensure_index(items, [("kind", 1), ("at", -1)])
+    await ensure_index(items, [("code", 1)], unique=True)
+    await items.insert_many([{"_id": f"i{n}", "kind": n % 2, "at": n, "code": f"c{n}"} for n in range(6)])
+    with pytest.raises(DuplicateKeyError):
+        await items.insert_one({"_id": "dup", "kind": 0, "at": 9, "code": "c3"})
+    names = {index["name"] async for index in await items.list_indexes()}
+    assert {"_id_", "kind_1_at_-1", "code_1"} <= names
+    found = [d["_id"] async for d in items.find({"kind": 1, "at": {"$gte": 2}}).sort("at", -1)]
+    assert found == ["i5", "i3"]
+    await items.drop_index("kind_1_at_-1")
+    names = {index["name"] async for index in await items.list_indexes()}
+    assert "kind_1_at_-1" not in names and "code_1" in names
+    assert await items.count_documents({"kind": 0}) == 3
 
 
 async def _health(address: str) -> int:
