@@ -7,9 +7,9 @@ import urllib.request
 from datetime import timedelta
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
-import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
