@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
+from services.core.batching import InsertBatcher
 from services.core.clock import Clock
 from services.core.errors import ServiceError, resource_exhausted
 from services.core.mongo import Document, ensure_index
@@ -111,6 +112,7 @@ class RateLimited(Exception):
 class Limiter:
     def __init__(self, collection: AsyncCollection[Document], clock: Clock, max_probe: int = 64) -> None:
         self._coll = collection
+        self._slots = InsertBatcher(collection)  # concurrent requests' slots share one insert
         self._clock = clock
         self._max_probe = max_probe
         # Closed windows never change: their counts are cached (key|window -> count).
@@ -197,16 +199,9 @@ class Limiter:
         """Insert every slot in one command; returns those another replica took first."""
         ids = [f"{window.current}|{slot}" for window, slot in slots]
         docs = [{"_id": slot_id, "exp": window.expires} for slot_id, (window, _) in zip(ids, slots, strict=True)]
-        collided: set[int] = set()
-        try:
-            await self._coll.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            for error in exc.details.get("writeErrors", []):
-                if error.get("code") != 11000:
-                    raise
-                collided.add(int(error["index"]))
-        taken.extend(slot_id for i, slot_id in enumerate(ids) if i not in collided)
-        return [slots[i] for i in sorted(collided)]
+        inserted = await self._slots.insert(docs)
+        taken.extend(slot_id for slot_id, ok in zip(ids, inserted, strict=True) if ok)
+        return [slot for slot, ok in zip(slots, inserted, strict=True) if not ok]
 
     async def _take(self, window: _Window) -> str:
         """Take the next free slot of a window another replica is also filling."""

@@ -8,7 +8,6 @@ in clear (the masked phone shows the last 4 digits, the prefix would show the re
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +17,7 @@ from otpgate.common.v1 import common_pb2
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
 from services.delivery.wakeup import Wakeup
@@ -122,6 +122,10 @@ class Store:
         # client_id + request_id -> message id, keyed by _id: repeats are found without scanning the outbox.
         self.idempotency = database["idempotency"]
         self.clock = clock
+        # Every accepted message inserts into these three: concurrent requests share the commands.
+        self._new_messages = InsertBatcher(self.messages)
+        self._new_usage = InsertBatcher(self.usage)
+        self._new_idem = InsertBatcher(self.idempotency)
 
     async def create_indexes(self) -> None:
         m = self.messages
@@ -136,14 +140,12 @@ class Store:
 
     async def insert(self, doc: Document) -> Document | None:
         """Insert a new message; on an idempotency key already used, return the existing one."""
-        try:
-            await self.messages.insert_one(doc)
-        except DuplicateKeyError:
-            existing = await self.messages.find_one({"idem": doc["idem"]})
-            if existing is None:
-                raise
-            return existing
-        return None
+        if await self._new_messages.insert_one(doc):
+            return None
+        existing = await self.messages.find_one({"idem": doc["idem"]})
+        if existing is None:
+            raise DuplicateKeyError(f"message {doc['_id']} exists already")
+        return existing
 
     async def get(self, message_id: str) -> Document | None:
         return await self.messages.find_one({"_id": message_id})
@@ -155,11 +157,9 @@ class Store:
         without a message (its process died) is taken over."""
         now = self.clock.now()
         for _ in range(3):
-            try:
-                await self.idempotency.insert_one({"_id": idem, "message_id": message_id, "created_at": now})
+            if await self._new_idem.insert_one({"_id": idem, "message_id": message_id, "created_at": now}):
                 return None
-            except DuplicateKeyError:
-                pointer = await self.idempotency.find_one({"_id": idem})
+            pointer = await self.idempotency.find_one({"_id": idem})
             if pointer is None:
                 continue  # given back meanwhile
             existing = await self.get(str(pointer["message_id"]))
@@ -260,10 +260,10 @@ class Store:
     # Usage: one record per counted message (unique id), summed on read. ---------------------
 
     async def count_usage(self, message_id: str, client_id: str, day: str, channel: int, billed: bool) -> None:
-        with contextlib.suppress(DuplicateKeyError):
-            await self.usage.insert_one(
-                {"_id": message_id, "c": client_id, "d": day, "k": f"{day}|{channel}|{1 if billed else 0}"}
-            )
+        # A message counted already (a repeat of the status change) is refused by its _id.
+        await self._new_usage.insert_one(
+            {"_id": message_id, "c": client_id, "d": day, "k": f"{day}|{channel}|{1 if billed else 0}"}
+        )
 
     async def usage_between(self, client_id: str, start: str, end: str) -> list[tuple[str, int, int, int]]:
         """(day, channel, messages, billed SMS), by day and channel. Grouped by a combined key and
