@@ -38,8 +38,11 @@ class CommandCounter(monitoring.CommandListener):
         target = event.command.get(name)
         collection = target if isinstance(target, str) else ""
         key = f"{event.database_name}.{collection}:{name}:{shape(name, event.command)}"
+        # Inserts count documents: concurrent requests share insert commands (group commit), so
+        # documents, not commands, are what one message costs.
+        weight = len(event.command.get("documents") or [None]) if name == "insert" else 1
         with self._lock:
-            self.counts[key] += 1
+            self.counts[key] += weight
             self._pending[(event.request_id, event.operation_id or 0)] = key
 
     def _done(self, event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent) -> None:

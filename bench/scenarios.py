@@ -324,8 +324,24 @@ class Floor:
             owed = self.carry.get(key, 0.0) + per
             times = int(owed)
             self.carry[key] = owed - times
+            if command == "insert" and times:
+                await self._insert(worker, seq, name, times)  # a message's documents: one command
+                continue
             for _ in range(times):
                 await self._one(worker, seq, name, command, shape)
+
+    async def _insert(self, worker: int, seq: int, name: str, count: int) -> None:
+        docs = []
+        templates = self.templates.get(name)
+        for _ in range(count):
+            doc_id = f"{worker}-{seq}-{os.urandom(4).hex()}"
+            doc = dict(templates[seq % len(templates)]) if templates else self._doc(doc_id, doc_id)
+            doc["_id"], doc["k"] = doc_id, doc_id
+            if "w" in doc or not templates:
+                doc["w"] = f"w|{int(time.time() // 60)}"
+            docs.append(doc)
+        await self.db[name].insert_many(docs)
+        self.inserted.setdefault((worker, name), []).extend(doc["_id"] for doc in docs)
 
     async def _one(self, worker: int, seq: int, name: str, command: str, shape: str) -> None:
         coll = self.db[name]
@@ -333,16 +349,7 @@ class Floor:
         pick = (seq * 31 + worker * 7) % size
         by: dict[str, Any] = {"k": f"k{pick:07d}"} if shape == "scan" else {"_id": f"pre{pick:07d}"}
         now = datetime.now(UTC)
-        if command == "insert":
-            doc_id = f"{worker}-{seq}-{os.urandom(4).hex()}"
-            templates = self.templates.get(name)
-            doc = dict(templates[seq % len(templates)]) if templates else self._doc(doc_id, doc_id)
-            doc["_id"], doc["k"] = doc_id, doc_id
-            if "w" in doc or not templates:
-                doc["w"] = f"w|{int(time.time() // 60)}"
-            await coll.insert_one(doc)
-            self.inserted.setdefault((worker, name), []).append(doc_id)
-        elif command == "update":
+        if command == "update":
             await coll.update_one(by, {"$set": {"updated_at": now, "n": seq}})
         elif command == "findAndModify":
             if shape == "idplus":
@@ -442,12 +449,13 @@ def ceiling_sends(users: Sequence[User], messages: int, pool: bool) -> list[tupl
     first = SHARED_BOTS[0]
     if not pool:
         return [(users[i % len(users)], first) for i in range(messages)]
-    # Each bot gets a third: every user once on the first bot, then on its own bot; interleaved.
+    # Each bot gets a third: in every three rounds over the users, each user once on the first
+    # bot and twice on its own (half the users share the second, half the third); interleaved.
     rounds = max(1, -(-messages // max(1, len(users))))
     queues: dict[str, list[tuple[User, str]]] = {bot: [] for bot in SHARED_BOTS}
     for r in range(rounds):
         for user in users:
-            bot = first if r == 0 else user.bots[0]
+            bot = first if r % 3 == 0 else user.bots[0]
             queues[bot].append((user, bot))
     ordered: list[tuple[User, str]] = []
     longest = max(len(q) for q in queues.values())
