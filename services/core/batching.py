@@ -47,8 +47,10 @@ class InsertBatcher:
             return await future
         except asyncio.CancelledError:
             # Not sent yet: never will be. Once sent, the documents may be stored, as with any insert.
-            if entry in self._waiting:
-                self._waiting.remove(entry)
+            for index, waiting in enumerate(self._waiting):
+                if waiting is entry:
+                    del self._waiting[index]
+                    break
             raise
 
     async def insert_one(self, doc: Document) -> bool:
