@@ -130,7 +130,9 @@ async def pipeline(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str
         users = await system.connect_users(plan.users)
         mix = await op_mix(system, users, plan.mix_messages)
         report["op_mix"] = mix
-        say(f"bench: one accepted+sent message costs {mix['total_per_message']} database commands")
+        say(
+            f"bench: one accepted+sent message costs {mix['total_per_message']} database operations (commands; inserts by document)"
+        )
 
         # Send and floor side by side, level by level: the floor's collections are grown to the
         # size of ours before each floor level (ours grow as messages are sent).
@@ -225,7 +227,7 @@ def table(report: dict[str, Any]) -> str:
     lines: list[str] = []
     pipe = report.get("pipeline", {})
     floor_by = {row["concurrency"]: row for row in pipe.get("floor", [])}
-    lines.append("Send (edge SendMessage over gRPC, Telegram limits raised) vs floor (same DB commands, direct)")
+    lines.append("Send (edge SendMessage over gRPC, Telegram limits raised) vs floor (same DB operations, direct)")
     header = (
         f"{'conc':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'rcv p50':>8} {'rcv p99':>8} "
         f"{'floor/s':>8} {'fl p99':>8} {'pipe/fl':>7} {'errors':>8}  cpu% edge/deliv/dir/bot/verif/db/driver"
@@ -255,7 +257,7 @@ def table(report: dict[str, Any]) -> str:
     if pipe.get("op_mix"):
         mix = pipe["op_mix"]
         lines.append(
-            f"DB commands per accepted+sent message: {mix['total_per_message']} "
+            f"DB operations (commands; inserts by document) per accepted+sent message: {mix['total_per_message']} "
             f"(~{mix.get('ms_per_message', 0)} ms of database round trips at concurrency 4)"
         )
         lines.append(f"    {'count':>6}  {'ms each':>7}  service|database.collection:command:shape")
