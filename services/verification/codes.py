@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
@@ -217,15 +216,28 @@ class CodeEngine:
     def is_lapsed(self, record: Document, now: datetime | None = None) -> bool:
         return expire_at(record) <= (now or self.clock.now())
 
-    async def view(self, record: Document) -> View:
+    def slot_ids(self, record: Document) -> list[str]:
+        """Every slot a record can ever have: its attempts, its sends and its fence."""
         record_id = str(record["_id"])
-        if record["status"] == PENDING:
-            fence = await self.store.slots.find_one({"_id": self.fence_id(record_id)})
-            if fence is not None:
-                record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record
-        owner = self.owner(record_id)
-        attempts = await self.store.slots.count_documents({"owner": owner, "kind": "attempt"})
-        last_send = await self.store.slots.find_one({"owner": owner, "kind": "send"}, sort=[("n", DESCENDING)])
+        attempts = range(1, int(record["max_attempts"]) + 1)
+        sends = range(1, int(record["max_sends"]) + 1)
+        return [
+            *(self.slot_id(record_id, "attempt", n) for n in attempts),
+            *(self.slot_id(record_id, "send", n) for n in sends),
+            self.fence_id(record_id),
+        ]
+
+    async def view(self, record: Document) -> View:
+        # One lookup of every slot the record can have, by _id (a key lookup on every server; the
+        # slots are numbered from 1 and bounded by the record's own limits).
+        record_id = str(record["_id"])
+        slots = [doc async for doc in self.store.slots.find({"_id": {"$in": self.slot_ids(record)}})]
+        fence = next((doc for doc in slots if doc.get("kind") == "final"), None)
+        if record["status"] == PENDING and fence is not None:
+            record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record
+        attempts = sum(1 for doc in slots if doc.get("kind") == "attempt")
+        sends = [doc for doc in slots if doc.get("kind") == "send"]
+        last_send = max(sends, key=lambda doc: int(doc["n"]), default=None)
         status = str(record["status"])
         if status == PENDING and self.is_lapsed(record):
             status = EXPIRED
@@ -349,6 +361,10 @@ class CodeEngine:
         if after.send_count < number:
             after.send_count = number
         return SendReservation(after, number)
+
+    async def discard_slots(self, record: Document) -> None:
+        """Remove every slot of a record that is being discarded."""
+        await self.store.slots.delete_many({"_id": {"$in": self.slot_ids(record)}})
 
     async def undo_send(self, record_id: str, number: int) -> None:
         """Give back a reserved send that was refused downstream (the earlier code stays valid)."""

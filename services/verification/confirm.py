@@ -191,7 +191,7 @@ class Confirmer:
         except BaseException as exc:
             # A refused SMS leaves no pending confirmation behind.
             await self.store.confirmations.delete_one({"_id": record_id, "status": PENDING})
-            await self.store.slots.delete_many({"owner": self.engine.owner(record_id)})
+            await self.engine.discard_slots(record)
             if isinstance(exc, DownstreamError):
                 metrics.confirmations.labels("refused").inc()
                 log.info("confirmation_refused", confirmation_id=record_id, reason=exc.reason)

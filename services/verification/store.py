@@ -4,8 +4,13 @@ Collections (database owned by this service only):
 - verifications: Verify API codes (one pending per client and phone through `pending_key`).
 - confirmations: phone re-confirmations (one pending per phone through `pending_key`).
 - verification_requests: request_id claims for StartVerification idempotency (AIP-155).
-- code_slots: attempt and send slots and final fences of the codes above (see codes.py).
+- code_slots: attempt and send slots and final fences of the codes above (see codes.py), always
+  found by `_id`: a record's slots are numbered within its own limits.
 - failed_checks: one document per failed code check, by phone blind index (sliding hour).
+- pending_pointers: pending_key -> id of the verification that held it when it was created, so a
+  start finds the pending one by `_id` (on the dev database only `_id` lookups use an index). A
+  pointer is a hint: the record is read with the key as a condition, and a new record's insert,
+  refused by the unique pending_key index, is what proves one is pending when no pointer says so.
 
 `pending_key` carries a unique index. While a record is pending it holds the key that must be
 unique among pending records; every final state sets it to the record's own id. This gives
@@ -29,6 +34,7 @@ from services.verification.sealed import CONFIRMATIONS, VERIFICATIONS
 
 REQUESTS = "verification_requests"
 SLOTS = "code_slots"
+PENDING_POINTERS = "pending_pointers"
 FAILED_CHECKS = "failed_checks"
 
 # One blind index of the phone for both flows, so failed checks of a number add up across them.
@@ -67,6 +73,10 @@ class Store:
         return self.database[SLOTS]
 
     @property
+    def pending_pointers(self) -> AsyncCollection[Document]:
+        return self.database[PENDING_POINTERS]
+
+    @property
     def failed_checks(self) -> AsyncCollection[Document]:
         return self.database[FAILED_CHECKS]
 
@@ -81,8 +91,8 @@ class Store:
         )
         await ensure_index(self.confirmations, [("followup_pending", 1)], name="followup_pending")
         await ensure_index(self.requests, [("created_at", 1)], name="created_at")
-        await ensure_index(self.slots, [("owner", 1), ("kind", 1), ("n", -1)], name="owner_kind_n")
         await ensure_index(self.slots, [("at", 1)], name="at")
+        await ensure_index(self.pending_pointers, [("at", 1)], name="at")
         await ensure_index(self.failed_checks, [("phone_bi", 1), ("at", 1)], name="phone_at")
         await ensure_index(self.failed_checks, [("at", 1)], name="at")
 
@@ -147,6 +157,30 @@ class Store:
             query["status"] = status
         return await self.confirmations.find_one(query, sort=[("created_at", DESCENDING)])
 
+    # Pending records by key --------------------------------------------------------------
+
+    async def pending_by_key(self, coll: AsyncCollection[Document], key: str, *, search: bool) -> Document | None:
+        """The record holding `key` now, through its pointer; with `search`, also through the
+        unique pending_key index when no pointer leads to it (the pointer is written again)."""
+        pointer = await self.pending_pointers.find_one({"_id": key})
+        if pointer is not None:
+            doc = await coll.find_one({"_id": pointer["record_id"], "pending_key": key})
+            if doc is not None:
+                return doc
+        if not search:
+            return None
+        doc = await coll.find_one({"pending_key": key})
+        if doc is not None:
+            await self.point_pending(key, str(doc["_id"]), as_utc(doc["created_at"]))
+        return doc
+
+    async def point_pending(self, key: str, record_id: str, at: datetime) -> None:
+        pointer = ({"_id": key}, {"record_id": record_id, "at": at})
+        try:
+            await self.pending_pointers.replace_one(*pointer, upsert=True)
+        except DuplicateKeyError:  # written by a concurrent writer this instant: write it over
+            await self.pending_pointers.replace_one(*pointer)
+
     # Retention -----------------------------------------------------------------------------
 
     async def purge(self, now: datetime, retention: timedelta) -> int:
@@ -156,5 +190,6 @@ class Store:
             removed += await purge_before(coll, "final_at", cutoff)
         removed += await purge_before(self.requests, "created_at", now - timedelta(days=REQUEST_CLAIM_DAYS))
         removed += await purge_before(self.slots, "at", cutoff - timedelta(days=1))
+        removed += await purge_before(self.pending_pointers, "at", cutoff)
         removed += await purge_before(self.failed_checks, "at", now - timedelta(hours=2))
         return removed

@@ -212,8 +212,9 @@ class Verifier:
 
     async def _start_or_resend(self, start: StartInput) -> View:
         _, pending_key = self.keys(start)
-        for _ in range(5):
-            existing = await self.store.verifications.find_one({"pending_key": pending_key})
+        for attempt in range(5):
+            # The pointer first; after a refused insert (one is pending), the unique index too.
+            existing = await self.store.pending_by_key(self.store.verifications, pending_key, search=attempt > 0)
             if existing is not None:
                 view = await self.engine.view(existing)
                 if view.record["status"] == PENDING and self.engine.is_lapsed(view.record):
@@ -269,6 +270,7 @@ class Verifier:
             await self.engine.insert(record)
         except DuplicateKeyError:
             return None  # a concurrent start created the pending one: re-send that instead
+        await self.store.point_pending(str(record["pending_key"]), str(record["_id"]), now)
         return record, code
 
     async def _create(self, start: StartInput) -> View | None:
@@ -280,7 +282,7 @@ class Verifier:
         try:
             message = await self._send(record, code, start, 1)
         except BaseException as exc:
-            await self._discard(record_id)
+            await self._discard(record)
             if isinstance(exc, DownstreamError):
                 metrics.verifications.labels("refused").inc()
                 log.info("verification_refused", verification_id=record_id, reason=exc.reason)
@@ -297,10 +299,10 @@ class Verifier:
         )
         return await self.engine.load(record_id)
 
-    async def _discard(self, record_id: str) -> None:
+    async def _discard(self, record: Document) -> None:
         """A start that delivery refused leaves nothing behind."""
-        await self.store.verifications.delete_one({"_id": record_id, "status": PENDING})
-        await self.store.slots.delete_many({"owner": self.engine.owner(record_id)})
+        await self.store.verifications.delete_one({"_id": record["_id"], "status": PENDING})
+        await self.engine.discard_slots(record)
 
     async def _resend(self, view: View, start: StartInput) -> View | None:
         reservation = await self.engine.reserve_send(view, self.policy.resend_cooldown)

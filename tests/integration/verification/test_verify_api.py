@@ -108,6 +108,24 @@ async def test_expired_verification_is_refused_and_a_new_start_issues_a_new_code
     assert second.id != first.id
 
 
+async def test_a_start_finds_the_pending_verification_without_its_pointer(env: Env) -> None:
+    """The pointer from a pending key to its verification is a hint: lost (a crash between the
+    two writes) or stale, the unique pending index still keeps one pending per number."""
+    phone = new_phone()
+    pointers = env.database["pending_pointers"]
+    first = (await env.verification.StartVerification(start(phone))).verification
+    assert await pointers.count_documents({"record_id": first.id}) == 1
+    await pointers.delete_many({})
+    env.clock.advance(30)
+    again = (await env.verification.StartVerification(start(phone))).verification
+    assert again.id == first.id and again.send_count == 2
+    assert await pointers.count_documents({"record_id": first.id}) == 1  # written again
+    await env.verification.CancelVerification(V.CancelVerificationRequest(client_id="shop", id=first.id))
+    fresh = (await env.verification.StartVerification(start(phone))).verification  # the pointer is stale now
+    assert fresh.id != first.id and fresh.status == PENDING and fresh.send_count == 1
+    assert await pointers.count_documents({"record_id": fresh.id}) == 1
+
+
 async def test_request_id_idempotency(env: Env) -> None:
     phone = new_phone()
     first = (await env.verification.StartVerification(start(phone, request_id="r-1"))).verification
