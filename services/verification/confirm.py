@@ -127,8 +127,9 @@ class Confirmer:
     ) -> verification_pb2.StartPhoneConfirmationResponse:
         start = self.validate_start(request)
         phone_bi = self.keyring.blind_index(PHONE_INDEX, start.phone.e164)
-        for _ in range(5):
-            existing = await self.store.confirmations.find_one({"pending_key": phone_bi})
+        for attempt in range(5):
+            # The pointer first; after a refused insert (one is pending), the unique index too.
+            existing = await self.store.pending_by_key(self.store.confirmations, phone_bi, search=attempt > 0)
             if existing is not None:
                 view = await self.engine.settle_lapsed(await self.engine.view(existing))
                 if view.pending:
@@ -149,7 +150,7 @@ class Confirmer:
         now = self.clock.now()
         # One pending confirmation per person too: an older one for another number is void.
         async for other in self.store.confirmations.find(
-            {"telegram_user_id": start.telegram_user_id, "status": PENDING}, {"_id": 1}
+            {"telegram_user_id": start.telegram_user_id, "status": PENDING, "phone_bi": {"$ne": phone_bi}}, {"_id": 1}
         ):
             won, _ = await self.engine.decide(str(other["_id"]), CANCELED)
             if won:
@@ -178,6 +179,7 @@ class Confirmer:
             await self.engine.insert(record)
         except DuplicateKeyError:
             return None
+        await self.store.point_pending(phone_bi, record_id, now)
         return record, code
 
     async def _create(self, start: StartInput, phone_bi: str) -> verification_pb2.StartPhoneConfirmationResponse | None:

@@ -7,8 +7,8 @@ Collections (database owned by this service only):
 - code_slots: attempt and send slots and final fences of the codes above (see codes.py), always
   found by `_id`: a record's slots are numbered within its own limits.
 - failed_checks: one document per failed code check, by phone blind index (sliding hour).
-- pending_pointers: pending_key -> id of the verification that held it when it was created, so a
-  start finds the pending one by `_id` (on the dev database only `_id` lookups use an index). A
+- pending_pointers: pending_key -> id of the record (verification or confirmation; their keys
+  never look alike) that held it when it was created, so a start finds the pending one by `_id` (on the dev database only `_id` lookups use an index). A
   pointer is a hint: the record is read with the key as a condition, and a new record's insert,
   refused by the unique pending_key index, is what proves one is pending when no pointer says so.
 

@@ -12,7 +12,7 @@ from otpgate.delivery.v1 import delivery_pb2
 from otpgate.directory.v1 import directory_pb2
 from otpgate.verification.v1 import verification_pb2 as V
 
-from tests.integration.verification.conftest import Env, refused
+from tests.integration.verification.conftest import Env, new_phone, refused
 
 BOT = "smscodes_bot"
 
@@ -149,6 +149,11 @@ async def test_one_pending_confirmation_per_number_reused_with_the_same_code_aft
     assert len(codes) == 2 and codes[0] == codes[1]
     assert "Telegram" in (await env.inbox(user.phone))[0] and "код" in (await env.inbox(user.phone))[0]
     assert len([doc async for doc in env.database["confirmations"].find({})]) == 1
+    # Found without its pointer too (a hint; the unique pending index decides), which is written again.
+    await env.database["pending_pointers"].delete_many({})
+    again = await env.verification.StartPhoneConfirmation(request)
+    assert again.confirmation_id == first.confirmation_id and again.reused and not again.code_sent
+    assert await env.database["pending_pointers"].count_documents({"record_id": first.confirmation_id}) == 1
     # The code expires after 10 minutes even though the record is still there.
     env.clock.advance(600)
     expired = await env.verification.SubmitConfirmationCode(
@@ -158,6 +163,26 @@ async def test_one_pending_confirmation_per_number_reused_with_the_same_code_aft
     # After expiry a new start is a new confirmation with a new code.
     fresh = await env.verification.StartPhoneConfirmation(request)
     assert fresh.confirmation_id != first.confirmation_id and not fresh.reused
+
+
+async def test_a_new_number_voids_the_persons_pending_confirmation_of_the_old_one(env: Env) -> None:
+    user = await env.user()
+    await env.connect(user)
+    old = await env.verification.StartPhoneConfirmation(
+        V.StartPhoneConfirmationRequest(phone=user.phone, telegram_user_id=user.user_id, bot_id=BOT, client_id="shop")
+    )
+    other_phone = new_phone()
+    new = await env.verification.StartPhoneConfirmation(
+        V.StartPhoneConfirmationRequest(phone=other_phone, telegram_user_id=user.user_id, bot_id=BOT, client_id="shop")
+    )
+    assert new.confirmation_id != old.confirmation_id and not new.reused
+    statuses = {doc["_id"]: doc["status"] async for doc in env.database["confirmations"].find({})}
+    assert statuses[old.confirmation_id] == "CANCELED" and statuses[new.confirmation_id] == "PENDING"
+    (old_code,) = await env.codes_by_sms(user.phone)
+    typed = await env.verification.SubmitConfirmationCode(
+        V.SubmitConfirmationCodeRequest(telegram_user_id=user.user_id, code=old_code, bot_id=BOT)
+    )
+    assert typed.outcome != V.CONFIRMATION_OUTCOME_CONFIRMED
 
 
 async def test_number_moved_to_another_account_supersedes_the_pending_confirmation(env: Env) -> None:
