@@ -10,7 +10,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from services.core.logging import get_logger
 
@@ -64,6 +64,16 @@ async def purge_before(
     query: dict[str, Any] = {field: {"$lt": cutoff}, **(extra or {})}
     result = await collection.delete_many(query)
     return int(result.deleted_count)
+
+
+async def put_by_id(collection: AsyncCollection[Document], doc_id: str, fields: Mapping[str, Any]) -> None:
+    """Write the document `doc_id` whole, creating it if needed; the last writer wins. Two writers
+    that upsert the same new `_id` at once can have one refused with a duplicate key (MongoDB
+    too): the document exists by then, so it is written over."""
+    try:
+        await collection.replace_one({"_id": doc_id}, dict(fields), upsert=True)
+    except DuplicateKeyError:
+        await collection.replace_one({"_id": doc_id}, dict(fields))
 
 
 async def ping(database: AsyncDatabase[Document], timeout: float = 2.0) -> bool:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
 
 from services.core.batching import InsertBatcher
 from services.core.clock import Clock
@@ -208,11 +207,9 @@ class Limiter:
         for _ in range(self._max_probe):
             slot = await self._candidate(window)
             slot_id = f"{window.current}|{slot}"
-            try:
-                await self._coll.insert_one({"_id": slot_id, "exp": window.expires})
+            if await self._slots.insert_one({"_id": slot_id, "exp": window.expires}):
                 return slot_id
-            except DuplicateKeyError:
-                await self._skip_past(window.current, slot)
+            await self._skip_past(window.current, slot)
         raise RateLimited(window.hit, 1.0)
 
     async def _skip_past(self, window_id: str, collided: int) -> None:

@@ -38,7 +38,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from services.core.clock import as_utc
-from services.core.mongo import Document, ensure_index
+from services.core.mongo import Document, ensure_index, put_by_id
 from services.directory.sealed import NUMBERS, SUBSCRIBERS
 
 
@@ -144,13 +144,8 @@ class SubscriberStore:
         return SubscriberRecord.from_doc(doc)
 
     async def _point(self, doc: Document) -> None:
-        pointer = ({"_id": doc["phone_index"]}, {"subscriber_id": doc["_id"]})
-        try:
-            await self.numbers.replace_one(*pointer, upsert=True)
-        except DuplicateKeyError:
-            # Two writers upserted the same pointer at once (MongoDB can refuse one of them too):
-            # it exists now, so write it over; the last writer wins, as readers check it anyway.
-            await self.numbers.replace_one(*pointer)
+        # The last writer wins; readers check the record anyway.
+        await put_by_id(self.numbers, doc["phone_index"], {"subscriber_id": doc["_id"]})
 
     async def _unpoint(self, record: SubscriberRecord) -> None:
         """Drop the pointer of a number the record no longer holds, unless it points elsewhere now."""

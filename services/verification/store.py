@@ -29,7 +29,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import as_utc
-from services.core.mongo import Document, ensure_index, purge_before
+from services.core.mongo import Document, ensure_index, purge_before, put_by_id
 from services.verification.sealed import CONFIRMATIONS, VERIFICATIONS
 
 REQUESTS = "verification_requests"
@@ -175,11 +175,7 @@ class Store:
         return doc
 
     async def point_pending(self, key: str, record_id: str, at: datetime) -> None:
-        pointer = ({"_id": key}, {"record_id": record_id, "at": at})
-        try:
-            await self.pending_pointers.replace_one(*pointer, upsert=True)
-        except DuplicateKeyError:  # written by a concurrent writer this instant: write it over
-            await self.pending_pointers.replace_one(*pointer)
+        await put_by_id(self.pending_pointers, key, {"record_id": record_id, "at": at})
 
     # Retention -----------------------------------------------------------------------------
 
