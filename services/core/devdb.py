@@ -2,7 +2,8 @@
 
 Used by `otpgate dev` and the tests when MONGODB_URI is not set. The binary is built once
 into .cache/bin (ignored by git); later runs reuse it. tools/devdb/patches.json lists small
-patches to FerretDB, applied to a copy of the module, that let lookups by _id use the index.
+patches to FerretDB, applied to a copy of the module: writes to one document are atomic as in
+MongoDB, duplicate keys on update are reported as such, and lookups by _id use the index.
 """
 
 from __future__ import annotations
@@ -69,7 +70,12 @@ def _patched_modfile(go: str, env: dict[str, str]) -> Path:
     shutil.copytree(json.loads(found.stdout)["Dir"], module, copy_function=shutil.copyfile)
     for patch in spec["patches"]:
         target = module / patch["file"]
-        target.write_text(replace_once(target.read_text(), patch["old"], patch["new"], patch["file"]))
+        if "create" in patch:
+            if target.exists():
+                raise DevDatabaseError(f"dev database patch creates {patch['file']}, which FerretDB now has")
+            target.write_text("\n".join(patch["create"]) + "\n")
+        else:
+            target.write_text(replace_once(target.read_text(), patch["old"], patch["new"], patch["file"]))
     modfile = PATCHED / "go.mod"
     modfile.write_text((SOURCE / "go.mod").read_text() + f"\nreplace {spec['module']} => {module}\n")
     shutil.copyfile(SOURCE / "go.sum", PATCHED / "go.sum")
