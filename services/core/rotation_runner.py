@@ -35,7 +35,7 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, SystemClock
 from services.core.crypto import CryptoError, Keyring, SealContext
@@ -302,9 +302,7 @@ class CollectionRotation:
         for _ in range(3):
             try:
                 result = await self.collection.update_one(condition, {"$set": changes})
-            except OperationFailure as exc:
-                if not _is_duplicate_key(exc):
-                    raise
+            except DuplicateKeyError:
                 if await self._settle_clash(doc, changes, index_changes, counts):
                     continue  # the other document lost: try again
                 return  # this document lost (deleted) or the clash is left for an operator
@@ -346,16 +344,6 @@ class CollectionRotation:
             )
             return loser is other
         return True  # the clash vanished meanwhile
-
-
-def _is_duplicate_key(error: OperationFailure) -> bool:
-    """MongoDB: 11000. The dev database (FerretDB 1.x on SQLite) reports a unique-index breach on
-    update as InternalError (code 1) with SQLite's "UNIQUE constraint failed"."""
-    return (
-        isinstance(error, DuplicateKeyError)
-        or error.code == 11000
-        or (error.code == 1 and "UNIQUE constraint failed" in str(error))
-    )
 
 
 def _is_newer(left: Any, right: Any) -> bool:

@@ -35,7 +35,7 @@ from datetime import datetime
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import as_utc
 from services.core.mongo import Document, ensure_index, put_by_id
@@ -88,17 +88,6 @@ class SubscriberRecord:
             updated_at=as_utc(doc["updated_at"]),
             raw=doc,
         )
-
-
-def is_duplicate_key(error: Exception) -> bool:
-    """A unique index refused the write. MongoDB says 11000 (DuplicateKeyError); the dev database
-    (FerretDB 1.x on SQLite) says so on insert, but reports an update that breaks a unique index
-    as InternalError (code 1) with SQLite's "UNIQUE constraint failed"."""
-    if isinstance(error, DuplicateKeyError):
-        return True
-    return isinstance(error, OperationFailure) and (
-        error.code == 11000 or (error.code == 1 and "UNIQUE constraint failed" in str(error))
-    )
 
 
 class UniqueViolation(Exception):
@@ -160,10 +149,8 @@ class SubscriberStore:
         """Raises UniqueViolation when the person or the number already has a record."""
         try:
             await self.collection.insert_one(doc)
-        except OperationFailure as exc:
-            if is_duplicate_key(exc):
-                raise UniqueViolation from None
-            raise
+        except DuplicateKeyError:
+            raise UniqueViolation from None
         await self._point(doc)
         return SubscriberRecord.from_doc(doc)
 
@@ -176,10 +163,8 @@ class SubscriberStore:
                 update,
                 return_document=ReturnDocument.AFTER,
             )
-        except OperationFailure as exc:
-            if is_duplicate_key(exc):
-                raise UniqueViolation from None
-            raise
+        except DuplicateKeyError:
+            raise UniqueViolation from None
         if doc is None:
             return None
         if doc["phone_index"] != record.phone_index:

@@ -29,7 +29,6 @@ from services.core.ids import new_id
 from services.core.logging import get_logger
 from services.core.phone import Phone, mask_phone
 from services.directory import metrics
-from services.directory.locks import KeyedLocks
 from services.directory.sealed import SUBSCRIBERS
 from services.directory.store import SubscriberRecord, SubscriberStore, UniqueViolation, link_path
 
@@ -70,14 +69,6 @@ class Resolution:
     blocked_bot_ids: list[str]
 
 
-def _user_key(telegram_user_id: int) -> str:
-    return f"user:{telegram_user_id}"
-
-
-def _phone_key(index: str) -> str:
-    return f"phone:{index}"
-
-
 def subscriber_not_found() -> ServiceError:
     return not_found("subscriber", reason="SUBSCRIBER_NOT_FOUND")
 
@@ -97,7 +88,6 @@ class Directory:
         self.clock = clock
         self.shared_bots = list(shared_bots)
         self.max_attempts = max_attempts
-        self.locks = KeyedLocks()
 
     # Keys ----------------------------------------------------------------------
 
@@ -146,10 +136,6 @@ class Directory:
     async def link_contact(self, bot_id: str, telegram_user_id: int, phone: Phone) -> LinkOutcome:
         """Link `phone` to the person and connect them to `bot_id`. The contact was checked to be theirs."""
         indexes = self.phone_indexes(phone.e164)
-        async with self.locks.hold([_user_key(telegram_user_id), _phone_key(indexes[0])]):
-            return await self._link_contact(bot_id, telegram_user_id, phone, indexes)
-
-    async def _link_contact(self, bot_id: str, telegram_user_id: int, phone: Phone, indexes: list[str]) -> LinkOutcome:
         current_index, index_key = indexes[0], self.keyring.index_key_id
         moved = False
         for attempt in range(self.max_attempts):
@@ -220,10 +206,9 @@ class Directory:
         raise aborted("the person or number changed concurrently; retry", reason="CONCURRENT_UPDATE")
 
     async def connect_known_user(self, bot_id: str, telegram_user_id: int) -> SubscriberRecord:
-        async with self.locks.hold([_user_key(telegram_user_id)]):
-            record = await self.store.update_by_user(
-                telegram_user_id, self._link_update(bot_id, LinkStatus.CONNECTED, self.clock.now())
-            )
+        record = await self.store.update_by_user(
+            telegram_user_id, self._link_update(bot_id, LinkStatus.CONNECTED, self.clock.now())
+        )
         if record is None:
             metrics.connects.labels("unknown").inc()
             raise subscriber_not_found()
@@ -232,10 +217,7 @@ class Directory:
         return record
 
     async def set_bot_status(self, bot_id: str, telegram_user_id: int, status: LinkStatus) -> SubscriberRecord:
-        async with self.locks.hold([_user_key(telegram_user_id)]):
-            record = await self.store.update_by_user(
-                telegram_user_id, self._link_update(bot_id, status, self.clock.now())
-            )
+        record = await self.store.update_by_user(telegram_user_id, self._link_update(bot_id, status, self.clock.now()))
         if record is None:
             raise subscriber_not_found()
         metrics.bot_status.labels(status.value.lower()).inc()
@@ -284,10 +266,9 @@ class Directory:
 
     async def mark_confirmed(self, telegram_user_id: int, e164: str) -> datetime:
         now = self.clock.now()
-        async with self.locks.hold([_user_key(telegram_user_id)]):
-            record = await self.store.update_by_user_and_phone(
-                telegram_user_id, self.phone_indexes(e164), {"$set": {"confirmed_at": now, "updated_at": now}}
-            )
+        record = await self.store.update_by_user_and_phone(
+            telegram_user_id, self.phone_indexes(e164), {"$set": {"confirmed_at": now, "updated_at": now}}
+        )
         if record is None:
             if await self.store.by_user(telegram_user_id) is None:
                 metrics.confirmations.labels("unknown").inc()
@@ -303,16 +284,13 @@ class Directory:
         return now
 
     async def forget_user(self, telegram_user_id: int) -> bool:
-        async with self.locks.hold([_user_key(telegram_user_id)]):
-            erased = await self.store.delete_by_user(telegram_user_id) > 0
+        erased = await self.store.delete_by_user(telegram_user_id) > 0
         metrics.erasures.labels("erased" if erased else "absent").inc()
         log.info("subscriber_forgotten", by="telegram_user_id", erased=erased)
         return erased
 
     async def forget_phone(self, e164: str) -> bool:
-        indexes = self.phone_indexes(e164)
-        async with self.locks.hold([_phone_key(indexes[0])]):
-            erased = await self.store.delete_by_phone(indexes) > 0
+        erased = await self.store.delete_by_phone(self.phone_indexes(e164)) > 0
         metrics.erasures.labels("erased" if erased else "absent").inc()
         log.info("subscriber_forgotten", by="phone", erased=erased)
         return erased

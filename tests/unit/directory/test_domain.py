@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from services.core.clock import ManualClock
 from services.core.config import ConfigError, Env
 from services.core.crypto import Keyring
 from services.directory.app import load_config
-from services.directory.locks import KeyedLocks
-from services.directory.store import BotLinkRecord, SubscriberRecord, is_duplicate_key
+from services.directory.store import BotLinkRecord, SubscriberRecord
 from services.directory.subscribers import Directory, LinkOutcome
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -73,33 +70,6 @@ def test_link_outcome_names() -> None:
     assert LinkOutcome(subscriber, False, False).outcome == "relinked"
     assert LinkOutcome(subscriber, True, False).outcome == "number_changed"
     assert LinkOutcome(subscriber, True, True).outcome == "number_moved"
-
-
-async def test_keyed_locks_serialise_per_key_and_clean_up() -> None:
-    locks = KeyedLocks()
-    order: list[str] = []
-
-    async def worker(name: str, keys: list[str]) -> None:
-        async with locks.hold(keys):
-            order.append(f"{name}+")
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
-            order.append(f"{name}-")
-
-    await asyncio.gather(worker("a", ["x", "y"]), worker("b", ["y", "x"]), worker("c", ["z"]))
-    # a and b share keys (taken in sorted order: no deadlock) and never overlap; c runs alongside.
-    a, b = order.index("a+"), order.index("b+")
-    first, second = ("a", "b") if a < b else ("b", "a")
-    assert order.index(f"{first}-") < order.index(f"{second}+")
-    assert len(locks) == 0
-
-
-def test_unique_violations_recognised_on_mongodb_and_the_dev_database() -> None:
-    assert is_duplicate_key(DuplicateKeyError("E11000 duplicate key", 11000))
-    ferret = OperationFailure("constraint failed: UNIQUE constraint failed: index 'x_phone_index_unique' (2067)", 1)
-    assert is_duplicate_key(ferret)
-    assert not is_duplicate_key(OperationFailure("something else", 1))
-    assert not is_duplicate_key(ValueError("UNIQUE constraint failed"))
 
 
 def test_config_defaults_and_limits() -> None:
