@@ -2,9 +2,9 @@
 
 Each admitted event owns one numbered slot document in its window
 (`_id = limit|key|window|slot`, slots 1..limit). Slots are taken with plain inserts,
-so the unique `_id` makes admission exact under concurrency on any MongoDB-wire
-server: a counter updated with `$inc` is not atomic on the dev database (measured:
-20 concurrent increments of one document gave 7), an insert that collides always fails.
+so the unique `_id` makes admission exact under concurrency across replicas, no two
+requests ever write one document, and concurrent requests' slots share one insert
+command (services/core/batching.py).
 
 Nothing is counted with a query: how far a window is filled is found by probing slot ids
 (1, 2, 4, 8, … then bisecting), so every read is an `_id` lookup; a process remembers the

@@ -266,8 +266,8 @@ class Store:
         )
 
     async def usage_between(self, client_id: str, start: str, end: str) -> list[tuple[str, int, int, int]]:
-        """(day, channel, messages, billed SMS), by day and channel. Grouped by a combined key and
-        counted with $sum: 1 only ($sum of a field answers 0 on the dev database)."""
+        """(day, channel, messages, billed SMS), by day and channel: the records are grouped by
+        their combined key (day|channel|billed) and counted."""
         pipeline: list[Document] = [
             {"$match": {"c": client_id, "d": {"$gte": start, "$lte": end}}},
             {"$group": {"_id": "$k", "n": {"$sum": 1}}},

@@ -62,8 +62,8 @@ class EdgeStore:
         self.database = database
         self.clients: AsyncCollection[Document] = database["clients"]
         self.api_keys: AsyncCollection[Document] = database["api_keys"]
-        # Last-use times live apart from the keys: a busy key's usage writes must never race
-        # (and, on a database without atomic updates, undo) its revocation.
+        # Last-use times live apart from the keys: a busy key's usage writes never contend with
+        # its revocation, and a key's document changes only when the key itself does.
         self.key_usage: AsyncCollection[Document] = database["api_key_usage"]
         self.captcha_tokens: AsyncCollection[Document] = database["captcha_tokens"]
 

@@ -6,8 +6,7 @@ kept sealed only while it may be re-sent and erased at every final state. Expiry
 at read time with the injected clock; the sweeper only tidies up.
 
 Every decision that must happen once is an insert with a unique `_id` into `code_slots`,
-so it is atomic on any MongoDB-wire server, including the dev database whose updates are
-read-modify-write without isolation (concurrent updates of one document lose writes there):
+so the unique index decides between racing callers, with nothing read first:
 
 - attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts: a check must take one first,
   so no more than max_attempts codes are ever compared, however many checks race;

@@ -106,8 +106,7 @@ class Store:
         return None if doc is None else as_utc(doc["at"])
 
     async def add_failed_check(self, phone_bi: str, now: datetime) -> None:
-        # One document per failure (an insert is atomic everywhere; a shared counter would lose
-        # increments on servers whose updates are not isolated).
+        # One document per failure, counted over a sliding window.
         await self.failed_checks.insert_one({"phone_bi": phone_bi, "at": now})
 
     # Request claims (StartVerification idempotency) ---------------------------------------

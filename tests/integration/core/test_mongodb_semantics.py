@@ -426,6 +426,30 @@ async def test_update_many_updates_every_match_once(db: AsyncDatabase[Document])
     assert {d["n"] for d in await docs.find({"group": 1}).to_list()} == {0}
 
 
+# Aggregation: the subset the services use ($match, $group with $sum and $count, $sort, $limit) --
+
+
+async def test_group_gives_every_accumulator_the_whole_group(db: AsyncDatabase[Document]) -> None:
+    usage = db["usage"]
+    await usage.insert_many(
+        [
+            {"c": "shop", "k": "a", "v": 2},
+            {"c": "shop", "k": "a", "v": 3},
+            {"c": "shop", "k": "b", "v": 5},
+            {"c": "other", "k": "a", "v": 100},
+        ]
+    )
+    pipeline: list[Document] = [
+        {"$match": {"c": "shop"}},
+        {"$group": {"_id": "$k", "n": {"$sum": 1}, "total": {"$sum": "$v"}, "rows": {"$count": {}}}},
+        {"$sort": {"_id": ASCENDING}},
+    ]
+    rows = await (await usage.aggregate(pipeline)).to_list()
+    assert rows == [{"_id": "a", "n": 2, "total": 5, "rows": 2}, {"_id": "b", "n": 1, "total": 5, "rows": 1}]
+    top = await (await usage.aggregate([*pipeline[:2], {"$sort": {"total": -1, "_id": -1}}, {"$limit": 1}])).to_list()
+    assert [row["_id"] for row in top] == ["b"]
+
+
 # What the dev database does not do, asserted so a change is noticed ---------------------------
 
 
