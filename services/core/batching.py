@@ -4,15 +4,19 @@ already on its way goes to the server together, as one unordered `insert` comman
 One command instead of many saves a round trip and the server's per-command work (parsing, a
 transaction, a commit) for every document but the first. An idle collection adds no wait: the
 first caller's documents leave at once, and whatever arrives meanwhile leaves with the next one.
+A command serves many requests, so it runs under its own time limit, not under the deadline of
+whichever request happened to send it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import pymongo
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, WriteConcernError, WriteError
 
@@ -27,9 +31,17 @@ class InsertBatcher:
     of a document is raised to its caller; a failure of the whole command to every caller in it
     (as a lone insert's would be, the documents may or may not be stored)."""
 
-    def __init__(self, collection: AsyncCollection[Document], *, max_batch: int = 256, in_flight: int = 1) -> None:
+    def __init__(
+        self,
+        collection: AsyncCollection[Document],
+        *,
+        max_batch: int = 256,
+        in_flight: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
         self.collection = collection
         self._max_batch = max_batch
+        self._timeout = timeout
         self._in_flight_limit = in_flight
         self._in_flight = 0
         self._waiting: deque[_Entry] = deque()
@@ -65,13 +77,15 @@ class InsertBatcher:
                 batch.append(entry)
                 size += len(entry[0])
             self._in_flight += 1
-            task = asyncio.create_task(self._send(batch))
+            # A fresh context: not the sending request's database deadline (services/core/outage.py).
+            task = asyncio.create_task(self._send(batch), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[_Entry]) -> None:
         try:
-            failed = await self._insert_many([doc for docs, _ in batch for doc in docs])
+            with pymongo.timeout(self._timeout):
+                failed = await self._insert_many([doc for docs, _ in batch for doc in docs])
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():

@@ -4,8 +4,10 @@
     await run_service(app, config)            # python -m services.directory
 
 Gives every service: request ids from `x-request-id` metadata bound to its logs,
-go-grpc-prometheus metrics, ServiceError -> rich status, health (NOT_SERVING while
-MongoDB is unreachable), reflection in dev, graceful stop on SIGTERM/SIGINT.
+go-grpc-prometheus metrics, ServiceError -> rich status, a database outage -> UNAVAILABLE
+within the request's deadline (services/core/outage.py), an undecodable request ->
+INVALID_ARGUMENT, health (NOT_SERVING while MongoDB is unreachable), reflection in dev,
+graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -28,9 +31,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core import metrics
 from services.core.config import CommonConfig, TlsConfig
-from services.core.errors import ServiceError
+from services.core.errors import ServiceError, invalid_argument
 from services.core.logging import get_logger, request_id_var
 from services.core.mongo import Document, ping
+from services.core.outage import OutageLog, database_deadline
 
 log = get_logger(__name__)
 Register = Callable[[grpc.aio.Server], None]
@@ -49,6 +53,8 @@ class ServiceApp:
     # Called once on stop, after the server drained.
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     health_interval: float = 2.0
+    # Database outages of this service: logged once each, answered UNAVAILABLE.
+    outages: OutageLog = field(default_factory=OutageLog)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -56,7 +62,40 @@ def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request body that is not a valid message of its type deserialises to."""
+
+    type_name: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, answering _Undecodable instead of raising (gRPC would answer
+    UNKNOWN and log a traceback for a body that does not parse)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable(type_name)
+
+    return deserialize
+
+
+def _request_type_name(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
+    owner = getattr(handler.request_deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "the method's request message"))
+
+
 class _ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, request_timeout: float, outages: OutageLog) -> None:
+        # The longest a request's database operations may take (the deadline shortens it).
+        self._request_timeout = request_timeout
+        self._outages = outages
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -69,6 +108,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         labels = ("unary", service, method)
         incoming = dict(details.invocation_metadata or ())
         inner = handler.unary_unary
+        request_timeout, outages = self._request_timeout, self._outages
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             rid = str(incoming.get("x-request-id") or _new_request_id())[:64]
@@ -78,7 +118,12 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                response = await inner(request, context)  # type: ignore[arg-type]  # aio handlers take aio contexts
+                if isinstance(request, _Undecodable):
+                    raise invalid_argument(
+                        [("", f"the request body is not a valid {request.type_name}")], "MALFORMED_REQUEST"
+                    )
+                with database_deadline(context.time_remaining(), request_timeout):
+                    response = await inner(request, context)  # type: ignore[arg-type]  # aio handlers take aio contexts
                 metrics.server_msg_sent.labels(*labels).inc()
                 return response
             except ServiceError as err:
@@ -92,6 +137,9 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
                 if context.code() not in (None, grpc.StatusCode.OK):  # aborted by the servicer itself
                     code = context.code()
                     raise
+                if (outage := outages.answer(exc)) is not None:
+                    code = outage.code
+                    await context.abort_with_status(outage.to_grpc_status())
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed", method=method, error=type(exc).__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -101,7 +149,9 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            behavior,
+            request_deserializer=_tolerant(handler.request_deserializer, _request_type_name(handler)),
+            response_serializer=handler.response_serializer,
         )
 
 
@@ -136,6 +186,8 @@ class RunningService:
         serving: bool | None = None
         while True:
             healthy = self.app.database is None or await ping(self.app.database)
+            if healthy:
+                self.app.outages.reachable()
             if healthy != serving:
                 serving = healthy
                 state = (
@@ -148,7 +200,7 @@ class RunningService:
     def start_background(self) -> None:
         self._health_task = asyncio.create_task(self._watch_database())
         for loop in self.app.background:
-            self.app.tasks.append(asyncio.create_task(_supervised(loop)))
+            self.app.tasks.append(asyncio.create_task(_supervised(loop, self.app.outages)))
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -164,7 +216,7 @@ class RunningService:
                 await hook()
 
 
-async def _supervised(loop: Callable[[], Awaitable[None]]) -> None:
+async def _supervised(loop: Callable[[], Awaitable[None]], outages: OutageLog) -> None:
     """Keep a background loop alive across unexpected errors."""
     while True:
         try:
@@ -172,16 +224,23 @@ async def _supervised(loop: Callable[[], Awaitable[None]]) -> None:
             return
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("background_loop_failed", loop=getattr(loop, "__qualname__", str(loop)))
+        except Exception as exc:
+            if outages.answer(exc) is None:  # an outage is logged once, not once a second
+                log.exception("background_loop_failed", loop=getattr(loop, "__qualname__", str(loop)))
             await asyncio.sleep(1.0)
 
 
 async def start_service(
-    app: ServiceApp, host: str, port: int, *, tls: TlsConfig | None = None, reflection_on: bool = False
+    app: ServiceApp,
+    host: str,
+    port: int,
+    *,
+    tls: TlsConfig | None = None,
+    reflection_on: bool = False,
+    request_timeout: float = 5.0,
 ) -> RunningService:
     server = grpc.aio.server(
-        interceptors=[_ServerInterceptor()],
+        interceptors=[_ServerInterceptor(request_timeout, app.outages)],
         options=[
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -221,7 +280,9 @@ async def run_service(app: ServiceApp, config: CommonConfig, grace: float = 5.0)
 
     if config.metrics_port:
         start_metrics_server(config.metrics_port, config.metrics_host)
-    running = await start_service(app, config.host, config.port, tls=config.tls, reflection_on=config.dev)
+    running = await start_service(
+        app, config.host, config.port, tls=config.tls, reflection_on=config.dev, request_timeout=config.rpc_timeout
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

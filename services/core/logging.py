@@ -1,8 +1,11 @@
 """structlog JSON logging, one event per line, with request ids and redaction.
 
 Redaction runs on every event, ours and the libraries' (stdlib logging is routed
-through the same processors): fields that name secrets are dropped, phone numbers in
-any value are masked.
+through the same processors): fields that name secrets are dropped, fields that hold a
+phone number are masked, and so is every number in a text that is a possible phone number
+standing on its own. Ids, request ids and hashes are never touched, so a message can be
+found in the logs by its id: fields named `id`, `*_id`, `*_ids` or `*_hash` are left as
+they are, and digits inside a word (`01M8RH5D5GBE6512345670840C5Z`) are not a number.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any, TextIO
 
+import phonenumbers
 import structlog
 
 from services.core.phone import mask_phone
@@ -23,9 +27,11 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 REDACTED = "[redacted]"
 _SECRET_NAMES = frozenset({"code", "token", "secret", "key", "text", "password", "authorization", "api_key", "otp"})
 _SECRET_SUFFIXES = ("_code", "_token", "_secret", "_key", "_password", "_text")
-# E.164 with "+", or a bare run of 11-15 digits (Telegram sends contacts without "+").
-_PHONE_RE = re.compile(r"\+\d{7,15}\b|(?<![\d.])\d{11,15}(?![\d.])")
+# E.164 with "+", or a bare run of 11-15 digits (Telegram sends contacts without "+"), standing on
+# its own: not inside a word or an id, not part of a decimal number.
+_PHONE_RE = re.compile(r"(?<![\w+])(?<!\d\.)(?:\+\d{7,15}|\d{11,15})(?!\w)(?!\.\d)")
 _PHONE_FIELDS = frozenset({"phone", "e164", "phone_number", "to", "msisdn"})
+_ID_SUFFIXES = ("_id", "_ids", "_hash")
 
 
 def is_secret_field(name: str) -> bool:
@@ -33,8 +39,30 @@ def is_secret_field(name: str) -> bool:
     return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
 
 
+def is_id_field(name: str) -> bool:
+    lowered = name.lower()
+    return lowered == "id" or lowered.endswith(_ID_SUFFIXES)
+
+
+def _is_possible_phone(digits: str) -> bool:
+    try:
+        return bool(phonenumbers.is_possible_number(phonenumbers.parse("+" + digits.lstrip("+"), None)))
+    except phonenumbers.NumberParseException:
+        return False
+
+
 def mask_phones_in(text: str) -> str:
-    return _PHONE_RE.sub(lambda m: mask_phone(m.group(0)), text)
+    return _PHONE_RE.sub(lambda m: mask_phone(m.group(0)) if _is_possible_phone(m.group(0)) else m.group(0), text)
+
+
+def _redact_field(name: str, value: Any, depth: int) -> Any:
+    if is_secret_field(name):
+        return REDACTED
+    if name in _PHONE_FIELDS and isinstance(value, str):
+        return mask_phone(value) if value else ""
+    if is_id_field(name):
+        return value
+    return _redact(value, depth)
 
 
 def _redact(value: Any, depth: int = 0) -> Any:
@@ -43,7 +71,7 @@ def _redact(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return mask_phones_in(value)
     if isinstance(value, Mapping):
-        return {k: (REDACTED if is_secret_field(str(k)) else _redact(v, depth + 1)) for k, v in value.items()}
+        return {k: _redact_field(str(k), v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact(v, depth + 1) for v in value]
     return value
@@ -51,12 +79,7 @@ def _redact(value: Any, depth: int = 0) -> Any:
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name in list(event):
-        if is_secret_field(name):
-            event[name] = REDACTED
-        elif name in _PHONE_FIELDS and isinstance(event[name], str):
-            event[name] = mask_phone(event[name]) if event[name] else ""
-        else:
-            event[name] = _redact(event[name])
+        event[name] = _redact_field(name, event[name], 0)
     return event
 
 

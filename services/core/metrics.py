@@ -31,6 +31,11 @@ client_handling = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+database_unavailable_total = Counter(
+    "otpgate_database_unavailable_total",
+    "Database operations that failed because the database was unreachable or did not answer in time.",
+)
+
 
 def code_label(code: grpc.StatusCode) -> str:
     """go-grpc-prometheus spells codes as Go does: OK, InvalidArgument, DeadlineExceeded..."""

@@ -21,8 +21,9 @@ from otpgate.edge.v1 import edge_pb2
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 
 from services.core.clock import Clock
-from services.core.errors import ServiceError, parse_rpc_error, service_error_from
+from services.core.errors import ServiceError, parse_rpc_error, retry_info, service_error_from
 from services.core.logging import get_logger
+from services.core.outage import RETRY_AFTER
 from services.edge.captcha import CaptchaVerifier, may_send_sms, policy_demands
 from services.edge.keys import SCOPE_ADMIN, SCOPE_READ, SCOPE_SEND, SCOPE_VERIFY, Authenticator, Principal
 from services.edge.limits import EdgeLimits
@@ -36,6 +37,8 @@ _TRANSPORT_CODES = {
     grpc.StatusCode.INTERNAL: ("INTERNAL", "internal error"),
     grpc.StatusCode.CANCELLED: ("CANCELLED", "the request was cancelled"),
 }
+# Transport failures worth retrying carry RetryInfo (HTTP: Retry-After).
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 # Scopes that admit each public method (any one of them).
 PUBLIC_SCOPES: dict[str, frozenset[str]] = {
@@ -72,7 +75,8 @@ async def forward(call: Callable[..., Awaitable[R]], request: Message, timeout: 
     if failure.status is None and failure.code in _TRANSPORT_CODES:
         # Raised by gRPC itself (no otpgate status): its text names internal addresses; keep it in the logs.
         log.warning("downstream_failed", status=failure.code.name, detail=failure.message[:200])
-        raise ServiceError(failure.code, *_TRANSPORT_CODES[failure.code])
+        details = [retry_info(RETRY_AFTER)] if failure.code in _RETRYABLE else []
+        raise ServiceError(failure.code, *_TRANSPORT_CODES[failure.code], details)
     raise service_error_from(failure)
 
 

@@ -18,6 +18,7 @@ from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
 from services.core.mongo import Document, ping
+from services.core.outage import OutageLog
 from services.edge.admin import ClientAdmin
 from services.edge.api import PolicyCache, PublicApi
 from services.edge.captcha import PROVIDER_URLS, CaptchaSettings, CaptchaVerifier
@@ -180,6 +181,7 @@ async def build_app(
     )
     admin = ClientAdmin(store, common.keyring, clock)
     origins = OriginResolver(config.trusted_proxies)
+    outages = OutageLog()
     gateway = HttpGateway(
         api,
         origins,
@@ -199,6 +201,7 @@ async def build_app(
         },
         channels,
         lambda: ping(database, timeout=1.0),
+        outages,
     )
     http_port = await gateway.start()
 
@@ -225,6 +228,7 @@ async def build_app(
             ),
         ],
         database=database,
+        outages=outages,
         background=[purge],
         on_stop=on_stop,
         api=api,

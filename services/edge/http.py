@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2
 from services.core.errors import ServiceError, Violations, http_status_for, invalid_argument, not_found
 from services.core.health import SERVING, health_status
 from services.core.logging import get_logger, request_id_var
+from services.core.outage import OutageLog, database_deadline
 from services.edge import metrics
 from services.edge.api import PUBLIC_SCOPES, Caller, PublicApi, forward
 from services.edge.jsonproto import parse_message, put_path_values, query_to_json, to_json
@@ -105,6 +106,7 @@ class HttpGateway:
         sandbox_stubs: Mapping[str, Any],
         health_channels: Mapping[str, grpc.aio.Channel],
         database_ping: Callable[[], Awaitable[bool]],
+        outages: OutageLog,
     ) -> None:
         self._api = api
         self._origins = origins
@@ -117,6 +119,7 @@ class HttpGateway:
         self._downstream = Downstream(sandbox_stubs)
         self._health_channels = dict(health_channels)
         self._database_ping = database_ping
+        self._outages = outages
         self._health_cache: tuple[float, int, dict[str, Any]] | None = None
         self._runner: web.AppRunner | None = None
 
@@ -187,7 +190,8 @@ class HttpGateway:
                 code = "NOT_FOUND"
                 return error_response(not_found("route", "ROUTE_NOT_FOUND"))
             route = f"{rule.verb} {rule.template}"
-            reply = await self._handle(request, rule, values)
+            with database_deadline(None, self._settings.timeout):
+                reply = await self._handle(request, rule, values)
             return web.json_response(to_json(reply))
         except ServiceError as error:
             code = error.code.name
@@ -196,6 +200,9 @@ class HttpGateway:
             code = "CANCELLED"
             raise
         except Exception as exc:
+            if (outage := self._outages.answer(exc)) is not None:
+                code = outage.code.name
+                return error_response(outage)
             code = "INTERNAL"
             log.exception("http_failed", route=route, error=type(exc).__name__)
             return error_response(ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error"))

@@ -16,6 +16,7 @@ from otpgate.delivery.v1 import delivery_pb2
 from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from services.core.errors import ServiceError, Violations, invalid_argument
+from services.core.outage import is_database_outage
 from services.edge import metrics
 from services.edge.admin import ClientAdmin
 from services.edge.api import ADMIN_SCOPES, Caller, PublicApi, forward
@@ -49,8 +50,8 @@ class PublicServicer(edge_pb2_grpc.PublicServiceServicer):
         except ServiceError as err:
             code = err.code
             raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
+        except Exception as exc:
+            code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
             raise
         finally:
             metrics.requests_total.labels(PUBLIC + method, code.name).inc()
@@ -274,8 +275,8 @@ def _counted(route: str, handler: Callable[..., Awaitable[Any]]) -> Callable[...
         except ServiceError as err:
             code = err.code
             raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
+        except Exception as exc:
+            code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
             raise
         finally:
             metrics.requests_total.labels(route, code.name).inc()
