@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
@@ -42,10 +42,7 @@ from services.delivery.claims import Claim, Claims
 from services.delivery.fraud import BLOCK, CAPTCHA, FraudGuard, SmsLeg
 from services.delivery.limits import Hit, Limiter, Rate, RateLimited
 from services.delivery.policy import Policy, PolicyStore
-from services.delivery.sms import DELIVERED as SMS_DELIVERED
-from services.delivery.sms import FAILED as SMS_FAILED
-from services.delivery.sms import PENDING, SandboxSmsProvider, SmsError, SmsProvider, count_outcome
-from services.delivery.store import (
+from services.delivery.record import (
     CANCELED,
     CHANNEL_NAMES,
     DELIVERED,
@@ -58,11 +55,13 @@ from services.delivery.store import (
     QUEUED,
     SENT,
     STATUS_NAMES,
-    RequestInProgress,
-    Store,
-    effective_status,
-    to_proto,
+    MessageChanges,
+    MessageRecord,
 )
+from services.delivery.sms import DELIVERED as SMS_DELIVERED
+from services.delivery.sms import FAILED as SMS_FAILED
+from services.delivery.sms import PENDING, SandboxSmsProvider, SmsError, SmsProvider, count_outcome
+from services.delivery.store import RequestInProgress, Store
 from services.delivery.webhooks import UnsafeTarget, WebhookOutbox, check_url, event_payload
 
 log = get_logger(__name__)
@@ -114,8 +113,7 @@ class EngineSettings:
 class Outcome:
     """What one dispatch attempt decided; written under the claim."""
 
-    changes: dict[str, Any] = field(default_factory=dict)
-    final: bool = False
+    changes: MessageChanges = field(default_factory=lambda: MessageChanges())
     start_confirmation: bool = False
 
 
@@ -165,13 +163,15 @@ class Engine:
     def _rate(self, policy: Policy, name: str) -> Rate:
         return policy.rate_limits.get(name) or self.settings.limits[name]
 
-    def _open_text(self, doc: dict[str, Any]) -> str:
-        if not doc.get("text"):
+    def _open_text(self, record: MessageRecord) -> str:
+        if not record.text_sealed:
             raise ServiceError(grpc.StatusCode.INTERNAL, "TEXT_PURGED", "message text is no longer kept")
-        return self.keyring.open_str(doc["text"], SealContext("messages", str(doc["_id"]), "text"))
+        return self.keyring.open_str(record.text_sealed, SealContext("messages", record.id, "text"))
 
-    def _open_phone(self, doc: dict[str, Any]) -> str:
-        return self.keyring.open_str(doc["phone"], SealContext("messages", str(doc["_id"]), "phone"))
+    def _open_phone(self, record: MessageRecord) -> str:
+        if not record.phone_sealed:
+            raise ServiceError(grpc.StatusCode.INTERNAL, "PHONE_PURGED", "the message's number is no longer kept")
+        return self.keyring.open_str(record.phone_sealed, SealContext("messages", record.id, "phone"))
 
     def _fingerprint(self, request: delivery_pb2.SendMessageRequest, e164: str) -> str:
         parts = [
@@ -306,47 +306,47 @@ class Engine:
                 await self._admit_sms(leg, policy, origin, billed, purpose)
             now = self.clock.now()
             claim = self.claims.implicit("message", message_id)
-            doc: dict[str, Any] = {
-                "_id": message_id,
-                "idem": idem or f"\x1f{message_id}",
-                "fingerprint": fingerprint,
-                "client_id": client_id,
-                "request_id": request.request_id,
-                "purpose": purpose,
-                "phone": self.keyring.seal(phone.e164, SealContext("messages", message_id, "phone")),
-                "phone_index": self.phone_index(phone.e164),
-                "phone_masked": phone.masked,
-                "region": phone.region,
-                "text": self.keyring.seal(request.text, SealContext("messages", message_id, "text")),
-                "requested_channel": channel,
-                "channel": SMS if channel == SMS else 0,
-                "requested_bot": request.bot,
-                "bot_owner": bot_owner,
-                "bot_id": "",
-                "status": QUEUED,
-                "failure_reason": 0,
-                "confirm_days": confirm_days,
-                "sms_fallback": sms_fallback,
-                "sms_admitted": sms_leg,
-                "billed": billed,
-                "protect_content": request.protect_content,
-                "delete_after": int(request.delete_after.seconds),
-                "callback_url": request.callback_url,
-                "captcha_verified": origin.captcha_verified,
-                "created_at": now,
-                "updated_at": now,
-                "expire_at": now + timedelta(seconds=ttl),
-                "next_attempt_at": now,
-                "lease_until": claim.lease_until,
-                "claim_seq": claim.seq,
-                "attempts": 0,
-                "telegram_user_id": 0,
-                "confirmation_started": False,
-                "released_at": None,
-                "sms_poll_at": None,
-                "purge_at": None,
-            }
-            existing = await self.store.insert(doc)
+            record = MessageRecord(
+                id=message_id,
+                idem=idem or f"\x1f{message_id}",
+                fingerprint=fingerprint,
+                client_id=client_id,
+                request_id=request.request_id,
+                purpose=purpose,
+                phone_sealed=self.keyring.seal(phone.e164, SealContext("messages", message_id, "phone")),
+                phone_index=self.phone_index(phone.e164),
+                phone_masked=phone.masked,
+                region=phone.region,
+                text_sealed=self.keyring.seal(request.text, SealContext("messages", message_id, "text")),
+                requested_channel=channel,
+                channel=SMS if channel == SMS else 0,
+                requested_bot=request.bot,
+                bot_owner=bot_owner,
+                bot_id="",
+                status=QUEUED,
+                failure_reason=0,
+                confirm_days=confirm_days,
+                sms_fallback=sms_fallback,
+                sms_admitted=sms_leg,
+                billed=billed,
+                protect_content=request.protect_content,
+                delete_after=int(request.delete_after.seconds),
+                callback_url=request.callback_url,
+                captcha_verified=origin.captcha_verified,
+                created_at=now,
+                updated_at=now,
+                expire_at=now + timedelta(seconds=ttl),
+                next_attempt_at=now,
+                lease_until=claim.lease_until,
+                claim_seq=claim.seq,
+                attempts=0,
+                telegram_user_id=0,
+                confirmation_started=False,
+                released_at=None,
+                sms_poll_at=None,
+                purge_at=None,
+            )
+            existing = await self.store.insert(record)
         except BaseException:
             if idem:
                 await asyncio.shield(self.store.release_idem(idem, message_id))
@@ -357,7 +357,7 @@ class Engine:
                 await self.store.release_idem(idem, message_id)
             return self._replay(existing, fingerprint)
         if sms_leg:
-            await self.fraud.record_sms(message_id, leg, doc["phone_index"])
+            await self.fraud.record_sms(message_id, leg, record.phone_index)
         metrics.messages_total.labels("QUEUED", CHANNEL_NAMES[channel], request.bot or "").inc()
         log.info(
             "message_accepted",
@@ -367,17 +367,17 @@ class Engine:
             purpose=purpose,
         )
         if self.settings.inline_dispatch:
-            doc = await self._run_claimed(doc, claim, resolution)
+            record = await self._run_claimed(record, claim, resolution)
         else:
             await self.store.write(message_id, {"lease_until": EPOCH, "next_attempt_at": now})
             await self.claims.release(claim)
-            doc["lease_until"] = EPOCH
-        return delivery_pb2.SendMessageResponse(message=to_proto(doc, self.clock.now()))
+            record = record.updated({"lease_until": EPOCH})
+        return delivery_pb2.SendMessageResponse(message=record.to_proto(self.clock.now()))
 
-    def _replay(self, existing: dict[str, Any], fingerprint: str) -> delivery_pb2.SendMessageResponse:
-        if existing.get("fingerprint") != fingerprint:
+    def _replay(self, existing: MessageRecord, fingerprint: str) -> delivery_pb2.SendMessageResponse:
+        if existing.fingerprint != fingerprint:
             raise aborted("request_id was already used for a different message", reason="IDEMPOTENCY_CONFLICT")
-        return delivery_pb2.SendMessageResponse(message=to_proto(existing, self.clock.now()), replayed=True)
+        return delivery_pb2.SendMessageResponse(message=existing.to_proto(self.clock.now()), replayed=True)
 
     async def _bot_info(self, bot_id: str) -> Any:
         try:
@@ -487,70 +487,68 @@ class Engine:
     # Dispatch --------------------------------------------------------------------------------
 
     async def _run_claimed(
-        self, doc: dict[str, Any], claim: Claim, resolution: directory_pb2.ResolvePhoneResponse | None = None
-    ) -> dict[str, Any]:
+        self, record: MessageRecord, claim: Claim, resolution: directory_pb2.ResolvePhoneResponse | None = None
+    ) -> MessageRecord:
         """One attempt under a held claim; writes the outcome and releases the claim."""
-        started = doc.get("status")
+        started = record.status
         try:
-            outcome = await self._attempt(doc, resolution)
+            outcome = await self._attempt(record, resolution)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("dispatch_attempt_failed", message_id=doc["_id"])
-            outcome = Outcome({"next_attempt_at": self.clock.now() + timedelta(seconds=self._backoff(doc))})
+            log.exception("dispatch_attempt_failed", message_id=record.id)
+            outcome = Outcome({"next_attempt_at": self.clock.now() + timedelta(seconds=self._backoff(record.attempts))})
         now = self.clock.now()
-        changes = {**outcome.changes, "lease_until": EPOCH, "claim_seq": claim.seq, "updated_at": now}
-        status = changes.get("status", doc["status"])
+        changes: MessageChanges = {**outcome.changes, "lease_until": EPOCH, "claim_seq": claim.seq, "updated_at": now}
+        status = changes.get("status", record.status)
         if status in FINAL_STATUSES or status == SENT:
             changes.setdefault("purge_at", now + timedelta(seconds=self.settings.text_retention))
-        await self.store.write(str(doc["_id"]), changes)
-        doc = {**doc, **changes}
+        await self.store.write(record.id, changes)
+        record = record.updated(changes)
         if outcome.start_confirmation:
-            doc = await self._start_confirmation(doc)
-            status = doc["status"]
+            record = await self._start_confirmation(record)
+            status = record.status
         await self.claims.release(claim)
         if status != started:
-            await self._on_status(doc)
-        return doc
+            await self._on_status(record)
+        return record
 
-    def _backoff(self, doc: dict[str, Any]) -> float:
-        attempts = max(1, int(doc.get("attempts", 0)))
+    def _backoff(self, attempts: int) -> float:
+        attempts = max(1, attempts)
         return float(min(self.settings.backoff_max, self.settings.backoff_base * (2 ** (attempts - 1))))
 
-    async def _attempt(self, doc: dict[str, Any], resolution: directory_pb2.ResolvePhoneResponse | None) -> Outcome:
+    async def _attempt(self, record: MessageRecord, resolution: directory_pb2.ResolvePhoneResponse | None) -> Outcome:
         now = self.clock.now()
-        status, reason = effective_status(doc, now)
+        status, reason = record.status_at(now)
         if status == EXPIRED:
-            return Outcome({"status": EXPIRED, "failure_reason": reason}, final=True)
+            return Outcome({"status": EXPIRED, "failure_reason": reason})
         if status not in OPEN_STATUSES:
             return Outcome()
         if status == HELD:
             # Still waiting for the person: only (re)start the confirmation if that failed before.
-            return Outcome(start_confirmation=not doc.get("confirmation_started"))
-        e164 = self._open_phone(doc)
-        if doc["requested_channel"] == SMS:
-            return await self._send_sms(doc, e164)
+            return Outcome(start_confirmation=not record.confirmation_started)
+        e164 = self._open_phone(record)
+        if record.requested_channel == SMS:
+            return await self._send_sms(record, e164)
         if resolution is None:
             try:
                 resolution = await self.directory.ResolvePhone(
-                    directory_pb2.ResolvePhoneRequest(phone=e164, bot_id=doc.get("requested_bot", ""))
+                    directory_pb2.ResolvePhoneRequest(phone=e164, bot_id=record.requested_bot)
                 )
             except grpc.aio.AioRpcError as error:
-                log.warning("resolve_failed", message_id=doc["_id"], status=error.code().name)
-                return self._retry(doc, None, attempted=False)
-        candidates = await self._candidates(
-            resolution, doc.get("requested_bot", ""), doc.get("bot_owner", ""), doc["client_id"]
-        )
+                log.warning("resolve_failed", message_id=record.id, status=error.code().name)
+                return self._retry(record, None)
+        candidates = await self._candidates(resolution, record.requested_bot, record.bot_owner, record.client_id)
         if not candidates:
             reason = R.FAILURE_REASON_NOT_CONNECTED
             if resolution.found and set(resolution.blocked_bot_ids) & (
-                {doc["requested_bot"]} if doc.get("bot_owner") else set(resolution.blocked_bot_ids)
+                {record.requested_bot} if record.bot_owner else set(resolution.blocked_bot_ids)
             ):
                 reason = R.FAILURE_REASON_BLOCKED_BY_USER
-            return await self._fallback_or_fail(doc, e164, reason)
+            return await self._fallback_or_fail(record, e164, reason)
         # Re-confirmation (never for purpose CONFIRMATION: confirm_days is 0 there).
-        days = int(doc.get("confirm_days", 0))
-        if days > 0 and not doc.get("released_at"):
+        days = record.confirm_days
+        if days > 0 and not record.released_at:
             confirmed = (
                 as_utc(resolution.confirm_time.ToDatetime(tzinfo=UTC)) if resolution.HasField("confirm_time") else None
             )
@@ -565,13 +563,17 @@ class Engine:
                     },
                     start_confirmation=True,
                 )
-        return await self._send_bot(doc, e164, resolution, candidates)
+        return await self._send_bot(record, e164, resolution, candidates)
 
     async def _send_bot(
-        self, doc: dict[str, Any], e164: str, resolution: directory_pb2.ResolvePhoneResponse, candidates: list[str]
+        self,
+        record: MessageRecord,
+        e164: str,
+        resolution: directory_pb2.ResolvePhoneResponse,
+        candidates: list[str],
     ) -> Outcome:
-        text = self._open_text(doc)
-        attempts = int(doc.get("attempts", 0))
+        text = self._open_text(record)
+        attempts = record.attempts
         retry_after: float | None = None
         final_reason = 0
         for bot_id in candidates:
@@ -580,17 +582,17 @@ class Engine:
                 bot_id=bot_id,
                 telegram_user_id=resolution.telegram_user_id,
                 text=text,
-                protect_content=bool(doc.get("protect_content")),
+                protect_content=record.protect_content,
             )
-            if doc.get("delete_after"):
-                request.delete_after.seconds = int(doc["delete_after"])
+            if record.delete_after:
+                request.delete_after.seconds = record.delete_after
             try:
                 await self.botgateway.SendBotMessage(request, timeout=self.settings.bot_send_timeout)
             except grpc.aio.AioRpcError as error:
                 failure = parse_rpc_error(error)
                 log.info(
                     "bot_send_refused",
-                    message_id=doc["_id"],
+                    message_id=record.id,
                     bot=bot_id,
                     status=failure.code.name,
                     reason=failure.reason,
@@ -607,16 +609,9 @@ class Engine:
                 if failure.code == grpc.StatusCode.NOT_FOUND:
                     final_reason = final_reason or R.FAILURE_REASON_BOT_UNAVAILABLE
                     continue
-                if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    wait = (
-                        failure.retry_after
-                        if failure.retry_after is not None
-                        else self._backoff({"attempts": attempts})
-                    )
-                    retry_after = wait if retry_after is None else min(retry_after, wait)
-                    continue
-                # UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL...: try another bot, else retry later.
-                wait = failure.retry_after if failure.retry_after is not None else self._backoff({"attempts": attempts})
+                # RESOURCE_EXHAUSTED (the bot's rate), UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL...:
+                # try another bot, else retry when the soonest of them allows.
+                wait = failure.retry_after if failure.retry_after is not None else self._backoff(attempts)
                 retry_after = wait if retry_after is None else min(retry_after, wait)
                 continue
             now = self.clock.now()
@@ -629,45 +624,43 @@ class Engine:
                     "sent_at": now,
                     "telegram_user_id": int(resolution.telegram_user_id),
                     "failure_reason": 0,
-                },
-                final=True,
+                }
             )
+        tried = record.updated({"attempts": attempts})
         if retry_after is not None and final_reason != R.FAILURE_REASON_USER_DEACTIVATED:
-            return self._retry({**doc, "attempts": attempts}, retry_after, attempted=True)
-        out = await self._fallback_or_fail(
-            {**doc, "attempts": attempts}, e164, final_reason or R.FAILURE_REASON_NOT_CONNECTED
-        )
+            return self._retry(tried, retry_after)
+        out = await self._fallback_or_fail(tried, e164, final_reason or R.FAILURE_REASON_NOT_CONNECTED)
         out.changes.setdefault("attempts", attempts)
         return out
 
-    def _retry(self, doc: dict[str, Any], retry_after: float | None, *, attempted: bool) -> Outcome:
+    def _retry(self, record: MessageRecord, retry_after: float | None) -> Outcome:
+        """Try again after `retry_after` (else the backoff), unless that is past the message's ttl."""
         now = self.clock.now()
-        delay = retry_after if retry_after is not None else self._backoff(doc)
+        delay = retry_after if retry_after is not None else self._backoff(record.attempts)
         at = now + timedelta(seconds=max(0.0, delay))
-        if at >= as_utc(doc["expire_at"]):
+        if at >= record.expire_at:
             return Outcome(
-                {"status": EXPIRED, "failure_reason": R.FAILURE_REASON_TTL_EXPIRED, "attempts": doc.get("attempts", 0)},
-                final=True,
+                {"status": EXPIRED, "failure_reason": R.FAILURE_REASON_TTL_EXPIRED, "attempts": record.attempts}
             )
-        return Outcome({"next_attempt_at": at, "attempts": doc.get("attempts", 0)})
+        return Outcome({"next_attempt_at": at, "attempts": record.attempts})
 
-    async def _fallback_or_fail(self, doc: dict[str, Any], e164: str, reason: int) -> Outcome:
-        if doc["requested_channel"] == AUTO and doc.get("sms_fallback"):
-            if not doc.get("sms_admitted"):
-                refusal = await self._admit_late(doc, e164)
+    async def _fallback_or_fail(self, record: MessageRecord, e164: str, reason: int) -> Outcome:
+        if record.requested_channel == AUTO and record.sms_fallback:
+            if not record.sms_admitted:
+                refusal = await self._admit_late(record, e164)
                 if refusal is not None:
                     return refusal
-            return await self._send_sms(doc, e164)
-        return Outcome({"status": FAILED, "failure_reason": reason}, final=True)
+            return await self._send_sms(record, e164)
+        return Outcome({"status": FAILED, "failure_reason": reason})
 
-    async def _admit_late(self, doc: dict[str, Any], e164: str) -> Outcome | None:
+    async def _admit_late(self, record: MessageRecord, e164: str) -> Outcome | None:
         """An SMS leg decided only at dispatch time: the same admission, a refusal fails the message."""
-        policy = await self.policies.get(doc["client_id"])
+        policy = await self.policies.get(record.client_id)
         leg = SmsLeg(
             phone=parse_phone(e164),
-            client_id=doc["client_id"],
-            purpose=int(doc["purpose"]),
-            captcha_verified=bool(doc.get("captcha_verified")),
+            client_id=record.client_id,
+            purpose=record.purpose,
+            captcha_verified=record.captcha_verified,
             captcha_possible=False,
             fraud_mode=policy.fraud_mode,
         )
@@ -676,39 +669,40 @@ class Engine:
                 leg,
                 policy,
                 common_pb2.Origin(captcha_verified=leg.captcha_verified),
-                bool(doc.get("billed")),
-                int(doc["purpose"]),
+                record.billed,
+                record.purpose,
             )
         except ServiceError as refusal:
-            log.info("sms_leg_refused", message_id=doc["_id"], reason=refusal.reason)
-            return Outcome(
-                {"status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED, "channel": SMS}, final=True
-            )
-        await self.fraud.record_sms(str(doc["_id"]), leg, doc["phone_index"])
-        doc["sms_admitted"] = True
+            log.info("sms_leg_refused", message_id=record.id, reason=refusal.reason)
+            return Outcome({"status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED, "channel": SMS})
+        await self.fraud.record_sms(record.id, leg, record.phone_index)
         return None
 
-    async def _send_sms(self, doc: dict[str, Any], e164: str) -> Outcome:
-        text = self._open_text(doc)
-        attempts = int(doc.get("attempts", 0)) + 1
+    async def _send_sms(self, record: MessageRecord, e164: str) -> Outcome:
+        text = self._open_text(record)
+        attempts = record.attempts + 1
         provider = self.sms.name
         try:
-            sent = await self.sms.send(str(doc["_id"]), e164, text, self.settings.sms_sender)
+            sent = await self.sms.send(record.id, e164, text, self.settings.sms_sender)
         except SmsError as exc:
             count_outcome(provider, exc.code.lower())
-            log.warning("sms_failed", message_id=doc["_id"], provider=provider, error=exc.code, permanent=exc.permanent)
-            base = {"channel": SMS, "sms_admitted": True, "sms_provider": provider, "sms_error": exc.code}
+            log.warning("sms_failed", message_id=record.id, provider=provider, error=exc.code, permanent=exc.permanent)
+            base: MessageChanges = {
+                "channel": SMS,
+                "sms_admitted": True,
+                "sms_provider": provider,
+                "sms_error": exc.code,
+            }
             if exc.permanent:
                 return Outcome(
-                    {**base, "status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_FAILED, "attempts": attempts},
-                    final=True,
+                    {**base, "status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_FAILED, "attempts": attempts}
                 )
-            out = self._retry({**doc, "attempts": attempts}, exc.retry_after, attempted=True)
+            out = self._retry(record.updated({"attempts": attempts}), exc.retry_after)
             out.changes.update(base)
             return out
         count_outcome(provider, "accepted")
         now = self.clock.now()
-        changes: dict[str, Any] = {
+        changes: MessageChanges = {
             "channel": SMS,
             "sms_admitted": True,
             "status": DELIVERED if sent.delivered else SENT,
@@ -725,25 +719,25 @@ class Engine:
             changes["sms_poll_at"] = now + timedelta(seconds=self.settings.sms_poll_interval)
             changes["sms_poll_until"] = now + timedelta(seconds=self.settings.sms_poll_for)
             changes["purge_at"] = now + timedelta(seconds=max(self.settings.text_retention, self.settings.sms_poll_for))
-        return Outcome(changes, final=True)
+        return Outcome(changes)
 
-    async def _start_confirmation(self, doc: dict[str, Any]) -> dict[str, Any]:
-        region = str(doc.get("region", ""))
+    async def _start_confirmation(self, record: MessageRecord) -> MessageRecord:
         request = verification_pb2.StartPhoneConfirmationRequest(
-            phone=self._open_phone(doc),
-            telegram_user_id=int(doc["telegram_user_id"]),
-            bot_id=str(doc.get("bot_id", "")),
-            client_id=str(doc["client_id"]),
-            locale="ru" if region in RU_LOCALE_REGIONS else "en",
+            phone=self._open_phone(record),
+            telegram_user_id=record.telegram_user_id,
+            bot_id=record.bot_id,
+            client_id=record.client_id,
+            locale="ru" if record.region in RU_LOCALE_REGIONS else "en",
         )
+        changes: MessageChanges
         try:
             await self.verification.StartPhoneConfirmation(request)
-            changes: dict[str, Any] = {"confirmation_started": True}
-            log.info("message_held", message_id=doc["_id"], bot=doc.get("bot_id"))
+            changes = {"confirmation_started": True}
+            log.info("message_held", message_id=record.id, bot=record.bot_id)
         except grpc.aio.AioRpcError as error:
             failure = parse_rpc_error(error)
             log.warning(
-                "confirmation_start_failed", message_id=doc["_id"], status=failure.code.name, reason=failure.reason
+                "confirmation_start_failed", message_id=record.id, status=failure.code.name, reason=failure.reason
             )
             now = self.clock.now()
             if failure.code in _CONFIRMATION_REFUSED:
@@ -761,69 +755,67 @@ class Engine:
                     "purge_at": now + timedelta(seconds=self.settings.text_retention),
                 }
             else:
-                delay = failure.retry_after if failure.retry_after else self._backoff(doc)
+                delay = failure.retry_after if failure.retry_after else self._backoff(record.attempts)
                 changes = {"confirmation_started": False, "next_attempt_at": now + timedelta(seconds=delay)}
-        await self.store.write(str(doc["_id"]), changes)
-        return {**doc, **changes}
+        await self.store.write(record.id, changes)
+        return record.updated(changes)
 
-    async def _on_status(self, doc: dict[str, Any]) -> None:
-        status = int(doc["status"])
-        channel = int(doc.get("channel") or doc.get("requested_channel") or 0)
-        metrics.messages_total.labels(STATUS_NAMES[status], CHANNEL_NAMES.get(channel, ""), doc.get("bot_id", "")).inc()
+    async def _on_status(self, record: MessageRecord) -> None:
+        status = record.status
+        channel = record.channel or record.requested_channel
+        metrics.messages_total.labels(STATUS_NAMES[status], CHANNEL_NAMES.get(channel, ""), record.bot_id).inc()
         now = self.clock.now()
-        if status in (SENT, DELIVERED) and doc.get("sent_at") and doc.get("attempts"):
-            if status == SENT or doc.get("sms_provider") == "sandbox":
-                metrics.accept_to_sent_seconds.observe(
-                    max(0.0, (as_utc(doc["sent_at"]) - as_utc(doc["created_at"])).total_seconds())
-                )
-            day = as_utc(doc["sent_at"]).strftime("%Y-%m-%d")
-            await self.store.count_usage(
-                str(doc["_id"]), doc["client_id"], day, channel, channel == SMS and bool(doc.get("billed"))
-            )
-        if status in (SENT, DELIVERED, FAILED, EXPIRED, CANCELED) and doc.get("callback_url"):
-            message = to_proto(doc, now)
+        if status in (SENT, DELIVERED) and record.sent_at and record.attempts:
+            if status == SENT or record.sms_provider == "sandbox":
+                metrics.accept_to_sent_seconds.observe(max(0.0, (record.sent_at - record.created_at).total_seconds()))
+            day = record.sent_at.strftime("%Y-%m-%d")
+            await self.store.count_usage(record.id, record.client_id, day, channel, channel == SMS and record.billed)
+        if status in (SENT, DELIVERED, FAILED, EXPIRED, CANCELED) and record.callback_url:
+            message = record.to_proto(now)
             await self.webhooks.enqueue(
-                doc["client_id"],
-                doc["callback_url"],
-                f"{doc['_id']}:{STATUS_NAMES[status]}",
-                event_payload(message, doc["client_id"], now),
+                record.client_id,
+                record.callback_url,
+                f"{record.id}:{STATUS_NAMES[status]}",
+                event_payload(message, record.client_id, now),
             )
         log.info(
             "message_status",
-            message_id=doc["_id"],
+            message_id=record.id,
             status=STATUS_NAMES[status],
             channel=CHANNEL_NAMES.get(channel, ""),
-            bot=doc.get("bot_id", ""),
+            bot=record.bot_id,
         )
 
     # The dispatcher loop ---------------------------------------------------------------------------
 
-    async def claim_due(self, limit: int | None = None) -> list[tuple[dict[str, Any], Claim]]:
+    async def _claim(self, record: MessageRecord) -> Claim | None:
+        """The message's claim, unless another dispatcher holds it (None)."""
+        return await self.claims.acquire("message", record.id, record.claim_seq, lease_until=record.lease_until)
+
+    async def claim_due(self, limit: int | None = None) -> list[tuple[MessageRecord, Claim]]:
         """Claim due messages (QUEUED and due, or HELD whose confirmation must be started again)."""
         now = self.clock.now()
         batch = limit or self.settings.batch
-        docs = [*await self.store.due(now, batch), *await self.store.held_needing_confirmation(now, batch)]
-        claimed: list[tuple[dict[str, Any], Claim]] = []
-        for doc in docs:
-            claim = await self.claims.acquire(
-                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-            )
+        due = [*await self.store.due(now, batch), *await self.store.held_needing_confirmation(now, batch)]
+        claimed: list[tuple[MessageRecord, Claim]] = []
+        for record in due:
+            claim = await self._claim(record)
             if claim is None:
                 continue
-            fresh = await self.store.get(str(doc["_id"]))
-            if fresh is None or int(fresh["status"]) not in OPEN_STATUSES:
+            fresh = await self.store.get(record.id)
+            if fresh is None or fresh.status not in OPEN_STATUSES:
                 await self.claims.release(claim)
                 continue
-            await self.store.write(str(doc["_id"]), {"lease_until": claim.lease_until, "claim_seq": claim.seq})
-            metrics.dispatch_lag_seconds.observe(max(0.0, (now - as_utc(fresh["next_attempt_at"])).total_seconds()))
+            await self.store.write(record.id, {"lease_until": claim.lease_until, "claim_seq": claim.seq})
+            metrics.dispatch_lag_seconds.observe(max(0.0, (now - fresh.next_attempt_at).total_seconds()))
             claimed.append((fresh, claim))
         return claimed
 
     async def dispatch_due_once(self) -> int:
         """One pass of the dispatcher: due messages, expiries, SMS reports, webhooks. Returns messages tried."""
         claimed = await self.claim_due()
-        for doc, claim in claimed:
-            await self._run_claimed(doc, claim)
+        for record, claim in claimed:
+            await self._run_claimed(record, claim)
         await self.expire_due_once()
         await self.poll_sms_once()
         await self.webhooks.deliver_due_once()
@@ -831,13 +823,11 @@ class Engine:
 
     async def expire_due_once(self) -> int:
         count = 0
-        for doc in await self.store.expired_open(self.clock.now(), self.settings.batch):
-            claim = await self.claims.acquire(
-                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-            )
+        for record in await self.store.expired_open(self.clock.now(), self.settings.batch):
+            claim = await self._claim(record)
             if claim is None:
                 continue
-            fresh = await self.store.get(str(doc["_id"]))
+            fresh = await self.store.get(record.id)
             if fresh is None:
                 await self.claims.release(claim)
                 continue
@@ -849,51 +839,57 @@ class Engine:
         """Ask the SMS provider for delivery reports of SENT SMS."""
         count = 0
         now = self.clock.now()
-        for doc in await self.store.sms_to_poll(now, self.settings.batch):
-            claim = await self.claims.acquire(
-                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-            )
+        for record in await self.store.sms_to_poll(now, self.settings.batch):
+            claim = await self._claim(record)
             if claim is None:
                 continue
-            changes: dict[str, Any] = {"lease_until": EPOCH, "claim_seq": claim.seq}
+            changes: MessageChanges = {"lease_until": EPOCH, "claim_seq": claim.seq}
             try:
-                state, code = await self.sms.status(str(doc.get("provider_id", "")), self._open_phone(doc))
+                state, code = await self.sms.status(record.provider_id or "", self._open_phone(record))
             except (SmsError, Exception):
                 state, code = PENDING, "error"
             now = self.clock.now()
             if state == SMS_DELIVERED:
-                changes.update(status=DELIVERED, delivered_at=now, sms_poll_at=None, updated_at=now, sms_status=code)
+                changes.update(
+                    {
+                        "status": DELIVERED,
+                        "delivered_at": now,
+                        "sms_poll_at": None,
+                        "updated_at": now,
+                        "sms_status": code,
+                    }
+                )
             elif state == SMS_FAILED:
                 changes.update(
-                    status=FAILED,
-                    failure_reason=R.FAILURE_REASON_SMS_FAILED,
-                    sms_poll_at=None,
-                    updated_at=now,
-                    sms_status=code,
+                    {
+                        "status": FAILED,
+                        "failure_reason": R.FAILURE_REASON_SMS_FAILED,
+                        "sms_poll_at": None,
+                        "updated_at": now,
+                        "sms_status": code,
+                    }
                 )
-            elif doc.get("sms_poll_until") and now >= as_utc(doc["sms_poll_until"]):
-                changes.update(sms_poll_at=None)
+            elif record.sms_poll_until and now >= record.sms_poll_until:
+                changes["sms_poll_at"] = None
             else:
-                changes.update(sms_poll_at=now + timedelta(seconds=self.settings.sms_poll_interval))
-            await self.store.write(str(doc["_id"]), changes)
+                changes["sms_poll_at"] = now + timedelta(seconds=self.settings.sms_poll_interval)
+            await self.store.write(record.id, changes)
             await self.claims.release(claim)
             if "status" in changes:
-                await self._on_status({**doc, **changes})
+                await self._on_status(record.updated(changes))
             count += 1
         return count
 
     async def apply_sms_report(self, provider_id: str, delivered: bool, code: str) -> bool:
         """A delivery report pushed by a provider (same effect as a polled status)."""
-        doc = await self.store.messages.find_one({"provider_id": provider_id, "status": SENT})
-        if doc is None:
+        record = await self.store.sent_by_provider_id(provider_id)
+        if record is None:
             return False
-        claim = await self.claims.acquire(
-            "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-        )
+        claim = await self._claim(record)
         if claim is None:
             return False
         now = self.clock.now()
-        changes: dict[str, Any] = {
+        changes: MessageChanges = {
             "lease_until": EPOCH,
             "claim_seq": claim.seq,
             "updated_at": now,
@@ -901,12 +897,12 @@ class Engine:
             "sms_status": code,
         }
         if delivered:
-            changes.update(status=DELIVERED, delivered_at=now)
+            changes.update({"status": DELIVERED, "delivered_at": now})
         else:
-            changes.update(status=FAILED, failure_reason=R.FAILURE_REASON_SMS_FAILED)
-        await self.store.write(str(doc["_id"]), changes)
+            changes.update({"status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_FAILED})
+        await self.store.write(record.id, changes)
         await self.claims.release(claim)
-        await self._on_status({**doc, **changes})
+        await self._on_status(record.updated(changes))
         return True
 
     async def purge_once(self) -> None:
@@ -932,61 +928,57 @@ class Engine:
         index = self.phone_index(phone.e164)
         await self.fraud.record_confirmed_phone(index)
         released = 0
-        for doc in await self.store.held_for_phone(index):
-            if int(doc.get("telegram_user_id", 0)) != telegram_user_id:
+        for record in await self.store.held_for_phone(index):
+            if record.telegram_user_id != telegram_user_id:
                 continue
-            claim = await self.claims.acquire(
-                "message", str(doc["_id"]), int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-            )
+            claim = await self._claim(record)
             if claim is None:
                 continue
-            fresh = await self.store.get(str(doc["_id"]))
-            if fresh is None or int(fresh["status"]) != HELD or as_utc(fresh["expire_at"]) <= self.clock.now():
+            fresh = await self.store.get(record.id)
+            if fresh is None or fresh.status != HELD or fresh.expire_at <= self.clock.now():
                 if fresh is not None:
                     await self._run_claimed(fresh, claim)  # writes EXPIRED if it ran out
                 else:
                     await self.claims.release(claim)
                 continue
             now = self.clock.now()
-            await self.store.write(str(doc["_id"]), {"status": QUEUED, "released_at": now, "next_attempt_at": now})
-            fresh.update(status=QUEUED, released_at=now, next_attempt_at=now)
+            changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
+            await self.store.write(record.id, changes)
             released += 1
-            await self._run_claimed(fresh, claim)
+            await self._run_claimed(fresh.updated(changes), claim)
         log.info("held_messages_released", released=released)
         return released
 
     # Reads and cancel ------------------------------------------------------------------------------
 
     async def get_message(self, client_id: str, message_id: str) -> common_pb2.Message:
-        doc = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
-        if doc is None:
+        record = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
+        if record is None:
             raise not_found("message", "MESSAGE_NOT_FOUND")
-        return to_proto(doc, self.clock.now())
+        return record.to_proto(self.clock.now())
 
     async def cancel_message(self, client_id: str, message_id: str) -> common_pb2.Message:
-        doc = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
-        if doc is None:
+        record = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
+        if record is None:
             raise not_found("message", "MESSAGE_NOT_FOUND")
-        status, _ = effective_status(doc, self.clock.now())
+        status, _ = record.status_at(self.clock.now())
         if status not in OPEN_STATUSES:
             raise failed_precondition(
                 "MESSAGE_NOT_CANCELABLE", f"the message is {STATUS_NAMES[status]} and can no longer be canceled"
             )
-        claim = await self.claims.acquire(
-            "message", message_id, int(doc.get("claim_seq", 0)), lease_until=doc.get("lease_until")
-        )
+        claim = await self._claim(record)
         if claim is None:
             raise aborted("the message is being sent right now; read it again", reason="MESSAGE_BUSY")
         fresh = await self.store.get(message_id)
         assert fresh is not None
-        status, _ = effective_status(fresh, self.clock.now())
+        status, _ = fresh.status_at(self.clock.now())
         if status not in OPEN_STATUSES:
             await self._run_claimed(fresh, claim)
             raise failed_precondition(
                 "MESSAGE_NOT_CANCELABLE", f"the message is {STATUS_NAMES[status]} and can no longer be canceled"
             )
         now = self.clock.now()
-        changes = {
+        changes: MessageChanges = {
             "status": CANCELED,
             "lease_until": EPOCH,
             "claim_seq": claim.seq,
@@ -995,9 +987,9 @@ class Engine:
         }
         await self.store.write(message_id, changes)
         await self.claims.release(claim)
-        fresh.update(changes)
-        await self._on_status(fresh)
-        return to_proto(fresh, now)
+        canceled = fresh.updated(changes)
+        await self._on_status(canceled)
+        return canceled.to_proto(now)
 
     async def check_reachability(
         self, request: delivery_pb2.CheckReachabilityRequest
@@ -1056,8 +1048,8 @@ class Engine:
         )
 
     async def record_conversion(self, client_id: str, message_id: str) -> None:
-        doc = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
-        if doc is None:
+        record = await self.store.get_for_client(client_id, message_id) if client_id and message_id else None
+        if record is None:
             raise not_found("message", "MESSAGE_NOT_FOUND")
         await self.fraud.record_conversion(message_id)
 
@@ -1088,7 +1080,3 @@ def _bad_request(field_path: str, description: str) -> Any:
     return error_details_pb2.BadRequest(
         field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field_path, description=description)]
     )
-
-
-def utc_day(moment: datetime) -> str:
-    return as_utc(moment).strftime("%Y-%m-%d")

@@ -15,7 +15,7 @@ from services.core.errors import Violations, invalid_argument, not_found
 from services.core.phone import InvalidPhoneError, parse_phone
 from services.delivery.engine import Engine
 from services.delivery.sms import SandboxSmsProvider
-from services.delivery.store import decode_page_token, encode_page_token, to_proto
+from services.delivery.store import decode_page_token, encode_page_token
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -55,14 +55,14 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         created_before = (
             request.create_time_before.ToDatetime(tzinfo=UTC) if request.HasField("create_time_before") else None
         )
-        docs = await self.engine.store.list_for_client(
+        records = await self.engine.store.list_for_client(
             request.client_id, size, after, int(request.status), created_after, created_before
         )
         now = self.engine.clock.now()
-        reply = delivery_pb2.ListMessagesResponse(messages=[to_proto(d, now) for d in docs[:size]])
-        if len(docs) > size:
-            last = docs[size - 1]
-            reply.next_page_token = encode_page_token(last["created_at"], str(last["_id"]))
+        reply = delivery_pb2.ListMessagesResponse(messages=[r.to_proto(now) for r in records[:size]])
+        if len(records) > size:
+            last = records[size - 1]
+            reply.next_page_token = encode_page_token(last.created_at, last.id)
         return reply
 
     async def CancelMessage(

@@ -1,101 +1,26 @@
-"""The outbox (messages), usage records and their indexes.
+"""The outbox (messages), idempotency pointers, usage records and their indexes.
 
-A message document is written only by whoever holds its claim (services/delivery/claims.py).
-Texts and phones are sealed; lookups by phone use a blind index; the prefix is never stored
-in clear (the masked phone shows the last 4 digits, the prefix would show the rest).
+A message document (its shape: record.py) is written only by whoever holds its claim
+(services/delivery/claims.py). Texts and phones are sealed; lookups by phone use a blind index;
+the prefix is never stored in clear (the masked phone shows the last 4 digits, the prefix would
+show the rest).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
-from otpgate.common.v1 import common_pb2
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
+from services.delivery.record import EXPIRED, HELD, OPEN_STATUSES, QUEUED, SENT, MessageChanges, MessageRecord
 from services.delivery.wakeup import Wakeup
-
-QUEUED = common_pb2.MESSAGE_STATUS_QUEUED
-HELD = common_pb2.MESSAGE_STATUS_HELD
-SENT = common_pb2.MESSAGE_STATUS_SENT
-DELIVERED = common_pb2.MESSAGE_STATUS_DELIVERED
-FAILED = common_pb2.MESSAGE_STATUS_FAILED
-EXPIRED = common_pb2.MESSAGE_STATUS_EXPIRED
-CANCELED = common_pb2.MESSAGE_STATUS_CANCELED
-OPEN_STATUSES = (QUEUED, HELD)
-FINAL_STATUSES = (DELIVERED, FAILED, EXPIRED, CANCELED)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-STATUS_NAMES: dict[int, str] = {
-    v: common_pb2.MessageStatus.Name(v).removeprefix("MESSAGE_STATUS_") for v in common_pb2.MessageStatus.values()
-}
-CHANNEL_NAMES: dict[int, str] = {
-    v: common_pb2.Channel.Name(v).removeprefix("CHANNEL_") for v in common_pb2.Channel.values()
-}
-REASON_NAMES: dict[int, str] = {
-    v: common_pb2.FailureReason.Name(v).removeprefix("FAILURE_REASON_") for v in common_pb2.FailureReason.values()
-}
-
-
-def _ts(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(as_utc(moment))
-    return stamp
-
-
-def effective_status(doc: Document, now: datetime) -> tuple[int, int]:
-    """Status and failure reason as of `now`: expiry is decided at read time."""
-    status = int(doc["status"])
-    reason = int(doc.get("failure_reason", 0))
-    if status in OPEN_STATUSES and as_utc(doc["expire_at"]) <= now:
-        held = status == HELD
-        return EXPIRED, (
-            common_pb2.FAILURE_REASON_CONFIRMATION_TIMEOUT if held else common_pb2.FAILURE_REASON_TTL_EXPIRED
-        )
-    return status, reason
-
-
-def to_proto(doc: Document, now: datetime) -> common_pb2.Message:
-    status, reason = effective_status(doc, now)
-    message = common_pb2.Message(
-        id=str(doc["_id"]),
-        request_id=doc.get("request_id", ""),
-        phone_masked=doc.get("phone_masked", ""),
-        requested_channel=int(doc.get("requested_channel", 0)),  # type: ignore[arg-type]
-        channel=int(doc.get("channel", 0)),  # type: ignore[arg-type]
-        bot_id=doc.get("bot_id", ""),
-        status=status,  # type: ignore[arg-type]
-        failure_reason=reason,  # type: ignore[arg-type]
-        confirm_days=int(doc.get("confirm_days", 0)),
-        protect_content=bool(doc.get("protect_content", False)),
-        callback_url=doc.get("callback_url", ""),
-        attempts=int(doc.get("attempts", 0)),
-    )
-    if doc.get("delete_after"):
-        message.delete_after.CopyFrom(duration_pb2.Duration(seconds=int(doc["delete_after"])))
-    for name, key in (
-        ("create_time", "created_at"),
-        ("update_time", "updated_at"),
-        ("expire_time", "expire_at"),
-        ("sent_time", "sent_at"),
-        ("delivered_time", "delivered_at"),
-    ):
-        stamp = _ts(doc.get(key))
-        if stamp is not None:
-            getattr(message, name).CopyFrom(stamp)
-    expired_at = _ts(doc["expire_at"])
-    if status == EXPIRED and int(doc["status"]) != EXPIRED and expired_at is not None:
-        message.update_time.CopyFrom(expired_at)
-    return message
 
 
 def encode_page_token(created_at: datetime, message_id: str) -> str:
@@ -138,19 +63,19 @@ class Store:
         await ensure_index(m, [("purge_at", 1)])
         await ensure_index(self.usage, [("c", 1), ("d", 1)])
 
-    async def insert(self, doc: Document) -> Document | None:
+    async def insert(self, record: MessageRecord) -> MessageRecord | None:
         """Insert a new message; on an idempotency key already used, return the existing one."""
-        if await self._new_messages.insert_one(doc):
+        if await self._new_messages.insert_one(record.to_doc()):
             return None
-        existing = await self.messages.find_one({"idem": doc["idem"]})
+        existing = await self.messages.find_one({"idem": record.idem})
         if existing is None:
-            raise DuplicateKeyError(f"message {doc['_id']} exists already")
-        return existing
+            raise DuplicateKeyError(f"message {record.id} exists already")
+        return MessageRecord.from_doc(existing)
 
-    async def get(self, message_id: str) -> Document | None:
-        return await self.messages.find_one({"_id": message_id})
+    async def get(self, message_id: str) -> MessageRecord | None:
+        return _record(await self.messages.find_one({"_id": message_id}))
 
-    async def reserve_idem(self, idem: str, message_id: str, stale_after: float) -> Document | None:
+    async def reserve_idem(self, idem: str, message_id: str, stale_after: float) -> MessageRecord | None:
         """Take an idempotency key for a new message with one insert: None when taken for it, else
         the message already stored under the key. Raises RequestInProgress while the request that
         took the key has not stored its message yet; a key held longer than `stale_after` seconds
@@ -174,15 +99,19 @@ class Store:
         """Give a key back, unless another message holds it by now."""
         await self.idempotency.delete_one({"_id": idem, "message_id": message_id})
 
-    async def get_for_client(self, client_id: str, message_id: str) -> Document | None:
-        return await self.messages.find_one({"_id": message_id, "client_id": client_id})
+    async def get_for_client(self, client_id: str, message_id: str) -> MessageRecord | None:
+        return _record(await self.messages.find_one({"_id": message_id, "client_id": client_id}))
 
-    async def write(self, message_id: str, changes: dict[str, Any]) -> None:
+    async def sent_by_provider_id(self, provider_id: str) -> MessageRecord | None:
+        """The SENT message an SMS provider knows by `provider_id` (a provider's pushed report)."""
+        return _record(await self.messages.find_one({"provider_id": provider_id, "status": SENT}))
+
+    async def write(self, message_id: str, changes: MessageChanges) -> None:
         """Write under the message's claim (see claims.py)."""
         await self.messages.update_one({"_id": message_id}, {"$set": changes})
-        for field in ("next_attempt_at", "sms_poll_at"):
-            if changes.get(field) is not None:
-                self.wakeup.at(changes[field])
+        for moment in (changes.get("next_attempt_at"), changes.get("sms_poll_at")):
+            if moment is not None:
+                self.wakeup.at(moment)
 
     async def list_for_client(
         self,
@@ -192,7 +121,7 @@ class Store:
         status: int,
         created_after: datetime | None,
         created_before: datetime | None,
-    ) -> list[Document]:
+    ) -> list[MessageRecord]:
         query: dict[str, Any] = {"client_id": client_id}
         created: dict[str, Any] = {}
         if created_after is not None:
@@ -216,32 +145,35 @@ class Store:
             else:
                 query["status"] = status
         cursor = self.messages.find(query).sort([("created_at", -1), ("_id", -1)]).limit(page_size + 1)
-        return [doc async for doc in cursor]
+        return [MessageRecord.from_doc(doc) async for doc in cursor]
 
-    async def due(self, now: datetime, limit: int) -> list[Document]:
+    async def due(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {"status": QUEUED, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}}
         cursor = self.messages.find(query).sort("next_attempt_at", 1).limit(limit)
-        return [doc async for doc in cursor]
+        return [MessageRecord.from_doc(doc) async for doc in cursor]
 
-    async def held_needing_confirmation(self, now: datetime, limit: int) -> list[Document]:
+    async def held_needing_confirmation(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {
             "status": HELD,
             "confirmation_started": False,
             "next_attempt_at": {"$lte": now},
             "lease_until": {"$lte": now},
         }
-        return [doc async for doc in self.messages.find(query).limit(limit)]
+        return await self._find(query, limit)
 
-    async def expired_open(self, now: datetime, limit: int) -> list[Document]:
+    async def expired_open(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {"status": {"$in": list(OPEN_STATUSES)}, "expire_at": {"$lte": now}, "lease_until": {"$lte": now}}
-        return [doc async for doc in self.messages.find(query).limit(limit)]
+        return await self._find(query, limit)
 
-    async def held_for_phone(self, phone_index: str) -> list[Document]:
-        return [doc async for doc in self.messages.find({"phone_index": phone_index, "status": HELD}).limit(500)]
+    async def held_for_phone(self, phone_index: str) -> list[MessageRecord]:
+        return await self._find({"phone_index": phone_index, "status": HELD}, 500)
 
-    async def sms_to_poll(self, now: datetime, limit: int) -> list[Document]:
+    async def sms_to_poll(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {"status": SENT, "sms_poll_at": {"$lte": now}, "lease_until": {"$lte": now}}
-        return [doc async for doc in self.messages.find(query).limit(limit)]
+        return await self._find(query, limit)
+
+    async def _find(self, query: Document, limit: int) -> list[MessageRecord]:
+        return [MessageRecord.from_doc(doc) async for doc in self.messages.find(query).limit(limit)]
 
     async def purge_texts(self, now: datetime) -> int:
         result = await self.messages.update_many(
@@ -280,3 +212,7 @@ class Store:
             if billed == "1":
                 entry[1] += int(row["n"])
         return [(day, channel, n, b) for (day, channel), (n, b) in sorted(totals.items())]
+
+
+def _record(doc: Document | None) -> MessageRecord | None:
+    return MessageRecord.from_doc(doc) if doc is not None else None
