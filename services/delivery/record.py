@@ -19,9 +19,15 @@ from typing import Any, TypedDict
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2
 
 from services.core.clock import as_utc
 from services.core.mongo import Document
+
+AUTO, TELEGRAM, SMS = common_pb2.CHANNEL_AUTO, common_pb2.CHANNEL_TELEGRAM, common_pb2.CHANNEL_SMS
+P_MESSAGE = delivery_pb2.MESSAGE_PURPOSE_MESSAGE
+P_CONFIRMATION = delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION  # the bot prompt of a re-confirmation: ours
+P_VERIFICATION = delivery_pb2.MESSAGE_PURPOSE_VERIFICATION
 
 QUEUED = common_pb2.MESSAGE_STATUS_QUEUED
 HELD = common_pb2.MESSAGE_STATUS_HELD
