@@ -1,0 +1,309 @@
+"""SendMessage: whether a message is accepted, and storing it.
+
+In order, each step refusing with its own error before anything later is counted:
+validate -> callback_url is a public address -> client policy (country allowed, a webhook secret
+for callback_url, CAPTCHA rule ALWAYS) -> a named bot is shared or the client's own ->
+idempotency key taken with one insert (a repeat is answered here, before any limit counts it;
+the same request_id with other content is ABORTED IDEMPOTENCY_CONFLICT; the key is given back
+if no message is stored) -> rate limits (client, global, phone short and daily, session) ->
+SMS leg admission when the message is an SMS leg (channel SMS, or AUTO with sms_fallback and
+the directory naming no bot that can carry it; sms_admission.py) -> the message stored, its
+text and number sealed -> dispatched inline under the claim its insert holds (dispatch.py),
+or left QUEUED for the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+from otpgate.common.v1 import common_pb2
+from otpgate.delivery.v1 import delivery_pb2
+from otpgate.directory.v1 import directory_pb2
+
+from services.core.clock import Clock
+from services.core.errors import Violations, aborted, failed_precondition, invalid_argument, permission_denied
+from services.core.ids import new_id
+from services.core.logging import get_logger
+from services.core.phone import InvalidPhoneError, Phone, parse_phone
+from services.delivery import metrics
+from services.delivery.claims import Claims
+from services.delivery.dispatch import Dispatcher
+from services.delivery.fraud import FraudGuard, SmsLeg
+from services.delivery.limits import Hit, Limiter, RateLimited
+from services.delivery.message_crypto import MessageCrypto
+from services.delivery.policy import Policy, PolicyStore
+from services.delivery.record import (
+    AUTO,
+    CHANNEL_NAMES,
+    EPOCH,
+    P_CONFIRMATION,
+    P_MESSAGE,
+    P_VERIFICATION,
+    QUEUED,
+    SMS,
+    TELEGRAM,
+    MessageRecord,
+)
+from services.delivery.routing import Router
+from services.delivery.settings import EngineSettings
+from services.delivery.sms_admission import SmsAdmission, captcha_required
+from services.delivery.store import RequestInProgress, Store
+from services.delivery.webhooks import UnsafeTarget, check_url
+
+log = get_logger(__name__)
+
+MAX_TEXT = 4096
+MAX_DELETE_AFTER = 48 * 3600
+
+
+class Admission:
+    def __init__(
+        self,
+        store: Store,
+        policies: PolicyStore,
+        limiter: Limiter,
+        fraud: FraudGuard,
+        claims: Claims,
+        router: Router,
+        sms_admission: SmsAdmission,
+        dispatcher: Dispatcher,
+        crypto: MessageCrypto,
+        clock: Clock,
+        settings: EngineSettings,
+    ) -> None:
+        self.store = store
+        self.policies = policies
+        self.limiter = limiter
+        self.fraud = fraud
+        self.claims = claims
+        self.router = router
+        self.sms_admission = sms_admission
+        self.dispatcher = dispatcher
+        self.crypto = crypto
+        self.clock = clock
+        self.settings = settings
+
+    async def send_message(self, request: delivery_pb2.SendMessageRequest) -> delivery_pb2.SendMessageResponse:
+        phone, ttl = self._validate(request)
+        if request.callback_url:
+            try:
+                await check_url(request.callback_url, dev=self.settings.dev)
+            except UnsafeTarget as exc:
+                raise invalid_argument([("callback_url", str(exc))]) from None
+        client_id = request.client_id
+        purpose = request.purpose or P_MESSAGE
+        channel = request.channel or AUTO
+        policy = await self.policies.get(client_id)
+        self._check_policy(request, policy, phone, purpose)
+        bot_owner = await self.router.bot_owner(request.bot, client_id) if request.bot else ""
+        # Idempotent repeat: answered before any limit counts it again. The key is taken with one
+        # insert before anything is counted, and given back if this request stores no message.
+        idem = f"{client_id}\x1f{request.request_id}" if request.request_id else ""
+        fingerprint = self._fingerprint(request, phone.e164)
+        message_id = new_id(int(self.clock.now().timestamp() * 1000))
+        if idem:
+            try:
+                existing = await self.store.reserve_idem(idem, message_id, self.settings.lease)
+            except RequestInProgress:
+                raise aborted(
+                    "a request with this request_id is still being processed; retry shortly",
+                    reason="REQUEST_IN_PROGRESS",
+                ) from None
+            if existing is not None:
+                return self._replay(existing, fingerprint)
+        try:
+            await self._limits(request, policy, phone, purpose, channel)
+            sms_fallback = request.sms_fallback if request.HasField("sms_fallback") else policy.sms_fallback
+            if purpose == P_CONFIRMATION:
+                confirm_days = 0
+            elif request.HasField("confirm_days"):
+                confirm_days = request.confirm_days
+            else:
+                confirm_days = policy.default_confirm_days
+            resolution: directory_pb2.ResolvePhoneResponse | None = None
+            sms_leg = channel == SMS
+            if channel == AUTO and sms_fallback:
+                # Decide now whether this is an SMS leg, so a refusal is an error, not a stored message.
+                try:
+                    resolution = await self.router.resolve(phone.e164, request.bot)
+                    sms_leg = not await self.router.candidates(resolution, request.bot, bot_owner, client_id)
+                except grpc.aio.AioRpcError:
+                    resolution = None  # the dispatcher routes it later
+            # A re-confirmation prompt is ours, not billed, unless it goes through the client's own bot.
+            billed = purpose != P_CONFIRMATION or (bool(bot_owner) and bot_owner == client_id)
+            if sms_leg:
+                leg = SmsLeg(
+                    phone=phone,
+                    client_id=client_id,
+                    purpose=purpose,
+                    captcha_verified=request.origin.captcha_verified,
+                    captcha_possible=purpose != P_CONFIRMATION,
+                    fraud_mode=policy.fraud_mode,
+                )
+                await self.sms_admission.admit(leg, policy, request.origin, billed, purpose)
+            now = self.clock.now()
+            claim = self.claims.implicit("message", message_id)
+            record = MessageRecord(
+                id=message_id,
+                idem=idem or f"\x1f{message_id}",
+                fingerprint=fingerprint,
+                client_id=client_id,
+                request_id=request.request_id,
+                purpose=purpose,
+                phone_sealed=self.crypto.seal_phone(message_id, phone.e164),
+                phone_index=self.crypto.phone_index(phone.e164),
+                phone_masked=phone.masked,
+                region=phone.region,
+                text_sealed=self.crypto.seal_text(message_id, request.text),
+                requested_channel=channel,
+                channel=SMS if channel == SMS else 0,
+                requested_bot=request.bot,
+                bot_owner=bot_owner,
+                bot_id="",
+                status=QUEUED,
+                failure_reason=0,
+                confirm_days=confirm_days,
+                sms_fallback=sms_fallback,
+                sms_admitted=sms_leg,
+                billed=billed,
+                protect_content=request.protect_content,
+                delete_after=int(request.delete_after.seconds),
+                callback_url=request.callback_url,
+                captcha_verified=request.origin.captcha_verified,
+                created_at=now,
+                updated_at=now,
+                expire_at=now + timedelta(seconds=ttl),
+                next_attempt_at=now,
+                lease_until=claim.lease_until,
+                claim_seq=claim.seq,
+                attempts=0,
+                telegram_user_id=0,
+                confirmation_started=False,
+                released_at=None,
+                sms_poll_at=None,
+                purge_at=None,
+            )
+            existing = await self.store.insert(record)
+        except BaseException:
+            if idem:
+                await asyncio.shield(self.store.release_idem(idem, message_id))
+            raise
+        if existing is not None:  # stored before its key had a pointer: found by the unique idem index
+            await self.claims.release(claim)
+            if idem:
+                await self.store.release_idem(idem, message_id)
+            return self._replay(existing, fingerprint)
+        if sms_leg:
+            await self.fraud.record_sms(message_id, leg, record.phone_index)
+        metrics.messages_total.labels("QUEUED", CHANNEL_NAMES[channel], request.bot or "").inc()
+        log.info(
+            "message_accepted",
+            message_id=message_id,
+            client_id=client_id,
+            channel=CHANNEL_NAMES[channel],
+            purpose=purpose,
+        )
+        if self.settings.inline_dispatch:
+            record = await self.dispatcher.run_claimed(record, claim, resolution)
+        else:
+            await self.store.write(message_id, {"lease_until": EPOCH, "next_attempt_at": now})
+            await self.claims.release(claim)
+            record = record.updated({"lease_until": EPOCH})
+        return delivery_pb2.SendMessageResponse(message=record.to_proto(self.clock.now()))
+
+    def _validate(self, request: delivery_pb2.SendMessageRequest) -> tuple[Phone, float]:
+        """The number and the ttl in seconds; raises INVALID_ARGUMENT with every violation."""
+        problems = Violations()
+        problems.check(bool(request.client_id), "client_id", "is required")
+        phone: Phone | None = None
+        try:
+            phone = parse_phone(request.phone)
+        except InvalidPhoneError as exc:
+            problems.add("phone", str(exc))
+        problems.check(1 <= len(request.text) <= MAX_TEXT, "text", f"must be 1 to {MAX_TEXT} characters")
+        problems.check(request.channel in (0, AUTO, TELEGRAM, SMS), "channel", "unknown channel")
+        problems.check(request.purpose in (0, P_MESSAGE, P_CONFIRMATION, P_VERIFICATION), "purpose", "unknown purpose")
+        ttl = self.settings.default_ttl
+        if request.HasField("ttl"):
+            ttl = request.ttl.seconds + request.ttl.nanos / 1e9
+            problems.check(
+                self.settings.min_ttl <= ttl <= self.settings.max_ttl,
+                "ttl",
+                f"must be between {self.settings.min_ttl:g} and {self.settings.max_ttl:g} seconds",
+            )
+        if request.HasField("confirm_days"):
+            problems.check(0 <= request.confirm_days <= 3650, "confirm_days", "must be between 0 and 3650")
+        if request.HasField("delete_after"):
+            seconds = request.delete_after.seconds
+            problems.check(0 <= seconds <= MAX_DELETE_AFTER, "delete_after", "must be at most 48 hours")
+        problems.check(len(request.request_id) <= 128, "request_id", "must be at most 128 characters")
+        problems.check(len(request.bot) <= 64, "bot", "must be at most 64 characters")
+        problems.raise_if_any()
+        assert phone is not None
+        return phone, ttl
+
+    def _check_policy(
+        self, request: delivery_pb2.SendMessageRequest, policy: Policy, phone: Phone, purpose: int
+    ) -> None:
+        if not policy.country_allowed(phone.region):
+            raise permission_denied("COUNTRY_NOT_ALLOWED", "numbers of this country are not allowed for this client")
+        if request.callback_url and not (policy.webhook_secret_sealed or self.settings.webhook_default_secret):
+            raise failed_precondition(
+                "WEBHOOK_SECRET_NOT_SET",
+                "set a webhook secret in the client policy before using callback_url",
+                [("WEBHOOK_SECRET", "policy.webhook_secret", "not set")],
+            )
+        if (
+            policy.captcha_rule == common_pb2.CAPTCHA_RULE_ALWAYS
+            and purpose != P_CONFIRMATION
+            and not request.origin.captcha_verified
+        ):
+            raise captcha_required()
+
+    def _fingerprint(self, request: delivery_pb2.SendMessageRequest, e164: str) -> str:
+        """What makes two requests under one request_id the same message."""
+        return self.crypto.request_fingerprint(
+            [
+                e164,
+                request.text,
+                str(request.channel or AUTO),
+                request.bot,
+                str(request.confirm_days) if request.HasField("confirm_days") else "-",
+                str(request.sms_fallback) if request.HasField("sms_fallback") else "-",
+                str(request.protect_content),
+                str(request.delete_after.seconds),
+                request.callback_url,
+                str(request.purpose or P_MESSAGE),
+                str(request.ttl.seconds) if request.HasField("ttl") else "-",
+            ]
+        )
+
+    def _replay(self, existing: MessageRecord, fingerprint: str) -> delivery_pb2.SendMessageResponse:
+        if existing.fingerprint != fingerprint:
+            raise aborted("request_id was already used for a different message", reason="IDEMPOTENCY_CONFLICT")
+        return delivery_pb2.SendMessageResponse(message=existing.to_proto(self.clock.now()), replayed=True)
+
+    async def _limits(
+        self, request: delivery_pb2.SendMessageRequest, policy: Policy, phone: Phone, purpose: int, channel: int
+    ) -> None:
+        rate = self.settings.rate
+        key = self.crypto.limit_key
+        hits = [
+            Hit("client", key(request.client_id), rate(policy, "client"), subject="client"),
+            Hit("global", "all", self.settings.limits["global"], subject="global"),
+        ]
+        # The bot prompt of a re-confirmation is ours, not the client's traffic.
+        if not (purpose == P_CONFIRMATION and channel != SMS):
+            phone_key = key("phone:" + phone.e164)
+            hits.append(Hit("phone_short", phone_key, rate(policy, "phone_short"), subject="phone"))
+            hits.append(Hit("phone_daily", phone_key, rate(policy, "phone_daily"), subject="phone"))
+        if request.origin.session_id:
+            session_key = key("session:" + request.origin.session_id)
+            hits.append(Hit("session", session_key, rate(policy, "session"), subject="origin.session_id"))
+        try:
+            await self.limiter.acquire(hits)
+        except RateLimited as exc:
+            log.info("rate_limited", limit=exc.hit.limit_name, client_id=request.client_id, retry_after=exc.retry_after)
+            raise exc.to_error() from None

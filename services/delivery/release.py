@@ -1,0 +1,63 @@
+"""ReleaseHeldMessages: a person confirmed their number, so what was held for it goes out.
+
+Called by verification when the person typed the confirmation code to the bot (see hold.py).
+Only the messages held for that number and that Telegram user are released; each is taken under
+its claim, marked released (`released_at`: it is never held again) and dispatched at once.
+A held message that ran out meanwhile is written EXPIRED instead. The confirmation also counts as
+a conversion of the SMS that carried the code (fraud.py).
+"""
+
+from __future__ import annotations
+
+from services.core.clock import Clock
+from services.core.errors import invalid_argument
+from services.core.logging import get_logger
+from services.core.phone import InvalidPhoneError, parse_phone
+from services.delivery.dispatch import Dispatcher
+from services.delivery.fraud import FraudGuard
+from services.delivery.message_crypto import MessageCrypto
+from services.delivery.record import HELD, QUEUED, MessageChanges
+from services.delivery.store import Store
+
+log = get_logger(__name__)
+
+
+class HeldRelease:
+    def __init__(
+        self, store: Store, dispatcher: Dispatcher, fraud: FraudGuard, crypto: MessageCrypto, clock: Clock
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.fraud = fraud
+        self.crypto = crypto
+        self.clock = clock
+
+    async def release(self, telegram_user_id: int, phone_raw: str) -> int:
+        """How many held messages were released (and dispatched)."""
+        try:
+            phone = parse_phone(phone_raw)
+        except InvalidPhoneError as exc:
+            raise invalid_argument([("phone", str(exc))]) from None
+        index = self.crypto.phone_index(phone.e164)
+        await self.fraud.record_confirmed_phone(index)
+        released = 0
+        for record in await self.store.held_for_phone(index):
+            if record.telegram_user_id != telegram_user_id:
+                continue
+            claim = await self.dispatcher.claim(record)
+            if claim is None:
+                continue
+            fresh = await self.store.get(record.id)
+            if fresh is None or fresh.status != HELD or fresh.expire_at <= self.clock.now():
+                if fresh is not None:
+                    await self.dispatcher.run_claimed(fresh, claim)  # writes EXPIRED if it ran out
+                else:
+                    await self.dispatcher.claims.release(claim)
+                continue
+            now = self.clock.now()
+            changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
+            await self.store.write(record.id, changes)
+            released += 1
+            await self.dispatcher.run_claimed(fresh.updated(changes), claim)
+        log.info("held_messages_released", released=released)
+        return released
