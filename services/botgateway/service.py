@@ -154,6 +154,23 @@ class SandboxServicer(botgateway_pb2_grpc.SandboxServiceServicer):
         created = await _sandbox_call(create)
         return botgateway_pb2.CreateSandboxUserResponse(user=sandbox_user(created))
 
+    async def ListSandboxUsers(
+        self, request: botgateway_pb2.ListSandboxUsersRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> botgateway_pb2.ListSandboxUsersResponse:
+        problems = Violations()
+        problems.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
+        after = 0
+        if request.page_token:
+            after = int(request.page_token) if request.page_token.isdigit() else -1
+            problems.check(after > 0, "page_token", "is not a token from a previous page")
+        problems.raise_if_any()
+        size = request.page_size or 100
+        users = sorted((u for u in self.telegram.users.values() if u.user_id > after), key=lambda u: u.user_id)
+        reply = botgateway_pb2.ListSandboxUsersResponse(users=[sandbox_user(u) for u in users[:size]])
+        if len(users) > size:
+            reply.next_page_token = str(users[size - 1].user_id)
+        return reply
+
     async def StartBot(
         self, request: botgateway_pb2.StartBotRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> botgateway_pb2.StartBotResponse:

@@ -8,11 +8,9 @@ key (never from the request) and a deadline. Downstream errors pass through unch
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf.message import Message
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.common.v1 import common_pb2
@@ -21,24 +19,16 @@ from otpgate.edge.v1 import edge_pb2
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 
 from services.core.clock import Clock
-from services.core.errors import ServiceError, parse_rpc_error, retry_info, service_error_from
+from services.core.errors import unauthenticated
 from services.core.logging import get_logger
-from services.core.outage import RETRY_AFTER
+from services.edge.admin import ClientAdmin, api_key_message, client_message
 from services.edge.captcha import CaptchaVerifier, may_send_sms, policy_demands
+from services.edge.downstream import Caller, forward
 from services.edge.keys import SCOPE_ADMIN, SCOPE_READ, SCOPE_SEND, SCOPE_VERIFY, Authenticator, Principal
 from services.edge.limits import EdgeLimits
 
 R = TypeVar("R")
 log = get_logger(__name__)
-_TRANSPORT_CODES = {
-    grpc.StatusCode.UNAVAILABLE: ("SERVICE_UNAVAILABLE", "a service is temporarily unavailable; retry"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: ("DEADLINE_EXCEEDED", "the request took too long; retry"),
-    grpc.StatusCode.UNKNOWN: ("INTERNAL", "internal error"),
-    grpc.StatusCode.INTERNAL: ("INTERNAL", "internal error"),
-    grpc.StatusCode.CANCELLED: ("CANCELLED", "the request was cancelled"),
-}
-# Transport failures worth retrying carry RetryInfo (HTTP: Retry-After).
-_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 # Scopes that admit each public method (any one of them).
 PUBLIC_SCOPES: dict[str, frozenset[str]] = {
@@ -51,33 +41,13 @@ PUBLIC_SCOPES: dict[str, frozenset[str]] = {
     "GetVerification": frozenset({SCOPE_VERIFY}),
     "CheckVerification": frozenset({SCOPE_VERIFY}),
     "CancelVerification": frozenset({SCOPE_VERIFY}),
+    "ListVerifications": frozenset({SCOPE_VERIFY, SCOPE_READ}),
     "ListBots": frozenset({SCOPE_SEND, SCOPE_READ, SCOPE_VERIFY}),
+    "GetUsage": frozenset({SCOPE_READ}),
+    # Any valid key may read itself (the console learns its client and scopes from it).
+    "GetCurrentApiKey": frozenset(),
 }
 ADMIN_SCOPES = frozenset({SCOPE_ADMIN})
-
-
-@dataclass(frozen=True)
-class Caller:
-    """What the transport knows about a request before it is authenticated."""
-
-    authorization: str
-    ip: str
-    # Seconds left for downstream calls (the caller's deadline, capped by the service default).
-    timeout: float
-
-
-async def forward(call: Callable[..., Awaitable[R]], request: Message, timeout: float) -> R:
-    """One downstream call with a deadline; its error passes on unchanged."""
-    try:
-        return await call(request, timeout=timeout)
-    except grpc.aio.AioRpcError as error:
-        failure = parse_rpc_error(error)
-    if failure.status is None and failure.code in _TRANSPORT_CODES:
-        # Raised by gRPC itself (no otpgate status): its text names internal addresses; keep it in the logs.
-        log.warning("downstream_failed", status=failure.code.name, detail=failure.message[:200])
-        details = [retry_info(RETRY_AFTER)] if failure.code in _RETRYABLE else []
-        raise ServiceError(failure.code, *_TRANSPORT_CODES[failure.code], details)
-    raise service_error_from(failure)
 
 
 class PolicyCache:
@@ -117,8 +87,10 @@ class PublicApi:
         delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub,
         verification: verification_pb2_grpc.VerificationServiceAsyncStub,
         botgateway: botgateway_pb2_grpc.BotGatewayServiceAsyncStub,
+        clients: ClientAdmin,
     ) -> None:
         self.auth = auth
+        self.clients = clients
         self.limits = limits
         self.captcha = captcha
         self.policies = policies
@@ -135,7 +107,10 @@ class PublicApi:
             "GetVerification": self.get_verification,
             "CheckVerification": self.check_verification,
             "CancelVerification": self.cancel_verification,
+            "ListVerifications": self.list_verifications,
             "ListBots": self.list_bots,
+            "GetUsage": self.get_usage,
+            "GetCurrentApiKey": self.get_current_api_key,
         }
 
     async def admit(self, caller: Caller, scopes: frozenset[str]) -> Principal:
@@ -304,6 +279,51 @@ class PublicApi:
             caller.timeout,
         )
         return edge_pb2.CancelVerificationResponse(verification=reply.verification)
+
+    async def list_verifications(
+        self, principal: Principal, caller: Caller, request: edge_pb2.ListVerificationsRequest
+    ) -> edge_pb2.ListVerificationsResponse:
+        reply = await forward(
+            self.verification.ListVerifications,
+            verification_pb2.ListVerificationsRequest(
+                client_id=principal.client_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                filter=request.filter,
+            ),
+            caller.timeout,
+        )
+        return edge_pb2.ListVerificationsResponse(
+            verifications=reply.verifications, next_page_token=reply.next_page_token
+        )
+
+    # Usage and the caller ------------------------------------------------------
+
+    async def get_usage(
+        self, principal: Principal, caller: Caller, request: edge_pb2.GetUsageRequest
+    ) -> edge_pb2.GetUsageResponse:
+        reply = await forward(
+            self.delivery.GetUsage,
+            delivery_pb2.GetUsageRequest(
+                client_id=principal.client_id, start_day=request.start_day, end_day=request.end_day
+            ),
+            caller.timeout,
+        )
+        return edge_pb2.GetUsageResponse(
+            records=[
+                edge_pb2.UsageRecord(day=r.day, channel=r.channel, messages=r.messages, billed_sms=r.billed_sms)
+                for r in reply.records
+            ]
+        )
+
+    async def get_current_api_key(
+        self, principal: Principal, caller: Caller, request: edge_pb2.GetCurrentApiKeyRequest
+    ) -> edge_pb2.GetCurrentApiKeyResponse:
+        key = await self.clients.store.get_key(principal.key_id)
+        client = await self.clients.store.get_client(principal.client_id)
+        if key is None or client is None:  # removed since the key was checked
+            raise unauthenticated("API_KEY_INVALID", "the API key is invalid")
+        return edge_pb2.GetCurrentApiKeyResponse(api_key=api_key_message(key), client=client_message(client))
 
     # Bots ----------------------------------------------------------------------
 

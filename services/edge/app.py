@@ -19,7 +19,7 @@ from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
 from services.core.mongo import Document, ping
 from services.core.outage import OutageLog
-from services.edge.admin import ClientAdmin
+from services.edge.admin import AdminApi, ClientAdmin
 from services.edge.api import PolicyCache, PublicApi
 from services.edge.captcha import PROVIDER_URLS, CaptchaSettings, CaptchaVerifier
 from services.edge.http import HttpGateway, HttpSettings
@@ -164,6 +164,7 @@ async def build_app(
     delivery = delivery_pb2_grpc.DeliveryServiceStub(channels["delivery"])
     auth = Authenticator(store, common.keyring, clock, cache_seconds=config.auth_cache_seconds)
     captcha = CaptchaVerifier(config.captcha, store, common.keyring, clock)
+    admin = ClientAdmin(store, common.keyring, clock)
     api = PublicApi(
         auth=auth,
         limits=EdgeLimits(
@@ -178,12 +179,14 @@ async def build_app(
         delivery=delivery,
         verification=verification_pb2_grpc.VerificationServiceStub(channels["verification"]),
         botgateway=botgateway_pb2_grpc.BotGatewayServiceStub(channels["botgateway"]),
+        clients=admin,
     )
-    admin = ClientAdmin(store, common.keyring, clock)
+    admin_api = AdminApi(api, admin)
     origins = OriginResolver(config.trusted_proxies)
     outages = OutageLog()
     gateway = HttpGateway(
         api,
+        admin_api,
         origins,
         HttpSettings(
             host=config.http_host,
@@ -223,7 +226,7 @@ async def build_app(
             ),
             (
                 edge_pb2_grpc.add_AdminServiceServicer_to_server,
-                AdminServicer(api, admin, origins, timeout),
+                AdminServicer(api, admin_api, origins, timeout),
                 "otpgate.edge.v1.AdminService",
             ),
         ],

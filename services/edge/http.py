@@ -1,9 +1,9 @@
 """The HTTP/JSON gateway (aiohttp), in the edge process beside the gRPC server.
 
-Routes come from the `google.api.http` annotations of PublicService (and, in sandbox mode,
-of the sandbox services); each request is turned into the same request message the gRPC
-API takes and handled by the same PublicApi, so both transports answer alike. Errors are
-google.rpc.Status JSON with the HTTP status mapped from the gRPC code.
+Routes come from the `google.api.http` annotations of PublicService and AdminService (and, in
+sandbox mode, of the sandbox services); each request is turned into the same request message the
+gRPC API takes and handled by the same PublicApi / AdminApi, so both transports answer alike.
+Errors are google.rpc.Status JSON with the HTTP status mapped from the gRPC code.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from services.core.health import SERVING, health_status
 from services.core.logging import get_logger, request_id_var
 from services.core.outage import OutageLog, database_deadline
 from services.edge import metrics
-from services.edge.api import PUBLIC_SCOPES, Caller, PublicApi, forward
+from services.edge.admin import AdminApi
+from services.edge.api import ADMIN_SCOPES, PUBLIC_SCOPES, PublicApi
+from services.edge.downstream import Caller, forward
 from services.edge.jsonproto import parse_message, put_path_values, query_to_json, to_json
 from services.edge.openapi import PUBLIC_SERVICES, SANDBOX_SERVICES, without_sandbox
 from services.edge.origin import OriginResolver
@@ -100,6 +102,7 @@ class HttpGateway:
     def __init__(
         self,
         api: PublicApi,
+        admin: AdminApi,
         origins: OriginResolver,
         settings: HttpSettings,
         document: dict[str, Any],
@@ -109,6 +112,7 @@ class HttpGateway:
         outages: OutageLog,
     ) -> None:
         self._api = api
+        self._admin = admin
         self._origins = origins
         self._settings = settings
         self._public = [rule for service in PUBLIC_SERVICES for rule in rules_for(service)]
@@ -252,17 +256,21 @@ class HttpGateway:
 
     async def _handle(self, request: web.Request, rule: HttpRule, values: dict[str, str]) -> Message:
         caller = self._caller(request)
-        sandbox = rule.service.full_name not in {s.full_name for s in PUBLIC_SERVICES}
+        service = rule.service.name
         declared = request.content_length
         if declared is not None and declared > self._settings.max_body_bytes:
             raise _too_large(self._settings.max_body_bytes)
-        if sandbox:
-            self._api.limits.check_ip(caller.ip)
+        if service == "AdminService":
+            principal = await self._api.admit(caller, ADMIN_SCOPES)
             message = await self._read(request, rule, values)
-            return await forward(self._downstream.method(rule), message, caller.timeout)
-        principal = await self._api.admit(caller, PUBLIC_SCOPES[rule.method.name])
+            return await self._admin.handlers[rule.method.name](principal, caller, message)
+        if service == "PublicService":
+            principal = await self._api.admit(caller, PUBLIC_SCOPES[rule.method.name])
+            message = await self._read(request, rule, values)
+            return await self._api.handle(rule.method.name, principal, caller, message)
+        self._api.limits.check_ip(caller.ip)
         message = await self._read(request, rule, values)
-        return await self._api.handle(rule.method.name, principal, caller, message)
+        return await forward(self._downstream.method(rule), message, caller.timeout)
 
     async def _read(self, request: web.Request, rule: HttpRule, values: dict[str, str]) -> Message:
         cls = _message_class(rule)
@@ -278,7 +286,11 @@ class HttpGateway:
             else:
                 data = {}
             if rule.body != "*":
-                data = {rule.body: data}
+                # The body is one field; the others come from the query (HTTP transcoding rules).
+                query = query_to_json(rule.method.input_type, request.rel_url.query.items(), problems)
+                if rule.body in query:
+                    problems.add(rule.body, "is the request body; it cannot be set in the query string")
+                data = {**query, rule.body: data}
             if not isinstance(data, dict):
                 raise invalid_argument([("body", "must be a JSON object")])
         else:

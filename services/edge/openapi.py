@@ -9,6 +9,7 @@ integers as strings, Timestamp/Duration as strings); errors are google.rpc.Statu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT_PATH = ROOT / "gen" / "openapi" / "openapi.json"
 SANDBOX_FLAG = "x-otpgate-sandbox"
 
-PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (edge_pb2.DESCRIPTOR.services_by_name["PublicService"],)
+# The API proper (API key; AdminService needs an admin-scope key), then the sandbox's.
+PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
+    edge_pb2.DESCRIPTOR.services_by_name["PublicService"],
+    edge_pb2.DESCRIPTOR.services_by_name["AdminService"],
+)
 SANDBOX_SERVICES: tuple[ServiceDescriptor, ...] = (
     botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"],
     delivery_pb2.DESCRIPTOR.services_by_name["SmsSandboxService"],
@@ -214,7 +219,7 @@ class _Builder:
             for parent in parents:
                 target = message_of(target.fields_by_name[parent])
             field = target.fields_by_name[leaf]
-            param: dict[str, Any] = {"name": field_path, "in": "path", "required": True, "schema": self.single(field)}
+            param: dict[str, Any] = {"name": leaf, "in": "path", "required": True, "schema": self.single(field)}
             text = self.comments.get(f"{target.full_name}.{leaf}")
             if text:
                 param["description"] = text
@@ -259,6 +264,13 @@ class _Builder:
             operation["security"] = []
             operation[SANDBOX_FLAG] = True
         return operation
+
+
+def document_path(template: str) -> str:
+    """The OpenAPI path of a route: a nested variable is named by its last part
+    (`{policy.client_id}` -> `{client_id}`), so that routes to one resource share one path item
+    (OpenAPI forbids two templates that differ only in their variable names)."""
+    return re.sub(r"\{(?:\w+\.)+(\w+)\}", r"{\1}", template)
 
 
 def _status_schemas() -> dict[str, Any]:
@@ -312,7 +324,7 @@ def build_document(comments: Mapping[str, str] | None = None) -> dict[str, Any]:
     for services, sandbox in ((PUBLIC_SERVICES, False), (SANDBOX_SERVICES, True)):
         for service in services:
             for rule in rules_for(service):
-                item = paths.setdefault(rule.template, {})
+                item = paths.setdefault(document_path(rule.template), {})
                 item[rule.verb.lower()] = builder.operation(rule, sandbox)
                 if sandbox:
                     item[SANDBOX_FLAG] = True

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
-from otpgate.botgateway.v1 import botgateway_pb2
-from otpgate.delivery.v1 import delivery_pb2
 from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
 
-from services.core.errors import ServiceError, Violations, invalid_argument
+from services.core.errors import ServiceError
 from services.core.outage import is_database_outage
 from services.edge import metrics
-from services.edge.admin import ClientAdmin
-from services.edge.api import ADMIN_SCOPES, Caller, PublicApi, forward
-from services.edge.keys import ENUM_TO_SCOPE, SCOPE_TO_ENUM
+from services.edge.admin import AdminApi
+from services.edge.api import ADMIN_SCOPES, PublicApi
+from services.edge.downstream import Caller
 from services.edge.origin import OriginResolver, grpc_peer_ip
-from services.edge.store import ApiKeyRecord, ClientRecord
 
 Context = grpc.aio.ServicerContext[Any, Any]
 PUBLIC = "/otpgate.edge.v1.PublicService/"
@@ -97,181 +89,38 @@ class PublicServicer(edge_pb2_grpc.PublicServiceServicer):
     ) -> edge_pb2.CancelVerificationResponse:
         return await self._call("CancelVerification", request, context)  # type: ignore[no-any-return]
 
+    async def ListVerifications(
+        self, request: edge_pb2.ListVerificationsRequest, context: Context
+    ) -> edge_pb2.ListVerificationsResponse:
+        return await self._call("ListVerifications", request, context)  # type: ignore[no-any-return]
+
     async def ListBots(self, request: edge_pb2.ListBotsRequest, context: Context) -> edge_pb2.ListBotsResponse:
         return await self._call("ListBots", request, context)  # type: ignore[no-any-return]
 
+    async def GetUsage(self, request: edge_pb2.GetUsageRequest, context: Context) -> edge_pb2.GetUsageResponse:
+        return await self._call("GetUsage", request, context)  # type: ignore[no-any-return]
 
-def _timestamp(moment: Any) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def client_message(record: ClientRecord) -> edge_pb2.Client:
-    return edge_pb2.Client(id=record.id, display_name=record.display_name, create_time=_timestamp(record.created_at))
-
-
-def api_key_message(record: ApiKeyRecord) -> edge_pb2.ApiKey:
-    return edge_pb2.ApiKey(
-        id=record.id,
-        client_id=record.client_id,
-        scopes=[SCOPE_TO_ENUM[s] for s in record.scopes if s in SCOPE_TO_ENUM],
-        create_time=_timestamp(record.created_at),
-        last_use_time=_timestamp(record.last_used_at),
-        revoke_time=_timestamp(record.revoked_at),
-    )
-
-
-def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def _after_id(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise invalid_argument([("page_token", "not a token from a previous page")]) from None
-
-
-def _page_size(value: int, default: int = 50, maximum: int = 100) -> int:
-    if value < 0:
-        raise invalid_argument([("page_size", "must not be negative")])
-    return min(value or default, maximum)
+    async def GetCurrentApiKey(
+        self, request: edge_pb2.GetCurrentApiKeyRequest, context: Context
+    ) -> edge_pb2.GetCurrentApiKeyResponse:
+        return await self._call("GetCurrentApiKey", request, context)  # type: ignore[no-any-return]
 
 
 class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
-    def __init__(self, api: PublicApi, admin: ClientAdmin, origins: OriginResolver, timeout: float) -> None:
+    """Every method admits an admin-scope key and hands the request to AdminApi."""
+
+    def __init__(self, api: PublicApi, admin: AdminApi, origins: OriginResolver, timeout: float) -> None:
         self._api = api
         self._admin = admin
         self._origins = origins
         self._timeout = timeout
 
-    async def _admit(self, method: str, context: Context) -> Caller:
-        caller = caller_from(context, self._origins, self._timeout)
-        await self._api.admit(caller, ADMIN_SCOPES)
-        return caller
-
-    async def CreateClient(
-        self, request: edge_pb2.CreateClientRequest, context: Context
-    ) -> edge_pb2.CreateClientResponse:
-        await self._admit("CreateClient", context)
-        record = await self._admin.create_client(request.display_name)
-        return edge_pb2.CreateClientResponse(client=client_message(record))
-
-    async def GetClient(self, request: edge_pb2.GetClientRequest, context: Context) -> edge_pb2.GetClientResponse:
-        await self._admit("GetClient", context)
-        return edge_pb2.GetClientResponse(client=client_message(await self._admin.client(request.id)))
-
-    async def ListClients(self, request: edge_pb2.ListClientsRequest, context: Context) -> edge_pb2.ListClientsResponse:
-        await self._admit("ListClients", context)
-        size = _page_size(request.page_size)
-        records = await self._admin.store.list_clients(_after_id(request.page_token), size + 1)
-        more = len(records) > size
-        records = records[:size]
-        return edge_pb2.ListClientsResponse(
-            clients=[client_message(r) for r in records],
-            next_page_token=_page_token(records[-1].id) if more and records else "",
-        )
-
-    async def CreateApiKey(
-        self, request: edge_pb2.CreateApiKeyRequest, context: Context
-    ) -> edge_pb2.CreateApiKeyResponse:
-        await self._admit("CreateApiKey", context)
-        problems = Violations()
-        for index, scope in enumerate(request.scopes):
-            problems.check(scope in ENUM_TO_SCOPE, f"scopes[{index}]", "unknown scope")
-        problems.raise_if_any()
-        record, key = await self._admin.create_key(request.client_id, [ENUM_TO_SCOPE[s] for s in request.scopes])
-        return edge_pb2.CreateApiKeyResponse(api_key=api_key_message(record), key=key)
-
-    async def ListApiKeys(self, request: edge_pb2.ListApiKeysRequest, context: Context) -> edge_pb2.ListApiKeysResponse:
-        await self._admit("ListApiKeys", context)
-        return edge_pb2.ListApiKeysResponse(
-            api_keys=[api_key_message(r) for r in await self._admin.list_keys(request.client_id)]
-        )
-
-    async def RevokeApiKey(
-        self, request: edge_pb2.RevokeApiKeyRequest, context: Context
-    ) -> edge_pb2.RevokeApiKeyResponse:
-        await self._admit("RevokeApiKey", context)
-        record = await self._admin.revoke_key(request.id)
-        self._api.auth.forget(record.id)
-        return edge_pb2.RevokeApiKeyResponse(api_key=api_key_message(record))
-
-    async def GetClientPolicy(
-        self, request: edge_pb2.GetClientPolicyRequest, context: Context
-    ) -> edge_pb2.GetClientPolicyResponse:
-        caller = await self._admit("GetClientPolicy", context)
-        client = await self._admin.client(request.client_id)
-        reply = await forward(
-            self._api.delivery.GetClientPolicy, delivery_pb2.GetClientPolicyRequest(client_id=client.id), caller.timeout
-        )
-        return edge_pb2.GetClientPolicyResponse(policy=reply.policy)
-
-    async def UpdateClientPolicy(
-        self, request: edge_pb2.UpdateClientPolicyRequest, context: Context
-    ) -> edge_pb2.UpdateClientPolicyResponse:
-        caller = await self._admit("UpdateClientPolicy", context)
-        client = await self._admin.client(request.policy.client_id)
-        policy = type(request.policy)()
-        policy.CopyFrom(request.policy)
-        policy.client_id = client.id
-        reply = await forward(
-            self._api.delivery.UpdateClientPolicy,
-            delivery_pb2.UpdateClientPolicyRequest(policy=policy, update_mask=request.update_mask),
-            caller.timeout,
-        )
-        self._api.policies.forget(client.id)
-        return edge_pb2.UpdateClientPolicyResponse(policy=reply.policy)
-
-    async def RegisterBot(self, request: edge_pb2.RegisterBotRequest, context: Context) -> edge_pb2.RegisterBotResponse:
-        caller = await self._admit("RegisterBot", context)
-        owner = (await self._admin.client(request.owner_client_id)).id if request.owner_client_id else ""
-        reply = await forward(
-            self._api.botgateway.RegisterBot,
-            botgateway_pb2.RegisterBotRequest(token=request.token, owner_client_id=owner, shared=request.shared),
-            caller.timeout,
-        )
-        return edge_pb2.RegisterBotResponse(bot=reply.bot)
-
-    async def ListAllBots(self, request: edge_pb2.ListAllBotsRequest, context: Context) -> edge_pb2.ListAllBotsResponse:
-        caller = await self._admit("ListAllBots", context)
-        reply = await forward(
-            self._api.botgateway.ListBots,
-            botgateway_pb2.ListBotsRequest(
-                owner_client_id=request.owner_client_id, page_size=request.page_size, page_token=request.page_token
-            ),
-            caller.timeout,
-        )
-        return edge_pb2.ListAllBotsResponse(bots=reply.bots, next_page_token=reply.next_page_token)
-
-    async def RemoveBot(self, request: edge_pb2.RemoveBotRequest, context: Context) -> edge_pb2.RemoveBotResponse:
-        caller = await self._admit("RemoveBot", context)
-        if not request.bot_id:
-            raise invalid_argument([("bot_id", "required")])
-        bot = await forward(
-            self._api.botgateway.GetBot, botgateway_pb2.GetBotRequest(bot_id=request.bot_id), caller.timeout
-        )
-        await forward(
-            self._api.botgateway.RemoveBot,
-            botgateway_pb2.RemoveBotRequest(bot_id=request.bot_id, owner_client_id=bot.bot.owner_client_id),
-            caller.timeout,
-        )
-        return edge_pb2.RemoveBotResponse()
-
-
-def _counted(route: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Counts a handler's outcomes in otpgate_edge_requests_total."""
-
-    @functools.wraps(handler)
-    async def counted(self: Any, request: Any, context: Context) -> Any:
+    async def _call(self, method: str, request: Message, context: Context) -> Any:
         code = grpc.StatusCode.OK
         try:
-            return await handler(self, request, context)
+            caller = caller_from(context, self._origins, self._timeout)
+            principal = await self._api.admit(caller, ADMIN_SCOPES)
+            return await self._admin.handlers[method](principal, caller, request)
         except ServiceError as err:
             code = err.code
             raise
@@ -279,10 +128,47 @@ def _counted(route: str, handler: Callable[..., Awaitable[Any]]) -> Callable[...
             code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
             raise
         finally:
-            metrics.requests_total.labels(route, code.name).inc()
+            metrics.requests_total.labels(ADMIN + method, code.name).inc()
 
-    return counted
+    async def CreateClient(
+        self, request: edge_pb2.CreateClientRequest, context: Context
+    ) -> edge_pb2.CreateClientResponse:
+        return await self._call("CreateClient", request, context)  # type: ignore[no-any-return]
 
+    async def GetClient(self, request: edge_pb2.GetClientRequest, context: Context) -> edge_pb2.GetClientResponse:
+        return await self._call("GetClient", request, context)  # type: ignore[no-any-return]
 
-for _method in edge_pb2.DESCRIPTOR.services_by_name["AdminService"].methods:
-    setattr(AdminServicer, _method.name, _counted(ADMIN + _method.name, getattr(AdminServicer, _method.name)))
+    async def ListClients(self, request: edge_pb2.ListClientsRequest, context: Context) -> edge_pb2.ListClientsResponse:
+        return await self._call("ListClients", request, context)  # type: ignore[no-any-return]
+
+    async def CreateApiKey(
+        self, request: edge_pb2.CreateApiKeyRequest, context: Context
+    ) -> edge_pb2.CreateApiKeyResponse:
+        return await self._call("CreateApiKey", request, context)  # type: ignore[no-any-return]
+
+    async def ListApiKeys(self, request: edge_pb2.ListApiKeysRequest, context: Context) -> edge_pb2.ListApiKeysResponse:
+        return await self._call("ListApiKeys", request, context)  # type: ignore[no-any-return]
+
+    async def RevokeApiKey(
+        self, request: edge_pb2.RevokeApiKeyRequest, context: Context
+    ) -> edge_pb2.RevokeApiKeyResponse:
+        return await self._call("RevokeApiKey", request, context)  # type: ignore[no-any-return]
+
+    async def GetClientPolicy(
+        self, request: edge_pb2.GetClientPolicyRequest, context: Context
+    ) -> edge_pb2.GetClientPolicyResponse:
+        return await self._call("GetClientPolicy", request, context)  # type: ignore[no-any-return]
+
+    async def UpdateClientPolicy(
+        self, request: edge_pb2.UpdateClientPolicyRequest, context: Context
+    ) -> edge_pb2.UpdateClientPolicyResponse:
+        return await self._call("UpdateClientPolicy", request, context)  # type: ignore[no-any-return]
+
+    async def RegisterBot(self, request: edge_pb2.RegisterBotRequest, context: Context) -> edge_pb2.RegisterBotResponse:
+        return await self._call("RegisterBot", request, context)  # type: ignore[no-any-return]
+
+    async def ListAllBots(self, request: edge_pb2.ListAllBotsRequest, context: Context) -> edge_pb2.ListAllBotsResponse:
+        return await self._call("ListAllBots", request, context)  # type: ignore[no-any-return]
+
+    async def RemoveBot(self, request: edge_pb2.RemoveBotRequest, context: Context) -> edge_pb2.RemoveBotResponse:
+        return await self._call("RemoveBot", request, context)  # type: ignore[no-any-return]

@@ -227,10 +227,20 @@ class CodeEngine:
         ]
 
     async def view(self, record: Document) -> View:
-        # One lookup of every slot the record can have, by _id (a key lookup on every server; the
-        # slots are numbered from 1 and bounded by the record's own limits).
+        return (await self.views([record]))[0]
+
+    async def views(self, records: Sequence[Document]) -> list[View]:
+        """Each record with its slots, read in one lookup by `_id` for all of them (a key lookup
+        on every server; the slots are numbered from 1 and bounded by each record's own limits)."""
+        wanted = {slot: index for index, record in enumerate(records) for slot in self.slot_ids(record)}
+        found: list[list[Document]] = [[] for _ in records]
+        if wanted:
+            async for doc in self.store.slots.find({"_id": {"$in": list(wanted)}}):
+                found[wanted[str(doc["_id"])]].append(doc)
+        return [await self._view(record, slots) for record, slots in zip(records, found, strict=True)]
+
+    async def _view(self, record: Document, slots: list[Document]) -> View:
         record_id = str(record["_id"])
-        slots = [doc async for doc in self.store.slots.find({"_id": {"$in": self.slot_ids(record)}})]
         fence = next((doc for doc in slots if doc.get("kind") == "final"), None)
         if record["status"] == PENDING and fence is not None:
             record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record

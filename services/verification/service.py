@@ -7,6 +7,7 @@ from typing import Any
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 
 from services.verification.confirm import Confirmer
+from services.verification.listing import list_verifications
 from services.verification.verify import Verifier
 
 Context = Any  # grpc.aio.ServicerContext
@@ -49,3 +50,8 @@ class VerificationServicer(verification_pb2_grpc.VerificationServiceServicer):
     ) -> verification_pb2.GetVerificationResponse:
         view = await self.verifier.get(request.client_id, request.id)
         return verification_pb2.GetVerificationResponse(verification=self.verifier.to_proto(view))
+
+    async def ListVerifications(
+        self, request: verification_pb2.ListVerificationsRequest, context: Context
+    ) -> verification_pb2.ListVerificationsResponse:
+        return await list_verifications(self.verifier, request)

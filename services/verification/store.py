@@ -7,6 +7,8 @@ Collections (database owned by this service only):
 - code_slots: attempt and send slots and final fences of the codes above (see codes.py), always
   found by `_id`: a record's slots are numbered within its own limits.
 - failed_checks: one document per failed code check, by phone blind index (sliding hour).
+- verification_feed: each client's verifications numbered newest first (services/core/feed.py),
+  so ListVerifications pages by `_id` lookups instead of a sorted query on client_id.
 - pending_pointers: pending_key -> id of the record (verification or confirmation; their keys
   never look alike) that held it when it was created, so a start finds the pending one by `_id` (on the dev database only `_id` lookups use an index). A
   pointer is a hint: the record is read with the key as a condition, and a new record's insert,
@@ -29,6 +31,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import as_utc
+from services.core.feed import Feed
 from services.core.mongo import Document, ensure_index, purge_before, put_by_id
 from services.verification.sealed import CONFIRMATIONS, VERIFICATIONS
 
@@ -36,6 +39,7 @@ REQUESTS = "verification_requests"
 SLOTS = "code_slots"
 PENDING_POINTERS = "pending_pointers"
 FAILED_CHECKS = "failed_checks"
+FEED = "verification_feed"
 
 # One blind index of the phone for both flows, so failed checks of a number add up across them.
 PHONE_INDEX = "verification/phone"
@@ -55,6 +59,9 @@ STALE_CLAIM = timedelta(seconds=60)
 @dataclass
 class Store:
     database: AsyncDatabase[Document]
+
+    def __post_init__(self) -> None:
+        self.feed = Feed(self.database[FEED])
 
     @property
     def verifications(self) -> AsyncCollection[Document]:
@@ -95,6 +102,7 @@ class Store:
         await ensure_index(self.pending_pointers, [("at", 1)], name="at")
         await ensure_index(self.failed_checks, [("phone_bi", 1), ("at", 1)], name="phone_at")
         await ensure_index(self.failed_checks, [("at", 1)], name="at")
+        await self.feed.create_indexes()
 
     # Failed checks per phone -------------------------------------------------------------
 
@@ -187,4 +195,5 @@ class Store:
         removed += await purge_before(self.slots, "at", cutoff - timedelta(days=1))
         removed += await purge_before(self.pending_pointers, "at", cutoff)
         removed += await purge_before(self.failed_checks, "at", now - timedelta(hours=2))
+        removed += await self.feed.purge(cutoff - timedelta(days=1))
         return removed

@@ -266,6 +266,7 @@ class Verifier:
             "updated_at": now,
             "expire_at": now + timedelta(seconds=start.ttl),
         }
+        await self.store.feed.append(start.client_id, record_id, now)  # first: listed once it exists
         try:
             await self.engine.insert(record)
         except DuplicateKeyError:

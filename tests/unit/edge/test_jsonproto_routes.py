@@ -12,6 +12,7 @@ from services.edge.jsonproto import parse_message, put_path_values, query_to_jso
 from services.edge.routes import compile_template, rules_for
 
 PUBLIC = edge_pb2.DESCRIPTOR.services_by_name["PublicService"]
+ADMIN = edge_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 
 def test_routes_come_from_the_annotations() -> None:
@@ -26,10 +27,40 @@ def test_routes_come_from_the_annotations() -> None:
         ("GET", "/v1/verifications/{id}"): "GetVerification",
         ("POST", "/v1/verifications/{id}:check"): "CheckVerification",
         ("POST", "/v1/verifications/{id}:cancel"): "CancelVerification",
+        ("GET", "/v1/verifications"): "ListVerifications",
         ("GET", "/v1/bots"): "ListBots",
+        ("GET", "/v1/usage"): "GetUsage",
+        ("GET", "/v1/apiKeys/current"): "GetCurrentApiKey",
     }
-    # AdminService has no HTTP bindings: it is gRPC only.
-    assert rules_for(edge_pb2.DESCRIPTOR.services_by_name["AdminService"]) == []
+    admin = {(r.verb, r.template): r.method.name for r in rules_for(ADMIN)}
+    assert admin == {
+        ("POST", "/v1/clients"): "CreateClient",
+        ("GET", "/v1/clients/{id}"): "GetClient",
+        ("GET", "/v1/clients"): "ListClients",
+        ("POST", "/v1/clients/{client_id}/apiKeys"): "CreateApiKey",
+        ("GET", "/v1/clients/{client_id}/apiKeys"): "ListApiKeys",
+        ("POST", "/v1/apiKeys/{id}:revoke"): "RevokeApiKey",
+        ("GET", "/v1/clients/{client_id}/policy"): "GetClientPolicy",
+        ("PATCH", "/v1/clients/{policy.client_id}/policy"): "UpdateClientPolicy",
+        ("POST", "/v1/bots"): "RegisterBot",
+        ("GET", "/v1/clients/{owner_client_id}/bots"): "ListAllBots",
+        ("DELETE", "/v1/bots/{bot_id}"): "RemoveBot",
+    }
+    # Every method of both services is reachable over HTTP.
+    for service in (PUBLIC, ADMIN):
+        assert {m.name for m in service.methods} == {r.method.name for r in rules_for(service)}
+
+
+def test_a_patch_body_is_the_resource_and_its_name_comes_from_the_path() -> None:
+    rule = next(r for r in rules_for(ADMIN) if r.method.name == "UpdateClientPolicy")
+    values = rule.match("/v1/clients/01CLIENT/policy")
+    assert values == {"policy.client_id": "01CLIENT"}
+    data = {"policy": {"dailySmsCap": 5, "clientId": "someone-else"}, "updateMask": "dailySmsCap"}
+    put_path_values(rule.method.input_type, data, values)
+    message = parse_message(edge_pb2.UpdateClientPolicyRequest, data)
+    assert message.policy.client_id == "01CLIENT"
+    assert message.policy.daily_sms_cap == 5
+    assert list(message.update_mask.paths) == ["daily_sms_cap"]
 
 
 def test_template_matching() -> None:

@@ -6,7 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.edge.openapi import DOCUMENT_PATH, PUBLIC_SERVICES, SANDBOX_FLAG, load_document, without_sandbox
+from services.edge.openapi import (
+    DOCUMENT_PATH,
+    PUBLIC_SERVICES,
+    SANDBOX_FLAG,
+    document_path,
+    load_document,
+    without_sandbox,
+)
 from services.edge.routes import rules_for
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -31,10 +38,14 @@ def test_document_describes_routes_auth_and_errors() -> None:
     }
     assert document["security"] == [{"bearerAuth": []}]
     for rule in (r for s in PUBLIC_SERVICES for r in rules_for(s)):
-        operation = document["paths"][rule.template][rule.verb.lower()]
-        assert operation["operationId"] == f"PublicService_{rule.method.name}"
+        operation = document["paths"][document_path(rule.template)][rule.verb.lower()]
+        assert operation["operationId"] == f"{rule.service.name}_{rule.method.name}"
         assert operation["responses"]["429"] == {"$ref": "#/components/responses/RateLimited"}
         assert operation["responses"]["default"] == {"$ref": "#/components/responses/Error"}
+    # Reading and changing a policy share one path item, the nested variable named by its leaf.
+    policy = document["paths"]["/v1/clients/{client_id}/policy"]
+    assert set(policy) == {"get", "patch"}
+    assert [p["name"] for p in policy["patch"]["parameters"] if p["in"] == "path"] == ["client_id"]
     status = document["components"]["schemas"]["google.rpc.Status"]
     assert set(status["properties"]) == {"code", "message", "details"}
     assert "Retry-After" in document["components"]["responses"]["RateLimited"]["headers"]

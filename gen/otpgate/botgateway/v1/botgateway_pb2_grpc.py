@@ -292,6 +292,11 @@ class SandboxServiceStub:
                 request_serializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserRequest.SerializeToString,
                 response_deserializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserResponse.FromString,
                 _registered_method=True)
+        self.ListSandboxUsers = channel.unary_unary(
+                '/otpgate.botgateway.v1.SandboxService/ListSandboxUsers',
+                request_serializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersRequest.SerializeToString,
+                response_deserializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersResponse.FromString,
+                _registered_method=True)
         self.StartBot = channel.unary_unary(
                 '/otpgate.botgateway.v1.SandboxService/StartBot',
                 request_serializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.StartBotRequest.SerializeToString,
@@ -325,6 +330,13 @@ class SandboxServiceServicer:
 
     def CreateSandboxUser(self, request, context):
         """Creates (or replaces) a sandbox Telegram user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSandboxUsers(self, request, context):
+        """Lists the sandbox users, by user id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -372,6 +384,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.CreateSandboxUser,
                     request_deserializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserRequest.FromString,
                     response_serializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserResponse.SerializeToString,
+            ),
+            'ListSandboxUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSandboxUsers,
+                    request_deserializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersRequest.FromString,
+                    response_serializer=otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersResponse.SerializeToString,
             ),
             'StartBot': grpc.unary_unary_rpc_method_handler(
                     servicer.StartBot,
@@ -427,6 +444,33 @@ class SandboxService:
             '/otpgate.botgateway.v1.SandboxService/CreateSandboxUser',
             otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserRequest.SerializeToString,
             otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.CreateSandboxUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSandboxUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.botgateway.v1.SandboxService/ListSandboxUsers',
+            otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersRequest.SerializeToString,
+            otpgate_dot_botgateway_dot_v1_dot_botgateway__pb2.ListSandboxUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

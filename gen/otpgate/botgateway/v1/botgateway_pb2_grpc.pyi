@@ -114,6 +114,8 @@ class SandboxServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SandboxServiceAsyncStub: ...
     CreateSandboxUser: _grpc.UnaryUnaryMultiCallable[_botgateway_pb2.CreateSandboxUserRequest, _botgateway_pb2.CreateSandboxUserResponse]
     """Creates (or replaces) a sandbox Telegram user."""
+    ListSandboxUsers: _grpc.UnaryUnaryMultiCallable[_botgateway_pb2.ListSandboxUsersRequest, _botgateway_pb2.ListSandboxUsersResponse]
+    """Lists the sandbox users, by user id."""
     StartBot: _grpc.UnaryUnaryMultiCallable[_botgateway_pb2.StartBotRequest, _botgateway_pb2.StartBotResponse]
     """The user opens a bot and presses Start (optionally with a deep-link payload)."""
     ShareContact: _grpc.UnaryUnaryMultiCallable[_botgateway_pb2.ShareContactRequest, _botgateway_pb2.ShareContactResponse]
@@ -132,6 +134,8 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSandboxUser: _aio.UnaryUnaryMultiCallable[_botgateway_pb2.CreateSandboxUserRequest, _botgateway_pb2.CreateSandboxUserResponse]  # type: ignore[assignment]
     """Creates (or replaces) a sandbox Telegram user."""
+    ListSandboxUsers: _aio.UnaryUnaryMultiCallable[_botgateway_pb2.ListSandboxUsersRequest, _botgateway_pb2.ListSandboxUsersResponse]  # type: ignore[assignment]
+    """Lists the sandbox users, by user id."""
     StartBot: _aio.UnaryUnaryMultiCallable[_botgateway_pb2.StartBotRequest, _botgateway_pb2.StartBotResponse]  # type: ignore[assignment]
     """The user opens a bot and presses Start (optionally with a deep-link payload)."""
     ShareContact: _aio.UnaryUnaryMultiCallable[_botgateway_pb2.ShareContactRequest, _botgateway_pb2.ShareContactResponse]  # type: ignore[assignment]
@@ -153,6 +157,14 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_botgateway_pb2.CreateSandboxUserResponse, _abc.Awaitable[_botgateway_pb2.CreateSandboxUserResponse]]:
         """Creates (or replaces) a sandbox Telegram user."""
+
+    @_abc_1.abstractmethod
+    def ListSandboxUsers(
+        self,
+        request: _botgateway_pb2.ListSandboxUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_botgateway_pb2.ListSandboxUsersResponse, _abc.Awaitable[_botgateway_pb2.ListSandboxUsersResponse]]:
+        """Lists the sandbox users, by user id."""
 
     @_abc_1.abstractmethod
     def StartBot(

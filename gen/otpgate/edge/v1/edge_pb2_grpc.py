@@ -80,6 +80,21 @@ class PublicServiceStub:
                 request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CancelVerificationRequest.SerializeToString,
                 response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CancelVerificationResponse.FromString,
                 _registered_method=True)
+        self.ListVerifications = channel.unary_unary(
+                '/otpgate.edge.v1.PublicService/ListVerifications',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/otpgate.edge.v1.PublicService/GetUsage',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.GetCurrentApiKey = channel.unary_unary(
+                '/otpgate.edge.v1.PublicService/GetCurrentApiKey',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyResponse.FromString,
+                _registered_method=True)
         self.ListBots = channel.unary_unary(
                 '/otpgate.edge.v1.PublicService/ListBots',
                 request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListBotsRequest.SerializeToString,
@@ -154,6 +169,27 @@ class PublicServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVerifications(self, request, context):
+        """Lists your verifications, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Your messages and billed SMS per UTC day and channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCurrentApiKey(self, request, context):
+        """The API key the request is signed with, and its client (any scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBots(self, request, context):
         """Lists the shared bots and your own bots.
         """
@@ -208,6 +244,21 @@ def add_PublicServiceServicer_to_server(servicer, server):
                     servicer.CancelVerification,
                     request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CancelVerificationRequest.FromString,
                     response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CancelVerificationResponse.SerializeToString,
+            ),
+            'ListVerifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVerifications,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'GetCurrentApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCurrentApiKey,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyResponse.SerializeToString,
             ),
             'ListBots': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBots,
@@ -470,6 +521,87 @@ class PublicService:
             _registered_method=True)
 
     @staticmethod
+    def ListVerifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.PublicService/ListVerifications',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListVerificationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.PublicService/GetUsage',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCurrentApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.PublicService/GetCurrentApiKey',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetCurrentApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListBots(request,
             target,
             options=(),
@@ -569,19 +701,22 @@ class AdminServiceServicer:
     """
 
     def CreateClient(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a client service and returns it (issue its keys with CreateApiKey).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetClient(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reads a client by id or display name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListClients(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the clients, oldest first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -594,43 +729,50 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists a client's API keys (revoked ones too), without their secrets.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes an API key; every replica refuses it within the key cache lifetime.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetClientPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reads a client's delivery policy.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateClientPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Changes a client's delivery policy (the fields in update_mask; empty: all).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RegisterBot(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Registers a bot by its BotFather token: a client's own bot, or a shared one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAllBots(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the bots: one client's own ones and the shared ones ("-": every bot).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveBot(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes a bot: it stops sending, and its people are no longer reached through it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -51,6 +51,12 @@ class PublicServiceStub:
     """Checks a code your user entered."""
     CancelVerification: _grpc.UnaryUnaryMultiCallable[_edge_pb2.CancelVerificationRequest, _edge_pb2.CancelVerificationResponse]
     """Cancels a pending verification."""
+    ListVerifications: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListVerificationsRequest, _edge_pb2.ListVerificationsResponse]
+    """Lists your verifications, newest first."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetUsageRequest, _edge_pb2.GetUsageResponse]
+    """Your messages and billed SMS per UTC day and channel."""
+    GetCurrentApiKey: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetCurrentApiKeyRequest, _edge_pb2.GetCurrentApiKeyResponse]
+    """The API key the request is signed with, and its client (any scope)."""
     ListBots: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListBotsRequest, _edge_pb2.ListBotsResponse]
     """Lists the shared bots and your own bots."""
 
@@ -77,6 +83,12 @@ class PublicServiceAsyncStub(PublicServiceStub):
     """Checks a code your user entered."""
     CancelVerification: _aio.UnaryUnaryMultiCallable[_edge_pb2.CancelVerificationRequest, _edge_pb2.CancelVerificationResponse]  # type: ignore[assignment]
     """Cancels a pending verification."""
+    ListVerifications: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListVerificationsRequest, _edge_pb2.ListVerificationsResponse]  # type: ignore[assignment]
+    """Lists your verifications, newest first."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetUsageRequest, _edge_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Your messages and billed SMS per UTC day and channel."""
+    GetCurrentApiKey: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetCurrentApiKeyRequest, _edge_pb2.GetCurrentApiKeyResponse]  # type: ignore[assignment]
+    """The API key the request is signed with, and its client (any scope)."""
     ListBots: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListBotsRequest, _edge_pb2.ListBotsResponse]  # type: ignore[assignment]
     """Lists the shared bots and your own bots."""
 
@@ -156,6 +168,30 @@ class PublicServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels a pending verification."""
 
     @_abc_1.abstractmethod
+    def ListVerifications(
+        self,
+        request: _edge_pb2.ListVerificationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.ListVerificationsResponse, _abc.Awaitable[_edge_pb2.ListVerificationsResponse]]:
+        """Lists your verifications, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _edge_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.GetUsageResponse, _abc.Awaitable[_edge_pb2.GetUsageResponse]]:
+        """Your messages and billed SMS per UTC day and channel."""
+
+    @_abc_1.abstractmethod
+    def GetCurrentApiKey(
+        self,
+        request: _edge_pb2.GetCurrentApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.GetCurrentApiKeyResponse, _abc.Awaitable[_edge_pb2.GetCurrentApiKeyResponse]]:
+        """The API key the request is signed with, and its client (any scope)."""
+
+    @_abc_1.abstractmethod
     def ListBots(
         self,
         request: _edge_pb2.ListBotsRequest,
@@ -173,17 +209,27 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     CreateClient: _grpc.UnaryUnaryMultiCallable[_edge_pb2.CreateClientRequest, _edge_pb2.CreateClientResponse]
+    """Creates a client service and returns it (issue its keys with CreateApiKey)."""
     GetClient: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetClientRequest, _edge_pb2.GetClientResponse]
+    """Reads a client by id or display name."""
     ListClients: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListClientsRequest, _edge_pb2.ListClientsResponse]
+    """Lists the clients, oldest first."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_edge_pb2.CreateApiKeyRequest, _edge_pb2.CreateApiKeyResponse]
     """Issues an API key; the secret is returned once."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListApiKeysRequest, _edge_pb2.ListApiKeysResponse]
+    """Lists a client's API keys (revoked ones too), without their secrets."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_edge_pb2.RevokeApiKeyRequest, _edge_pb2.RevokeApiKeyResponse]
+    """Revokes an API key; every replica refuses it within the key cache lifetime."""
     GetClientPolicy: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetClientPolicyRequest, _edge_pb2.GetClientPolicyResponse]
+    """Reads a client's delivery policy."""
     UpdateClientPolicy: _grpc.UnaryUnaryMultiCallable[_edge_pb2.UpdateClientPolicyRequest, _edge_pb2.UpdateClientPolicyResponse]
+    """Changes a client's delivery policy (the fields in update_mask; empty: all)."""
     RegisterBot: _grpc.UnaryUnaryMultiCallable[_edge_pb2.RegisterBotRequest, _edge_pb2.RegisterBotResponse]
+    """Registers a bot by its BotFather token: a client's own bot, or a shared one."""
     ListAllBots: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListAllBotsRequest, _edge_pb2.ListAllBotsResponse]
+    """Lists the bots: one client's own ones and the shared ones ("-": every bot)."""
     RemoveBot: _grpc.UnaryUnaryMultiCallable[_edge_pb2.RemoveBotRequest, _edge_pb2.RemoveBotResponse]
+    """Removes a bot: it stops sending, and its people are no longer reached through it."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -191,17 +237,27 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateClient: _aio.UnaryUnaryMultiCallable[_edge_pb2.CreateClientRequest, _edge_pb2.CreateClientResponse]  # type: ignore[assignment]
+    """Creates a client service and returns it (issue its keys with CreateApiKey)."""
     GetClient: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetClientRequest, _edge_pb2.GetClientResponse]  # type: ignore[assignment]
+    """Reads a client by id or display name."""
     ListClients: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListClientsRequest, _edge_pb2.ListClientsResponse]  # type: ignore[assignment]
+    """Lists the clients, oldest first."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_edge_pb2.CreateApiKeyRequest, _edge_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Issues an API key; the secret is returned once."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListApiKeysRequest, _edge_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Lists a client's API keys (revoked ones too), without their secrets."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_edge_pb2.RevokeApiKeyRequest, _edge_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revokes an API key; every replica refuses it within the key cache lifetime."""
     GetClientPolicy: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetClientPolicyRequest, _edge_pb2.GetClientPolicyResponse]  # type: ignore[assignment]
+    """Reads a client's delivery policy."""
     UpdateClientPolicy: _aio.UnaryUnaryMultiCallable[_edge_pb2.UpdateClientPolicyRequest, _edge_pb2.UpdateClientPolicyResponse]  # type: ignore[assignment]
+    """Changes a client's delivery policy (the fields in update_mask; empty: all)."""
     RegisterBot: _aio.UnaryUnaryMultiCallable[_edge_pb2.RegisterBotRequest, _edge_pb2.RegisterBotResponse]  # type: ignore[assignment]
+    """Registers a bot by its BotFather token: a client's own bot, or a shared one."""
     ListAllBots: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListAllBotsRequest, _edge_pb2.ListAllBotsResponse]  # type: ignore[assignment]
+    """Lists the bots: one client's own ones and the shared ones ("-": every bot)."""
     RemoveBot: _aio.UnaryUnaryMultiCallable[_edge_pb2.RemoveBotRequest, _edge_pb2.RemoveBotResponse]  # type: ignore[assignment]
+    """Removes a bot: it stops sending, and its people are no longer reached through it."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator API (admin scope)."""
@@ -211,21 +267,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _edge_pb2.CreateClientRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.CreateClientResponse, _abc.Awaitable[_edge_pb2.CreateClientResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.CreateClientResponse, _abc.Awaitable[_edge_pb2.CreateClientResponse]]:
+        """Creates a client service and returns it (issue its keys with CreateApiKey)."""
 
     @_abc_1.abstractmethod
     def GetClient(
         self,
         request: _edge_pb2.GetClientRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.GetClientResponse, _abc.Awaitable[_edge_pb2.GetClientResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.GetClientResponse, _abc.Awaitable[_edge_pb2.GetClientResponse]]:
+        """Reads a client by id or display name."""
 
     @_abc_1.abstractmethod
     def ListClients(
         self,
         request: _edge_pb2.ListClientsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.ListClientsResponse, _abc.Awaitable[_edge_pb2.ListClientsResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.ListClientsResponse, _abc.Awaitable[_edge_pb2.ListClientsResponse]]:
+        """Lists the clients, oldest first."""
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -240,48 +299,55 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _edge_pb2.ListApiKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.ListApiKeysResponse, _abc.Awaitable[_edge_pb2.ListApiKeysResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.ListApiKeysResponse, _abc.Awaitable[_edge_pb2.ListApiKeysResponse]]:
+        """Lists a client's API keys (revoked ones too), without their secrets."""
 
     @_abc_1.abstractmethod
     def RevokeApiKey(
         self,
         request: _edge_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.RevokeApiKeyResponse, _abc.Awaitable[_edge_pb2.RevokeApiKeyResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.RevokeApiKeyResponse, _abc.Awaitable[_edge_pb2.RevokeApiKeyResponse]]:
+        """Revokes an API key; every replica refuses it within the key cache lifetime."""
 
     @_abc_1.abstractmethod
     def GetClientPolicy(
         self,
         request: _edge_pb2.GetClientPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.GetClientPolicyResponse, _abc.Awaitable[_edge_pb2.GetClientPolicyResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.GetClientPolicyResponse, _abc.Awaitable[_edge_pb2.GetClientPolicyResponse]]:
+        """Reads a client's delivery policy."""
 
     @_abc_1.abstractmethod
     def UpdateClientPolicy(
         self,
         request: _edge_pb2.UpdateClientPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.UpdateClientPolicyResponse, _abc.Awaitable[_edge_pb2.UpdateClientPolicyResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.UpdateClientPolicyResponse, _abc.Awaitable[_edge_pb2.UpdateClientPolicyResponse]]:
+        """Changes a client's delivery policy (the fields in update_mask; empty: all)."""
 
     @_abc_1.abstractmethod
     def RegisterBot(
         self,
         request: _edge_pb2.RegisterBotRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.RegisterBotResponse, _abc.Awaitable[_edge_pb2.RegisterBotResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.RegisterBotResponse, _abc.Awaitable[_edge_pb2.RegisterBotResponse]]:
+        """Registers a bot by its BotFather token: a client's own bot, or a shared one."""
 
     @_abc_1.abstractmethod
     def ListAllBots(
         self,
         request: _edge_pb2.ListAllBotsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.ListAllBotsResponse, _abc.Awaitable[_edge_pb2.ListAllBotsResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.ListAllBotsResponse, _abc.Awaitable[_edge_pb2.ListAllBotsResponse]]:
+        """Lists the bots: one client's own ones and the shared ones ("-": every bot)."""
 
     @_abc_1.abstractmethod
     def RemoveBot(
         self,
         request: _edge_pb2.RemoveBotRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edge_pb2.RemoveBotResponse, _abc.Awaitable[_edge_pb2.RemoveBotResponse]]: ...
+    ) -> _typing.Union[_edge_pb2.RemoveBotResponse, _abc.Awaitable[_edge_pb2.RemoveBotResponse]]:
+        """Removes a bot: it stops sending, and its people are no longer reached through it."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

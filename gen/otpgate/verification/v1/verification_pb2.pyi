@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from otpgate.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -373,3 +375,62 @@ class GetVerificationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetVerificationResponse: _TypeAlias = GetVerificationResponse  # noqa: Y015
+
+@_typing.final
+class ListVerificationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    page_size: _builtins.int
+    """At most 100; 0: 20."""
+    page_token: _builtins.str
+    """From a previous page's next_page_token, with the same filter."""
+    filter: _builtins.str
+    """AIP-160 conditions joined by AND on status, channel, phone and create_time, e.g.
+    `status = APPROVED AND create_time >= "2026-01-01T00:00:00Z"`.
+    """
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVerificationsRequest: _TypeAlias = ListVerificationsRequest  # noqa: Y015
+
+@_typing.final
+class ListVerificationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERIFICATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page. With a filter, a page may hold fewer than page_size (even none)
+    and still have a next page.
+    """
+    @_builtins.property
+    def verifications(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Verification]: ...
+    def __init__(
+        self,
+        *,
+        verifications: _abc.Iterable[_common_pb2.Verification] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "verifications", b"verifications"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVerificationsResponse: _TypeAlias = ListVerificationsResponse  # noqa: Y015

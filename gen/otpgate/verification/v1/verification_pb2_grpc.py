@@ -65,6 +65,11 @@ class VerificationServiceStub:
                 request_serializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationRequest.SerializeToString,
                 response_deserializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationResponse.FromString,
                 _registered_method=True)
+        self.ListVerifications = channel.unary_unary(
+                '/otpgate.verification.v1.VerificationService/ListVerifications',
+                request_serializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsResponse.FromString,
+                _registered_method=True)
 
 
 class VerificationServiceServicer:
@@ -113,6 +118,13 @@ class VerificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVerifications(self, request, context):
+        """Lists a client's verifications, newest first (AIP-132).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_VerificationServiceServicer_to_server(servicer, server):
                     servicer.GetVerification,
                     request_deserializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationRequest.FromString,
                     response_serializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationResponse.SerializeToString,
+            ),
+            'ListVerifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVerifications,
+                    request_deserializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsRequest.FromString,
+                    response_serializer=otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class VerificationService:
             '/otpgate.verification.v1.VerificationService/GetVerification',
             otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationRequest.SerializeToString,
             otpgate_dot_verification_dot_v1_dot_verification__pb2.GetVerificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVerifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.verification.v1.VerificationService/ListVerifications',
+            otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsRequest.SerializeToString,
+            otpgate_dot_verification_dot_v1_dot_verification__pb2.ListVerificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class VerificationServiceStub:
     """Cancels a pending verification."""
     GetVerification: _grpc.UnaryUnaryMultiCallable[_verification_pb2.GetVerificationRequest, _verification_pb2.GetVerificationResponse]
     """Reads a verification."""
+    ListVerifications: _grpc.UnaryUnaryMultiCallable[_verification_pb2.ListVerificationsRequest, _verification_pb2.ListVerificationsResponse]
+    """Lists a client's verifications, newest first (AIP-132)."""
 
 @_typing.type_check_only
 class VerificationServiceAsyncStub(VerificationServiceStub):
@@ -63,6 +65,8 @@ class VerificationServiceAsyncStub(VerificationServiceStub):
     """Cancels a pending verification."""
     GetVerification: _aio.UnaryUnaryMultiCallable[_verification_pb2.GetVerificationRequest, _verification_pb2.GetVerificationResponse]  # type: ignore[assignment]
     """Reads a verification."""
+    ListVerifications: _aio.UnaryUnaryMultiCallable[_verification_pb2.ListVerificationsRequest, _verification_pb2.ListVerificationsResponse]  # type: ignore[assignment]
+    """Lists a client's verifications, newest first (AIP-132)."""
 
 class VerificationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Issues and checks codes: phone re-confirmation and the client Verify API."""
@@ -114,5 +118,13 @@ class VerificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_verification_pb2.GetVerificationResponse, _abc.Awaitable[_verification_pb2.GetVerificationResponse]]:
         """Reads a verification."""
+
+    @_abc_1.abstractmethod
+    def ListVerifications(
+        self,
+        request: _verification_pb2.ListVerificationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_verification_pb2.ListVerificationsResponse, _abc.Awaitable[_verification_pb2.ListVerificationsResponse]]:
+        """Lists a client's verifications, newest first (AIP-132)."""
 
 def add_VerificationServiceServicer_to_server(servicer: VerificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
