@@ -9,7 +9,7 @@ STAMP := .cache/stamps
 BUF := node_modules/.bin/buf
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install run test lint proto lock bench devdb clean
+.PHONY: help install run test lint proto lock bench devdb console clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,10 +29,17 @@ $(STAMP)/node: package.json package-lock.json | $(STAMP)
 	npm install --silent --no-audit --no-fund
 	@touch $@
 
+# The web console (console/src -> console/dist), served by the edge at /console.
+$(STAMP)/console: $(STAMP)/node console/build.mjs $(wildcard console/src/*)
+	node console/build.mjs
+	@touch $@
+
+console: $(STAMP)/console ## build the web console into console/dist
+
 devdb: ## build the dev database (FerretDB on SQLite) into .cache/bin
 	@$(BIN)/python -c "from services.core.devdb import ensure_binary; print(ensure_binary())"
 
-install: $(STAMP)/python $(STAMP)/node devdb ## install Python deps, buf and the dev database
+install: $(STAMP)/python $(STAMP)/node $(STAMP)/console devdb ## install Python deps, buf, the console and the dev database
 
 run: install ## start the dev database and all five services (sandbox mode)
 	$(BIN)/otpgate dev

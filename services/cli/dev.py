@@ -168,11 +168,18 @@ def _print_addresses(as_json: bool, uri: str, stack: ProcessStack) -> None:
         }
         for name in SERVICES
     }
-    http = "http://127.0.0.1:" + stack.env.get("OTPGATE_EDGE_HTTP_PORT", "8080")
+    env = stack.service_env()
+    scheme = "https" if env.get("OTPGATE_EDGE_TLS_CERT") else "http"
+    http = f"{scheme}://127.0.0.1:" + env.get("OTPGATE_EDGE_HTTP_PORT", "8080")
+    console = f"{http}/console/"
     if as_json:
-        print(json.dumps({"database": _safe_uri(uri), "edge_http": http, "services": rows}), flush=True)
+        print(
+            json.dumps({"database": _safe_uri(uri), "edge_http": http, "console": console, "services": rows}),
+            flush=True,
+        )
         return
     print(f"otpgate is up (sandbox mode). Database: {_safe_uri(uri)}", flush=True)
+    print(f"  console        {console}   (sign in with a client's API key)")
     print(f"  edge HTTP      {http}   (OpenAPI: {http}/openapi.json)")
     for name, row in rows.items():
         print(f"  {name:<14} gRPC {row['grpc']:<18} metrics {row['metrics']}")

@@ -3,7 +3,8 @@
 Routes come from the `google.api.http` annotations of PublicService and AdminService (and, in
 sandbox mode, of the sandbox services); each request is turned into the same request message the
 gRPC API takes and handled by the same PublicApi / AdminApi, so both transports answer alike.
-Errors are google.rpc.Status JSON with the HTTP status mapped from the gRPC code.
+Errors are google.rpc.Status JSON with the HTTP status mapped from the gRPC code. The web
+console's files are served at /console (services/edge/console.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +33,8 @@ from services.core.outage import OutageLog, database_deadline
 from services.edge import metrics
 from services.edge.admin import AdminApi
 from services.edge.api import ADMIN_SCOPES, PUBLIC_SCOPES, PublicApi
+from services.edge.console import DEFAULT_DIR as DEFAULT_CONSOLE_DIR
+from services.edge.console import ConsoleFiles
 from services.edge.downstream import Caller, forward
 from services.edge.jsonproto import parse_message, put_path_values, query_to_json, to_json
 from services.edge.openapi import PUBLIC_SERVICES, SANDBOX_SERVICES, without_sandbox
@@ -50,6 +54,7 @@ class HttpSettings:
     sandbox: bool
     tls_cert: str = ""
     tls_key: str = ""
+    console_dir: Path = DEFAULT_CONSOLE_DIR
 
 
 def ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
@@ -124,6 +129,7 @@ class HttpGateway:
         self._health_channels = dict(health_channels)
         self._database_ping = database_ping
         self._outages = outages
+        self._console = ConsoleFiles(settings.console_dir)
         self._health_cache: tuple[float, int, dict[str, Any]] | None = None
         self._runner: web.AppRunner | None = None
 
@@ -183,6 +189,10 @@ class HttpGateway:
             if request.method == "GET" and path == "/openapi.json":
                 route = "GET /openapi.json"
                 return web.Response(body=self._document, content_type=JSON)
+            page = self._console.respond(request.method, path)
+            if page is not None:
+                route = "GET /console"
+                return page
             rule, values, allowed = self._match(request.method, path)
             if rule is None:
                 if allowed:
