@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -29,6 +30,21 @@ def caller_from(context: Context, origins: OriginResolver, default_timeout: floa
     return Caller(authorization=metadata.get("authorization", ""), ip=ip, timeout=timeout)
 
 
+async def counted(route: str, work: Awaitable[Message]) -> Message:
+    """The outcome of one call, counted in otpgate_edge_requests_total."""
+    code = grpc.StatusCode.OK
+    try:
+        return await work
+    except ServiceError as err:
+        code = err.code
+        raise
+    except Exception as exc:
+        code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        metrics.requests_total.labels(route, code.name).inc()
+
+
 class PublicServicer(edge_pb2_grpc.PublicServiceServicer):
     def __init__(self, api: PublicApi, origins: OriginResolver, timeout: float) -> None:
         self._api = api
@@ -36,17 +52,8 @@ class PublicServicer(edge_pb2_grpc.PublicServiceServicer):
         self._timeout = timeout
 
     async def _call(self, method: str, request: Message, context: Context) -> Any:
-        code = grpc.StatusCode.OK
-        try:
-            return await self._api.call(method, caller_from(context, self._origins, self._timeout), request)
-        except ServiceError as err:
-            code = err.code
-            raise
-        except Exception as exc:
-            code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            metrics.requests_total.labels(PUBLIC + method, code.name).inc()
+        caller = caller_from(context, self._origins, self._timeout)
+        return await counted(PUBLIC + method, self._api.call(method, caller, request))
 
     async def SendMessage(self, request: edge_pb2.SendMessageRequest, context: Context) -> edge_pb2.SendMessageResponse:
         return await self._call("SendMessage", request, context)  # type: ignore[no-any-return]
@@ -116,19 +123,12 @@ class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
         self._timeout = timeout
 
     async def _call(self, method: str, request: Message, context: Context) -> Any:
-        code = grpc.StatusCode.OK
-        try:
-            caller = caller_from(context, self._origins, self._timeout)
-            principal = await self._api.admit(caller, ADMIN_SCOPES)
-            return await self._admin.handlers[method](principal, caller, request)
-        except ServiceError as err:
-            code = err.code
-            raise
-        except Exception as exc:
-            code = grpc.StatusCode.UNAVAILABLE if is_database_outage(exc) else grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            metrics.requests_total.labels(ADMIN + method, code.name).inc()
+        caller = caller_from(context, self._origins, self._timeout)
+        return await counted(ADMIN + method, self._admitted(method, caller, request))
+
+    async def _admitted(self, method: str, caller: Caller, request: Message) -> Message:
+        principal = await self._api.admit(caller, ADMIN_SCOPES)
+        return await self._admin.handlers[method](principal, caller, request)
 
     async def CreateClient(
         self, request: edge_pb2.CreateClientRequest, context: Context
