@@ -32,7 +32,7 @@ _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 STRING_WKT = {
     "google.protobuf.Timestamp": "an RFC 3339 timestamp such as 2026-01-01T00:00:00Z",
     "google.protobuf.Duration": 'a duration in seconds such as "300s"',
-    "google.protobuf.FieldMask": 'a comma-separated list of fields such as "sms_fallback,daily_sms_cap"',
+    "google.protobuf.FieldMask": 'a comma-separated list of fields such as "smsFallback,dailySmsCap"',
 }
 _OPAQUE_WKT = {
     "google.protobuf.Struct",
@@ -228,11 +228,19 @@ def query_to_json(descriptor: Descriptor, items: Iterable[tuple[str, str]], prob
             value = True if lowered in ("true", "1") else False if lowered in ("false", "0") else raw
         elif field.type == FieldDescriptor.TYPE_ENUM and _INT_RE.match(raw):
             value = int(raw)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and message_of(field).full_name == "google.protobuf.FieldMask":
+            value = field_mask_json(raw)
         if _is_repeated(field):
             target.setdefault(field.name, []).append(value)
         else:
             target[field.name] = value
     return result
+
+
+def field_mask_json(raw: str) -> str:
+    """A field mask as proto3 JSON spells it (lowerCamelCase paths), also when given in the
+    proto's own snake_case names (`daily_sms_cap` -> `dailySmsCap`), as gRPC callers know them."""
+    return ",".join(re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), path.strip()) for path in raw.split(","))
 
 
 def put_path_values(descriptor: Descriptor, data: dict[str, Any], values: Mapping[str, str]) -> None:

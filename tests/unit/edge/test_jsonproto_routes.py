@@ -51,6 +51,15 @@ def test_routes_come_from_the_annotations() -> None:
         assert {m.name for m in service.methods} == {r.method.name for r in rules_for(service)}
 
 
+def test_a_field_mask_in_the_query_takes_either_spelling() -> None:
+    descriptor = edge_pb2.UpdateClientPolicyRequest.DESCRIPTOR
+    for given in ("daily_sms_cap,rate_limits.phone_daily", "dailySmsCap, rateLimits.phoneDaily"):
+        problems = Violations()
+        data = query_to_json(descriptor, [("updateMask", given)], problems)
+        message = parse_message(edge_pb2.UpdateClientPolicyRequest, data, problems)
+        assert list(message.update_mask.paths) == ["daily_sms_cap", "rate_limits.phone_daily"]
+
+
 def test_a_patch_body_is_the_resource_and_its_name_comes_from_the_path() -> None:
     rule = next(r for r in rules_for(ADMIN) if r.method.name == "UpdateClientPolicy")
     values = rule.match("/v1/clients/01CLIENT/policy")
