@@ -60,13 +60,16 @@ class ProcessStack:
         return env
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = self.service_env()
         for name in SERVICES:
-            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-            self.processes[name] = subprocess.Popen(  # noqa: S603 - our own modules
-                [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=log, cwd=ROOT
-            )
+            self.start_one(name)
+
+    def start_one(self, name: str) -> None:
+        """Start one service (again, after it stopped)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.processes[name] = subprocess.Popen(  # noqa: S603 - our own modules
+            [sys.executable, "-m", f"services.{name}"], env=self.service_env(), stdout=log, stderr=log, cwd=ROOT
+        )
 
     def crashed(self) -> list[str]:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]

@@ -68,8 +68,9 @@ def already_exists(message: str, reason: str = "ALREADY_EXISTS") -> ServiceError
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS, reason, message)
 
 
-def aborted(message: str, reason: str = "CONFLICT") -> ServiceError:
-    return ServiceError(grpc.StatusCode.ABORTED, reason, message)
+def aborted(message: str, reason: str = "CONFLICT", retry_after: float | None = None) -> ServiceError:
+    details = [retry_info(retry_after)] if retry_after is not None else []
+    return ServiceError(grpc.StatusCode.ABORTED, reason, message, details)
 
 
 def permission_denied(reason: str, message: str) -> ServiceError:

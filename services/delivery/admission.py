@@ -105,11 +105,12 @@ class Admission:
         message_id = new_id(int(self.clock.now().timestamp() * 1000))
         if idem:
             try:
-                existing = await self.store.reserve_idem(idem, message_id, self.settings.lease)
+                existing = await self.store.reserve_idem(idem, message_id, 2 * self.settings.request_timeout)
             except RequestInProgress:
                 raise aborted(
                     "a request with this request_id is still being processed; retry shortly",
                     reason="REQUEST_IN_PROGRESS",
+                    retry_after=1.0,
                 ) from None
             if existing is not None:
                 return self._replay(existing, fingerprint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
@@ -297,11 +297,7 @@ async def build_app(
         tls=common.tls,
     )
     botgateway = botgateway_pb2_grpc.BotGatewayServiceStub(botgateway_channel)
-    settings = config.engine
-    if settings.dev != common.dev:
-        from dataclasses import replace
-
-        settings = replace(settings, dev=common.dev)
+    settings = replace(config.engine, dev=common.dev, request_timeout=common.rpc_timeout)
     engine_ref: list[Engine] = []
 
     async def secret_for(client_id: str) -> str:

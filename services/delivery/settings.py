@@ -27,6 +27,9 @@ class EngineSettings:
     sms_poll_for: float = 86400.0
     sms_countries: tuple[str, ...] = ()  # service-wide allow-list for every SMS; empty: any
     dev: bool = False
+    # The longest one request may run (OTPGATE_RPC_TIMEOUT): an idempotency key held without a
+    # message for twice that was left by a request that failed or died, and is taken over.
+    request_timeout: float = 5.0
     webhook_default_secret: str = ""
     limits: dict[str, Rate] = field(
         default_factory=lambda: {

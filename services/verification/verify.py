@@ -188,7 +188,11 @@ class Verifier:
             )
         verification_id = earlier.get("verification_id")
         if not verification_id:
-            raise aborted("a request with this request_id is still in progress; retry", reason="REQUEST_IN_PROGRESS")
+            raise aborted(
+                "a request with this request_id is still in progress; retry",
+                reason="REQUEST_IN_PROGRESS",
+                retry_after=1.0,
+            )
         view = await self.engine.load(str(verification_id), {"client_id": start.client_id})
         if view is None:  # purged after retention
             raise verification_not_found()

@@ -200,9 +200,13 @@ async def test_a_refused_request_gives_its_request_id_back_and_a_held_one_is_in_
         pointer = {"_id": "shop\x1fbusy", "message_id": "01NEVERSTORED0000000000000", "created_at": clock.now()}
         await database.idempotency.insert_one(pointer)
         busy = await refused(delivery.SendMessage(sms_request("+79163330019", "C", request_id="busy")))
-        assert (busy.code, busy.reason) == (grpc.StatusCode.ABORTED, "REQUEST_IN_PROGRESS")
-        # Held past the lease with no message (its process died): taken over.
-        clock.advance(31)
+        assert (busy.code, busy.reason, busy.retry_after) == (grpc.StatusCode.ABORTED, "REQUEST_IN_PROGRESS", 1.0)
+        # No request runs longer than OTPGATE_RPC_TIMEOUT (5 s here): a key held twice that long with
+        # no message was left by a request that failed or died, and is taken over.
+        clock.advance(9)
+        still = await refused(delivery.SendMessage(sms_request("+79163330019", "C", request_id="busy")))
+        assert still.reason == "REQUEST_IN_PROGRESS"
+        clock.advance(2)
         taken = await delivery.SendMessage(sms_request("+79163330019", "C", request_id="busy"))
         assert not taken.replayed
         stored = await database.idempotency.find_one({"_id": "shop\x1fbusy"})
