@@ -71,7 +71,7 @@ async def build_app(
         servicers=[(verification_pb2_grpc.add_VerificationServiceServicer_to_server, servicer, SERVICE_NAME)],
         database=database,
         background=[sweeper.run],
-        on_stop=[close_channels],
+        on_stop=[confirmer.drain, close_channels],
     )
     app.verifier = verifier  # type: ignore[attr-defined]
     app.confirmer = confirmer  # type: ignore[attr-defined]

@@ -6,12 +6,16 @@ duplicated) and per Telegram user. The SMS code and a bot prompt both go through
 delivery.SendMessage (purpose CONFIRMATION, confirm_days=0). The person types the code to
 any bot; SubmitConfirmationCode accepts it only from the Telegram user the confirmation was
 started for, who must still own the number in the directory. Success marks the number
-confirmed in the directory and releases the held messages; the answer tells the bot what
-to say.
+confirmed in the directory, and then the answer tells the bot what to say: it comes as soon
+as the confirmation is recorded. Releasing the held messages follows the answer, in the
+background; `followup_pending` stays set until it is done, so the sweeper finishes it if this
+process stops first (retry_followups).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -89,6 +93,7 @@ class Confirmer:
         self.delivery = delivery
         self.directory = directory
         self.failed_checks_per_hour = failed_checks_per_hour
+        self._releases: set[asyncio.Task[None]] = set()
         # On success the code is erased at once; the sealed phone stays until the follow-up
         # (directory.MarkConfirmed, delivery.ReleaseHeldMessages) is done.
         self.engine = CodeEngine(
@@ -319,10 +324,10 @@ class Confirmer:
         if result.counted_failure:
             await self.store.add_failed_check(phone_bi, now)
         if result.outcome is CheckOutcome.APPROVED:
-            released = await self.follow_up(result.record, phone)
-            if released is None:
+            if not await self.mark_confirmed(result.record, phone):
                 return self._answer("no_pending", NO_PENDING, "", view.id)
-            return self._answer("confirmed", CONFIRMED, masked, view.id, released=released)
+            self._release_later(result.record, phone)
+            return self._answer("confirmed", CONFIRMED, masked, view.id)
         if result.outcome is CheckOutcome.WRONG_CODE:
             return self._answer("wrong_code", WRONG_CODE, masked, view.id, attempts_left=result.attempts_left)
         if result.outcome is CheckOutcome.EXHAUSTED:
@@ -380,29 +385,62 @@ class Confirmer:
         failed = await self.store.count_failed_checks(phone_bi, now, timedelta(hours=1))
         return failed >= self.failed_checks_per_hour
 
+    async def mark_confirmed(self, record: Document, phone: str) -> bool:
+        """After a correct code: directory.MarkConfirmed. False when the number is no longer this
+        person's (the follow-up ends there). A transient failure leaves `followup_pending` set, and
+        the sweeper marks it later: the code was right, and the confirmation is recorded."""
+        record_id = str(record["_id"])
+        if record.get("marked_at"):
+            return True
+        user = int(record["telegram_user_id"])
+        try:
+            await call(
+                lambda: self.directory.MarkConfirmed(
+                    directory_pb2.MarkConfirmedRequest(telegram_user_id=user, phone=phone)
+                )
+            )
+        except DownstreamError as err:
+            if err.reason in NOT_OWNER_REASONS or err.code == grpc.StatusCode.NOT_FOUND:
+                await self._close_followup(record_id, {"followup_failed": err.reason})
+                log.info("confirmation_owner_changed", confirmation_id=record_id, reason=err.reason)
+                return False
+            log.warning("confirmation_mark_failed", confirmation_id=record_id, reason=err.reason)
+            return True
+        marked = self.clock.now()
+        await self.store.confirmations.update_one({"_id": record_id}, {"$set": {"marked_at": marked}})
+        record["marked_at"] = marked
+        return True
+
+    def _release_later(self, record: Document, phone: str) -> None:
+        """Finish the follow-up after the answer, on its own deadline (a fresh context, not the
+        request's): its own database limits, and no request id of a request that has ended."""
+        task = asyncio.create_task(self._follow_up_quietly(record, phone), context=contextvars.Context())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _follow_up_quietly(self, record: Document, phone: str) -> None:
+        try:
+            await self.follow_up(record, phone)
+        except Exception as exc:  # the sweeper finishes it: followup_pending is still set
+            log.warning("confirmation_release_failed", confirmation_id=str(record["_id"]), error=type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Wait for the releases under way (tests, shutdown)."""
+        while self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
+
     async def follow_up(self, record: Document, phone: str) -> int | None:
-        """After a correct code: directory.MarkConfirmed, then delivery.ReleaseHeldMessages.
+        """directory.MarkConfirmed (unless done), then delivery.ReleaseHeldMessages.
 
         Returns the released count; None when the number is no longer this person's. A transient
         failure leaves `followup_pending` set, and the sweeper finishes the work later.
         """
         record_id = str(record["_id"])
         user = int(record["telegram_user_id"])
+        if not await self.mark_confirmed(record, phone):
+            return None
         if not record.get("marked_at"):
-            try:
-                await call(
-                    lambda: self.directory.MarkConfirmed(
-                        directory_pb2.MarkConfirmedRequest(telegram_user_id=user, phone=phone)
-                    )
-                )
-            except DownstreamError as err:
-                if err.reason in NOT_OWNER_REASONS or err.code == grpc.StatusCode.NOT_FOUND:
-                    await self._close_followup(record_id, {"followup_failed": err.reason})
-                    log.info("confirmation_owner_changed", confirmation_id=record_id, reason=err.reason)
-                    return None
-                log.warning("confirmation_mark_failed", confirmation_id=record_id, reason=err.reason)
-                return 0
-            await self.store.confirmations.update_one({"_id": record_id}, {"$set": {"marked_at": self.clock.now()}})
+            return 0  # the directory did not answer: the sweeper tries again
         try:
             reply = await call(
                 lambda: self.delivery.ReleaseHeldMessages(

@@ -104,8 +104,12 @@ async def test_wrong_telegram_user_is_refused_and_tries_count_down(env: Env) -> 
     ok = await env.verification.SubmitConfirmationCode(
         V.SubmitConfirmationCodeRequest(telegram_user_id=owner.user_id, code=code, bot_id="smsccode_bot")
     )
-    assert ok.outcome == V.CONFIRMATION_OUTCOME_CONFIRMED and ok.released_count == 1
+    # Answered once the confirmation is recorded; the held message is released after the answer.
+    assert ok.outcome == V.CONFIRMATION_OUTCOME_CONFIRMED and ok.released_count == 0
     assert ok.phone_masked.endswith(owner.phone[-4:])
+    await env.stack.app("verification").confirmer.drain()
+    stored = await env.database["confirmations"].find_one({"telegram_user_id": owner.user_id, "status": "APPROVED"})
+    assert stored is not None and not stored["followup_pending"] and stored["released_count"] == 1
 
 
 async def test_five_wrong_codes_end_the_confirmation(env: Env) -> None:
@@ -272,3 +276,23 @@ async def test_confirmation_sms_is_billed_to_the_client_only_for_its_own_bot(env
     usage = await env.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="bank", start_day=day, end_day=day))
     sms = [r for r in usage.records if r.channel == common_pb2.CHANNEL_SMS]
     assert sum(r.billed_sms for r in sms) == 1  # the own bot's confirmation only
+
+
+async def test_the_right_code_is_confirmed_at_once_even_when_releasing_cannot_happen_yet(env: Env) -> None:
+    """The answer waits for the confirmation to be recorded, never for the held messages."""
+    user = await env.user()
+    await env.connect(user)
+    await hold_message(env, user.phone)
+    (code,) = await env.codes_by_sms(user.phone)
+    await env.stack.running["delivery"].server.stop(0)  # delivery is down when the person types the code
+    ok = await env.verification.SubmitConfirmationCode(
+        V.SubmitConfirmationCodeRequest(telegram_user_id=user.user_id, code=code, bot_id=BOT)
+    )
+    assert ok.outcome == V.CONFIRMATION_OUTCOME_CONFIRMED and ok.phone_masked.endswith(user.phone[-4:])
+    subscriber = await env.directory.GetSubscriber(directory_pb2.GetSubscriberRequest(telegram_user_id=user.user_id))
+    assert subscriber.subscriber.HasField("confirm_time")
+    confirmer = env.stack.app("verification").confirmer
+    await confirmer.drain()
+    stored = await env.database["confirmations"].find_one({"telegram_user_id": user.user_id, "status": "APPROVED"})
+    # Still pending: the sweeper releases the held message once delivery answers (tested above).
+    assert stored is not None and stored["followup_pending"] and stored.get("marked_at")
