@@ -1,8 +1,7 @@
 """Telegram's sending limits, kept on our side: token buckets per bot and per chat, flood pauses.
 
-Buckets are GCRA (a token bucket expressed as a "theoretical arrival time"): a caller learns
-exactly when its message may go, reserves that slot only if it can wait that long, and never
-waits past its own deadline. A FloodWait from Telegram pauses one bot only.
+Buckets are GCRA (services/core/gcra.py): a caller learns exactly when its message may go,
+reserves that slot only if it can wait that long, and never waits past its own deadline. A FloodWait from Telegram pauses one bot only.
 """
 
 from __future__ import annotations
@@ -10,47 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-Monotonic = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
+from services.core.gcra import Bucket, Monotonic, Rate, Sleep
 
-
-@dataclass(frozen=True)
-class Rate:
-    per_second: float
-    burst: int = 1
-
-    @property
-    def interval(self) -> float:
-        return 1.0 / self.per_second
-
-    @property
-    def tolerance(self) -> float:
-        return (max(self.burst, 1) - 1) * self.interval
-
-
-class Bucket:
-    """GCRA: admits `burst` at once, then one every `1/rate` seconds."""
-
-    __slots__ = ("_tat", "rate")
-
-    def __init__(self, rate: Rate) -> None:
-        self.rate = rate
-        self._tat = 0.0
-
-    def wait_for(self, now: float) -> float:
-        """Seconds until one more message would conform."""
-        tat = max(self._tat, now)
-        return max(0.0, tat - self.rate.tolerance - now)
-
-    def reserve(self, now: float) -> None:
-        """Take the next slot (call after waiting wait_for(now))."""
-        self._tat = max(self._tat, now) + self.rate.interval
-
-    def idle(self, now: float) -> bool:
-        return self._tat <= now
+__all__ = ["Bucket", "FloodPaused", "Monotonic", "Rate", "RateLimited", "SendLimiter", "Sleep"]
 
 
 class RateLimited(Exception):
