@@ -162,6 +162,7 @@ class Legs:
             "sent_at": now,
             "sms_provider": provider,
             "provider_id": sent.provider_id,
+            "sms_parts": sent.parts,
             "bot_id": "",
         }
         if sent.delivered:

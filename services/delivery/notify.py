@@ -43,7 +43,9 @@ class StatusNotifier:
             if status == SENT or record.sms_provider == "sandbox":
                 metrics.accept_to_sent_seconds.observe(max(0.0, (record.sent_at - record.created_at).total_seconds()))
             day = record.sent_at.strftime("%Y-%m-%d")
-            await self.store.count_usage(record.id, record.client_id, day, channel, channel == SMS and record.billed)
+            await self.store.count_usage(
+                record.id, record.client_id, day, channel, channel == SMS and record.billed, record.sms_parts or 1
+            )
         if status in (SENT, DELIVERED, FAILED, EXPIRED, CANCELED) and record.callback_url:
             message = record.to_proto(now)
             await self.webhooks.enqueue(

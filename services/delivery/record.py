@@ -76,10 +76,20 @@ class MessageChanges(TypedDict, total=False):
     sms_error: str | None
     sms_status: str | None
     sms_poll_until: datetime | None
+    sms_parts: int | None
 
 
 # Set once a leg has tried the message: absent from the document until then (None here).
-_LATER = ("sent_at", "delivered_at", "sms_provider", "provider_id", "sms_error", "sms_status", "sms_poll_until")
+_LATER = (
+    "sent_at",
+    "delivered_at",
+    "sms_provider",
+    "provider_id",
+    "sms_error",
+    "sms_status",
+    "sms_poll_until",
+    "sms_parts",
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class MessageRecord:
     sms_error: str | None = None
     sms_status: str | None = None
     sms_poll_until: datetime | None = None
+    sms_parts: int | None = None  # the SMS the text went as (each part is billed)
 
     @classmethod
     def from_doc(cls, doc: Document) -> MessageRecord:
@@ -180,6 +191,7 @@ class MessageRecord:
             sms_error=_text(doc.get("sms_error")),
             sms_status=_text(doc.get("sms_status")),
             sms_poll_until=_moment(doc.get("sms_poll_until")),
+            sms_parts=int(doc["sms_parts"]) if doc.get("sms_parts") else None,
         )
 
     def to_doc(self) -> Document:

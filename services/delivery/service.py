@@ -125,13 +125,16 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         if start > end:
             raise invalid_argument([("end_day", "must not be before start_day")])
         rows = await self.engine.store.usage_between(request.client_id, start, end)
-        records = []
-        for day, channel, messages, billed in rows:
-            records.append(
-                delivery_pb2.UsageRecord(
-                    day=day, channel=common_pb2.Channel.ValueType(channel), messages=messages, billed_sms=billed
-                )
+        records = [
+            delivery_pb2.UsageRecord(
+                day=row.day,
+                channel=common_pb2.Channel.ValueType(row.channel),
+                messages=row.messages,
+                billed_sms=row.billed_sms,
+                sms_parts=row.sms_parts,
             )
+            for row in rows
+        ]
         return delivery_pb2.GetUsageResponse(records=records)
 
 

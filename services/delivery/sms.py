@@ -1,4 +1,5 @@
-"""SMS providers behind one interface: sandbox (an inbox), smsc (smsc.ru send.php), webhook.
+"""SMS providers behind one interface: sandbox (an inbox), smsc (smsc.ru send.php), webhook,
+and smpp (an SMSC over SMPP 3.4: services/delivery/smpp.py).
 
 Provider failures become SmsError: `permanent` ones fail the message (SMS_FAILED), the
 others are retried by the dispatcher with backoff. Credentials never reach a log line.
@@ -24,6 +25,7 @@ from services.core.logging import get_logger
 from services.core.mongo import Document, ensure_index
 from services.core.phone import mask_phone
 from services.delivery import metrics
+from services.delivery.sms_text import count_parts
 
 log = get_logger(__name__)
 
@@ -43,6 +45,8 @@ class SmsSent:
     provider_id: str
     # The provider already reported delivery (the sandbox does at once).
     delivered: bool = False
+    # SMS the text went as (a long text is concatenated parts, each billed as one SMS).
+    parts: int = 1
 
 
 class SmsProvider(Protocol):
@@ -94,7 +98,7 @@ class SandboxSmsProvider:
                 "at": self._clock.now(),
             }
         )
-        return SmsSent(provider_id=sms_id, delivered=True)
+        return SmsSent(provider_id=sms_id, delivered=True, parts=count_parts(text))
 
     async def status(self, provider_id: str, phone: str) -> tuple[str, str]:
         found = await self._coll.find_one({"_id": provider_id}, {"_id": 1})
@@ -232,7 +236,8 @@ class SmscProvider:
         provider_id = str(reply.get("id", ""))
         if not provider_id:
             raise SmsError("BAD_RESPONSE", "smsc: no message id in the answer", permanent=False)
-        return SmsSent(provider_id=provider_id)
+        parts = reply.get("cnt")
+        return SmsSent(provider_id=provider_id, parts=int(parts) if isinstance(parts, int) and parts > 0 else 1)
 
     async def status(self, provider_id: str, phone: str) -> tuple[str, str]:
         params = {
@@ -284,7 +289,7 @@ class WebhookSmsProvider:
             raise SmsError(f"HTTP_{status}", f"webhook provider: HTTP {status}", permanent=True)
         reply = _json(reply_body) or {}
         delivered = str(reply.get("status", "")).lower() == "delivered"
-        return SmsSent(provider_id=str(reply.get("id") or message_id), delivered=delivered)
+        return SmsSent(provider_id=str(reply.get("id") or message_id), delivered=delivered, parts=count_parts(text))
 
     async def status(self, provider_id: str, phone: str) -> tuple[str, str]:
         return PENDING, "no_reports"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from pymongo.errors import DuplicateKeyError
 from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
-from services.delivery.record import EXPIRED, HELD, OPEN_STATUSES, QUEUED, SENT, MessageChanges, MessageRecord
+from services.delivery.record import EXPIRED, HELD, OPEN_STATUSES, QUEUED, SENT, SMS, MessageChanges, MessageRecord
 from services.delivery.wakeup import Wakeup
 
 
@@ -60,6 +61,7 @@ class Store:
         await ensure_index(m, [("status", 1), ("expire_at", 1)])
         await ensure_index(m, [("phone_index", 1), ("status", 1)])
         await ensure_index(m, [("sms_poll_at", 1)])
+        await ensure_index(m, [("provider_id", 1)])  # pushed delivery reports (SMPP receipts)
         await ensure_index(m, [("purge_at", 1)])
         await ensure_index(self.usage, [("c", 1), ("d", 1)])
 
@@ -191,27 +193,41 @@ class Store:
 
     # Usage: one record per counted message (unique id), summed on read. ---------------------
 
-    async def count_usage(self, message_id: str, client_id: str, day: str, channel: int, billed: bool) -> None:
+    async def count_usage(
+        self, message_id: str, client_id: str, day: str, channel: int, billed: bool, parts: int = 1
+    ) -> None:
+        """One record per message; `parts` is the SMS it went as (a long SMS is billed per part)."""
         # A message counted already (a repeat of the status change) is refused by its _id.
-        await self._new_usage.insert_one(
-            {"_id": message_id, "c": client_id, "d": day, "k": f"{day}|{channel}|{1 if billed else 0}"}
-        )
+        key = f"{day}|{channel}|{1 if billed else 0}" + (f"|{parts}" if parts != 1 else "")
+        await self._new_usage.insert_one({"_id": message_id, "c": client_id, "d": day, "k": key})
 
-    async def usage_between(self, client_id: str, start: str, end: str) -> list[tuple[str, int, int, int]]:
-        """(day, channel, messages, billed SMS), by day and channel: the records are grouped by
-        their combined key (day|channel|billed) and counted."""
+    async def usage_between(self, client_id: str, start: str, end: str) -> list[UsageTotal]:
+        """Totals by day and channel: the records are grouped by their combined key
+        (day|channel|billed, and |parts when not 1) and counted; parts are multiplied here."""
         pipeline: list[Document] = [
             {"$match": {"c": client_id, "d": {"$gte": start, "$lte": end}}},
             {"$group": {"_id": "$k", "n": {"$sum": 1}}},
         ]
-        totals: dict[tuple[str, int], list[int]] = {}
+        totals: dict[tuple[str, int], UsageTotal] = {}
         async for row in await self.usage.aggregate(pipeline):
-            day, channel, billed = str(row["_id"]).split("|")
-            entry = totals.setdefault((day, int(channel)), [0, 0])
-            entry[0] += int(row["n"])
+            day, channel, billed, *rest = str(row["_id"]).split("|")
+            n, parts = int(row["n"]), int(rest[0]) if rest else 1
+            entry = totals.setdefault((day, int(channel)), UsageTotal(day, int(channel)))
+            entry.messages += n
+            if int(channel) == SMS:
+                entry.sms_parts += n * parts
             if billed == "1":
-                entry[1] += int(row["n"])
-        return [(day, channel, n, b) for (day, channel), (n, b) in sorted(totals.items())]
+                entry.billed_sms += n * parts
+        return [totals[key] for key in sorted(totals)]
+
+
+@dataclass
+class UsageTotal:
+    day: str
+    channel: int
+    messages: int = 0
+    billed_sms: int = 0  # SMS parts billed to the client
+    sms_parts: int = 0  # SMS parts sent, billed or not
 
 
 def _record(doc: Document | None) -> MessageRecord | None:

@@ -311,7 +311,9 @@ class PublicApi:
         )
         return edge_pb2.GetUsageResponse(
             records=[
-                edge_pb2.UsageRecord(day=r.day, channel=r.channel, messages=r.messages, billed_sms=r.billed_sms)
+                edge_pb2.UsageRecord(
+                    day=r.day, channel=r.channel, messages=r.messages, billed_sms=r.billed_sms, sms_parts=r.sms_parts
+                )
                 for r in reply.records
             ]
         )

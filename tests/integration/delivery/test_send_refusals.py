@@ -346,3 +346,15 @@ async def test_usage_counts_per_client_channel_and_day(
             ("2026-01-02", common_pb2.CHANNEL_SMS, 1, 1),
         ]
         assert not (await delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="bank"))).records
+
+
+async def test_usage_counts_a_long_sms_as_its_parts(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=QUIET, clock=clock) as stack:
+        delivery, _ = stubs(stack)
+        await delivery.SendMessage(sms_request("+79991234567", text="Code 1234"))
+        await delivery.SendMessage(sms_request("+79991234568", text="Ваш код 1234. " * 6))  # 84 UCS-2 chars: 2 parts
+        await delivery.SendMessage(sms_request("+79991234569", text="x" * 400))  # 3 GSM-7 parts
+        usage = await delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop", start_day="2026-01-01"))
+        assert [(r.messages, r.billed_sms, r.sms_parts) for r in usage.records] == [(3, 6, 6)]

@@ -615,12 +615,15 @@ class UsageRecord(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     BILLED_SMS_FIELD_NUMBER: _builtins.int
+    SMS_PARTS_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     channel: _common_pb2.Channel.ValueType
     messages: _builtins.int
     """Messages accepted."""
     billed_sms: _builtins.int
-    """SMS billed."""
+    """SMS billed, in parts: a long text sent as N concatenated SMS counts N."""
+    sms_parts: _builtins.int
+    """SMS parts sent, billed or not."""
     def __init__(
         self,
         *,
@@ -628,10 +631,11 @@ class UsageRecord(_message.Message):
         channel: _common_pb2.Channel.ValueType = ...,
         messages: _builtins.int = ...,
         billed_sms: _builtins.int = ...,
+        sms_parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "day", b"day", "messages", b"messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "day", b"day", "messages", b"messages", "sms_parts", b"sms_parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
