@@ -27,6 +27,8 @@ from services.delivery.fraud import FraudGuard, FraudSettings
 from services.delivery.limits import Limiter, Rate
 from services.delivery.policy import PolicyStore
 from services.delivery.service import DeliveryServicer, SmsSandboxServicer
+from services.delivery.smpp import SmppProvider, SmppSettings, SmppStore
+from services.delivery.smpp_link import LinkSettings
 from services.delivery.sms import HttpSettings, SandboxSmsProvider, SmscProvider, SmsProvider, WebhookSmsProvider
 from services.delivery.store import Store
 from services.delivery.wakeup import Wakeup
@@ -56,6 +58,7 @@ class DeliveryConfig:
     sms_webhook_url: str
     sms_webhook_secret: str
     sms_http: HttpSettings
+    smpp: SmppSettings
     poll_interval: float
     idle_poll_interval: float
     policy_cache_ttl: float
@@ -155,8 +158,8 @@ def load_config(env: Env) -> DeliveryConfig:
     provider = env.text(
         "OTPGATE_SMS_PROVIDER",
         "sandbox",
-        "SMS provider: sandbox, smsc or webhook",
-        choices=("sandbox", "smsc", "webhook"),
+        "SMS provider: sandbox, smsc, webhook or smpp",
+        choices=("sandbox", "smsc", "webhook", "smpp"),
     )
     config = DeliveryConfig(
         engine=engine,
@@ -169,6 +172,7 @@ def load_config(env: Env) -> DeliveryConfig:
         sms_webhook_secret=env.text(
             "OTPGATE_SMS_WEBHOOK_SECRET", "", "HMAC secret of the webhook SMS provider", secret=True
         ),
+        smpp=_smpp(env, provider == "smpp"),
         sms_http=HttpSettings(
             timeout=env.number("OTPGATE_SMS_TIMEOUT", 5.0, "SMS provider request timeout, s", min=0.05),
             retries=env.integer(
@@ -202,9 +206,108 @@ def load_config(env: Env) -> DeliveryConfig:
     )
     if provider == "smsc" and not (config.smsc_login and config.smsc_password):
         env.errors.append("OTPGATE_SMS_PROVIDER=smsc needs OTPGATE_SMSC_LOGIN and OTPGATE_SMSC_PASSWORD")
+    if provider == "smpp" and config.smpp.submit_timeout >= engine.lease:
+        env.errors.append("OTPGATE_SMPP_SUBMIT_TIMEOUT must be shorter than OTPGATE_DELIVERY_LEASE")
+    if provider == "smpp" and not (config.engine.sms_sender.isascii() and config.engine.sms_sender.strip()):
+        env.errors.append("OTPGATE_SMS_SENDER must be ASCII for SMPP (digits, or a name of up to 11 characters)")
+    elif (
+        provider == "smpp" and not config.engine.sms_sender.lstrip("+").isdigit() and len(config.engine.sms_sender) > 11
+    ):
+        env.errors.append("OTPGATE_SMS_SENDER: an alphanumeric SMPP sender has at most 11 characters")
     if provider == "webhook" and not (config.sms_webhook_url and config.sms_webhook_secret):
         env.errors.append("OTPGATE_SMS_PROVIDER=webhook needs OTPGATE_SMS_WEBHOOK_URL and OTPGATE_SMS_WEBHOOK_SECRET")
     return config
+
+
+def _smpp(env: Env, chosen: bool) -> SmppSettings:
+    """OTPGATE_SMPP_*: read always (so they are documented), required only with OTPGATE_SMS_PROVIDER=smpp."""
+    host = env.text("OTPGATE_SMPP_HOST", "", "SMSC host name or address (provider smpp)")
+    system_id = env.text("OTPGATE_SMPP_SYSTEM_ID", "", "SMPP system_id to bind with, at most 15 characters")
+    password = env.text("OTPGATE_SMPP_PASSWORD", "", "SMPP bind password, at most 8 characters", secret=True)
+    system_type = env.text("OTPGATE_SMPP_SYSTEM_TYPE", "", "SMPP system_type to bind with (often empty)")
+    link = LinkSettings(
+        host=host,
+        port=env.integer("OTPGATE_SMPP_PORT", 2775, "SMSC port", min=1, max=65535),
+        system_id=system_id,
+        password=password,
+        system_type=system_type,
+        window=env.integer(
+            "OTPGATE_SMPP_WINDOW", 10, "submit_sm outstanding at once (the SMSC's window)", min=1, max=1000
+        ),
+        tps=env.number("OTPGATE_SMPP_TPS", 50.0, "submit_sm per second at most (the SMSC's contracted rate)", min=0.01),
+        enquire_link_interval=env.number(
+            "OTPGATE_SMPP_ENQUIRE_LINK_INTERVAL", 30.0, "enquire_link after this long without traffic, s", min=0.05
+        ),
+        response_timeout=env.number(
+            "OTPGATE_SMPP_RESPONSE_TIMEOUT", 10.0, "wait for a bind, submit or enquire_link answer, s", min=0.05
+        ),
+        connect_timeout=env.number("OTPGATE_SMPP_CONNECT_TIMEOUT", 10.0, "TCP connect timeout, s", min=0.05),
+        reconnect_min=env.number("OTPGATE_SMPP_RECONNECT_MIN", 1.0, "first reconnect delay, s (doubles)", min=0.01),
+        reconnect_max=env.number("OTPGATE_SMPP_RECONNECT_MAX", 60.0, "longest reconnect delay, s", min=0.01),
+    )
+    ton = env.text("OTPGATE_SMPP_SOURCE_TON", "", "source TON (empty: 5 alphanumeric for a name, 1 for digits)")
+    npi = env.text("OTPGATE_SMPP_SOURCE_NPI", "", "source NPI (empty: 0 for a name, 1 for digits)")
+    retry = env.items(
+        "OTPGATE_SMPP_RETRY_STATUSES", [], "submit_sm_resp statuses (hex, e.g. 0x45) to retry instead of failing"
+    )
+    settings = SmppSettings(
+        link=link,
+        submit_timeout=env.number(
+            "OTPGATE_SMPP_SUBMIT_TIMEOUT",
+            10.0,
+            "longest one SMS send may take (every part, waits included), s",
+            min=0.1,
+        ),
+        validity=env.number(
+            "OTPGATE_SMPP_VALIDITY", 0.0, "submit_sm validity period, s (0: the SMSC's default)", min=0
+        ),
+        source_ton=_small_int(env, "OTPGATE_SMPP_SOURCE_TON", ton, (0, 1, 2, 3, 4, 5, 6)),
+        source_npi=_small_int(env, "OTPGATE_SMPP_SOURCE_NPI", npi, (0, 1, 3, 4, 6, 8, 9, 10, 14, 18)),
+        throttle_backoff=env.number(
+            "OTPGATE_SMPP_THROTTLE_BACKOFF", 5.0, "pause after ESME_RTHROTTLED/ESME_RMSGQFUL, s", min=0
+        ),
+        retry_statuses=frozenset(_statuses(env, retry)),
+        receipt_id_format=env.text(
+            "OTPGATE_SMPP_RECEIPT_ID_FORMAT",
+            "same",
+            "receipt text ids vs submit_sm_resp ids: same, dec_to_hex (receipts decimal, submits hex) or hex_to_dec",
+            choices=("same", "dec_to_hex", "hex_to_dec"),
+        ),
+        retention=env.number(
+            "OTPGATE_SMPP_RECEIPT_RETENTION", 3 * 86400.0, "keep SMPP part and receipt records this long, s", min=3600
+        ),
+    )
+    if chosen:
+        missing = [n for n, v in (("HOST", host), ("SYSTEM_ID", system_id), ("PASSWORD", password)) if not v]
+        if missing:
+            env.errors.append("OTPGATE_SMS_PROVIDER=smpp needs " + " and ".join(f"OTPGATE_SMPP_{n}" for n in missing))
+        for name, value, limit in (
+            ("SYSTEM_ID", system_id, 15),
+            ("PASSWORD", password, 8),
+            ("SYSTEM_TYPE", system_type, 12),
+        ):
+            if len(value) > limit or not value.isascii():
+                env.errors.append(f"OTPGATE_SMPP_{name} must be ASCII, at most {limit} characters (SMPP 3.4)")
+    return settings
+
+
+def _small_int(env: Env, name: str, raw: str, allowed: tuple[int, ...]) -> int | None:
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) not in allowed:
+        env.errors.append(f"{name} {raw!r} is invalid: expected one of {', '.join(map(str, allowed))}")
+        return None
+    return int(raw)
+
+
+def _statuses(env: Env, raw: list[str]) -> list[int]:
+    out: list[int] = []
+    for item in raw:
+        try:
+            out.append(int(item, 0))
+        except ValueError:
+            env.errors.append(f"OTPGATE_SMPP_RETRY_STATUSES {item!r} is invalid: expected a number such as 0x45")
+    return out
 
 
 @dataclass
@@ -269,7 +372,10 @@ async def build_app(
     webhook_http = guarded_session(allow_private=common.dev)
     sandbox = SandboxSmsProvider(db["sandbox_sms"], keyring, clock) if common.sandbox else None
     provider: SmsProvider
-    if config.sms_provider == "smsc":
+    smpp: SmppProvider | None = None
+    if config.sms_provider == "smpp":
+        smpp = provider = SmppProvider(config.smpp, SmppStore(db["smpp_messages"], db["smpp_receipts"], clock), clock)
+    elif config.sms_provider == "smsc":
         provider = SmscProvider(http, config.smsc_url, config.smsc_login, config.smsc_password, config.sms_http)
     elif config.sms_provider == "webhook":
         provider = WebhookSmsProvider(http, config.sms_webhook_url, config.sms_webhook_secret, config.sms_http, clock)
@@ -333,6 +439,9 @@ async def build_app(
         settings=settings,
     )
     engine_ref.append(engine)
+    if smpp is not None:
+        smpp.report_to(engine.apply_sms_report)
+        smpp.start()
     for part in (store, claims, limiter, fraud, webhooks):
         await part.create_indexes()
     if sandbox is not None:
@@ -355,6 +464,8 @@ async def build_app(
         )
 
     async def close_all() -> None:
+        if smpp is not None:
+            await smpp.close()
         await runtime.close()
         for channel in (directory_channel, botgateway_channel, verification_channel):
             await channel.close()
