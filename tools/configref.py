@@ -80,6 +80,70 @@ def _table(settings: list[Setting]) -> list[str]:
     return lines
 
 
+# The SMS providers' own variables, each under its provider (chosen by OTPGATE_SMS_PROVIDER).
+SMS_PROVIDERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "smsc",
+        "OTPGATE_SMSC_",
+        (
+            "The smsc.ru HTTP API (send.php, status.php with fmt=3). Delivery reports are polled",
+            "(`OTPGATE_SMS_STATUS_POLL`); the parts of a long text are what smsc.ru answers (`cnt`).",
+        ),
+    ),
+    (
+        "webhook",
+        "OTPGATE_SMS_WEBHOOK_",
+        (
+            'Your own gateway: a signed JSON POST per SMS (`{"id", "to", "text", "sender"}`, headers',
+            "`X-Otpgate-Timestamp`, `X-Otpgate-Signature`, `Idempotency-Key`), answered 2xx.",
+        ),
+    ),
+    (
+        "smpp",
+        "OTPGATE_SMPP_",
+        (
+            "An SMSC over SMPP 3.4: one transceiver bind (`system_id`, `password`, `system_type`), kept",
+            "up with `enquire_link` and reconnected with backoff. Needs `OTPGATE_SMPP_HOST`,",
+            "`OTPGATE_SMPP_SYSTEM_ID` and `OTPGATE_SMPP_PASSWORD`.",
+            "",
+            "- Sender: `OTPGATE_SMS_SENDER`; a name (ASCII, up to 11 characters) goes as TON 5 / NPI 0,",
+            "  digits as TON 1 / NPI 1, unless `OTPGATE_SMPP_SOURCE_TON`/`_NPI` say otherwise.",
+            "- Every `submit_sm` asks for a delivery receipt; receipts come back on the same bind",
+            "  (`receipted_message_id`/`message_state` TLVs, else the receipt text) and make the message",
+            "  DELIVERED (every part delivered) or FAILED (a part failed).",
+            "- GSM-7 when every character is in the GSM 03.38 alphabet, else UCS-2; a longer text goes as",
+            "  UDH-concatenated parts (153 GSM-7 / 67 UCS-2 characters each), each billed and counted as",
+            "  one SMS in usage.",
+            "- `OTPGATE_SMPP_WINDOW` and `OTPGATE_SMPP_TPS` are what the SMSC contract allows: submits",
+            "  outstanding at once, and per second.",
+            "- ESME_RTHROTTLED / ESME_RMSGQFUL: retried after `OTPGATE_SMPP_THROTTLE_BACKOFF`, and nothing",
+            "  new is sent meanwhile. A refused destination or message fails the message (SMS_FAILED);",
+            "  statuses listed in `OTPGATE_SMPP_RETRY_STATUSES` are retried instead. No bind (cannot",
+            "  connect, bind refused): the message waits and is retried while its ttl lasts; the message",
+            "  records `sms_error` SMPP_BIND_REFUSED, SMPP_CONNECT_FAILED, ... and `otpgate_smpp_link_up`",
+            "  is 0.",
+            "- A submit left unanswered when the connection drops is sent again after the next bind;",
+            "  one the SMSC answered is never sent again, nor are the parts of a long text it took.",
+            "  (An SMSC that took a submit and lost its answer in the drop gets it twice: SMPP 3.4 cannot",
+            "  tell the two apart.)",
+        ),
+    ),
+)
+
+
+def _providers(settings: list[Setting]) -> list[str]:
+    out = [
+        "### SMS providers",
+        "",
+        "`OTPGATE_SMS_PROVIDER` picks one; `sandbox` (the default in sandbox mode) keeps every SMS in",
+        "an inbox readable at `/sandbox/v1/sms` and needs nothing else.",
+        "",
+    ]
+    for name, prefix, intro in SMS_PROVIDERS:
+        out += [f"#### `{name}`", "", *intro, "", *_table([s for s in settings if s.name.startswith(prefix)]), ""]
+    return out
+
+
 def render(settings: dict[str, Setting]) -> str:
     everywhere = [s for s in settings.values() if set(s.services) >= set(SERVICES)]
     by_service: dict[str, list[Setting]] = {name: [] for name in SERVICES}
@@ -127,14 +191,17 @@ def render(settings: dict[str, Setting]) -> str:
         ]
     for name in SERVICES:
         port = DEFAULT_PORTS[name]
+        own = [s for s in by_service[name] if not any(s.name.startswith(p) for _, p, _ in SMS_PROVIDERS)]
         out += [
             f"## {name}",
             "",
             f"`python -m services.{name}` (gRPC port {port} by default).",
             "",
-            *_table(by_service[name]),
+            *_table(own),
             "",
         ]
+        if name == "delivery":
+            out += _providers(by_service[name])
     out += [
         "## Operator CLI (`otpgate`)",
         "",

@@ -304,9 +304,9 @@ def _statuses(env: Env, raw: list[str]) -> list[int]:
     out: list[int] = []
     for item in raw:
         try:
-            out.append(int(item, 0))
+            out.append(int(item, 16))
         except ValueError:
-            env.errors.append(f"OTPGATE_SMPP_RETRY_STATUSES {item!r} is invalid: expected a number such as 0x45")
+            env.errors.append(f"OTPGATE_SMPP_RETRY_STATUSES {item!r} is invalid: expected a hex status such as 0x45")
     return out
 
 

@@ -107,26 +107,22 @@ class Receipt:
     code: str  # e.g. DELIVRD, UNDELIV:err=001
 
 
+# receipt_id_format -> (base of submit_sm_resp ids, base of receipt text ids)
+_ID_BASES = {"dec_to_hex": (16, 10), "hex_to_dec": (10, 16)}
+
+
 class MessageIds:
     """SMSC ids as stored keys. Some SMSCs write receipt ids in another base than the ids they
     answer submits with; those are compared as decimal numbers."""
 
     def __init__(self, receipt_id_format: str) -> None:
-        self._format = receipt_id_format
+        self._bases = _ID_BASES.get(receipt_id_format)
 
     def of_submit(self, smsc_id: str) -> str:
-        if self._format == "dec_to_hex":
-            return _as_decimal(smsc_id, 16)
-        if self._format == "hex_to_dec":
-            return _as_decimal(smsc_id, 10)
-        return smsc_id
+        return _as_decimal(smsc_id, self._bases[0]) if self._bases else smsc_id
 
     def of_receipt_text(self, smsc_id: str) -> str:
-        if self._format == "dec_to_hex":
-            return _as_decimal(smsc_id, 10)
-        if self._format == "hex_to_dec":
-            return _as_decimal(smsc_id, 16)
-        return smsc_id
+        return _as_decimal(smsc_id, self._bases[1]) if self._bases else smsc_id
 
 
 def _as_decimal(value: str, base: int) -> str:

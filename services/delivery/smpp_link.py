@@ -53,7 +53,7 @@ from services.core.logging import get_logger
 
 log = get_logger(__name__)
 
-link_up = Gauge("otpgate_smpp_link_up", "1 while the SMPP link is bound to the SMSC.")
+link_up = Gauge("otpgate_smpp_link_up", "1 while this replica's SMPP link is bound to the SMSC.", ("smsc",))
 
 HEADER = struct.Struct("!IIII")  # command_length, command_id, command_status, sequence_number
 MAX_PDU = 70_000  # a message_payload of 64 KiB and the rest
@@ -197,8 +197,8 @@ class _Session:
                 answer = self.pending.get(seq)
                 if answer is not None and not answer.done():
                     answer.set_result((command_id, status, pdu))
-                elif command_id != SmppCommand.GENERIC_NACK:
-                    log.info("smpp_late_answer", command=hex(command_id), status=status_name(status))
+                else:  # answered after its wait ended, or a generic_nack to a PDU the SMSC could not read
+                    log.info("smpp_unmatched_answer", command=hex(command_id), status=status_name(status))
                 continue
             if command_id == SmppCommand.ENQUIRE_LINK:
                 await self.send(EnquireLinkResp(seq).pdu())
@@ -277,10 +277,13 @@ class SmppLink:
         self._sequence = itertools.count(1)
         self._window = asyncio.Semaphore(settings.window)
         self._pace = Bucket(Rate(settings.tps))
+        self._up = link_up.labels(f"{settings.host}:{settings.port}")
         self._hold_until = 0.0
         self.deliver_slots = asyncio.Semaphore(settings.deliver_concurrency)
         self._task: asyncio.Task[None] | None = None
         self.outstanding = 0  # submits sent and not answered (for tests and metrics)
+        self._idle = asyncio.Event()  # set while nothing is outstanding
+        self._idle.set()
         self.waiting_for_window = 0
 
     # Lifecycle ----------------------------------------------------------------------------------
@@ -294,6 +297,9 @@ class SmppLink:
         self._set_state(LinkState.CLOSED)
         session = self._session
         if session is not None and session.lost is None:
+            # Answers to what is on the wire come first: unbinding over them would leave them unknown.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.settings.response_timeout)
             with contextlib.suppress(_SessionLost, TimeoutError, OSError):
                 await session.request(Unbind(), min(self.settings.response_timeout, 2.0))
             session.abort("CLOSED")
@@ -301,7 +307,7 @@ class SmppLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        link_up.set(0)
+        self._up.set(0)
 
     async def wait_bound(self, timeout: float) -> bool:
         """Whether the link is bound within `timeout` seconds (on the event loop's clock)."""
@@ -366,7 +372,7 @@ class SmppLink:
     def _went_down(self, reason: str, detail: str) -> None:
         self.last_error, self.last_error_detail = reason, detail
         self._set_state(LinkState.DOWN)
-        link_up.set(0)
+        self._up.set(0)
         log.warning("smpp_link_down", reason=reason, detail=detail, host=self.settings.host)
 
     async def _connect_and_bind(self) -> _Session:
@@ -405,7 +411,7 @@ class SmppLink:
         self.binds += 1
         self.last_error = self.last_error_detail = ""
         self._set_state(LinkState.BOUND)
-        link_up.set(1)
+        self._up.set(1)
         log.info("smpp_bound", host=self.settings.host, system_id=self.settings.system_id)
         tasks = [asyncio.create_task(session.read_loop()), asyncio.create_task(self._keepalive(session))]
         ended = _SessionLost("CONNECTION_CLOSED")
@@ -467,11 +473,14 @@ class SmppLink:
                 if session.lost is not None:
                     continue  # dropped while waiting: nothing was sent, bind again
                 self.outstanding += 1
+                self._idle.clear()
                 try:
                     timeout = min(self.settings.response_timeout, max(0.0, deadline - self.now()))
                     command_id, status, pdu = await session.request(message, timeout)
                 finally:
                     self.outstanding -= 1
+                    if not self.outstanding:
+                        self._idle.set()
             except _SessionLost:
                 continue  # unanswered: not taken by the SMSC; sent again on the next bind
             except TimeoutError:

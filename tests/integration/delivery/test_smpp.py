@@ -63,6 +63,19 @@ async def provider(
         await smpp.close()
 
 
+def smpp_env(sim: SmppSim, **extra: str) -> dict[str, str]:
+    """A delivery service on the SMPP provider, bound to `sim`."""
+    return {
+        **QUIET,
+        "OTPGATE_SMS_PROVIDER": "smpp",
+        "OTPGATE_SMPP_HOST": "127.0.0.1",
+        "OTPGATE_SMPP_PORT": str(sim.port),
+        "OTPGATE_SMPP_SYSTEM_ID": "otpgate",
+        "OTPGATE_SMPP_PASSWORD": "s3cret",
+        **extra,
+    }
+
+
 def taken_texts(sim: SmppSim) -> list[tuple[str, int, int, str]]:
     """(destination, parts, data_coding, text) of every whole message the SMSC took."""
     return [
@@ -94,15 +107,7 @@ async def test_binds_as_transceiver_and_a_refused_bind_makes_the_provider_unavai
 async def test_delivery_receipts_turn_the_message_delivered_or_failed(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, sim: SmppSim, captured_logs: Any
 ) -> None:
-    overrides = {
-        **QUIET,
-        "OTPGATE_SMS_PROVIDER": "smpp",
-        "OTPGATE_SMPP_HOST": "127.0.0.1",
-        "OTPGATE_SMPP_PORT": str(sim.port),
-        "OTPGATE_SMPP_SYSTEM_ID": "otpgate",
-        "OTPGATE_SMPP_PASSWORD": "s3cret",
-    }
-    async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=smpp_env(sim), clock=clock) as stack:
         delivery, _ = stubs(stack)
         await sim.expect("bind")
         ok = (await delivery.SendMessage(sms_request(PHONE, text="Your code is 4821"))).message
@@ -131,15 +136,7 @@ async def test_delivery_receipts_turn_the_message_delivered_or_failed(
 async def test_throttling_is_retried_later_and_a_bad_destination_fails_for_good(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, sim: SmppSim
 ) -> None:
-    overrides = {
-        **QUIET,
-        "OTPGATE_SMS_PROVIDER": "smpp",
-        "OTPGATE_SMPP_HOST": "127.0.0.1",
-        "OTPGATE_SMPP_PORT": str(sim.port),
-        "OTPGATE_SMPP_SYSTEM_ID": "otpgate",
-        "OTPGATE_SMPP_PASSWORD": "s3cret",
-        "OTPGATE_SMPP_THROTTLE_BACKOFF": "0",
-    }
+    overrides = smpp_env(sim, OTPGATE_SMPP_THROTTLE_BACKOFF="0")
     async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
         delivery, _ = stubs(stack)
         await sim.expect("bind")

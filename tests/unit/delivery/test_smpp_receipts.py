@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiosmpplib import DeliverSm, OptionalParam, PhoneNumber
 
+from services.core.config import Env
+from services.delivery.app import load_config
 from services.delivery.smpp import MessageIds, parse_receipt, submit_refusal
 from services.delivery.sms import DELIVERED, FAILED, PENDING
 
@@ -58,3 +60,48 @@ def test_statuses_map_to_retry_later_or_permanent_failure() -> None:
     vendor = submit_refusal(0x401, frozenset(), 5.0)
     assert vendor.code == "ESME_0x00000401" and vendor.permanent
     assert not submit_refusal(0x401, frozenset({0x401}), 5.0).permanent
+
+
+def test_smpp_configuration_names_every_problem_and_never_echoes_the_password() -> None:
+    env = Env(
+        {
+            "OTPGATE_SMS_PROVIDER": "smpp",
+            "OTPGATE_SMPP_SYSTEM_ID": "a-system-id-longer-than-15",
+            "OTPGATE_SMPP_PASSWORD": "far-too-long-password",
+            "OTPGATE_SMPP_SOURCE_TON": "9",
+            "OTPGATE_SMPP_RETRY_STATUSES": "0x45,nope",
+            "OTPGATE_SMS_SENDER": "A sender name too long",
+        },
+        service="delivery",
+    )
+    load_config(env)
+    problems = "\n".join(env.errors)
+    for expected in (
+        "needs OTPGATE_SMPP_HOST",
+        "OTPGATE_SMPP_SYSTEM_ID must be ASCII, at most 15",
+        "OTPGATE_SMPP_PASSWORD must be ASCII, at most 8",
+        "OTPGATE_SMPP_SOURCE_TON '9' is invalid",
+        "OTPGATE_SMPP_RETRY_STATUSES 'nope' is invalid",
+        "alphanumeric SMPP sender has at most 11 characters",
+    ):
+        assert expected in problems
+    assert "far-too-long-password" not in problems
+
+
+def test_smpp_configuration_that_loads() -> None:
+    env = Env(
+        {
+            "OTPGATE_SMS_PROVIDER": "smpp",
+            "OTPGATE_SMPP_HOST": "smsc.example.net",
+            "OTPGATE_SMPP_SYSTEM_ID": "acme",
+            "OTPGATE_SMPP_PASSWORD": "pa55",
+            "OTPGATE_SMPP_RETRY_STATUSES": "0x45,400",
+            "OTPGATE_SMS_SENDER": "+4915112345678",
+        },
+        service="delivery",
+    )
+    config = load_config(env)
+    assert not env.errors
+    assert config.smpp.link.host == "smsc.example.net" and config.smpp.link.window == 10
+    assert config.smpp.retry_statuses == frozenset({0x45, 0x400}) and config.smpp.source_ton is None
+    assert "pa55" not in repr(config.smpp)
