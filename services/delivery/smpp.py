@@ -37,7 +37,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from services.core.clock import Clock
+from services.core.clock import Clock, as_utc
 from services.core.logging import get_logger
 from services.core.mongo import Document
 from services.delivery.smpp_link import (
@@ -79,6 +79,7 @@ MESSAGE_STATES = {
     8: ("REJECTD", FAILED),
 }
 RECEIPT_STATS = {name: state for name, state in MESSAGE_STATES.values()}
+REPORT_RACE = timedelta(seconds=60)
 _RECEIPT_FIELD = re.compile(r"\b(id|stat|err):(\S*)", re.IGNORECASE)
 
 
@@ -354,9 +355,12 @@ class SmppProvider:
         state, code, provider_id = await self.store.message_state(self._namespace, part)
         if state == PENDING or self._sink is None:
             return
-        if not await self._sink(provider_id, state == DELIVERED, code):
-            # Not sent yet as far as the outbox knows (the receipt overtook the send's record) or
-            # busy: try again shortly; the status poll is the backstop.
+        applied = await self._sink(provider_id, state == DELIVERED, code)
+        taken_at = part.get("at")
+        if not applied and taken_at is not None and self._clock.now() - as_utc(taken_at) < REPORT_RACE:
+            # Not SENT yet as far as the outbox knows (the receipt overtook the send's record) or
+            # busy: try again shortly. Later (a repeated receipt) there is nothing to wait for; the
+            # status poll is the backstop either way.
             self._later(self._report_when_sent(provider_id))
 
     async def _report_when_sent(self, provider_id: str) -> None:
