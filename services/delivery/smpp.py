@@ -184,11 +184,14 @@ class SmppStore:
         return {int(n): smsc_id for n, smsc_id in parts.items()}
 
     async def part_taken(self, namespace: str, message_id: str, index: int, total: int, key: str) -> Document:
-        await self.messages.update_one({"_id": message_id}, {"$set": {f"parts.{index}": key}})
-        doc = await _upsert(
-            self.receipts,
-            f"{namespace}|{key}",
-            {"$set": {"m": message_id, "i": index, "n": total}, "$setOnInsert": {"at": self._clock.now()}},
+        """Record a part the SMSC took (both writes at once); returns its receipt record."""
+        _, doc = await asyncio.gather(
+            self.messages.update_one({"_id": message_id}, {"$set": {f"parts.{index}": key}}),
+            _upsert(
+                self.receipts,
+                f"{namespace}|{key}",
+                {"$set": {"m": message_id, "i": index, "n": total}, "$setOnInsert": {"at": self._clock.now()}},
+            ),
         )
         assert doc is not None
         return doc
