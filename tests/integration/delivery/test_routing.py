@@ -326,6 +326,7 @@ async def test_hold_then_confirm_by_sms_code_then_release(
         assert all(r.billed_sms == 0 for r in usage.records)
         # The person types the code to the bot: confirmed, the held message goes out.
         await world.telegram.SendText(botgateway_pb2.SendTextRequest(user_id=user, bot_id="smscodes_bot", text=code))
+        await stack.app("verification").confirmer.drain()  # the release follows the bot's answer
         got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=held.id))
         assert got.message.status == common_pb2.MESSAGE_STATUS_SENT and got.message.bot_id == "smscodes_bot"
         assert "The secret notice" in await world.chat(user, "smscodes_bot")
