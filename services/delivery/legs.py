@@ -35,7 +35,7 @@ R = common_pb2  # failure reasons
 class Outcome:
     """What one dispatch attempt decided; written under the claim."""
 
-    changes: MessageChanges = field(default_factory=lambda: MessageChanges())
+    changes: MessageChanges = field(default_factory=MessageChanges)
     start_confirmation: bool = False
 
 

@@ -13,7 +13,7 @@ A record is immutable: a dispatch attempt describes what it changes as `MessageC
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -243,7 +243,11 @@ class MessageRecord:
 
     def updated(self, changes: MessageChanges) -> MessageRecord:
         """This record with `changes` applied, as the document reads after they are written."""
-        return replace(self, **changes)
+        # A copy of the fields: dataclasses.replace would run __init__ over all of them again
+        # (7 µs against 1 µs, two or three times per message). MessageChanges names only fields.
+        record = object.__new__(MessageRecord)
+        record.__dict__.update(self.__dict__, **changes)
+        return record
 
     def status_at(self, now: datetime) -> tuple[int, int]:
         """Status and failure reason as of `now`: expiry is decided at read time."""
