@@ -1,4 +1,5 @@
-"""MongoDB access on pymongo's AsyncMongoClient, within the portable subset of DESIGN.md."""
+"""MongoDB access on pymongo's AsyncMongoClient, within what MongoDB and the dev database both answer alike
+(docs/decisions.md: FerretDB on SQLite as the dev database)."""
 
 from __future__ import annotations
 

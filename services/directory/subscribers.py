@@ -1,6 +1,6 @@
 """Directory domain: linking numbers to Telegram users, per-bot link state, confirmation, erasure.
 
-Rules (DESIGN.md, domain rules 1-6):
+Rules:
 - only a person's own, non-forwarded contact links a number (checked by the caller of link_contact);
 - a person holds one number: sharing another replaces it and resets the confirmation;
 - a number belongs to one person: when another account shares it, the newest owner wins and the
