@@ -467,7 +467,7 @@ async def test_dev_database_has_no_transactions(
 ) -> None:
     if os.environ.get("MONGODB_URI") or not await is_dev_database(db):
         pytest.skip("a property of the dev database")
-    # The services never use multi-document transactions (DESIGN.md's portable subset).
+    # The services use no multi-document transactions (docs/decisions.md, the dev database).
     await db["t"].insert_one({"_id": "x"})
     with pytest.raises(PyMongoError):
         async with racers.start_session() as session, await session.start_transaction():
