@@ -1,4 +1,5 @@
-"""Channels to internal services: deadlines, retries, keepalive, request-id propagation, metrics, TLS."""
+"""Channels to internal services: deadlines (the served request's, carried on: deadline.py),
+retries, keepalive, request-id propagation, metrics, TLS."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from services.core import metrics
 from services.core.config import TlsConfig
+from services.core.deadline import call_timeout
 from services.core.logging import request_id_var
 
 # Methods that may be retried on UNAVAILABLE: reads, and writes made idempotent by their keys.
@@ -72,7 +74,7 @@ class _ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             md.append(("x-request-id", rid))
         new_details = grpc.aio.ClientCallDetails(
             method=details.method,
-            timeout=details.timeout if details.timeout is not None else self._timeout,
+            timeout=call_timeout(details.timeout if details.timeout is not None else self._timeout),
             metadata=grpc.aio.Metadata(*md),
             credentials=details.credentials,
             wait_for_ready=details.wait_for_ready,

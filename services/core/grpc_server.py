@@ -29,7 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.core import metrics
+from services.core import deadline, metrics
 from services.core.config import CommonConfig, TlsConfig
 from services.core.errors import ServiceError, invalid_argument
 from services.core.logging import get_logger, request_id_var
@@ -113,6 +113,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             rid = str(incoming.get("x-request-id") or _new_request_id())[:64]
             token = request_id_var.set(rid)
+            answer_by = deadline.serve_until(context.time_remaining())
             metrics.server_started.labels(*labels).inc()
             metrics.server_msg_received.labels(*labels).inc()
             started = time.perf_counter()
@@ -146,6 +147,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 metrics.server_handled.labels(*labels, metrics.code_label(code)).inc()
                 metrics.server_handling.labels(*labels).observe(time.perf_counter() - started)
+                deadline.reset(answer_by)
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -29,7 +29,10 @@ def connect(uri: str, app_name: str, *, timeout_ms: int = 5000, max_pool_size: i
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
         maxPoolSize=max_pool_size,
-        retryWrites=False,  # dev database and standalone servers have no retryable writes
+        # A write that met a failover or a dropped connection is retried once, with no risk of
+        # applying twice (the server dedupes it); standalone servers and the dev database do not
+        # retry, which the driver detects on its own.
+        retryWrites=True,
     )
 
 

@@ -158,3 +158,54 @@ async def test_idempotent_calls_retry_through_a_restart_of_the_server() -> None:
         await running.stop(0)
     assert reply.telegram_user_id == 7
     assert calls == 2
+
+
+async def test_a_request_deadline_is_carried_to_the_calls_it_makes() -> None:
+    """B is called by A with a 30 s timeout, but A's own caller gave A 1 s: B sees what is left."""
+    seen: list[float] = []
+
+    class Inner(directory_pb2_grpc.DirectoryServiceServicer):
+        async def ResolvePhone(self, request, context):  # type: ignore[no-untyped-def]
+            seen.append(context.time_remaining())
+            return directory_pb2.ResolvePhoneResponse(found=True, telegram_user_id=1)
+
+    inner = await start_service(
+        ServiceApp(
+            name="inner",
+            servicers=[(directory_pb2_grpc.add_DirectoryServiceServicer_to_server, Inner(), DIRECTORY.full_name)],
+        ),
+        "127.0.0.1",
+        0,
+    )
+    channel = make_channel(inner.address, [DIRECTORY], timeout=30.0)
+
+    class Outer(directory_pb2_grpc.DirectoryServiceServicer):
+        async def ResolvePhone(self, request, context):  # type: ignore[no-untyped-def]
+            stub = directory_pb2_grpc.DirectoryServiceStub(channel)
+            await stub.ResolvePhone(request)  # the channel's own 30 s
+            return await stub.ResolvePhone(request, timeout=20.0)  # an explicit, longer one
+
+    outer = await start_service(
+        ServiceApp(
+            name="outer",
+            servicers=[(directory_pb2_grpc.add_DirectoryServiceServicer_to_server, Outer(), DIRECTORY.full_name)],
+        ),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        async with grpc.aio.insecure_channel(outer.address) as caller:
+            await directory_pb2_grpc.DirectoryServiceStub(caller).ResolvePhone(
+                directory_pb2.ResolvePhoneRequest(phone="+79991234567"), timeout=1.0
+            )
+            # Without a deadline of its own, A's calls keep their own timeouts.
+            await directory_pb2_grpc.DirectoryServiceStub(caller).ResolvePhone(
+                directory_pb2.ResolvePhoneRequest(phone="+79991234567")
+            )
+    finally:
+        await channel.close()
+        await outer.stop(0)
+        await inner.stop(0)
+    assert len(seen) == 4
+    assert all(0 < left < 1.0 for left in seen[:2])
+    assert 25 < seen[2] <= 30.5 and 15 < seen[3] <= 20.5
