@@ -3,7 +3,7 @@
 Used by `otpgate dev` and the tests when MONGODB_URI is not set. The binary is built once
 into .cache/bin (ignored by git); later runs reuse it. tools/devdb/patches.json lists small
 patches to FerretDB, applied to a copy of the module: writes to one document are atomic as in
-MongoDB, duplicate keys on update are reported as such, and lookups by _id use the index.
+MongoDB, duplicate keys on update are reported as such, and queries use the collection's indexes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,10 +107,16 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeo
 
 
 class DevDatabase:
-    """A dev database process: start() returns its MongoDB URI."""
+    """A dev database process: start() returns its MongoDB URI. `flags` are passed on to
+    tools/devdb (e.g. `-disable-pushdown`)."""
 
     def __init__(
-        self, data_dir: Path | None = None, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None
+        self,
+        data_dir: Path | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        log_file: Path | None = None,
+        flags: Sequence[str] = (),
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
@@ -119,6 +126,7 @@ class DevDatabase:
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
+        self.flags = tuple(flags)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -130,7 +138,16 @@ class DevDatabase:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(  # noqa: S603 - our own binary
-            [str(binary), "-listen", f"{self.host}:{self.port}", "-data", str(self.data_dir), "-log-level", "error"],
+            [
+                str(binary),
+                "-listen",
+                f"{self.host}:{self.port}",
+                "-data",
+                str(self.data_dir),
+                "-log-level",
+                "error",
+                *self.flags,
+            ],
             stdout=log,
             stderr=log,
         )

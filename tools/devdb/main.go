@@ -23,6 +23,7 @@ func main() {
 	dataDir := flag.String("data", ".cache/devdb/data", "directory for the SQLite files")
 	logLevel := flag.String("log-level", "warn", "log level: debug, info, warn, error")
 	pprofAddr := flag.String("pprof", "", "serve Go's pprof profiles on this address (off when empty; for profiling the database)")
+	disablePushdown := flag.Bool("disable-pushdown", false, "filter every query in Go over whole collections, using no index (for comparing answers)")
 	flag.Parse()
 
 	var level slog.Level
@@ -48,7 +49,8 @@ func main() {
 		// WAL (FerretDB's default) with synchronous=NORMAL: commits survive a crash of this
 		// process, and a power loss may drop the last ones; a full fsync per commit would make
 		// every write wait on the disk, which a development database does not need.
-		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(normal)",
+		SQLiteURL:       "file:" + dir + "/?_pragma=synchronous(normal)",
+		DisablePushdown: *disablePushdown,
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "devdb: %v\n", err)

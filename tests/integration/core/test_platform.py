@@ -38,8 +38,9 @@ async def test_indexes_one_per_call_and_ttl_tolerated(database: AsyncDatabase[Do
 
 
 async def test_indexes_keep_their_contract(database: AsyncDatabase[Document]) -> None:
-    """Whatever the server builds underneath (the dev database builds only unique indexes), every
-    index is listed and dropped as asked, unique ones are enforced and queries answer the same."""
+    """Whatever the server builds underneath (the dev database builds unique indexes on JSON text
+    and the others on SQL values), every index is listed and dropped as asked, unique ones are
+    enforced and queries answer the same."""
     items = database.indexed
     await ensure_index(items, [("kind", 1), ("at", -1)])
     await ensure_index(items, [("code", 1)], unique=True)
