@@ -17,16 +17,28 @@ entries are never deleted one by one, only purged oldest first with their record
 An entry is appended before its record is written, so no record is ever missing from its feed;
 an entry may point to a record that never came to be or is gone (a start refused downstream
 deletes its record): readers skip those.
+
+`read_page` is the listing every feed serves (AIP-132/158): newest first from a cursor, a filter
+applied to each page's candidates, and at most `max_candidates` of them read per request, so a
+selective filter answers a short (even empty) page with a next-page cursor instead of walking
+the whole history in one request. Page tokens carry the cursor and are bound to the filter they
+were made with (`encode_token`/`decode_token`).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.core.batching import InsertBatcher
+from services.core.errors import invalid_argument
 from services.core.mongo import Document, ensure_index, purge_before, put_by_id
 
 HINT_EVERY = 16
@@ -133,3 +145,69 @@ class Feed:
             if len(self._heads) > 100_000:
                 self._heads.clear()
             self._heads[owner] = number
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class FeedPage(Generic[R]):
+    items: list[R]
+    # The feed number the next page starts below; 0: there is no next page.
+    next_before: int
+
+
+async def read_page(
+    feed: Feed,
+    owner: str,
+    before: int,
+    size: int,
+    load: Callable[[Sequence[str]], Awaitable[list[R]]],
+    matches: Callable[[R], bool] | None = None,
+    ended: Callable[[R], bool] | None = None,
+    max_candidates: int = 500,
+) -> FeedPage[R]:
+    """Up to `size` of `owner`'s records below feed number `before` (0: from the newest) that
+    `matches` keeps, newest first. `load` reads the records of a list of ids, in that order,
+    leaving out those that are gone; `ended` says a record is older than anything wanted (a
+    creation-time bound), which ends the listing."""
+    found: list[R] = []
+    read = 0
+    while len(found) < size and read < max_candidates:
+        batch = min(size - len(found), max_candidates - read) if matches else size - len(found)
+        entries = await feed.page(owner, before, batch)
+        if not entries:
+            return FeedPage(found, 0)
+        read += len(entries)
+        for record in await load([entry.record_id for entry in entries]):
+            if ended is not None and ended(record):
+                return FeedPage(found, 0)
+            if matches is None or matches(record):
+                found.append(record)
+        before = entries[-1].number
+        if before <= 1:
+            return FeedPage(found, 0)
+    return FeedPage(found, before)
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def encode_token(before: int, filter_text: str) -> str:
+    raw = json.dumps([before, _fingerprint(filter_text)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, filter_text: str) -> int:
+    """The feed number the next page starts below; the token is bound to the filter it was made with."""
+    try:
+        before, fingerprint = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        valid = isinstance(before, int) and before > 0 and isinstance(fingerprint, str)
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise invalid_argument([("page_token", "is not a token from a previous page")])
+    if fingerprint != _fingerprint(filter_text):
+        raise invalid_argument([("page_token", "was made for another filter; start again without it")])
+    return int(before)

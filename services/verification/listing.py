@@ -17,12 +17,10 @@ The filter grammar is the AIP-160 subset a dashboard needs: comparisons joined b
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +30,7 @@ from otpgate.verification.v1 import verification_pb2
 
 from services.core.clock import as_utc
 from services.core.errors import Violations, invalid_argument
+from services.core.feed import decode_token, encode_token, read_page
 from services.core.phone import InvalidPhoneError, parse_phone
 from services.verification.codes import View
 from services.verification.store import PHONE_INDEX
@@ -63,6 +62,10 @@ class Filter:
 
     def matches(self, view: View) -> bool:
         return all(condition(view) for condition in self.conditions)
+
+    def ended(self, view: View) -> bool:
+        """Older than any verification the filter wants: the listing ends here."""
+        return self.oldest is not None and _created(view) < self.oldest
 
 
 def _unquote(raw: str) -> str:
@@ -161,29 +164,6 @@ def parse_filter(text: str, blind_index: Callable[[str], str]) -> Filter:
     return parsed
 
 
-def _fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def encode_token(before: int, filter_text: str) -> str:
-    raw = json.dumps([before, _fingerprint(filter_text)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_token(token: str, filter_text: str) -> int:
-    """The feed number the next page starts below; the token is bound to the filter it was made with."""
-    try:
-        before, fingerprint = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        valid = isinstance(before, int) and before > 0 and isinstance(fingerprint, str)
-    except (ValueError, TypeError):
-        valid = False
-    if not valid:
-        raise invalid_argument([("page_token", "is not a token from a previous page")])
-    if fingerprint != _fingerprint(filter_text):
-        raise invalid_argument([("page_token", "was made for another filter; start again without it")])
-    return int(before)
-
-
 async def list_verifications(
     verifier: Verifier, request: verification_pb2.ListVerificationsRequest
 ) -> verification_pb2.ListVerificationsResponse:
@@ -194,33 +174,24 @@ async def list_verifications(
     size = request.page_size or DEFAULT_PAGE_SIZE
     wanted = parse_filter(request.filter, lambda e164: verifier.keyring.blind_index(PHONE_INDEX, e164))
     before = decode_token(request.page_token, wanted.text) if request.page_token else 0
-    feed = verifier.store.feed
-    found: list[View] = []
-    read = 0
-    next_before = 0
-    while len(found) < size and read < MAX_CANDIDATES:
-        batch = min(size - len(found), MAX_CANDIDATES - read) if wanted.conditions else size - len(found)
-        entries = await feed.page(request.client_id, before, batch)
-        if not entries:
-            next_before = 0
-            break
-        read += len(entries)
-        ids = [entry.record_id for entry in entries]
-        cursor = verifier.store.verifications.find({"_id": {"$in": ids}, "client_id": request.client_id})
+    store = verifier.store
+
+    async def load(ids: Sequence[str]) -> list[View]:
+        cursor = store.verifications.find({"_id": {"$in": list(ids)}, "client_id": request.client_id})
         records = {str(doc["_id"]): doc async for doc in cursor}
-        ordered = [records[record_id] for record_id in ids if record_id in records]
-        ended = False
-        for view in await verifier.engine.views(ordered):
-            if wanted.oldest is not None and _created(view) < wanted.oldest:
-                ended = True
-                break
-            if wanted.matches(view):
-                found.append(view)
-        before = entries[-1].number
-        next_before = 0 if ended or before <= 1 else before
-        if ended or next_before == 0:
-            break
-    reply = verification_pb2.ListVerificationsResponse(verifications=[verifier.to_proto(v) for v in found])
-    if next_before:
-        reply.next_page_token = encode_token(next_before, wanted.text)
+        return await verifier.engine.views([records[record_id] for record_id in ids if record_id in records])
+
+    page = await read_page(
+        store.feed,
+        request.client_id,
+        before,
+        size,
+        load,
+        matches=wanted.matches if wanted.conditions else None,
+        ended=wanted.ended,
+        max_candidates=MAX_CANDIDATES,
+    )
+    reply = verification_pb2.ListVerificationsResponse(verifications=[verifier.to_proto(v) for v in page.items])
+    if page.next_before:
+        reply.next_page_token = encode_token(page.next_before, wanted.text)
     return reply
