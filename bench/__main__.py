@@ -214,7 +214,7 @@ async def ceiling(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str,
     return report
 
 
-CPU_COLUMNS = ("edge", "delivery", "directory", "botgateway", "verification", "database")
+CPU_COLUMNS = ("edge", "delivery", "directory", "botgateway", "verification", "telegramsim", "database")
 
 
 def fmt(value: Any) -> str:
@@ -230,7 +230,7 @@ def table(report: dict[str, Any]) -> str:
     lines.append("Send (edge SendMessage over gRPC, Telegram limits raised) vs floor (same DB operations, direct)")
     header = (
         f"{'conc':>5} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'rcv p50':>8} {'rcv p99':>8} "
-        f"{'floor/s':>8} {'fl p99':>8} {'pipe/fl':>7} {'errors':>8}  cpu% edge/deliv/dir/bot/verif/db/driver"
+        f"{'floor/s':>8} {'fl p99':>8} {'pipe/fl':>7} {'errors':>8}  cpu% edge/deliv/dir/bot/verif/tgsim/db/driver"
     )
     lines.append(header)
     for row in pipe.get("send", []):
@@ -271,7 +271,7 @@ def table(report: dict[str, Any]) -> str:
                 f"Telegram ceiling, {'one bot' if name == 'one_bot' else 'three bots'}: {row['received']}/"
                 f"{row['messages']} msgs in {row['seconds']:.1f} s = {row['rate']:.2f} msg/s / {limit} = "
                 f"{row['ratio']:.3f}; flood errors {row['flood_errors']}; bucket retries "
-                f"{row['bot_rate_limited_retries']}; per bot {row['per_bot']}; cpu% edge/deliv/dir/bot/verif/db "
+                f"{row['bot_rate_limited_retries']}; per bot {row['per_bot']}; cpu% edge/deliv/dir/bot/verif/tgsim/db "
                 + "/".join(fmt(row.get("service_cpu_pct", {}).get(k, 0.0)) for k in CPU_COLUMNS)
             )
     return "\n".join(lines)

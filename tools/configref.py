@@ -23,14 +23,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
-from services.core.config import DEFAULT_PORTS, SETTINGS, Env, Setting, load_common  # noqa: E402
+from services.core.config import (  # noqa: E402
+    DEFAULT_PORTS,
+    SETTINGS,
+    SIMULATOR,
+    SIMULATOR_PORT,
+    Env,
+    Setting,
+    load_common,
+)
 
 OUTPUT = ROOT / "docs" / "configuration.md"
-SERVICES = ("edge", "delivery", "verification", "directory", "botgateway")
+SERVICES = ("edge", "delivery", "verification", "directory", "botgateway", SIMULATOR)
 
 
 def collect() -> dict[str, Setting]:
-    """Every setting the five services declare (common ones and their own)."""
+    """Every setting the services declare (common ones and their own), the simulated Telegram's too."""
     SETTINGS.clear()
     missing = []
     for name in SERVICES:
@@ -177,7 +185,7 @@ def render(settings: dict[str, Setting]) -> str:
         "",
         "## Every service",
         "",
-        "Read by all five services (each service also has its own `OTPGATE_<SERVICE>_...` variables below).",
+        "Read by every service (each also has its own `OTPGATE_<SERVICE>_...` variables below).",
         "",
         *_table(everywhere),
         "",
@@ -190,12 +198,17 @@ def render(settings: dict[str, Setting]) -> str:
             "",
         ]
     for name in SERVICES:
-        port = DEFAULT_PORTS[name]
+        port = SIMULATOR_PORT if name == SIMULATOR else DEFAULT_PORTS[name]
         own = [s for s in by_service[name] if not any(s.name.startswith(p) for _, p, _ in SMS_PROVIDERS)]
+        only = (
+            " Dev and sandbox mode only: the simulated Telegram; it refuses to start in production."
+            if name == SIMULATOR
+            else ""
+        )
         out += [
             f"## {name}",
             "",
-            f"`python -m services.{name}` (gRPC port {port} by default).",
+            f"`python -m services.{name}` (gRPC port {port} by default).{only}",
             "",
             *_table(own),
             "",

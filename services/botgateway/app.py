@@ -11,19 +11,24 @@ from pymongo import AsyncMongoClient
 
 from services.botgateway.conversation import Conversation
 from services.botgateway.gateway import Gateway
-from services.botgateway.limiter import Rate, SendLimiter
+from services.botgateway.limiter import SendLimiter
 from services.botgateway.registry import BotRegistry, parse_bot_tokens
-from services.botgateway.sandbox import SandboxLimits, SandboxTransport, SimulatedTelegram
-from services.botgateway.service import BotGatewayServicer, SandboxServicer
+from services.botgateway.sandbox_link import GrpcLink, sandbox_client_factory
+from services.botgateway.service import BotGatewayServicer
 from services.botgateway.sessions import BotSessions, instance_id
 from services.botgateway.store import GatewayStore
 from services.botgateway.telethon_transport import TelethonTransport
 from services.botgateway.transport import Transport
+from services.core.buckets import Rate
 from services.core.clock import Clock, SystemClock
-from services.core.config import DEFAULT_SHARED_BOTS, CommonConfig, ConfigError, Env
+from services.core.config import DEFAULT_SHARED_BOTS, SIMULATOR, CommonConfig, ConfigError, Env, read_mode
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.mongo import Document
+
+# Sandbox mode needs no Telegram application: the simulated Telegram takes any, but not none.
+SANDBOX_API_ID = 1
+SANDBOX_API_HASH = "0" * 32
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,6 @@ class BotGatewayConfig:
     bot_burst: int
     chat_rate: float
     chat_burst: int
-    sandbox_limits: SandboxLimits
     lease_ttl: float
     lease_renew: float
     deletion_interval: float
@@ -56,11 +60,9 @@ def load_config(env: Env) -> BotGatewayConfig:
         tokens = {}
     api_id = env.integer("OTPGATE_TELEGRAM_API_ID", 0, "Telegram api_id for MTProto (my.telegram.org)", min=0)
     api_hash = env.text("OTPGATE_TELEGRAM_API_HASH", "", "Telegram api_hash matching the api_id", secret=True)
-    # The same variables load_common reads: outside sandbox mode the real Telegram needs credentials.
-    environment = env.text(
-        "OTPGATE_ENV", "dev", "dev or production; production refuses dev shortcuts", choices=("dev", "production")
-    )
-    if not env.flag("OTPGATE_SANDBOX", environment == "dev", "use the sandbox Telegram and SMS providers"):
+    # Outside sandbox mode the real Telegram needs credentials.
+    _, sandbox = read_mode(env)
+    if not sandbox:
         env.errors.extend(
             production_problems(
                 api_id,
@@ -77,12 +79,6 @@ def load_config(env: Env) -> BotGatewayConfig:
         bot_burst=env.integer("OTPGATE_BOTGATEWAY_BOT_BURST", 10, "messages a bot may send at once", min=1),
         chat_rate=env.number("OTPGATE_BOTGATEWAY_CHAT_RATE", 1.0, "messages per second per chat", min=0.01),
         chat_burst=env.integer("OTPGATE_BOTGATEWAY_CHAT_BURST", 3, "messages a chat may receive at once", min=1),
-        sandbox_limits=SandboxLimits(
-            bot_rate=env.number("OTPGATE_SANDBOX_BOT_RATE", 30.0, "sandbox Telegram: messages/s per bot", min=0.01),
-            bot_burst=env.integer("OTPGATE_SANDBOX_BOT_BURST", 30, "sandbox Telegram: burst per bot", min=1),
-            chat_rate=env.number("OTPGATE_SANDBOX_CHAT_RATE", 1.0, "sandbox Telegram: messages/s per chat", min=0.01),
-            chat_burst=env.integer("OTPGATE_SANDBOX_CHAT_BURST", 5, "sandbox Telegram: burst per chat", min=1),
-        ),
         lease_ttl=env.number("OTPGATE_BOTGATEWAY_LEASE_TTL", 30.0, "seconds a bot session lease lasts", min=3.0),
         lease_renew=env.number("OTPGATE_BOTGATEWAY_LEASE_RENEW", 10.0, "seconds between lease renewals", min=0.5),
         deletion_interval=env.number(
@@ -113,7 +109,6 @@ class BotGatewayApp(ServiceApp):
     gateway: Gateway | None = None
     registry: BotRegistry | None = None
     sessions: BotSessions | None = None
-    telegram: SimulatedTelegram | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -124,9 +119,8 @@ async def build_app(
     clock: Clock | None = None,
     *,
     transport: Transport | None = None,
-    telegram: SimulatedTelegram | None = None,
 ) -> BotGatewayApp:
-    """`transport`/`telegram` let tests run two gateway instances against one simulated Telegram."""
+    """`transport` lets tests put Telethon in front of a Telegram of their own."""
     clock = clock or SystemClock()
     if not common.sandbox and transport is None:
         missing = production_problems(config.api_id, config.api_hash, config.bot_tokens, common.shared_bots)
@@ -135,10 +129,14 @@ async def build_app(
     store = GatewayStore(client[common.database], common.keyring)
     await store.create_indexes()
     holder = instance_id()
+    link: GrpcLink | None = None
     if transport is None:
         if common.sandbox:
-            telegram = telegram or SimulatedTelegram(config.sandbox_limits, clock=clock)
-            transport = SandboxTransport(telegram, holder)
+            # The same Telethon transport, with the simulated Telegram (its own process) as Telegram.
+            link = GrpcLink(common.addresses[SIMULATOR], timeout=max(common.rpc_timeout, 10.0))
+            transport = TelethonTransport(
+                config.api_id or SANDBOX_API_ID, config.api_hash or SANDBOX_API_HASH, sandbox_client_factory(link)
+            )
         else:
             transport = TelethonTransport(config.api_id, config.api_hash)
     limiter = SendLimiter(Rate(config.bot_rate, config.bot_burst), Rate(config.chat_rate, config.chat_burst))
@@ -171,7 +169,7 @@ async def build_app(
         store, transport, limiter, sessions, conversation, directory, clock, rpc_timeout=common.rpc_timeout
     )
     registry = BotRegistry(store, transport, sessions, clock)
-    await registry.ensure_config_bots(common.shared_bots, config.bot_tokens, telegram if common.sandbox else None)
+    await registry.ensure_config_bots(common.shared_bots, config.bot_tokens, common.sandbox)
     await sessions.tick()
 
     servicers: list[tuple[object, object, str]] = [
@@ -181,14 +179,6 @@ async def build_app(
             botgateway_pb2.DESCRIPTOR.services_by_name["BotGatewayService"].full_name,
         )
     ]
-    if common.sandbox and telegram is not None:
-        servicers.append(
-            (
-                botgateway_pb2_grpc.add_SandboxServiceServicer_to_server,
-                SandboxServicer(telegram, sessions),
-                botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
-            )
-        )
 
     async def run_sessions() -> None:
         await sessions.run()
@@ -196,20 +186,24 @@ async def build_app(
     async def run_deletions() -> None:
         await gateway.run_deletions(config.deletion_interval)
 
+    async def purge_handled() -> None:
+        await gateway.run_purge()
+
     async def stop() -> None:
         await gateway.close()
         await sessions.close()
         await directory_channel.close()
         await verification_channel.close()
+        if link is not None:
+            await link.channel.close()
 
     return BotGatewayApp(
         name="botgateway",
         servicers=servicers,  # type: ignore[arg-type]
         database=store.db,
-        background=[run_sessions, run_deletions],
+        background=[run_sessions, run_deletions, purge_handled],
         on_stop=[stop],
         gateway=gateway,
         registry=registry,
         sessions=sessions,
-        telegram=telegram if common.sandbox else None,
     )

@@ -1,9 +1,21 @@
-"""Sending and receiving through the bots: limits, error mapping, scheduled deletions, events."""
+"""Sending and receiving through the bots: limits, error mapping, scheduled deletions, events.
+
+An incoming update is handled once per bot and incoming message (or qts), whatever happens
+around it: a replay after a crash between handling and keeping the update state, a second look
+after a handover, a retry. The handled_updates collection records each one: taken before the
+conversation runs, its decided replies kept before they are sent, done after. A replay of a done
+update does nothing; one left midway sends the replies decided then without deciding again (so a
+typed code is submitted once); the replies carry random_ids derived from the update, so a reply
+that did reach Telegram before a crash is refused as a duplicate instead of arriving twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from otpgate.common.v1 import common_pb2
@@ -15,13 +27,22 @@ from services.botgateway.limiter import FloodPaused, RateLimited, SendLimiter
 from services.botgateway.sessions import BotSessions
 from services.botgateway.store import GatewayStore
 from services.botgateway.transport import (
+    AlreadySent,
+    BotDeactivated,
     BotNotRunning,
     BotStopped,
+    ChatWriteForbidden,
+    DeleteForbidden,
     FloodWait,
     IncomingEvent,
+    Keyboard,
+    MessageTooLong,
     OutgoingMessage,
     Peer,
+    PeerFlood,
     PeerInvalid,
+    RecipientIsBot,
+    SessionInvalid,
     Transport,
     TransportError,
     UserBlocked,
@@ -35,6 +56,42 @@ log = get_logger(__name__)
 
 MAX_DELETE_AFTER = timedelta(hours=48)
 REPLY_BUDGET = 10.0  # how long an answer to a person may wait for the limiter
+# How long one replica holds an incoming update it is handling before another may take it over.
+HANDLING_HOLD = timedelta(seconds=60)
+# PEER_FLOOD names no duration: the bot pauses this long before sending again.
+PEER_FLOOD_PAUSE = 60.0
+
+
+class UpdateBusy(Exception):
+    """Another replica is handling this update right now; try again when its hold runs out."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"handled elsewhere; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+def reply_random_id(bot_id: str, update_key: str, index: int) -> int:
+    """The random_id of the index-th reply to an update: the same every time the update is handled."""
+    digest = hashlib.sha256(f"otpgate-reply/{bot_id}/{update_key}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True) or 1
+
+
+def reply_doc(reply: OutgoingMessage) -> dict[str, Any]:
+    keyboard = reply.keyboard
+    return {
+        "text": reply.text,
+        "protect_content": reply.protect_content,
+        "silent": reply.silent,
+        "contact_button": keyboard.request_contact_label if keyboard else "",
+        "remove_keyboard": bool(keyboard and keyboard.remove),
+    }
+
+
+def reply_from(doc: dict[str, Any]) -> OutgoingMessage:
+    keyboard = None
+    if doc.get("contact_button") or doc.get("remove_keyboard"):
+        keyboard = Keyboard(str(doc.get("contact_button") or ""), bool(doc.get("remove_keyboard")))
+    return OutgoingMessage(str(doc["text"]), bool(doc.get("protect_content")), bool(doc.get("silent")), keyboard)
 
 
 def bot_unavailable(bot_id: str) -> ServiceError:
@@ -143,12 +200,40 @@ class Gateway:
         except PeerInvalid:
             metrics.bot_messages.labels(bot_id, "not_connected").inc()
             raise failed_precondition("NOT_CONNECTED", "the bot cannot reach this person") from None
-        except BotNotRunning:
+        except RecipientIsBot:
+            metrics.bot_messages.labels(bot_id, "recipient_is_bot").inc()
+            raise failed_precondition("RECIPIENT_IS_BOT", "the recipient is a bot; bots cannot message bots") from None
+        except MessageTooLong:
+            metrics.bot_messages.labels(bot_id, "too_long").inc()
+            raise failed_precondition(
+                "MESSAGE_TOO_LONG", "Telegram refused the text as too long (4096 UTF-16 units at most)"
+            ) from None
+        except ChatWriteForbidden:
+            metrics.bot_messages.labels(bot_id, "write_forbidden").inc()
+            raise failed_precondition("CHAT_WRITE_FORBIDDEN", "the bot may not write to this person") from None
+        except PeerFlood:
+            self.limiter.pause(bot_id, PEER_FLOOD_PAUSE)
+            metrics.bot_messages.labels(bot_id, "peer_flood").inc()
+            log.warning("bot_peer_flood", bot=bot_id, pause_seconds=PEER_FLOOD_PAUSE)
+            raise resource_exhausted(
+                "PEER_FLOOD",
+                "Telegram limits this bot for sending too much",
+                PEER_FLOOD_PAUSE,
+                [(bot_id, "peer flood")],
+            ) from None
+        except BotDeactivated:
+            metrics.bot_messages.labels(bot_id, "bot_banned").inc()
+            log.error("bot_deactivated_by_telegram", bot=bot_id)
+            raise failed_precondition("BOT_BANNED", "Telegram deactivated this bot") from None
+        except AlreadySent:
+            metrics.bot_messages.labels(bot_id, "already_sent").inc()
+            return 0
+        except (BotNotRunning, SessionInvalid):
             metrics.bot_messages.labels(bot_id, "unavailable").inc()
             raise bot_unavailable(bot_id) from None
         except TransportError as exc:
             metrics.bot_messages.labels(bot_id, "error").inc()
-            log.warning("bot_send_failed", bot=bot_id, error=type(exc).__name__)
+            log.warning("bot_send_failed", bot=bot_id, error=str(exc) or type(exc).__name__)
             raise unavailable("BOT_UNAVAILABLE", "Telegram refused the message", retry_after=1.0) from None
         metrics.bot_messages.labels(bot_id, "sent").inc()
         return message_id
@@ -170,26 +255,44 @@ class Gateway:
     # Receiving ----------------------------------------------------------------------------
 
     async def handle_event(self, event: IncomingEvent) -> list[int]:
-        """An event from Telegram: run the conversation, send its replies, return their ids."""
+        """An event from Telegram, handled once (see the module docstring); the ids of its replies."""
+        claim = await self.store.claim_update(
+            event.bot_id, event.key, self.sessions.holder, self.clock.now(), HANDLING_HOLD
+        )
+        if claim.outcome == "done":
+            metrics.updates_replayed.labels(event.bot_id).inc()
+            return claim.sent or []
+        if claim.outcome == "busy":
+            assert claim.busy_until is not None
+            raise UpdateBusy(max(1.0, (claim.busy_until - self.clock.now()).total_seconds()))
         metrics.bot_updates.labels(event.bot_id, type(event).__name__).inc()
         if isinstance(event, BotStopped):
             await self.conversation.handle(event, "en")
+            await self.store.finish_update(claim.id, [], self.clock.now())
             return []
         sender = event.sender
         peer = await self.store.remember_peer(
             event.bot_id, sender.user_id, sender.access_hash, sender.language_code, self.clock.now()
         )
-        language = texts.language_of(sender.language_code or peer.language_code)
-        replies = await self.conversation.handle(event, language)
+        if claim.replies is not None:
+            replies = [reply_from(doc) for doc in claim.replies]  # decided before a crash or handover
+        else:
+            language = texts.language_of(sender.language_code or peer.language_code)
+            replies = await self.conversation.handle(event, language)
+            await self.store.record_replies(claim.id, [reply_doc(reply) for reply in replies])
+        # A short update may carry no access hash (and a restarted client's cache none): use the kept one.
+        to = Peer(sender.user_id, sender.access_hash or peer.access_hash)
         sent: list[int] = []
-        for reply in replies:
+        for index, reply in enumerate(replies):
+            reply = replace(reply, random_id=reply_random_id(event.bot_id, event.key, index))
             try:
-                sent.append(
-                    await self._send(event.bot_id, Peer(sender.user_id, sender.access_hash), reply, REPLY_BUDGET)
-                )
+                sent.append(await self._send(event.bot_id, to, reply, REPLY_BUDGET))
             except ServiceError as err:
                 log.warning("bot_reply_failed", bot=event.bot_id, reason=err.reason)
+                if err.code.name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+                    raise  # not done: handled again (resumed) when the update comes back
                 break
+        await self.store.finish_update(claim.id, [i for i in sent if i], self.clock.now())
         return sent
 
     # Deletions ----------------------------------------------------------------------------
@@ -216,7 +319,8 @@ class Gateway:
                 metrics.deletions.labels("retry").inc()
                 continue
             except TransportError as exc:
-                if deletion.attempts < 5 and not isinstance(exc, PeerInvalid | UserDeactivated | UserBlocked):
+                permanent = PeerInvalid | UserDeactivated | UserBlocked | DeleteForbidden
+                if deletion.attempts < 5 and not isinstance(exc, permanent):
                     metrics.deletions.labels("retry").inc()
                     continue
                 log.info("bot_delete_gave_up", bot=deletion.bot_id, error=type(exc).__name__)
@@ -233,6 +337,15 @@ class Gateway:
                 await self.delete_due()
             except Exception:
                 log.exception("bot_deletions_failed")
+            await asyncio.sleep(interval)
+
+    async def run_purge(self, interval: float = 3600.0) -> None:
+        """Forget handled updates past their retention (where TTL indexes are not available)."""
+        while True:
+            try:
+                await self.store.purge_handled(self.clock.now())
+            except Exception:
+                log.exception("bot_handled_purge_failed")
             await asyncio.sleep(interval)
 
     async def close(self) -> None:

@@ -7,8 +7,36 @@ from prometheus_client import Counter, Gauge, Histogram
 bot_messages = Counter(
     "otpgate_bot_messages_total",
     "Messages the bots tried to send, by outcome (sent, blocked, not_connected, deactivated, flood_wait, "
-    "rate_limited, stopped, unavailable, error).",
+    "rate_limited, stopped, unavailable, recipient_is_bot, too_long, write_forbidden, peer_flood, bot_banned, "
+    "already_sent, error).",
     ("bot", "outcome"),
+)
+telegram_errors = Counter(
+    "otpgate_bot_telegram_errors_total",
+    "Telegram errors without an outcome of their own (answered as BOT_UNAVAILABLE), by Telegram's name.",
+    ("bot", "error"),
+)
+differences = Counter(
+    "otpgate_bot_differences_total",
+    "How updates.getDifference answered, per bot: empty, difference, slice, too_long (updates were lost), "
+    "failed (retried), state_reset (the kept state was ahead of Telegram's).",
+    ("bot", "kind"),
+)
+session_replacements = Counter(
+    "otpgate_bot_session_replacements_total",
+    "Saved sessions replaced by a login with the token: refused (AUTH_KEY_UNREGISTERED, SESSION_REVOKED, "
+    "AUTH_KEY_DUPLICATED) or another_bot (the session logged in as a different bot).",
+    ("bot", "reason"),
+)
+updates_replayed = Counter(
+    "otpgate_bot_updates_replayed_total",
+    "Incoming updates seen again (after a restart or handover) and not handled twice.",
+    ("bot",),
+)
+updates_failed = Counter(
+    "otpgate_bot_updates_failed_total",
+    "Incoming updates whose handling failed after retries (the session restarts and catches up).",
+    ("bot",),
 )
 flood_waits = Counter("otpgate_bot_flood_waits_total", "Telegram flood waits received, per bot.", ("bot",))
 bot_sessions = Gauge(

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 from otpgate.common.v1 import common_pb2
 
-from services.botgateway.sandbox import SimulatedTelegram, sandbox_token
 from services.botgateway.sessions import BotSessions
 from services.botgateway.store import BotAlreadyRegistered, BotRecord, GatewayStore
 from services.botgateway.transport import FloodWait, TokenInvalid, Transport, TransportError
@@ -26,6 +25,7 @@ from services.core.errors import (
     unavailable,
 )
 from services.core.logging import get_logger
+from services.core.sandbox import sandbox_token
 
 log = get_logger(__name__)
 
@@ -79,18 +79,13 @@ class BotRegistry:
     sessions: BotSessions
     clock: Clock
 
-    async def ensure_config_bots(
-        self, shared_bots: list[str], tokens: dict[str, str], telegram: SimulatedTelegram | None
-    ) -> None:
-        """Make every configured shared bot exist (in sandbox mode also inside the simulated Telegram)."""
+    async def ensure_config_bots(self, shared_bots: list[str], tokens: dict[str, str], sandbox: bool) -> None:
+        """Make every configured shared bot exist (in sandbox mode with the token the simulated
+        Telegram gave it, unless one is configured)."""
         now = self.clock.now()
         for raw_id in shared_bots:
             bot_id = raw_id.lower()
-            token = tokens.get(bot_id, "")
-            if telegram is not None and not token:
-                token = sandbox_token(bot_id)
-            if telegram is not None:
-                telegram.add_bot(bot_id, token)
+            token = tokens.get(bot_id, "") or (sandbox_token(bot_id) if sandbox else "")
             if not token:
                 log.error("shared_bot_without_token", bot=bot_id)
                 continue
@@ -109,7 +104,9 @@ class BotRegistry:
                         now=now,
                     )
             elif existing.token != token or not existing.shared:
-                await self.store.update_config_bot(bot_id, token, now)
+                if existing.token != token:
+                    log.info("bot_token_changed", bot=bot_id)
+                await self.store.update_config_bot(bot_id, token, now, token_changed=existing.token != token)
 
     async def register(self, token: str, owner_client_id: str, shared: bool) -> BotRecord:
         problems = Violations()
@@ -122,7 +119,7 @@ class BotRegistry:
             )
         problems.raise_if_any()
         try:
-            identity, session = await self.transport.check_token(token)
+            identity, session, state = await self.transport.check_token(token)
         except TokenInvalid:
             raise invalid_argument([("token", "does not log in to Telegram as a bot")], "BOT_TOKEN_INVALID") from None
         except FloodWait as wait:
@@ -139,7 +136,11 @@ class BotRegistry:
                 if existing.token == token:
                     return existing  # the same registration again
                 # The owner reissued the token at BotFather: keep the bot, switch its credentials.
-                updated = await self.store.replace_token(existing.bot_id, token, session, self.clock.now())
+                # The kept update state stays if it is this account's (the same bot, a reissued token).
+                keep = existing.state_telegram_id == identity.telegram_id and existing.update_state is not None
+                updated = await self.store.replace_token(
+                    existing.bot_id, token, session, None if keep else state, self.clock.now()
+                )
                 await self.sessions.stop_bot(existing.bot_id)
                 await self.sessions.tick()
                 log.info("bot_token_replaced", bot=existing.bot_id)
@@ -156,6 +157,7 @@ class BotRegistry:
                 token=token,
                 session=session,
                 now=self.clock.now(),
+                update_state=state,
             )
         except BotAlreadyRegistered:
             raise already_exists("this bot is already registered", "BOT_ALREADY_REGISTERED") from None

@@ -4,6 +4,10 @@ live Telegram session for it (two live sessions give AUTH_KEY_DUPLICATED).
 Every tick renews the leases this replica holds, takes over bots whose lease lapsed, starts their
 sessions, and stops the sessions whose lease was lost. A replica considers its lease usable only
 until a safety margin before it expires, so it has stopped sending before anyone can take over.
+
+A session starts from the bot's kept handled update state (updates.py) and this class keeps that
+state as it advances, so a replica that takes a bot over continues where the last one stopped:
+nothing sent meanwhile is lost, and what the last one handled is not handled again (gateway.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from datetime import datetime, timedelta
 
 from services.botgateway import metrics
 from services.botgateway.store import BotRecord, GatewayStore
-from services.botgateway.transport import BotCredentials, FloodWait, TokenInvalid, Transport, TransportError
+from services.botgateway.transport import (
+    BotCredentials,
+    BotDeactivated,
+    FloodWait,
+    TokenInvalid,
+    Transport,
+    TransportError,
+    token_bot_id,
+)
+from services.botgateway.updates import StateWriter, UpdateState
 from services.core.clock import Clock
 from services.core.logging import get_logger
 
@@ -56,6 +69,28 @@ class BotSessions:
         # Every registered bot as of the last tick (read on each send without a database round trip).
         self.bots: dict[str, BotRecord] = {}
         self._lock = asyncio.Lock()
+        self._writers: dict[str, StateWriter] = {}
+        transport.set_state_keeper(self)
+
+    # Keeping the handled update state (the transport's StateKeeper) -------------------------------
+
+    def _writer(self, bot_id: str, telegram_id: int) -> StateWriter:
+        writer = self._writers.get(bot_id)
+        if writer is None:
+
+            async def write(state: UpdateState) -> None:
+                await self.store.save_update_state(bot_id, telegram_id, state)
+
+            writer = self._writers[bot_id] = StateWriter(write, what=bot_id)
+        return writer
+
+    def advance(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        self._writer(bot_id, telegram_id).submit(state)
+
+    async def keep(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        writer = self._writer(bot_id, telegram_id)
+        writer.submit(state)
+        await writer.flush()
 
     def live(self, bot_id: str) -> bool:
         """Whether this replica may send through the bot now."""
@@ -119,8 +154,14 @@ class BotSessions:
         if retry is not None and retry > now:
             await self.store.release_lease(bot.bot_id, self.holder)
             return
+        previous = self._writers.pop(bot.bot_id, None)
+        if previous is not None:  # a session that ended by itself
+            await previous.flush()
+        bot = await self.store.get_bot(bot.bot_id) or bot  # the state kept by whoever ran it last
+        # The kept state is the account's: used only when the token names that account.
+        kept = bot.update_state if bot.state_telegram_id == token_bot_id(bot.token) else None
         try:
-            identity, session = await self.transport.start_bot(BotCredentials(bot.bot_id, bot.token, bot.session))
+            started = await self.transport.start_bot(BotCredentials(bot.bot_id, bot.token, bot.session, kept))
         except FloodWait as wait:
             self._retry_after[bot.bot_id] = now + timedelta(seconds=wait.seconds)
             await self._failed(bot, "flood_wait")
@@ -130,15 +171,20 @@ class BotSessions:
             await self.store.clear_session(bot.bot_id, now)
             await self._failed(bot, "token_invalid")
             return
+        except BotDeactivated:
+            self._retry_after[bot.bot_id] = now + timedelta(minutes=5)
+            await self._failed(bot, "bot_deactivated")
+            return
         except (TransportError, OSError, ConnectionError) as exc:
             self._retry_after[bot.bot_id] = now + timedelta(seconds=self.renew_interval)
             await self._failed(bot, type(exc).__name__)
             return
         self._retry_after.pop(bot.bot_id, None)
+        identity = started.identity
         # Another replica may have served this bot meanwhile: forget what was cached about its peers.
         self.store.peer_cache.drop_where(bot_id=bot.bot_id)
-        if session and session != bot.session:
-            await self.store.save_session(bot.bot_id, session, now)
+        if started.session and started.session != bot.session:
+            await self.store.save_session(bot.bot_id, started.session, now)
         if identity.username and identity.username.lower() != bot.bot_id:
             log.warning("bot_username_mismatch", bot=bot.bot_id)
         self._usable_until[bot.bot_id] = expires - self.safety_margin
@@ -154,6 +200,9 @@ class BotSessions:
         self._usable_until.pop(bot_id, None)
         try:
             await self.transport.stop_bot(bot_id)
+            writer = self._writers.pop(bot_id, None)
+            if writer is not None:
+                await writer.flush()  # the state handled so far, before another replica may start
         finally:
             if release:
                 await self.store.release_lease(bot_id, self.holder)

@@ -1,4 +1,5 @@
-"""The gateway's own database: bots (sealed tokens and sessions), peers, leases, scheduled deletions."""
+"""The gateway's own database: bots (sealed tokens and sessions, handled update state), peers,
+leases, scheduled deletions, and the incoming updates handled (so none is handled twice)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.botgateway.updates import UpdateState
 from services.core.clock import as_utc
 from services.core.crypto import Keyring, SealContext
 from services.core.ids import new_id
-from services.core.mongo import Document, ensure_index
+from services.core.mongo import Document, ensure_index, purge_before
 
 BOTS = "bots"
 PEERS = "peers"
 LEASES = "leases"
 DELETIONS = "deletions"
+HANDLED = "handled_updates"
+HANDLED_RETENTION = timedelta(days=7)  # longer than Telegram keeps a difference for a bot
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class BotRecord:
     create_time: datetime
     token: str
     session: str
+    # The handled update state, and the Telegram account it belongs to (0: none kept).
+    update_state: UpdateState | None = None
+    state_telegram_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class Deletion:
 
 class BotAlreadyRegistered(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This replica's hold on handling one incoming update (see GatewayStore.claim_update)."""
+
+    id: str
+    outcome: str  # "new" | "resumed" (an earlier attempt stopped midway) | "done" | "busy"
+    replies: list[Document] | None = None  # decided by an earlier attempt, not all sent
+    sent: list[int] | None = None  # the reply ids of a finished one
+    busy_until: datetime | None = None
 
 
 def _peer_id(bot_id: str, user_id: int) -> str:
@@ -112,6 +130,7 @@ class GatewayStore:
         self.peers = database[PEERS]
         self.leases = database[LEASES]
         self.deletions = database[DELETIONS]
+        self.handled = database[HANDLED]
 
     async def create_indexes(self) -> None:
         await ensure_index(self.bots, [("telegram_id", 1)], unique=True)
@@ -120,6 +139,7 @@ class GatewayStore:
         await ensure_index(self.peers, [("bot_id", 1)])
         await ensure_index(self.deletions, [("due_time", 1)])
         await ensure_index(self.deletions, [("bot_id", 1), ("due_time", 1)])
+        await ensure_index(self.handled, [("create_time", 1)])
 
     # Bots ---------------------------------------------------------------------------
 
@@ -137,6 +157,8 @@ class GatewayStore:
             create_time=as_utc(doc["create_time"]),
             token=self.keyring.open_str(token, SealContext(BOTS, bot_id, "token_sealed")) if token else "",
             session=self.keyring.open_str(session, SealContext(BOTS, bot_id, "session_sealed")) if session else "",
+            update_state=UpdateState.from_doc(state) if (state := doc.get("update_state")) else None,
+            state_telegram_id=int((doc.get("update_state") or {}).get("telegram_id", 0)),
         )
 
     async def insert_bot(
@@ -151,6 +173,7 @@ class GatewayStore:
         token: str,
         session: str,
         now: datetime,
+        update_state: UpdateState | None = None,
     ) -> BotRecord:
         doc: Document = {
             "_id": bot_id,
@@ -165,32 +188,41 @@ class GatewayStore:
         }
         if session:
             doc["session_sealed"] = self.keyring.seal(session, SealContext(BOTS, bot_id, "session_sealed"))
+        if update_state is not None:
+            doc["update_state"] = {**update_state.to_doc(), "telegram_id": Int64(telegram_id)}
         try:
             await self.bots.insert_one(doc)
         except DuplicateKeyError:
             raise BotAlreadyRegistered(bot_id) from None
         return self._bot(doc)
 
-    async def update_config_bot(self, bot_id: str, token: str, now: datetime) -> None:
-        """A shared bot from configuration: its token may change between deployments."""
-        await self.bots.update_one(
-            {"_id": bot_id},
-            {
-                "$set": {
-                    "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
-                    "shared": True,
-                    "source": "config",
-                    "update_time": now,
-                }
-            },
-        )
+    async def update_config_bot(self, bot_id: str, token: str, now: datetime, *, token_changed: bool) -> None:
+        """A shared bot from configuration: its token may change between deployments. A new token
+        drops the old session (it was logged in with the old token, maybe as another bot); the update
+        state stays with the account it belongs to and is used only for that account."""
+        update: Document = {
+            "$set": {
+                "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
+                "telegram_id": Int64(int(token.split(":", 1)[0])),
+                "shared": True,
+                "source": "config",
+                "update_time": now,
+            }
+        }
+        if token_changed:
+            update["$unset"] = {"session_sealed": ""}
+        await self.bots.update_one({"_id": bot_id}, update)
 
-    async def replace_token(self, bot_id: str, token: str, session: str, now: datetime) -> BotRecord | None:
+    async def replace_token(
+        self, bot_id: str, token: str, session: str, state: UpdateState | None, now: datetime
+    ) -> BotRecord | None:
         """A new token for a registered bot (revoked and reissued at BotFather): new session too."""
         fields: Document = {
             "token_sealed": self.keyring.seal(token, SealContext(BOTS, bot_id, "token_sealed")),
             "update_time": now,
         }
+        if state is not None:
+            fields["update_state"] = {**state.to_doc(), "telegram_id": Int64(int(token.split(":", 1)[0]))}
         update: Document = {"$set": fields}
         if session:
             fields["session_sealed"] = self.keyring.seal(session, SealContext(BOTS, bot_id, "session_sealed"))
@@ -227,12 +259,19 @@ class GatewayStore:
     async def clear_session(self, bot_id: str, now: datetime) -> None:
         await self.bots.update_one({"_id": bot_id}, {"$unset": {"session_sealed": ""}, "$set": {"update_time": now}})
 
+    async def save_update_state(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        """The handled update state of the bot's account (written as it advances, coalesced)."""
+        await self.bots.update_one(
+            {"_id": bot_id}, {"$set": {"update_state": {**state.to_doc(), "telegram_id": Int64(telegram_id)}}}
+        )
+
     async def delete_bot(self, bot_id: str) -> bool:
         result = await self.bots.delete_one({"_id": bot_id})
         await self.peers.delete_many({"bot_id": bot_id})
         self.peer_cache.drop_where(bot_id=bot_id)
         await self.deletions.delete_many({"bot_id": bot_id})
         await self.leases.delete_one({"_id": bot_id})
+        await self.handled.delete_many({"bot_id": bot_id})
         return result.deleted_count > 0
 
     # Peers ----------------------------------------------------------------------------
@@ -395,3 +434,54 @@ class GatewayStore:
 
     async def pending_deletions(self, bot_id: str) -> int:
         return int(await self.deletions.count_documents({"bot_id": bot_id}))
+
+    # Handled updates ------------------------------------------------------------------------
+
+    async def claim_update(self, bot_id: str, key: str, holder: str, now: datetime, hold: timedelta) -> Claim:
+        """Take the handling of one incoming update (`key`: its message id or qts). An update handled
+        before is "done"; one an earlier attempt left midway (a crash, a lapsed lease) is "resumed"
+        once that attempt's hold ran out, with the replies it had decided; one another replica is
+        handling now is "busy"."""
+        claim_id = f"{bot_id}:{key}"
+        until = now + hold
+        try:
+            await self.handled.insert_one(
+                {
+                    "_id": claim_id,
+                    "bot_id": bot_id,
+                    "state": "handling",
+                    "holder": holder,
+                    "claim_until": until,
+                    "create_time": now,
+                }
+            )
+            return Claim(claim_id, "new")
+        except DuplicateKeyError:
+            pass
+        doc = await self.handled.find_one_and_update(
+            {"_id": claim_id, "state": {"$ne": "done"}, "$or": [{"holder": holder}, {"claim_until": {"$lte": now}}]},
+            {"$set": {"holder": holder, "claim_until": until}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return Claim(claim_id, "resumed", replies=doc.get("replies"))
+        doc = await self.handled.find_one({"_id": claim_id})
+        if doc is None:  # purged meanwhile: handled long ago
+            return Claim(claim_id, "done", sent=[])
+        if doc["state"] == "done":
+            return Claim(claim_id, "done", sent=[int(i) for i in doc.get("sent", [])])
+        return Claim(claim_id, "busy", busy_until=as_utc(doc["claim_until"]))
+
+    async def record_replies(self, claim_id: str, replies: list[Document]) -> None:
+        """What the conversation decided, before it is sent: a resumed attempt sends these, never
+        deciding again (no second confirmation submission)."""
+        await self.handled.update_one({"_id": claim_id}, {"$set": {"state": "replying", "replies": replies}})
+
+    async def finish_update(self, claim_id: str, sent: list[int], now: datetime) -> None:
+        await self.handled.update_one(
+            {"_id": claim_id},
+            {"$set": {"state": "done", "sent": sent, "finish_time": now}, "$unset": {"replies": ""}},
+        )
+
+    async def purge_handled(self, now: datetime) -> int:
+        return await purge_before(self.handled, "create_time", now - HANDLED_RETENTION)

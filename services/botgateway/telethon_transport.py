@@ -1,84 +1,148 @@
-"""The real transport: one Telethon TelegramClient per bot, all on this event loop.
+"""The transport: one Telethon TelegramClient per bot, all on this event loop.
 
-Bots log in with their token once; the StringSession is handed back to the caller to be kept
-sealed in MongoDB, so a restart reuses the authorisation instead of importing it again.
-Telethon's own errors are mapped onto the transport errors here, and raw updates are turned
-into the gateway's incoming events.
+Starting a bot:
+1. Connect with the saved session (sealed StringSession). If Telegram refuses it
+   (AUTH_KEY_UNREGISTERED, SESSION_REVOKED, AUTH_KEY_DUPLICATED) or it logs in as another bot than
+   the token names, log in with the token again (a FloodWait on login is the caller's to respect)
+   and hand back the new session to keep.
+2. The state to continue from: the kept handled state; for a bot without one, Telegram's state
+   now (updates.getState, then getDifference, as Telethon's login does), kept before anything is
+   received, so no update after it can be skipped; a kept state ahead of Telegram's (another
+   account's, or a reset) gives way to Telegram's.
+3. Subscribe to updates and catch up: Telethon fetches the difference from that state (slices,
+   "too long"), then updates arrive live. Each is dispatched to the handler in order per person,
+   and the ledger (updates.py) advances the handled state, which the state handler keeps.
+
+Telethon's errors become the transport's errors here, each with its own outcome (transport.py);
+an error without one is counted and logged by its Telegram name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from telethon import TelegramClient, errors, events
-from telethon.sessions import StringSession
+from telethon import errors, events
 from telethon.tl import functions, types
 
+from services.botgateway import metrics
+from services.botgateway.telethon_client import KeptSession, TrackedClient
 from services.botgateway.transport import (
+    AlreadySent,
     BotCredentials,
+    BotDeactivated,
     BotIdentity,
     BotNotRunning,
     BotStopped,
+    ChatWriteForbidden,
     ContactReceived,
+    DeleteForbidden,
     EventHandler,
     FloodWait,
     IncomingEvent,
     Keyboard,
+    MessageTooLong,
     OutgoingMessage,
     Peer,
+    PeerFlood,
     PeerInvalid,
+    RecipientIsBot,
     Sender,
+    SessionInvalid,
+    StartedBot,
+    StateKeeper,
     TextReceived,
     TokenInvalid,
     TransportError,
     UserBlocked,
     UserDeactivated,
+    token_bot_id,
 )
+from services.botgateway.updates import HandledLedger, PerPersonOrder, UpdateState
 from services.core.logging import get_logger
 
 log = get_logger(__name__)
 
-ClientFactory = Callable[[StringSession, int, str], TelegramClient]
+ClientFactory = Callable[[KeptSession, int, str, str], TrackedClient]
+DRAIN_SECONDS = 3.0  # how long a stopping bot lets the updates in hand finish
+RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # a handler that failed (e.g. the database is away) tries again
 
 
-def default_client_factory(session: StringSession, api_id: int, api_hash: str) -> TelegramClient:
-    return TelegramClient(
-        session,
-        api_id,
-        api_hash,
-        flood_sleep_threshold=0,  # never sleep inside Telethon: the gateway decides
-        request_retries=2,
-        receive_updates=True,
-        catch_up=False,
-        device_model="otpgate",
-        app_version="otpgate",
-    )
+def default_client_factory(session: KeptSession, api_id: int, api_hash: str, bot_id: str) -> TrackedClient:
+    return TrackedClient(session, api_id, api_hash, bot_id=bot_id)
+
+
+_MAPPED: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], TransportError]], ...] = (
+    ((errors.FloodWaitError, errors.FloodPremiumWaitError), lambda e: FloodWait(float(e.seconds))),
+    (errors.UserIsBlockedError, lambda e: UserBlocked("the user blocked the bot")),
+    (errors.InputUserDeactivatedError, lambda e: UserDeactivated("the account was deleted")),
+    ((errors.PeerIdInvalidError, errors.UserIdInvalidError), lambda e: PeerInvalid("the bot cannot address this user")),
+    (errors.UserIsBotError, lambda e: RecipientIsBot("bots cannot message bots")),
+    (errors.MessageTooLongError, lambda e: MessageTooLong("the text is over Telegram's limit")),
+    (errors.ChatWriteForbiddenError, lambda e: ChatWriteForbidden("the bot may not write in this chat")),
+    (errors.PeerFloodError, lambda e: PeerFlood("Telegram limits this bot for sending too much")),
+    (
+        (errors.UserDeactivatedBanError, errors.UserDeactivatedError),
+        lambda e: BotDeactivated("Telegram deactivated the bot's account"),
+    ),
+    (errors.RandomIdDuplicateError, lambda e: AlreadySent("Telegram has this message already")),
+    (errors.MessageDeleteForbiddenError, lambda e: DeleteForbidden("too late to delete the message")),
+    (
+        (errors.AccessTokenInvalidError, errors.AccessTokenExpiredError),
+        lambda e: TokenInvalid("the bot token is not valid"),
+    ),
+    (
+        (errors.AuthKeyUnregisteredError, errors.SessionRevokedError, errors.AuthKeyDuplicatedError),
+        lambda e: SessionInvalid(telegram_error_name(e)),
+    ),
+)
+
+
+def telegram_error_name(exc: BaseException) -> str:
+    """Telegram's name of an RPC error: AUTH_KEY_DUPLICATED for Telethon's AuthKeyDuplicatedError (whose
+    `message` is only its category); the message itself for an error Telethon has no class for."""
+    kind = type(exc)
+    if kind.__module__.endswith("rpcerrorlist"):
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", kind.__name__.removesuffix("Error")).upper()
+    return str(getattr(exc, "message", "") or kind.__name__)
 
 
 def map_error(exc: BaseException) -> TransportError | None:
-    """Telethon's errors as transport errors (None: not one we know)."""
-    if isinstance(exc, errors.FloodWaitError | errors.FloodPremiumWaitError):
-        return FloodWait(float(exc.seconds))
-    if isinstance(exc, errors.UserIsBlockedError):
-        return UserBlocked("the user blocked the bot")
-    if isinstance(exc, errors.InputUserDeactivatedError):
-        return UserDeactivated("the account was deleted")
-    if isinstance(exc, errors.PeerIdInvalidError | errors.UserIdInvalidError):
-        return PeerInvalid("the bot cannot address this user")
-    if isinstance(
-        exc,
-        errors.AccessTokenInvalidError
-        | errors.AccessTokenExpiredError
-        | errors.AuthKeyUnregisteredError
-        | errors.SessionRevokedError,
-    ):
-        return TokenInvalid("the bot token or session is not valid")
-    if isinstance(exc, errors.AuthKeyDuplicatedError):
-        return BotNotRunning("the session is used elsewhere")
+    """Telethon's errors as transport errors (None: not one with its own outcome)."""
+    for kinds, build in _MAPPED:
+        if isinstance(exc, kinds):
+            return build(exc)
     return None
+
+
+def transport_error(bot_id: str, exc: BaseException) -> TransportError:
+    """The transport error for an RPC error; an unmapped one is counted and logged by its name."""
+    mapped = map_error(exc)
+    if mapped is not None:
+        return mapped
+    name = telegram_error_name(exc)
+    metrics.telegram_errors.labels(bot_id, name).inc()
+    log.warning("telegram_error_unmapped", bot=bot_id, error=name, code=getattr(exc, "code", 0))
+    return TransportError(name)
+
+
+async def _me_or_refused(client: TrackedClient) -> Any:
+    """Connect with the saved session: who it logs in as; None when Telegram refuses it."""
+    try:
+        await client.connect()  # Telethon asks who it is already here when it knows no update state
+        return await client.get_me()
+    except (errors.UnauthorizedError, errors.AuthKeyError) as exc:
+        log.info("bot_session_refused", bot=client.bot_id, error=telegram_error_name(exc))
+        return None
+
+
+async def _signed_in(client: TrackedClient, token: str) -> Any:
+    await client.connect()
+    return await client.sign_in(bot_token=token)
 
 
 def reply_markup(keyboard: Keyboard | None) -> Any:
@@ -93,23 +157,26 @@ def reply_markup(keyboard: Keyboard | None) -> Any:
 
 
 def sent_message_id(result: Any, random_id: int) -> int:
-    """The bot-side id of a sent message, from what messages.sendMessage returned."""
+    """The bot-side id of a sent message, from either form messages.sendMessage answers with:
+    updateShortSentMessage, or Updates carrying updateMessageID for our random_id."""
     if isinstance(result, types.UpdateShortSentMessage):
         return int(result.id)
     updates = getattr(result, "updates", None) or []
     for update in updates:
         if isinstance(update, types.UpdateMessageID) and update.random_id == random_id:
             return int(update.id)
-    for update in updates:
-        if isinstance(update, types.UpdateNewMessage):
-            return int(update.message.id)
     raise TransportError("Telegram did not return the message id")
 
 
 def event_from_update(bot_id: str, update: Any) -> IncomingEvent | None:
     """A raw Telethon update as a gateway event (None: not one the conversation handles)."""
     if isinstance(update, types.UpdateBotStopped):
-        return BotStopped(bot_id, int(update.user_id), bool(update.stopped))
+        return BotStopped(bot_id, int(update.user_id), bool(update.stopped), int(update.qts))
+    if isinstance(update, types.UpdateShortMessage):
+        # Telegram's short form of a private text: no users attached (the access hash comes from the cache).
+        if update.out or not update.message:
+            return None
+        return TextReceived(bot_id, Sender(int(update.user_id)), str(update.message), int(update.id))
     if not isinstance(update, types.UpdateNewMessage):
         return None
     message = update.message
@@ -144,13 +211,18 @@ class TelethonTransport:
         self._api_id = api_id
         self._api_hash = api_hash
         self._factory = factory
-        self._clients: dict[str, TelegramClient] = {}
+        self._clients: dict[str, TrackedClient] = {}
+        self._orders: dict[str, PerPersonOrder] = {}
         self._handler: EventHandler | None = None
+        self._keeper: StateKeeper | None = None
 
     def set_handler(self, handler: EventHandler) -> None:
         self._handler = handler
 
-    def client(self, bot_id: str) -> TelegramClient:
+    def set_state_keeper(self, keeper: StateKeeper) -> None:
+        self._keeper = keeper
+
+    def client(self, bot_id: str) -> TrackedClient:
         client = self._clients.get(bot_id)
         if client is None:
             raise BotNotRunning(f"bot {bot_id} is not running on this replica")
@@ -162,61 +234,154 @@ class TelethonTransport:
         client = self._clients.get(bot_id)
         return client is not None and bool(client.is_connected())
 
-    async def _login(self, client: TelegramClient, token: str) -> BotIdentity:
-        try:
-            await client.connect()
-            me = await client.get_me()
-            if me is None:
-                me = await client.sign_in(bot_token=token)
-        except errors.RPCError as exc:
-            raise map_error(exc) or TransportError(type(exc).__name__) from None
-        if me is None or not getattr(me, "bot", False):
-            raise TokenInvalid("the token does not belong to a bot")
-        return BotIdentity(int(me.id), str(me.username or ""))
+    # Logging in -----------------------------------------------------------------------------------
 
-    async def check_token(self, token: str) -> tuple[BotIdentity, str]:
-        client = self._factory(StringSession(), self._api_id, self._api_hash)
-        try:
-            identity = await self._login(client, token)
-            return identity, str(client.session.save())
-        finally:
+    async def _logged_in(self, bot_id: str, token: str, session: str) -> tuple[TrackedClient, BotIdentity]:
+        """A connected client logged in as the bot the token names (the saved session if it still
+        works and is that bot's, else a new one from the token)."""
+        expected = token_bot_id(token)
+        if session:
+            client = self._factory(KeptSession(session), self._api_id, self._api_hash, bot_id)
+            me = await self._connected(bot_id, client, _me_or_refused)
+            if me is not None and int(me.id) == expected and getattr(me, "bot", False):
+                return client, BotIdentity(int(me.id), str(me.username or ""))
+            if me is not None:
+                log.warning("bot_session_of_another_bot", bot=bot_id)
+            metrics.session_replacements.labels(bot_id, "refused" if me is None else "another_bot").inc()
             await client.disconnect()
+        client = self._factory(KeptSession(), self._api_id, self._api_hash, bot_id)
+        me = await self._connected(bot_id, client, lambda c: _signed_in(c, token))
+        if me is None or not getattr(me, "bot", False) or int(me.id) != expected:
+            await client.disconnect()
+            raise TokenInvalid("the token does not log in as the bot it names")
+        return client, BotIdentity(int(me.id), str(me.username or ""))
 
-    async def start_bot(self, credentials: BotCredentials) -> tuple[BotIdentity, str]:
-        await self.stop_bot(credentials.bot_id)
-        client = self._factory(StringSession(credentials.session or None), self._api_id, self._api_hash)
+    async def _connected(
+        self, bot_id: str, client: TrackedClient, step: Callable[[TrackedClient], Awaitable[Any]]
+    ) -> Any:
+        """Take one login step; a failure disconnects the client again."""
         try:
-            identity = await self._login(client, credentials.token)
+            return await step(client)
+        except errors.RPCError as exc:
+            await client.disconnect()
+            raise transport_error(bot_id, exc) from None
         except BaseException:
             await client.disconnect()
             raise
+
+    async def _base_state(self, client: TrackedClient, kept: UpdateState | None) -> UpdateState:
+        """The state to continue from (see the module docstring)."""
+        server = await client(functions.updates.GetStateRequest())
+        now = UpdateState(int(server.pts), int(server.qts), server.date, int(server.seq))
+        if kept is None:
+            # As Telethon's login: Telegram may report an old qts in getState; the difference has it right.
+            diff = await client(functions.updates.GetDifferenceRequest(pts=now.pts, date=now.date, qts=now.qts))
+            if isinstance(diff, types.updates.Difference | types.updates.DifferenceSlice):
+                state = diff.state if isinstance(diff, types.updates.Difference) else diff.intermediate_state
+                return UpdateState(int(state.pts), int(state.qts), state.date, int(state.seq))
+            if isinstance(diff, types.updates.DifferenceTooLong):
+                return replace(now, pts=int(diff.pts))
+            return now
+        if kept.pts > now.pts or kept.qts > now.qts:
+            log.warning("bot_update_state_ahead_of_telegram", bot=client.bot_id, kept=kept.pts, telegram=now.pts)
+            metrics.differences.labels(client.bot_id, "state_reset").inc()
+            return now
+        return kept
+
+    async def check_token(self, token: str) -> tuple[BotIdentity, str, UpdateState]:
+        bot_id = "registration"  # not a bot id yet: what metrics and logs call a token being checked
+        try:
+            client, identity = await self._logged_in(bot_id, token, "")
+        except ValueError:
+            raise TokenInvalid("the token is malformed") from None
+        try:
+            state = await self._base_state(client, None)
+            return identity, str(client.session.save()), state
+        except errors.RPCError as exc:
+            raise transport_error(bot_id, exc) from None
+        finally:
+            await client.disconnect()
+
+    # Running --------------------------------------------------------------------------------------
+
+    async def start_bot(self, credentials: BotCredentials) -> StartedBot:
         bot_id = credentials.bot_id
+        await self.stop_bot(bot_id)
+        client, identity = await self._logged_in(bot_id, credentials.token, credentials.session)
+        try:
+            base = await self._base_state(client, credentials.update_state)
+            order = PerPersonOrder()
 
-        async def on_update(update: Any) -> None:
-            await self.handle_update(bot_id, update)
+            def advanced(state: UpdateState) -> None:
+                if self._keeper is not None:
+                    self._keeper.advance(bot_id, identity.telegram_id, state)
+                client.handled(state)
 
-        client.add_event_handler(on_update, events.Raw)
-        self._clients[bot_id] = client
-        return identity, str(client.session.save())
+            ledger = HandledLedger(base, advanced)
+            client.continue_from(base, ledger)
+            if base != credentials.update_state and self._keeper is not None:
+                await self._keeper.keep(bot_id, identity.telegram_id, base)  # kept before anything is received
 
-    async def handle_update(self, bot_id: str, update: Any) -> list[int]:
-        event = event_from_update(bot_id, update)
-        if event is None or self._handler is None:
-            return []
+            async def on_update(update: Any) -> None:
+                self._dispatch(client, order, update)
+
+            client.add_event_handler(on_update, events.Raw)
+            self._clients[bot_id] = client
+            self._orders[bot_id] = order
+            await client.set_receive_updates(True)  # subscribes this connection to updates
+            await client.catch_up()
+        except errors.RPCError as exc:
+            await self._forget(bot_id, client)
+            raise transport_error(bot_id, exc) from None
+        except BaseException:
+            await self._forget(bot_id, client)
+            raise
+        return StartedBot(identity, str(client.session.save()), base)
+
+    def _dispatch(self, client: TrackedClient, order: PerPersonOrder, update: Any) -> None:
+        """Called by Telethon for every update, one at a time in box order."""
+        ledger = client.ledger
+        if ledger is not None:
+            ledger.dispatched(update)
+        event = event_from_update(client.bot_id, update)
+        if event is None:
+            if ledger is not None:
+                ledger.finished(update)
+            return
+
+        async def handle() -> None:
+            try:
+                await self._handle(client, event)
+            except Exception:
+                # Not acknowledged: restart the session, which catches up from the kept state.
+                metrics.updates_failed.labels(client.bot_id).inc()
+                await client.disconnect()
+                return
+            if ledger is not None:
+                ledger.finished(update)
+
+        order.run(event.user_id, handle)
+
+    async def _handle(self, client: TrackedClient, event: IncomingEvent) -> None:
         if not isinstance(event, BotStopped) and not event.sender.access_hash:
             # Short updates carry no users: take the access hash from Telethon's entity cache.
-            access_hash = await self._cached_access_hash(bot_id, event.sender.user_id)
+            access_hash = await self._cached_access_hash(client, event.sender.user_id)
             event = replace(event, sender=replace(event.sender, access_hash=access_hash))
-        try:
-            return await self._handler(event)
-        except Exception:
-            log.exception("bot_update_failed", bot=bot_id, kind=type(event).__name__)
-            return []
+        for attempt, pause in enumerate((*RETRY_SECONDS, None)):
+            if self._handler is None:
+                return
+            try:
+                await self._handler(event)
+                return
+            except Exception:
+                if pause is None or not client.is_connected():
+                    # Not acknowledged: the update comes again with the next catch-up of this bot.
+                    log.exception("bot_update_failed", bot=client.bot_id, kind=type(event).__name__, attempts=attempt)
+                    raise
+                log.warning("bot_update_retry", bot=client.bot_id, kind=type(event).__name__, attempt=attempt + 1)
+                await asyncio.sleep(pause)
 
-    async def _cached_access_hash(self, bot_id: str, user_id: int) -> int:
-        client = self._clients.get(bot_id)
-        if client is None:
-            return 0
+    async def _cached_access_hash(self, client: TrackedClient, user_id: int) -> int:
         try:
             peer = await client.get_input_entity(types.PeerUser(user_id))
         except (ValueError, TypeError, errors.RPCError, OSError):
@@ -225,12 +390,40 @@ class TelethonTransport:
 
     async def stop_bot(self, bot_id: str) -> None:
         client = self._clients.pop(bot_id, None)
+        order = self._orders.pop(bot_id, None)
+        if order is not None:
+            await order.drain(DRAIN_SECONDS)
         if client is not None:
             await client.disconnect()
 
-    async def send(self, bot_id: str, peer: Peer, message: OutgoingMessage) -> int:
+    async def _forget(self, bot_id: str, client: TrackedClient) -> None:
+        if self._clients.get(bot_id) is client:
+            del self._clients[bot_id]
+            self._orders.pop(bot_id, None)
+        await client.disconnect()
+
+    def session_id(self, bot_id: str) -> int:
+        """The MTProto session the bot runs on here (what the simulated Telegram records)."""
+        return int(getattr(self.client(bot_id)._sender, "session_id", 0))
+
+    # Sending --------------------------------------------------------------------------------------
+
+    async def _call(self, bot_id: str, request: Any) -> Any:
         client = self.client(bot_id)
-        random_id = random.randrange(-(2**63), 2**63)
+        try:
+            return await client(request)
+        except errors.RPCError as exc:
+            failure = transport_error(bot_id, exc)
+            if isinstance(failure, SessionInvalid | BotDeactivated):
+                # The session is over: drop it; the next session round logs in again.
+                log.warning("bot_session_ended", bot=bot_id, error=telegram_error_name(exc))
+                await self._forget(bot_id, client)
+            raise failure from None
+        except (OSError, TimeoutError) as exc:  # connection lost; Telethon reconnects on its own
+            raise TransportError(type(exc).__name__) from None
+
+    async def send(self, bot_id: str, peer: Peer, message: OutgoingMessage) -> int:
+        random_id = message.random_id or random.randrange(-(2**63), 2**63)
         request = functions.messages.SendMessageRequest(
             peer=types.InputPeerUser(user_id=peer.user_id, access_hash=peer.access_hash),
             message=message.text,
@@ -240,24 +433,10 @@ class TelethonTransport:
             random_id=random_id,
             reply_markup=reply_markup(message.keyboard),
         )
-        try:
-            result = await client(request)
-        except errors.RPCError as exc:
-            raise map_error(exc) or TransportError(type(exc).__name__) from None
-        except (OSError, TimeoutError) as exc:  # connection lost; Telethon reconnects on its own
-            raise TransportError(type(exc).__name__) from None
-        return sent_message_id(result, random_id)
+        return sent_message_id(await self._call(bot_id, request), random_id)
 
     async def delete(self, bot_id: str, peer: Peer, message_ids: list[int]) -> None:
-        client = self.client(bot_id)
-        try:
-            await client.delete_messages(
-                types.InputPeerUser(user_id=peer.user_id, access_hash=peer.access_hash), message_ids, revoke=True
-            )
-        except errors.RPCError as exc:
-            raise map_error(exc) or TransportError(type(exc).__name__) from None
-        except (OSError, TimeoutError) as exc:
-            raise TransportError(type(exc).__name__) from None
+        await self._call(bot_id, functions.messages.DeleteMessagesRequest(id=message_ids, revoke=True))
 
     async def close(self) -> None:
         for bot_id in list(self._clients):

@@ -1,8 +1,9 @@
-"""The boundary between the gateway and Telegram: one interface, two implementations.
+"""The boundary between the gateway and Telegram.
 
-`TelethonTransport` talks MTProto to the real Telegram; `SandboxTransport` talks to the
-simulated Telegram in this process. Both raise the same `TransportError`s and deliver the
-same incoming events, so the conversation and the sending logic never know which is in use.
+One implementation: `TelethonTransport` (telethon_transport.py), a Telethon TelegramClient per bot.
+Against Telegram its MTProto sender is Telethon's; in sandbox mode it is the tunnel to the
+simulated Telegram (sandbox_link.py), so the conversation, the sending logic and the update state
+never know which Telegram they talk to.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from services.botgateway.updates import UpdateState
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,29 @@ class BotIdentity:
     username: str
 
 
+def token_bot_id(token: str) -> int:
+    """The bot id a BotFather token names (the number before the colon); 0 if there is none."""
+    head = token.partition(":")[0]
+    return int(head) if head.isdigit() else 0
+
+
 @dataclass(frozen=True)
 class BotCredentials:
     bot_id: str
     token: str
-    # A saved session (Telethon StringSession); empty: log in with the token.
+    # A saved session (the sealed StringSession); empty: log in with the token.
     session: str = ""
+    # The handled update state kept for this bot's account; None: none yet (a new bot).
+    update_state: UpdateState | None = None
+
+
+@dataclass(frozen=True)
+class StartedBot:
+    identity: BotIdentity
+    # The session to keep (a new one when the saved one was refused or belonged to another bot).
+    session: str
+    # The state updates continue from (to keep when it differs from the one given).
+    update_state: UpdateState
 
 
 @dataclass(frozen=True)
@@ -50,6 +70,9 @@ class OutgoingMessage:
     protect_content: bool = False
     silent: bool = False
     keyboard: Keyboard | None = None
+    # Telegram's idempotency key for a send (0: a random one). Replies use one derived from the
+    # update they answer, so a reply sent again after a crash is refused as RANDOM_ID_DUPLICATE.
+    random_id: int = 0
 
 
 # Incoming events -----------------------------------------------------------------
@@ -63,8 +86,24 @@ class Sender:
     first_name: str = ""
 
 
+class _FromPerson:
+    """What a person's message carries (the dataclasses below declare the fields)."""
+
+    sender: Sender
+    message_id: int
+
+    @property
+    def user_id(self) -> int:
+        return self.sender.user_id
+
+    @property
+    def key(self) -> str:
+        """What identifies this update for the bot (incoming message ids are per bot account)."""
+        return f"m{self.message_id}"
+
+
 @dataclass(frozen=True)
-class TextReceived:
+class TextReceived(_FromPerson):
     bot_id: str
     sender: Sender
     text: str
@@ -72,7 +111,7 @@ class TextReceived:
 
 
 @dataclass(frozen=True)
-class ContactReceived:
+class ContactReceived(_FromPerson):
     bot_id: str
     sender: Sender
     # 0 when the contact is someone without a Telegram account known to the sender, or not theirs.
@@ -89,6 +128,11 @@ class BotStopped:
     bot_id: str
     user_id: int
     stopped: bool
+    qts: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"q{self.qts}"
 
 
 IncomingEvent = TextReceived | ContactReceived | BotStopped
@@ -96,11 +140,23 @@ IncomingEvent = TextReceived | ContactReceived | BotStopped
 EventHandler = Callable[[IncomingEvent], Awaitable[list[int]]]
 
 
-# Errors (the same for every transport) -----------------------------------------------
+class StateKeeper(Protocol):
+    """Keeps each bot's handled update state (with the bot's account, its Telegram id)."""
+
+    def advance(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        """The handled state moved forward (kept soon, coalesced)."""
+        ...
+
+    async def keep(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        """Keep this state now (returns once it is written)."""
+        ...
+
+
+# Errors: what Telegram refused, each with one outcome for the caller -------------------------
 
 
 class TransportError(Exception):
-    """Telegram refused a request."""
+    """Telegram refused a request (the message names Telegram's error when none below fits)."""
 
 
 class FloodWait(TransportError):
@@ -110,19 +166,52 @@ class FloodWait(TransportError):
 
 
 class UserBlocked(TransportError):
-    """The person blocked the bot."""
+    """The person blocked the bot (USER_IS_BLOCKED)."""
 
 
 class PeerInvalid(TransportError):
-    """The bot cannot address the person (never started it, or no access hash)."""
+    """The bot cannot address the person: never started, or a wrong access hash (PEER_ID_INVALID)."""
 
 
 class UserDeactivated(TransportError):
-    """The person's account was deleted."""
+    """The person's account was deleted (INPUT_USER_DEACTIVATED)."""
+
+
+class RecipientIsBot(TransportError):
+    """The recipient is a bot; bots cannot message bots (USER_IS_BOT)."""
+
+
+class MessageTooLong(TransportError):
+    """Telegram measured the text over 4096 UTF-16 units (MESSAGE_TOO_LONG)."""
+
+
+class ChatWriteForbidden(TransportError):
+    """The bot may not write in this chat (CHAT_WRITE_FORBIDDEN)."""
+
+
+class PeerFlood(TransportError):
+    """Telegram limits this bot for sending too much to people (PEER_FLOOD); no duration is given."""
+
+
+class BotDeactivated(TransportError):
+    """Telegram deactivated or banned the bot's own account (USER_DEACTIVATED_BAN, USER_DEACTIVATED)."""
+
+
+class AlreadySent(TransportError):
+    """The send's random_id was used before: Telegram has this message already (RANDOM_ID_DUPLICATE)."""
+
+
+class DeleteForbidden(TransportError):
+    """Too late to delete: bots delete their messages for 48 hours (MESSAGE_DELETE_FORBIDDEN)."""
 
 
 class TokenInvalid(TransportError):
     """The bot token does not log in."""
+
+
+class SessionInvalid(TransportError):
+    """The saved session is refused (AUTH_KEY_UNREGISTERED, SESSION_REVOKED, AUTH_KEY_DUPLICATED):
+    the bot logs in with its token again."""
 
 
 class BotNotRunning(TransportError):
@@ -136,22 +225,26 @@ class Transport(Protocol):
         """Where incoming events go."""
         ...
 
-    async def check_token(self, token: str) -> tuple[BotIdentity, str]:
-        """Log in with a token; return who it is and the session to keep (raises TokenInvalid)."""
+    def set_state_keeper(self, keeper: StateKeeper) -> None:
+        """Who keeps each bot's handled update state."""
         ...
 
-    async def start_bot(self, credentials: BotCredentials) -> tuple[BotIdentity, str]:
-        """Open the bot's session (reusing a saved one); returns its identity and the session to keep."""
+    async def check_token(self, token: str) -> tuple[BotIdentity, str, UpdateState]:
+        """Log in with a token; who it is, the session to keep and the state to start from."""
+        ...
+
+    async def start_bot(self, credentials: BotCredentials) -> StartedBot:
+        """Open the bot's session (reusing a saved one), catch up from its state, listen."""
         ...
 
     async def stop_bot(self, bot_id: str) -> None:
-        """Close the bot's session on this process (no-op when not running)."""
+        """Close the bot's session on this process, after the updates in hand (no-op when not running)."""
         ...
 
     def running(self, bot_id: str) -> bool: ...
 
     async def send(self, bot_id: str, peer: Peer, message: OutgoingMessage) -> int:
-        """Send a text; returns the bot-side message id."""
+        """Send a text; returns the bot-side message id (0 for a reply Telegram already had)."""
         ...
 
     async def delete(self, bot_id: str, peer: Peer, message_ids: list[int]) -> None:

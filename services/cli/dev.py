@@ -1,4 +1,18 @@
-"""`otpgate dev`: the dev database and all five services as separate processes, in sandbox mode."""
+"""`otpgate dev`: the dev database, the simulated Telegram and the five services as separate
+processes, in sandbox mode.
+
+    otpgate dev [--db-port N] [--fresh]       run the stack until Ctrl-C (or SIGTERM)
+    otpgate dev stop|start|restart SERVICE    act on one process of a running stack
+
+Ports come from the same variables the services read (`OTPGATE_<SERVICE>_PORT`,
+`OTPGATE_<SERVICE>_METRICS_PORT`, `OTPGATE_EDGE_HTTP_PORT`; the database's from `--db-port` or
+`OTPGATE_DEVDB_PORT`), so two stacks run side by side. Each stack keeps its logs and database
+files under .cache, by its edge port. A stack is driven through a control socket there: stopping
+botgateway and starting it again is how to watch the catch-up work.
+
+Ctrl-C reaches every process of the terminal's process group at once: each service stops
+gracefully on SIGINT, and the runner says "stopped" and exits 0.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +21,35 @@ import asyncio
 import contextlib
 import json
 import os
+import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.core.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from services.core.config import (
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    SIMULATOR,
+    SIMULATOR_METRICS_PORT,
+    SIMULATOR_PORT,
+)
 from services.core.crypto import Keyring
 from services.core.devdb import ROOT, DevDatabase
 from services.core.health import is_serving
 
-# Start order: leaves first, so callers find their dependencies up.
-SERVICES = ("directory", "verification", "delivery", "botgateway", "edge")
+# Start order: leaves first, so callers find their dependencies up (the gateway needs its Telegram).
+SERVICES = (SIMULATOR, "directory", "verification", "delivery", "botgateway", "edge")
+PORTS = {**DEFAULT_PORTS, SIMULATOR: SIMULATOR_PORT}
+METRICS_PORTS = {**DEFAULT_METRICS_PORTS, SIMULATOR: SIMULATOR_METRICS_PORT}
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_DB_PORT = 27017
 CACHE = ROOT / ".cache"
 DEV_ENV = CACHE / "dev.env"
 
@@ -41,15 +68,38 @@ def dev_keys(path: Path = DEV_ENV) -> dict[str, str]:
     return values
 
 
+def ports_from(environ: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int], int]:
+    """gRPC ports, metrics ports and the edge's HTTP port, from the services' own variables."""
+
+    def port(name: str, default: int) -> int:
+        raw = environ.get(name, "")
+        if not raw:
+            return default
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ValueError(f"{name}={raw!r} is not a port")
+        return int(raw)
+
+    grpc_ports = {name: port(f"OTPGATE_{name.upper()}_PORT", PORTS[name]) for name in SERVICES}
+    metrics = {name: port(f"OTPGATE_{name.upper()}_METRICS_PORT", METRICS_PORTS[name]) for name in SERVICES}
+    return grpc_ports, metrics, port("OTPGATE_EDGE_HTTP_PORT", DEFAULT_HTTP_PORT)
+
+
+def stack_dir(edge_port: int) -> Path:
+    """Where a stack keeps its logs, database files and control socket (by its edge gRPC port)."""
+    return CACHE if edge_port == PORTS["edge"] else CACHE / f"dev-{edge_port}"
+
+
 @dataclass
 class ProcessStack:
-    """The five services as child processes, sharing one environment."""
+    """The services as child processes, sharing one environment."""
 
     env: dict[str, str]
     log_dir: Path
-    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
-    metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(PORTS))
+    metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(METRICS_PORTS))
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Services stopped on purpose (`otpgate dev stop`): not a crash.
+    stopped: set[str] = field(default_factory=set)
 
     def service_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -59,26 +109,42 @@ class ProcessStack:
             env[f"OTPGATE_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         return env
 
+    def command(self, name: str, env: dict[str, str]) -> list[str]:
+        """How one service runs (the bench runs them instrumented)."""
+        return [sys.executable, "-m", f"services.{name}"]
+
     def start(self) -> None:
         for name in SERVICES:
-            self.start_one(name)
+            self.start_service(name)
 
-    def start_one(self, name: str) -> None:
-        """Start one service (again, after it stopped)."""
+    def start_service(self, name: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = self.service_env()
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(  # noqa: S603 - our own modules
-            [sys.executable, "-m", f"services.{name}"], env=self.service_env(), stdout=log, stderr=log, cwd=ROOT
+            self.command(name, env), env=env, stdout=log, stderr=log, cwd=ROOT
         )
+        self.stopped.discard(name)
+
+    def stop_service(self, name: str, grace: float = 10.0) -> None:
+        self.stopped.add(name)
+        process = self.processes.get(name)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def crashed(self) -> list[str]:
-        return [name for name, proc in self.processes.items() if proc.poll() is not None]
+        return [name for name, proc in self.processes.items() if proc.poll() is not None and name not in self.stopped]
 
-    async def wait_healthy(self, timeout: float = 90.0) -> None:
+    async def wait_healthy(self, timeout: float = 90.0, names: tuple[str, ...] = SERVICES) -> None:
         deadline = time.monotonic() + timeout
-        pending = set(SERVICES)
+        pending = set(names)
         while pending:
-            if dead := self.crashed():
+            if dead := [name for name in self.crashed() if name in pending]:
                 raise RuntimeError(f"{', '.join(dead)} exited during start-up; see {self.log_dir}/<service>.log")
             for name in list(pending):
                 if await is_serving(f"127.0.0.1:{self.ports[name]}") and _metrics_up(self.metrics_ports[name]):
@@ -109,61 +175,190 @@ def _metrics_up(port: int) -> bool:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    dev = subparsers.add_parser("dev", help="run the dev database and all five services (sandbox mode)")
-    dev.add_argument("--db-port", type=int, default=27017, help="dev database port (ignored with MONGODB_URI)")
+    dev = subparsers.add_parser(
+        "dev",
+        help="run the dev database, the simulated Telegram and the five services (sandbox mode)",
+        description=(
+            "Run the whole system locally in sandbox mode until Ctrl-C. Ports come from OTPGATE_<SERVICE>_PORT, "
+            "OTPGATE_<SERVICE>_METRICS_PORT and OTPGATE_EDGE_HTTP_PORT, so two stacks run side by side. "
+            "`otpgate dev stop|start|restart SERVICE` acts on one process of the running stack (found by "
+            "OTPGATE_EDGE_PORT)."
+        ),
+    )
+    dev.add_argument(
+        "--db-port",
+        type=int,
+        default=int(os.environ.get("OTPGATE_DEVDB_PORT") or DEFAULT_DB_PORT),
+        help="dev database port (default: OTPGATE_DEVDB_PORT or 27017; ignored with MONGODB_URI)",
+    )
     dev.add_argument("--fresh", action="store_true", help="start with an empty dev database")
     dev.set_defaults(handler=_run)
+    actions = dev.add_subparsers(dest="action", metavar="ACTION")
+    for verb, text in (
+        ("stop", "stop one service of the running stack (the others keep running)"),
+        ("start", "start a service of the running stack again"),
+        ("restart", "stop a service of the running stack and start it again"),
+    ):
+        action = actions.add_parser(verb, help=text)
+        action.add_argument("service", choices=SERVICES, help="which process")
+        action.set_defaults(handler=_control)
+
+
+# Running -------------------------------------------------------------------------------------
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        ports, metrics, http_port = ports_from(os.environ)
+    except ValueError as exc:
+        print(f"otpgate dev: {exc}", file=sys.stderr)
+        return 2
+    home = stack_dir(ports["edge"])
     database: DevDatabase | None = None
     uri = os.environ.get("MONGODB_URI", "")
-    if not uri:
-        data = CACHE / "devdb" / "data"
-        if args.fresh and data.exists():
-            import shutil
-
-            shutil.rmtree(data)
-        database = DevDatabase(data_dir=data, port=args.db_port, log_file=CACHE / "logs" / "devdb.log")
-        (CACHE / "logs").mkdir(parents=True, exist_ok=True)
-        uri = database.start()
-    env = {"MONGODB_URI": uri, "OTPGATE_ENV": "dev", "OTPGATE_SANDBOX": "true", **dev_keys()}
-    for name in ("OTPGATE_KEYS",):  # an operator's own keys win over the dev ones
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    stack = ProcessStack(env=env, log_dir=CACHE / "logs")
     stopping = False
 
     def _stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
+    # Ctrl-C sends SIGINT to the whole process group: the services stop on their own, we follow.
+    signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    env: dict[str, str] = {}
+    stack: ProcessStack | None = None
+    control: socket.socket | None = None
+    code = 0
     try:
+        if not uri:
+            data = home / "devdb" / ("data" if args.db_port == DEFAULT_DB_PORT else f"data-{args.db_port}")
+            if args.fresh and data.exists():
+                shutil.rmtree(data)
+            (home / "logs").mkdir(parents=True, exist_ok=True)
+            database = DevDatabase(data_dir=data, port=args.db_port, log_file=home / "logs" / "devdb.log")
+            uri = database.start()
+        env = {
+            "MONGODB_URI": uri,
+            "OTPGATE_ENV": "dev",
+            "OTPGATE_SANDBOX": "true",
+            "OTPGATE_EDGE_HTTP_PORT": str(http_port),
+            **dev_keys(),
+        }
+        for name in ("OTPGATE_KEYS",):  # an operator's own keys win over the dev ones
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        stack = ProcessStack(env=env, log_dir=home / "logs", ports=ports, metrics_ports=metrics)
         stack.start()
-        asyncio.run(stack.wait_healthy())
-        _print_addresses(args.json, uri, stack)
-        while not stopping:
-            if dead := stack.crashed():
-                print(f"otpgate dev: {', '.join(dead)} stopped unexpectedly; see {stack.log_dir}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        return 0
-    except KeyboardInterrupt:
-        return 0
+        asyncio.run(_healthy_unless(stack, lambda: stopping))
+        control = _listen(home / "control.sock")
+        if not stopping:
+            _print_addresses(args.json, uri, stack, http_port)
+        code = _supervise(stack, control, lambda: stopping)
     except RuntimeError as exc:
-        print(f"otpgate dev: {exc}", file=sys.stderr)
-        return 1
+        if not stopping:
+            print(f"otpgate dev: {exc}", file=sys.stderr)
+            code = 1
     finally:
-        print("otpgate dev: stopping…", file=sys.stderr)
-        stack.stop()
+        if stack is not None:
+            print("otpgate dev: stopping…", file=sys.stderr, flush=True)
+            stack.stop()
         if database is not None:
             database.stop()
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
+        if control is not None:
+            control.close()
+            with contextlib.suppress(OSError):
+                (home / "control.sock").unlink()
+        if code == 0:
+            print("otpgate dev: stopped", file=sys.stderr, flush=True)
+    return code
 
 
-def _print_addresses(as_json: bool, uri: str, stack: ProcessStack) -> None:
+async def _healthy_unless(stack: ProcessStack, stopping: Callable[[], bool]) -> None:
+    task = asyncio.ensure_future(stack.wait_healthy())
+    while not task.done():
+        if stopping():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        await asyncio.sleep(0.1)
+    task.result()
+
+
+def _supervise(stack: ProcessStack, control: socket.socket, stopping: Callable[[], bool]) -> int:
+    """Until stopped: answer control commands; a service that exits on its own ends the stack."""
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    while not stopping():
+        for _ in selector.select(timeout=0.5):
+            _answer(stack, control)
+        if stopping():
+            break  # Ctrl-C: the services got it too and are stopping; nothing unexpected
+        if dead := stack.crashed():
+            codes = ", ".join(f"{name} (exit code {stack.processes[name].returncode})" for name in dead)
+            print(f"otpgate dev: {codes} stopped unexpectedly; see {stack.log_dir}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    server.setblocking(False)
+    return server
+
+
+def _answer(stack: ProcessStack, control: socket.socket) -> None:
+    try:
+        connection, _ = control.accept()
+    except BlockingIOError:
+        return
+    with connection:
+        connection.settimeout(5.0)
+        verb, _, name = connection.recv(256).decode(errors="replace").strip().partition(" ")
+        if name not in SERVICES or verb not in ("stop", "start", "restart"):
+            connection.sendall(f"error: unknown command {verb} {name}\n".encode())
+            return
+        if verb in ("stop", "restart"):
+            stack.stop_service(name)
+            print(f"otpgate dev: {name} stopped (otpgate dev start {name} starts it again)", file=sys.stderr)
+        if verb in ("start", "restart"):
+            running = stack.processes.get(name)
+            if running is None or running.poll() is not None:
+                stack.start_service(name)
+            try:
+                asyncio.run(stack.wait_healthy(timeout=60, names=(name,)))
+            except RuntimeError as exc:
+                connection.sendall(f"error: {exc}\n".encode())
+                return
+            print(f"otpgate dev: {name} started", file=sys.stderr)
+        connection.sendall(f"ok: {name} {'stopped' if verb == 'stop' else 'running'}\n".encode())
+
+
+def _control(args: argparse.Namespace) -> int:
+    ports, _, _ = ports_from(os.environ)
+    path = stack_dir(ports["edge"]) / "control.sock"
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(90.0)
+    try:
+        client.connect(str(path))
+    except OSError:
+        raise RuntimeError(
+            f"no running stack with its edge on port {ports['edge']} (start one with `make run`)"
+        ) from None
+    with client:
+        client.sendall(f"{args.action} {args.service}\n".encode())
+        answer = client.recv(4096).decode().strip()
+    if not answer.startswith("ok:"):
+        raise RuntimeError(answer.removeprefix("error: "))
+    print(answer.removeprefix("ok: "))
+    return 0
+
+
+def _print_addresses(as_json: bool, uri: str, stack: ProcessStack, http_port: int) -> None:
     rows = {
         name: {
             "grpc": f"127.0.0.1:{stack.ports[name]}",
@@ -173,7 +368,7 @@ def _print_addresses(as_json: bool, uri: str, stack: ProcessStack) -> None:
     }
     env = stack.service_env()
     scheme = "https" if env.get("OTPGATE_EDGE_TLS_CERT") else "http"
-    http = f"{scheme}://127.0.0.1:" + env.get("OTPGATE_EDGE_HTTP_PORT", "8080")
+    http = f"{scheme}://127.0.0.1:{http_port}"
     console = f"{http}/console/"
     if as_json:
         print(
@@ -187,7 +382,8 @@ def _print_addresses(as_json: bool, uri: str, stack: ProcessStack) -> None:
     for name, row in rows.items():
         print(f"  {name:<14} gRPC {row['grpc']:<18} metrics {row['metrics']}")
     print(
-        f"Logs: {stack.log_dir}/<service>.log. Create a client: otpgate clients create NAME. Ctrl-C stops everything.",
+        f"Logs: {stack.log_dir}/<service>.log. Create a client: otpgate clients create NAME. "
+        "Stop or start one service: otpgate dev stop|start SERVICE. Ctrl-C stops everything.",
         flush=True,
     )
 

@@ -7,9 +7,12 @@
     otpgate sandbox send-text 700000001 smscodes_bot 123456
     otpgate sandbox block 700000001 smscodes_bot [--unblock]
     otpgate sandbox chat 700000001 smscodes_bot [--follow]
+    otpgate sandbox reset --yes                                       # erase every user and chat
 
-Talks to the bot gateway's SandboxService at OTPGATE_BOTGATEWAY_ADDR (or --address), with mTLS when
-OTPGATE_TLS_CERT / OTPGATE_TLS_KEY / OTPGATE_TLS_CA are set, like the services.
+Talks to the simulated Telegram's SandboxService at OTPGATE_TELEGRAMSIM_ADDR (or --address), with
+mTLS when OTPGATE_TLS_CERT / OTPGATE_TLS_KEY / OTPGATE_TLS_CA are set, like the services. When the
+bot is offline (botgateway stopped), an action is queued for it like on Telegram and answers with
+no replies; `chat --follow` shows them when the bot is back.
 """
 
 from __future__ import annotations
@@ -18,29 +21,30 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 
-from services.core.config import DEFAULT_PORTS, TlsConfig
+from services.core.config import SIMULATOR_PORT, TlsConfig
 from services.core.errors import parse_rpc_error
 from services.core.grpc_client import channel_credentials
 
 if TYPE_CHECKING:
-    from otpgate.botgateway.v1.botgateway_pb2_grpc import SandboxServiceAsyncStub as Stub
+    from otpgate.telegramsim.v1.telegramsim_pb2_grpc import SandboxServiceAsyncStub as Stub
 
-B = botgateway_pb2
+B = telegramsim_pb2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sandbox = subparsers.add_parser("sandbox", help="act as a Telegram user in the sandbox Telegram")
     sandbox.add_argument(
         "--address",
-        default=os.environ.get("OTPGATE_BOTGATEWAY_ADDR", f"127.0.0.1:{DEFAULT_PORTS['botgateway']}"),
-        help="bot gateway gRPC address (default: OTPGATE_BOTGATEWAY_ADDR or 127.0.0.1:50055)",
+        default=os.environ.get("OTPGATE_TELEGRAMSIM_ADDR", f"127.0.0.1:{SIMULATOR_PORT}"),
+        help=f"simulated Telegram gRPC address (default: OTPGATE_TELEGRAMSIM_ADDR or 127.0.0.1:{SIMULATOR_PORT})",
     )
     sandbox.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each call")
     actions = sandbox.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -81,6 +85,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     chat.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
     chat.set_defaults(handler=_chat)
 
+    reset = actions.add_parser(
+        "reset",
+        help="erase every sandbox user, chat and message (bots and their sessions stay)",
+        description=(
+            "Erase every sandbox user, chat and message in the simulated Telegram. Bots, their sessions and "
+            "their update counters stay; the directory and delivery keep what they know (start with "
+            "`make run` after `otpgate dev --fresh` for an empty system)."
+        ),
+    )
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    reset.set_defaults(handler=_reset)
+
 
 def _chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("user_id", type=int, help="the sandbox user's Telegram id")
@@ -101,7 +117,7 @@ def _channel(address: str) -> grpc.aio.Channel:
 def _run(args: argparse.Namespace, call: Callable[[Stub], Awaitable[int]]) -> int:
     async def main() -> int:
         async with _channel(args.address) as channel:
-            stub: Stub = botgateway_pb2_grpc.SandboxServiceStub(channel)
+            stub: Stub = telegramsim_pb2_grpc.SandboxServiceStub(channel)
             try:
                 return await call(stub)
             except grpc.aio.AioRpcError as err:
@@ -205,5 +221,23 @@ def _chat(args: argparse.Namespace) -> int:
             if not args.follow:
                 return 0
             await asyncio.sleep(args.interval)
+
+    return _run(args, call)
+
+
+def _reset(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise RuntimeError("refusing to erase the sandbox without confirmation: pass --yes")
+        if input("Erase every sandbox user and chat? Type 'reset' to confirm: ").strip() != "reset":
+            raise RuntimeError("not confirmed; nothing erased")
+
+    async def call(stub: Stub) -> int:
+        reply = await stub.ResetSandbox(B.ResetSandboxRequest(), timeout=args.timeout)
+        if args.json:
+            print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True)))
+        else:
+            print(f"erased {reply.users_erased} users and {reply.messages_erased} messages")
+        return 0
 
     return _run(args, call)

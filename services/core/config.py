@@ -140,6 +140,10 @@ class TlsConfig:
 
 DEFAULT_PORTS = {"edge": 50051, "delivery": 50052, "verification": 50053, "directory": 50054, "botgateway": 50055}
 DEFAULT_METRICS_PORTS = {"edge": 9101, "delivery": 9102, "verification": 9103, "directory": 9104, "botgateway": 9105}
+# The simulated Telegram (services/telegramsim): a sixth process in dev and sandbox mode only.
+SIMULATOR = "telegramsim"
+SIMULATOR_PORT = 50056
+SIMULATOR_METRICS_PORT = 9106
 DEFAULT_SHARED_BOTS = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
 
 
@@ -166,12 +170,17 @@ class CommonConfig:
         return self.environment == "dev"
 
 
-def load_common(service: str, env: Env) -> CommonConfig:
-    upper = service.upper()
+def read_mode(env: Env) -> tuple[str, bool]:
+    """OTPGATE_ENV and OTPGATE_SANDBOX, for a service's own config too (one declaration of each)."""
     environment = env.text(
         "OTPGATE_ENV", "dev", "dev or production; production refuses dev shortcuts", choices=("dev", "production")
     )
-    sandbox = env.flag("OTPGATE_SANDBOX", environment == "dev", "use the sandbox Telegram and SMS providers")
+    return environment, env.flag("OTPGATE_SANDBOX", environment == "dev", "use the sandbox Telegram and SMS providers")
+
+
+def load_common(service: str, env: Env) -> CommonConfig:
+    upper = service.upper()
+    environment, sandbox = read_mode(env)
     keys_spec = env.text(
         "OTPGATE_KEYS",
         None,
@@ -190,16 +199,25 @@ def load_common(service: str, env: Env) -> CommonConfig:
         name: env.text(f"OTPGATE_{name.upper()}_ADDR", f"127.0.0.1:{port}", f"gRPC address of the {name} service")
         for name, port in DEFAULT_PORTS.items()
     }
+    if sandbox:
+        addresses[SIMULATOR] = env.text(
+            "OTPGATE_TELEGRAMSIM_ADDR",
+            f"127.0.0.1:{SIMULATOR_PORT}",
+            "gRPC address of the simulated Telegram (sandbox mode only)",
+        )
+    simulator = service == SIMULATOR
+    default_port = SIMULATOR_PORT if simulator else DEFAULT_PORTS[service]
+    default_metrics_port = SIMULATOR_METRICS_PORT if simulator else DEFAULT_METRICS_PORTS[service]
     config = CommonConfig(
         service=service,
         environment=environment,
         sandbox=sandbox,
         host=env.text(f"OTPGATE_{upper}_HOST", "127.0.0.1", f"interface the {service} gRPC server binds"),
-        port=env.integer(f"OTPGATE_{upper}_PORT", DEFAULT_PORTS[service], f"{service} gRPC port", min=0, max=65535),
+        port=env.integer(f"OTPGATE_{upper}_PORT", default_port, f"{service} gRPC port", min=0, max=65535),
         metrics_host=env.text("OTPGATE_METRICS_HOST", "127.0.0.1", "interface the Prometheus endpoints bind"),
         metrics_port=env.integer(
             f"OTPGATE_{upper}_METRICS_PORT",
-            DEFAULT_METRICS_PORTS[service],
+            default_metrics_port,
             f"{service} Prometheus port (0: off)",
             min=0,
             max=65535,

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.edge.v1 import edge_pb2_grpc
+from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
-from services.core.config import CommonConfig, Env
+from services.core.config import SIMULATOR, CommonConfig, Env
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
@@ -153,14 +154,25 @@ async def build_app(
         ),
         "botgateway": make_channel(
             common.addresses["botgateway"],
-            [
-                botgateway_pb2.DESCRIPTOR.services_by_name["BotGatewayService"],
-                botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"],
-            ],
+            [botgateway_pb2.DESCRIPTOR.services_by_name["BotGatewayService"]],
             timeout=timeout,
             tls=common.tls,
         ),
     }
+    sandbox_stubs: dict[str, object] = {
+        "otpgate.delivery.v1.SmsSandboxService": delivery_pb2_grpc.SmsSandboxServiceStub(channels["delivery"]),
+    }
+    if common.sandbox:
+        # The simulated Telegram serves the people's side of the sandbox (its own process).
+        channels[SIMULATOR] = make_channel(
+            common.addresses[SIMULATOR],
+            [telegramsim_pb2.DESCRIPTOR.services_by_name["SandboxService"]],
+            timeout=timeout,
+            tls=common.tls,
+        )
+        sandbox_stubs["otpgate.telegramsim.v1.SandboxService"] = telegramsim_pb2_grpc.SandboxServiceStub(
+            channels[SIMULATOR]
+        )
     delivery = delivery_pb2_grpc.DeliveryServiceStub(channels["delivery"])
     auth = Authenticator(store, common.keyring, clock, cache_seconds=config.auth_cache_seconds)
     captcha = CaptchaVerifier(config.captcha, store, common.keyring, clock)
@@ -198,10 +210,7 @@ async def build_app(
             tls_key=config.tls_key,
         ),
         load_document(),
-        {
-            "otpgate.botgateway.v1.SandboxService": botgateway_pb2_grpc.SandboxServiceStub(channels["botgateway"]),
-            "otpgate.delivery.v1.SmsSandboxService": delivery_pb2_grpc.SmsSandboxServiceStub(channels["delivery"]),
-        },
+        sandbox_stubs,
         channels,
         lambda: ping(database, timeout=1.0),
         outages,

@@ -16,9 +16,9 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.descriptor_pb2 import FileDescriptorSet
-from otpgate.botgateway.v1 import botgateway_pb2
 from otpgate.delivery.v1 import delivery_pb2
 from otpgate.edge.v1 import edge_pb2
+from otpgate.telegramsim.v1 import telegramsim_pb2
 
 from services.edge.jsonproto import STRING_WKT, enum_of, message_of
 from services.edge.routes import HttpRule, rules_for
@@ -33,7 +33,7 @@ PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
     edge_pb2.DESCRIPTOR.services_by_name["AdminService"],
 )
 SANDBOX_SERVICES: tuple[ServiceDescriptor, ...] = (
-    botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"],
+    telegramsim_pb2.DESCRIPTOR.services_by_name["SandboxService"],
     delivery_pb2.DESCRIPTOR.services_by_name["SmsSandboxService"],
 )
 STATUS_REF = "#/components/schemas/google.rpc.Status"

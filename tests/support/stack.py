@@ -22,14 +22,16 @@ import grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
-from services.core.config import DEFAULT_PORTS, CommonConfig, Env, load_common
+from services.core.config import DEFAULT_PORTS, SIMULATOR, CommonConfig, Env, load_common
 from services.core.crypto import Keyring
 from services.core.devdb import free_port
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import RunningService, start_service
 from services.core.mongo import Document
 
-ALL_SERVICES = ("directory", "verification", "delivery", "botgateway", "edge")
+# The simulated Telegram first: the gateway connects its bots to it at start.
+ALL_SERVICES = ("telegramsim", "directory", "verification", "delivery", "botgateway", "edge")
+PORTED = (*DEFAULT_PORTS, SIMULATOR)
 
 
 @dataclass
@@ -62,7 +64,7 @@ def stack_env(mongo_uri: str, keyring_spec: str, overrides: Mapping[str, str] | 
         "OTPGATE_SANDBOX": "true",
         "OTPGATE_LOG_LEVEL": "debug",
     }
-    for name in DEFAULT_PORTS:
+    for name in PORTED:
         port = free_port()
         env[f"OTPGATE_{name.upper()}_PORT"] = str(port)
         env[f"OTPGATE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
@@ -83,12 +85,15 @@ async def running_stack(
     clock: Clock | None = None,
     mongo_uri: str = "",
 ) -> AsyncIterator[Stack]:
-    """Start `services` in-process; the others' addresses point at free ports nobody serves."""
+    """Start `services` in-process; the others' addresses point at free ports nobody serves. A bot
+    gateway in sandbox mode brings its Telegram: the simulated one starts first, as `make run` does."""
     spec = keyring if isinstance(keyring, str) else ",".join(_spec_of(keyring))
     uri = mongo_uri or _uri_of(client)
     env = stack_env(uri, spec, overrides)
+    if "botgateway" in services and SIMULATOR not in services and env["OTPGATE_SANDBOX"] == "true":
+        services = [SIMULATOR, *services]
     stack = Stack(addresses={}, running={}, configs={}, commons={}, env=env)
-    for name in DEFAULT_PORTS:
+    for name in PORTED:
         stack.addresses[name] = env[f"OTPGATE_{name.upper()}_ADDR"]
     try:
         for name in services:

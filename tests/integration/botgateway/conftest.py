@@ -1,4 +1,5 @@
-"""A running bot gateway (sandbox mode) with the real directory, over real gRPC and the dev database."""
+"""A running bot gateway (sandbox mode) with the real directory and the simulated Telegram, over real
+gRPC and the dev database."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
+from otpgate.botgateway.v1 import botgateway_pb2_grpc
 from otpgate.directory.v1 import directory_pb2_grpc
+from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.botgateway.app import BotGatewayApp
-from services.botgateway.sandbox import SimulatedTelegram
+from services.botgateway.telethon_transport import TelethonTransport
 from services.core.clock import ManualClock
 from services.core.crypto import Keyring
 from services.core.mongo import Document
 from services.core.phone import parse_phone
+from services.telegramsim.app import TelegramSimApp
+from services.telegramsim.telegram import SimulatedTelegram
 from tests.support.stack import Stack, running_stack
 
 SHARED = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
@@ -42,7 +46,7 @@ def new_phone() -> str:
 class Gw:
     stack: Stack
     bots: botgateway_pb2_grpc.BotGatewayServiceStub
-    sandbox: botgateway_pb2_grpc.SandboxServiceStub
+    sandbox: telegramsim_pb2_grpc.SandboxServiceStub
     directory: directory_pb2_grpc.DirectoryServiceStub
 
     @property
@@ -53,22 +57,28 @@ class Gw:
 
     @property
     def telegram(self) -> SimulatedTelegram:
-        assert self.app.telegram is not None
-        return self.app.telegram
+        app = self.stack.app("telegramsim")
+        assert isinstance(app, TelegramSimApp) and app.telegram is not None
+        return app.telegram
 
-    async def user(self, language: str = "en", phone: str = "") -> botgateway_pb2.SandboxUser:
+    @property
+    def transport(self) -> TelethonTransport:
+        assert self.app.gateway is not None and isinstance(self.app.gateway.transport, TelethonTransport)
+        return self.app.gateway.transport
+
+    async def user(self, language: str = "en", phone: str = "") -> telegramsim_pb2.SandboxUser:
         reply = await self.sandbox.CreateSandboxUser(
-            botgateway_pb2.CreateSandboxUserRequest(
-                user=botgateway_pb2.SandboxUser(
+            telegramsim_pb2.CreateSandboxUserRequest(
+                user=telegramsim_pb2.SandboxUser(
                     user_id=new_user_id(), first_name="Test", language_code=language, phone=phone or new_phone()
                 )
             )
         )
         return reply.user
 
-    async def connect(self, user: botgateway_pb2.SandboxUser, bot: str = "smscodes_bot") -> None:
-        await self.sandbox.StartBot(botgateway_pb2.StartBotRequest(user_id=user.user_id, bot_id=bot))
-        await self.sandbox.ShareContact(botgateway_pb2.ShareContactRequest(user_id=user.user_id, bot_id=bot))
+    async def connect(self, user: telegramsim_pb2.SandboxUser, bot: str = "smscodes_bot") -> None:
+        await self.sandbox.StartBot(telegramsim_pb2.StartBotRequest(user_id=user.user_id, bot_id=bot))
+        await self.sandbox.ShareContact(telegramsim_pb2.ShareContactRequest(user_id=user.user_id, bot_id=bot))
 
 
 def gateway_overrides(**extra: str) -> dict[str, str]:
@@ -78,12 +88,15 @@ def gateway_overrides(**extra: str) -> dict[str, str]:
 @pytest.fixture
 async def gw(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[Gw]:
     async with running_stack(
-        mongo_client, keyring, services=["directory", "botgateway"], clock=clock, overrides=gateway_overrides()
+        mongo_client,
+        keyring,
+        services=["telegramsim", "directory", "botgateway"],
+        clock=clock,
+        overrides=gateway_overrides(),
     ) as stack:
-        channel = stack.channel("botgateway")
         yield Gw(
             stack,
-            botgateway_pb2_grpc.BotGatewayServiceStub(channel),
-            botgateway_pb2_grpc.SandboxServiceStub(channel),
+            botgateway_pb2_grpc.BotGatewayServiceStub(stack.channel("botgateway")),
+            telegramsim_pb2_grpc.SandboxServiceStub(stack.channel("telegramsim")),
             directory_pb2_grpc.DirectoryServiceStub(stack.channel("directory")),
         )

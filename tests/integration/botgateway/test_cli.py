@@ -1,4 +1,4 @@
-"""`otpgate sandbox ...` against a running gateway."""
+"""`otpgate sandbox ...` against a running simulated Telegram and gateway."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]
 
 
 async def test_play_a_user_from_the_command_line(gw: Gw, capsys: pytest.CaptureFixture[str]) -> None:
-    address = gw.stack.addresses["botgateway"]
+    address = gw.stack.addresses["telegramsim"]
     user_id, phone = new_user_id(), new_phone()
     code, out = await run(
         capsys, "--json", "sandbox", "--address", address, "create-user", "--user-id", str(user_id), "--phone", phone

@@ -13,28 +13,36 @@ from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 
 from services.botgateway.app import BotGatewayApp
-from services.botgateway.sandbox import SimulatedTelegram
 from services.core.clock import ManualClock
 from services.core.crypto import Keyring
 from services.core.errors import parse_rpc_error
 from services.core.mongo import Document
+from services.telegramsim.app import TelegramSimApp
+from services.telegramsim.telegram import SimulatedTelegram
 from tests.integration.botgateway.conftest import gateway_overrides, new_user_id
 from tests.support.stack import Stack, running_stack
 
 B = botgateway_pb2
 
 
-async def connected_users(app: BotGatewayApp, bot_id: str, count: int) -> list[int]:
+def parts(stack: Stack) -> tuple[BotGatewayApp, SimulatedTelegram]:
+    app, simulator = stack.app("botgateway"), stack.app("telegramsim")
+    assert isinstance(app, BotGatewayApp) and app.gateway is not None
+    assert isinstance(simulator, TelegramSimApp) and simulator.telegram is not None
+    return app, simulator.telegram
+
+
+async def connected_users(stack: Stack, bot_id: str, count: int) -> list[int]:
     """People who started the bot (set up directly; the conversation is tested elsewhere)."""
-    telegram, gateway = app.telegram, app.gateway
-    assert telegram is not None and gateway is not None
+    app, telegram = parts(stack)
+    gateway = app.gateway
+    assert gateway is not None
     users = []
     for _ in range(count):
-        user = telegram.create_user(new_user_id(), phone="")
+        user = await telegram.create_user(new_user_id(), phone="")
         telegram.chat(bot_id, user.user_id).started = True
-        await gateway.store.remember_peer(
-            bot_id, user.user_id, telegram.access_hash(bot_id, user.user_id), "en", gateway.clock.now()
-        )
+        access_hash = telegram.access_hash(telegram.bot(bot_id), user.user_id)
+        await gateway.store.remember_peer(bot_id, user.user_id, access_hash, "en", gateway.clock.now())
         users.append(user.user_id)
     return users
 
@@ -59,28 +67,30 @@ async def test_a_burst_to_one_bot_is_paced_at_the_rate_with_no_flood_errors(fast
     """300 messages queued at once to one bot: the limiter releases them at the configured rate, and
     the sandbox (which enforces the same rate) never answers with a flood wait. Sent in-process so the
     measurement is the limiter's, not how fast a loaded test machine can issue 300 gRPC calls."""
-    app = fast_stack.app("botgateway")
-    assert isinstance(app, BotGatewayApp) and app.telegram is not None and app.gateway is not None
+    app, telegram = parts(fast_stack)
     gateway = app.gateway
-    users = await connected_users(app, "smscodes_bot", 300)
+    assert gateway is not None
+    users = await connected_users(fast_stack, "smscodes_bot", 300)
     started = time.monotonic()
     ids = await asyncio.gather(*(gateway.send_bot_message("smscodes_bot", u, "x", budget=30) for u in users))
     elapsed = time.monotonic() - started
     assert len(ids) == 300 and all(i > 0 for i in ids)
-    assert app.telegram.flood_errors == 0
+    assert telegram.flood_errors == 0
     # 10 at once, then 290 at 200/s: never faster than 1.45 s, and at least 95 % of the configured rate
     # as Telegram (the sandbox) saw the messages arrive.
-    accepted = sorted(app.telegram.message(u, "smscodes_bot", 1).accepted_at for u in users)  # type: ignore[union-attr]
+    bot = telegram.bot("smscodes_bot")
+    messages = [await telegram.bot_message(bot, i) for i in ids]
+    assert all(m is not None for m in messages) and len({m.user_id for m in messages if m}) == 300
+    accepted = sorted(m.accepted_at for m in messages if m is not None)
     span = accepted[-1] - accepted[0]
     assert elapsed >= 1.45 and span >= 1.45 - 0.01, f"{290 / span:.1f} msg/s is faster than the configured rate"
     assert 290 / span >= 0.95 * 200, f"paced at only {290 / span:.1f} msg/s"
 
 
 async def test_a_grpc_burst_never_trips_telegram_limits(fast_stack: Stack) -> None:
-    app = fast_stack.app("botgateway")
-    assert isinstance(app, BotGatewayApp) and app.telegram is not None
+    _, telegram = parts(fast_stack)
     stub = botgateway_pb2_grpc.BotGatewayServiceStub(fast_stack.channel("botgateway"))
-    users = await connected_users(app, "smsc_code_bot", 100)
+    users = await connected_users(fast_stack, "smsc_code_bot", 100)
     started = time.monotonic()
     replies = await asyncio.gather(
         *(
@@ -90,15 +100,14 @@ async def test_a_grpc_burst_never_trips_telegram_limits(fast_stack: Stack) -> No
             for u in users
         )
     )
-    assert len(replies) == 100 and app.telegram.flood_errors == 0
+    assert len(replies) == 100 and telegram.flood_errors == 0
     assert time.monotonic() - started >= 90 / 200  # never faster than the rate
 
 
 async def test_a_caller_deadline_is_never_waited_past(fast_stack: Stack) -> None:
-    app = fast_stack.app("botgateway")
-    assert isinstance(app, BotGatewayApp) and app.telegram is not None
+    _, telegram = parts(fast_stack)
     stub = botgateway_pb2_grpc.BotGatewayServiceStub(fast_stack.channel("botgateway"))
-    (user,) = await connected_users(app, "smscodes_bot", 1)
+    (user,) = await connected_users(fast_stack, "smscodes_bot", 1)
     # The chat allows 3 at once, then 1/s: the 4th cannot make a 0.3 s deadline and is refused at once.
     for _ in range(3):
         await stub.SendBotMessage(B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=user, text="x"))
@@ -115,7 +124,7 @@ async def test_a_caller_deadline_is_never_waited_past(fast_stack: Stack) -> None
     await stub.SendBotMessage(
         B.SendBotMessageRequest(bot_id="smscodes_bot", telegram_user_id=user, text="x"), timeout=3
     )
-    assert app.telegram.flood_errors == 0
+    assert telegram.flood_errors == 0
 
 
 @pytest.fixture
@@ -134,12 +143,10 @@ async def flood_stack(
 
 
 async def test_flood_wait_pauses_that_bot_only(flood_stack: Stack) -> None:
-    app = flood_stack.app("botgateway")
-    assert isinstance(app, BotGatewayApp) and app.telegram is not None
-    telegram: SimulatedTelegram = app.telegram
+    _, telegram = parts(flood_stack)
     stub = botgateway_pb2_grpc.BotGatewayServiceStub(flood_stack.channel("botgateway"))
-    a_users = await connected_users(app, "smscodes_bot", 4)
-    b_users = await connected_users(app, "smsc_code_bot", 2)
+    a_users = await connected_users(flood_stack, "smscodes_bot", 4)
+    b_users = await connected_users(flood_stack, "smsc_code_bot", 2)
 
     def req(bot: str, user: int) -> B.SendBotMessageRequest:
         return B.SendBotMessageRequest(bot_id=bot, telegram_user_id=user, text="x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from otpgate.botgateway.v1 import botgateway_pb2
+from otpgate.telegramsim.v1 import telegramsim_pb2
 from pymongo import AsyncMongoClient
 
 from services.core.errors import parse_rpc_error
@@ -13,6 +14,7 @@ from tests.conftest import LogCapture
 from tests.integration.botgateway.conftest import SHARED, Gw
 
 B = botgateway_pb2
+S = telegramsim_pb2
 TOKEN = "6001002003:AAE-own-bot-secret_x"
 
 
@@ -66,7 +68,7 @@ async def test_register_own_bot_list_get_remove(
     # The bot runs at once: a person can start it and receive a message through it.
     user = await gw.user("en")
     await gw.connect(user, "smscodes_bot")
-    started = await gw.sandbox.StartBot(B.StartBotRequest(user_id=user.user_id, bot_id=bot.id))
+    started = await gw.sandbox.StartBot(S.StartBotRequest(user_id=user.user_id, bot_id=bot.id))
     assert "You're connected" in started.replies[0].text
     await gw.bots.SendBotMessage(B.SendBotMessageRequest(bot_id=bot.id, telegram_user_id=user.user_id, text="hi"))
 
@@ -129,7 +131,7 @@ async def test_list_pages(gw: Gw) -> None:
 
 async def test_reissued_token_replaces_the_stored_one(gw: Gw) -> None:
     first = await gw.bots.RegisterBot(B.RegisterBotRequest(token="6007007007:first", owner_client_id="client-r"))
-    new_token = gw.telegram.revoke_token(first.bot.id)
+    new_token = await gw.telegram.revoke_token(first.bot.id)
     assert await failure(
         gw.bots.RegisterBot(B.RegisterBotRequest(token="6007007007:first", owner_client_id="client-r"))
     ) == (

@@ -1,44 +1,50 @@
-"""The gateway on the Telethon transport (network cut at Telethon's MTProto sender): a configured
-bot logs in once and keeps its session, incoming Telethon updates store the access hash, and
-SendBotMessage goes out as SendMessageRequest with Telegram's errors mapped to the contract."""
+"""The gateway in production mode (the Telethon transport, network cut at Telethon's MTProto sender,
+facing the simulated Telegram's MTProto API in this process): a configured bot logs in once and keeps
+its session, incoming updates store the access hash, and SendBotMessage goes out as SendMessageRequest
+with Telegram's errors mapped to the contract."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
 import pytest
 from google.rpc import error_details_pb2
 from pymongo import AsyncMongoClient
-from telethon import errors
-from telethon.tl import functions, types
+from telethon.tl import functions
 
 from services.botgateway.app import BotGatewayApp, build_app, load_config
+from services.botgateway.sandbox_link import sandbox_client_factory
 from services.botgateway.telethon_transport import TelethonTransport
 from services.core.clock import ManualClock
 from services.core.config import Env, load_common
 from services.core.crypto import Keyring
 from services.core.errors import ServiceError
 from services.core.mongo import Document
+from services.telegramsim.model import SandboxLimits
+from services.telegramsim.mtproto import MtprotoEndpoint
+from services.telegramsim.store import TelegramStore
+from services.telegramsim.telegram import SimulatedTelegram
 from tests.support.stack import _spec_of, _uri_of, stack_env
-from tests.unit.botgateway.telethon_wire import FakeTelegramServer, client_factory
+from tests.unit.botgateway.telethon_wire import LocalWire
 
 TOKEN = "5123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
 BOT = "acme_codes_bot"
 USER = 4343
-HASH = -55667788
+
+
+@dataclass
+class Production:
+    app: BotGatewayApp
+    telegram: SimulatedTelegram
+    wire: LocalWire
 
 
 @pytest.fixture
-async def telegram() -> FakeTelegramServer:
-    return FakeTelegramServer(5123456789, "Acme_Codes_Bot", TOKEN)
-
-
-@pytest.fixture
-async def app(
-    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, telegram: FakeTelegramServer
-) -> AsyncIterator[BotGatewayApp]:
+async def production(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> AsyncIterator[Production]:
     env = stack_env(
         _uri_of(mongo_client),
         ",".join(_spec_of(keyring)),
@@ -48,93 +54,114 @@ async def app(
             "OTPGATE_BOT_TOKENS": f"{BOT}:{TOKEN}",
             "OTPGATE_TELEGRAM_API_ID": "12345",
             "OTPGATE_TELEGRAM_API_HASH": "0123456789abcdef0123456789abcdef",
+            "OTPGATE_BOTGATEWAY_CHAT_BURST": "100",  # many sends to one person here: the limiter is tested elsewhere
         },
     )
     reader = Env(env, service="botgateway")
     common = load_common("botgateway", reader)
     config = load_config(reader)
     reader.check()
-    transport = TelethonTransport(config.api_id, config.api_hash, factory=client_factory(telegram))
+    limits = SandboxLimits(chat_burst=100)
+    telegram = SimulatedTelegram(TelegramStore(mongo_client[f"{common.database}_telegram"], keyring), limits, clock)
+    await telegram.load()
+    await telegram.add_bot(BOT, TOKEN)
+    wire = LocalWire(MtprotoEndpoint(telegram))
+    transport = TelethonTransport(config.api_id, config.api_hash, factory=sandbox_client_factory(wire))
     built = await build_app(common, config, mongo_client, clock, transport=transport)
     try:
-        yield built
+        yield Production(built, telegram, wire)
     finally:
         for hook in built.on_stop:
             await hook()
         await mongo_client.drop_database(common.database)
+        await mongo_client.drop_database(f"{common.database}_telegram")
 
 
-def sends(telegram: FakeTelegramServer) -> list[functions.messages.SendMessageRequest]:
-    return [r for r in telegram.requests if isinstance(r, functions.messages.SendMessageRequest)]
+def sends(wire: LocalWire) -> list[functions.messages.SendMessageRequest]:
+    return wire.sent(functions.messages.SendMessageRequest)
 
 
-async def test_telethon_gateway_end_to_end(app: BotGatewayApp, telegram: FakeTelegramServer) -> None:
+async def test_telethon_gateway_end_to_end(production: Production) -> None:
+    app, telegram, wire = production.app, production.telegram, production.wire
     assert app.sessions is not None and app.gateway is not None
-    assert app.sessions.live(BOT) and telegram.login_count == 1
+    logins = wire.sent(functions.auth.ImportBotAuthorizationRequest)
+    assert app.sessions.live(BOT) and len(logins) == 1 and logins[0].api_id == 12345
     stored = await app.gateway.store.get_bot(BOT)
-    assert stored is not None and stored.session  # the StringSession, kept sealed
+    assert stored is not None and stored.session and stored.update_state is not None  # kept sealed, with its state
 
     # A restart reuses the stored session: no second bot login.
     await app.sessions.stop_bot(BOT)
     app.sessions.bots = {}
     await app.sessions.tick()
-    assert app.sessions.live(BOT) and telegram.login_count == 1
+    assert app.sessions.live(BOT) and len(wire.sent(functions.auth.ImportBotAuthorizationRequest)) == 1
 
-    # The person writes /start: Telethon's update carries their access hash, which the gateway keeps.
-    assert isinstance(app.gateway.transport, TelethonTransport)
-    client = app.gateway.transport.client(BOT)
-    before = len(sends(telegram))
-    client._updates_queue.put_nowait(
-        types.Updates(
-            updates=[
-                types.UpdateNewMessage(
-                    message=types.Message(id=1, peer_id=types.PeerUser(USER), date=datetime.now(UTC), message="/help"),
-                    pts=2,
-                    pts_count=1,
-                )
-            ],
-            users=[types.User(id=USER, access_hash=HASH, first_name="Ann", lang_code="ru")],
-            chats=[],
-            date=datetime.now(UTC),
-            seq=0,
-        )
-    )
-    for _ in range(200):
-        if len(sends(telegram)) > before:
-            break
-        await asyncio.sleep(0.01)
-    reply = sends(telegram)[-1]
-    assert "Этот бот" in reply.message and reply.peer == types.InputPeerUser(user_id=USER, access_hash=HASH)
+    # The person writes /help: Telegram's update carries their access hash, which the gateway keeps.
+    await telegram.create_user(USER, "Ann", "ru", "+79991234567")
+    await telegram.start_bot(USER, BOT)
+    await telegram.send_text(USER, BOT, "/help")
+    reply = sends(wire)[-1]
+    access_hash = telegram.access_hash(telegram.bot(BOT), USER)
+    assert "Этот бот" in reply.message and (reply.peer.user_id, reply.peer.access_hash) == (USER, access_hash)
     peer = await app.gateway.store.get_peer(BOT, USER, fresh=True)
-    assert peer is not None and peer.access_hash == HASH and peer.language_code == "ru"
+    assert peer is not None and peer.access_hash == access_hash and peer.language_code == "ru"
 
     # SendBotMessage: protected and silent, addressed with the stored access hash.
     message_id = await app.gateway.send_bot_message(BOT, USER, "Code 246810", protect_content=True, silent=True)
-    sent = sends(telegram)[-1]
-    assert message_id == telegram.next_message_id and sent.noforwards and sent.silent
-    assert sent.peer == types.InputPeerUser(user_id=USER, access_hash=HASH)
+    sent = sends(wire)[-1]
+    assert sent.noforwards and sent.silent and (sent.peer.user_id, sent.peer.access_hash) == (USER, access_hash)
+    message = await telegram.bot_message(telegram.bot(BOT), message_id)
+    assert message is not None and message.text == "Code 246810"
 
-    async def refusal(error: Exception) -> ServiceError:
-        def raise_it(request: object) -> object:
-            raise error
-
-        telegram.on_send = raise_it
+    async def refusal(error: tuple[int, str]) -> ServiceError:
+        wire.script(functions.messages.SendMessageRequest, lambda request: error)
         try:
             with pytest.raises(ServiceError) as raised:
                 await app.gateway.send_bot_message(BOT, USER, "x", budget=5)  # type: ignore[union-attr]
         finally:
-            telegram.on_send = None
+            wire.script(functions.messages.SendMessageRequest, None)
         return raised.value
 
-    assert (await refusal(errors.UserIsBlockedError(request=None))).reason == "BLOCKED_BY_USER"
-    assert (await refusal(errors.PeerIdInvalidError(request=None))).reason == "NOT_CONNECTED"
-    assert (await refusal(errors.InputUserDeactivatedError(request=None))).reason == "USER_DEACTIVATED"
-    flood = await refusal(errors.FloodWaitError(request=None, capture=30))
+    outcomes = {
+        (400, "USER_IS_BLOCKED"): ("FAILED_PRECONDITION", "BLOCKED_BY_USER"),
+        (400, "PEER_ID_INVALID"): ("FAILED_PRECONDITION", "NOT_CONNECTED"),
+        (400, "INPUT_USER_DEACTIVATED"): ("FAILED_PRECONDITION", "USER_DEACTIVATED"),
+        (400, "USER_IS_BOT"): ("FAILED_PRECONDITION", "RECIPIENT_IS_BOT"),
+        (400, "MESSAGE_TOO_LONG"): ("FAILED_PRECONDITION", "MESSAGE_TOO_LONG"),
+        (403, "CHAT_WRITE_FORBIDDEN"): ("FAILED_PRECONDITION", "CHAT_WRITE_FORBIDDEN"),
+        (400, "SOMETHING_ELSE"): ("UNAVAILABLE", "BOT_UNAVAILABLE"),
+    }
+    for error, (code, reason) in outcomes.items():
+        failure = await refusal(error)
+        assert (failure.code.name, failure.reason) == (code, reason), error
+
+    flood = await refusal((420, "FLOOD_WAIT_30"))
     assert flood.reason == "FLOOD_WAIT" and flood.code.name == "RESOURCE_EXHAUSTED"
     retry = [d for d in flood.details if isinstance(d, error_details_pb2.RetryInfo)]
     assert retry and retry[0].retry_delay.seconds == 30
     # The bot is paused for 30 s: callers with less time are refused without a request to Telegram.
-    count = len(sends(telegram))
+    count = len(sends(wire))
     with pytest.raises(ServiceError) as paused:
         await app.gateway.send_bot_message(BOT, USER, "x", budget=5)
-    assert paused.value.reason == "FLOOD_WAIT" and len(sends(telegram)) == count
+    assert paused.value.reason == "FLOOD_WAIT" and len(sends(wire)) == count
+
+
+async def test_peer_flood_pauses_the_bot_and_a_banned_bot_stops(production: Production) -> None:
+    app, telegram, wire = production.app, production.telegram, production.wire
+    assert app.gateway is not None and app.sessions is not None
+    await telegram.create_user(USER, "Ann", "en", "+79991234567")
+    await telegram.start_bot(USER, BOT)
+    wire.script(functions.messages.SendMessageRequest, lambda request: (400, "PEER_FLOOD"))
+    with pytest.raises(ServiceError) as flooded:
+        await app.gateway.send_bot_message(BOT, USER, "x", budget=1)
+    assert (flooded.value.code.name, flooded.value.reason) == ("RESOURCE_EXHAUSTED", "PEER_FLOOD")
+    assert flooded.value.details and app.gateway.limiter.paused_for(BOT) > 30
+    app.gateway.limiter._paused_until.pop(BOT, None)  # let it send again (the pause is tested above)
+    wire.script(functions.messages.SendMessageRequest, lambda request: (401, "USER_DEACTIVATED_BAN"))
+    with pytest.raises(ServiceError) as banned:
+        await app.gateway.send_bot_message(BOT, USER, "x", budget=1)
+    assert (banned.value.code.name, banned.value.reason) == ("FAILED_PRECONDITION", "BOT_BANNED")
+    for _ in range(100):
+        if not app.gateway.transport.running(BOT):
+            break
+        await asyncio.sleep(0.01)
+    assert not app.gateway.transport.running(BOT)  # the session ended; the next round logs in again

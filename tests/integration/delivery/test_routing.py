@@ -16,6 +16,7 @@ from google.protobuf import field_mask_pb2
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import ManualClock
@@ -40,25 +41,25 @@ class World:
     delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub
     sms: delivery_pb2_grpc.SmsSandboxServiceAsyncStub
     bots: botgateway_pb2_grpc.BotGatewayServiceAsyncStub
-    telegram: botgateway_pb2_grpc.SandboxServiceAsyncStub
+    telegram: telegramsim_pb2_grpc.SandboxServiceAsyncStub
     engine: Engine
 
     async def person(self, *bots: str) -> tuple[int, str]:
         user_id, phone = next(_ids), new_phone()
         await self.telegram.CreateSandboxUser(
-            botgateway_pb2.CreateSandboxUserRequest(
-                user=botgateway_pb2.SandboxUser(user_id=user_id, first_name="T", language_code="en", phone=phone)
+            telegramsim_pb2.CreateSandboxUserRequest(
+                user=telegramsim_pb2.SandboxUser(user_id=user_id, first_name="T", language_code="en", phone=phone)
             )
         )
         for i, bot in enumerate(bots):
-            await self.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user_id, bot_id=bot))
+            await self.telegram.StartBot(telegramsim_pb2.StartBotRequest(user_id=user_id, bot_id=bot))
             if i == 0:
-                await self.telegram.ShareContact(botgateway_pb2.ShareContactRequest(user_id=user_id, bot_id=bot))
+                await self.telegram.ShareContact(telegramsim_pb2.ShareContactRequest(user_id=user_id, bot_id=bot))
         return user_id, phone
 
     async def chat(self, user_id: int, bot: str) -> list[str]:
         reply = await self.telegram.ListChatMessages(
-            botgateway_pb2.ListChatMessagesRequest(user_id=user_id, bot_id=bot)
+            telegramsim_pb2.ListChatMessagesRequest(user_id=user_id, bot_id=bot)
         )
         return [m.text for m in reply.messages if m.from_bot]
 
@@ -89,7 +90,7 @@ def world_of(stack: Stack) -> World:
         delivery_pb2_grpc.DeliveryServiceStub(d),  # type: ignore[arg-type]
         delivery_pb2_grpc.SmsSandboxServiceStub(d),  # type: ignore[arg-type]
         botgateway_pb2_grpc.BotGatewayServiceStub(b),  # type: ignore[arg-type]
-        botgateway_pb2_grpc.SandboxServiceStub(b),  # type: ignore[arg-type]
+        telegramsim_pb2_grpc.SandboxServiceStub(stack.channel("telegramsim")),  # type: ignore[arg-type]
         engine_of(stack),
     )
 
@@ -113,7 +114,7 @@ async def test_shared_pool_uses_the_bot_the_person_is_connected_to_preferring_th
     assert via_pool.channel == common_pb2.CHANNEL_TELEGRAM
     assert "Code 1111" in await world.chat(user, "smsc_code_bot")
     # Connected to two shared bots: the named one wins; without a name any connected one.
-    await world.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user, bot_id="smsccode_bot"))
+    await world.telegram.StartBot(telegramsim_pb2.StartBotRequest(user_id=user, bot_id="smsccode_bot"))
     named = await world.send(phone, "Code 2222", bot="smsccode_bot")
     assert named.bot_id == "smsccode_bot" and "Code 2222" in await world.chat(user, "smsccode_bot")
     anyone = await world.send(phone, "Code 3333")
@@ -134,7 +135,7 @@ async def test_own_bot_only_for_its_owner_and_only_through_that_bot(world: World
     assert not_connected.status == common_pb2.MESSAGE_STATUS_FAILED
     assert not_connected.failure_reason == common_pb2.FAILURE_REASON_NOT_CONNECTED
     # The person starts the own bot: known already, linked at once, no new contact.
-    await world.telegram.StartBot(botgateway_pb2.StartBotRequest(user_id=user, bot_id=own.id))
+    await world.telegram.StartBot(telegramsim_pb2.StartBotRequest(user_id=user, bot_id=own.id))
     sent = await world.send(phone, "Own 2", bot=own.id)
     assert sent.status == common_pb2.MESSAGE_STATUS_SENT and sent.bot_id == own.id
     assert "Own 2" in await world.chat(user, own.id)
@@ -184,7 +185,7 @@ async def test_not_connected_falls_back_to_sms_only_when_allowed(world: World) -
 async def test_a_person_who_blocked_the_bot_fails_with_blocked_by_user(world: World) -> None:
     user, phone = await world.person("smscodes_bot")
     await world.telegram.SetBotBlocked(
-        botgateway_pb2.SetBotBlockedRequest(user_id=user, bot_id="smscodes_bot", blocked=True)
+        telegramsim_pb2.SetBotBlockedRequest(user_id=user, bot_id="smscodes_bot", blocked=True)
     )
     blocked = await world.send(phone, "Hello")
     assert blocked.status == common_pb2.MESSAGE_STATUS_FAILED
@@ -325,7 +326,7 @@ async def test_hold_then_confirm_by_sms_code_then_release(
         usage = await world.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop"))
         assert all(r.billed_sms == 0 for r in usage.records)
         # The person types the code to the bot: confirmed, the held message goes out.
-        await world.telegram.SendText(botgateway_pb2.SendTextRequest(user_id=user, bot_id="smscodes_bot", text=code))
+        await world.telegram.SendText(telegramsim_pb2.SendTextRequest(user_id=user, bot_id="smscodes_bot", text=code))
         await stack.app("verification").confirmer.drain()  # the release follows the bot's answer
         got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=held.id))
         assert got.message.status == common_pb2.MESSAGE_STATUS_SENT and got.message.bot_id == "smscodes_bot"

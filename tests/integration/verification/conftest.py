@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
-from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.directory.v1 import directory_pb2_grpc
+from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from otpgate.verification.v1 import verification_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -58,7 +58,7 @@ class Env:
     verification: verification_pb2_grpc.VerificationServiceAsyncStub
     delivery: delivery_pb2_grpc.DeliveryServiceAsyncStub
     sms: delivery_pb2_grpc.SmsSandboxServiceAsyncStub
-    sandbox: botgateway_pb2_grpc.SandboxServiceAsyncStub
+    sandbox: telegramsim_pb2_grpc.SandboxServiceAsyncStub
     directory: directory_pb2_grpc.DirectoryServiceAsyncStub
     database: AsyncDatabase[Document]
 
@@ -70,29 +70,31 @@ class Env:
     async def codes_by_sms(self, phone: str) -> list[str]:
         return [m.group(1) for text in await self.inbox(phone) if (m := CODE_RE.search(text))]
 
-    async def user(self, language: str = "en", phone: str = "") -> botgateway_pb2.SandboxUser:
+    async def user(self, language: str = "en", phone: str = "") -> telegramsim_pb2.SandboxUser:
         reply = await self.sandbox.CreateSandboxUser(
-            botgateway_pb2.CreateSandboxUserRequest(
-                user=botgateway_pb2.SandboxUser(
+            telegramsim_pb2.CreateSandboxUserRequest(
+                user=telegramsim_pb2.SandboxUser(
                     user_id=next(_user_ids), first_name="Test", language_code=language, phone=phone or new_phone()
                 )
             )
         )
         return reply.user
 
-    async def connect(self, user: botgateway_pb2.SandboxUser, bot: str = "smscodes_bot") -> None:
-        await self.sandbox.StartBot(botgateway_pb2.StartBotRequest(user_id=user.user_id, bot_id=bot))
-        await self.sandbox.ShareContact(botgateway_pb2.ShareContactRequest(user_id=user.user_id, bot_id=bot))
+    async def connect(self, user: telegramsim_pb2.SandboxUser, bot: str = "smscodes_bot") -> None:
+        await self.sandbox.StartBot(telegramsim_pb2.StartBotRequest(user_id=user.user_id, bot_id=bot))
+        await self.sandbox.ShareContact(telegramsim_pb2.ShareContactRequest(user_id=user.user_id, bot_id=bot))
         self.clock.advance(5)  # let the per-chat limiter of the sandbox bot refill
 
-    async def chat(self, user: botgateway_pb2.SandboxUser, bot: str = "smscodes_bot") -> list[str]:
+    async def chat(self, user: telegramsim_pb2.SandboxUser, bot: str = "smscodes_bot") -> list[str]:
         reply = await self.sandbox.ListChatMessages(
-            botgateway_pb2.ListChatMessagesRequest(user_id=user.user_id, bot_id=bot)
+            telegramsim_pb2.ListChatMessagesRequest(user_id=user.user_id, bot_id=bot)
         )
         return [m.text for m in reply.messages if m.from_bot]
 
-    async def type(self, user: botgateway_pb2.SandboxUser, text: str, bot: str = "smscodes_bot") -> str:
-        reply = await self.sandbox.SendText(botgateway_pb2.SendTextRequest(user_id=user.user_id, bot_id=bot, text=text))
+    async def type(self, user: telegramsim_pb2.SandboxUser, text: str, bot: str = "smscodes_bot") -> str:
+        reply = await self.sandbox.SendText(
+            telegramsim_pb2.SendTextRequest(user_id=user.user_id, bot_id=bot, text=text)
+        )
         self.clock.advance(2)
         return "\n".join(m.text for m in reply.replies)
 
@@ -115,14 +117,13 @@ async def env(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock:
         overrides=overrides,
     ) as stack:
         delivery_channel = stack.channel("delivery")
-        botgateway_channel = stack.channel("botgateway")
         yield Env(
             stack=stack,
             clock=clock,
             verification=verification_pb2_grpc.VerificationServiceStub(stack.channel("verification")),  # type: ignore[arg-type]
             delivery=delivery_pb2_grpc.DeliveryServiceStub(delivery_channel),  # type: ignore[arg-type]
             sms=delivery_pb2_grpc.SmsSandboxServiceStub(delivery_channel),  # type: ignore[arg-type]
-            sandbox=botgateway_pb2_grpc.SandboxServiceStub(botgateway_channel),  # type: ignore[arg-type]
+            sandbox=telegramsim_pb2_grpc.SandboxServiceStub(stack.channel("telegramsim")),  # type: ignore[arg-type]
             directory=directory_pb2_grpc.DirectoryServiceStub(stack.channel("directory")),  # type: ignore[arg-type]
             database=mongo_client[stack.env["OTPGATE_VERIFICATION_DATABASE"]],
         )

@@ -1,126 +1,141 @@
-"""Telethon with its network cut at the MTProto sender: the client, its request objects, its error
-classes, its session and its update pipeline are all Telethon's own; only the socket is replaced by
-a responder that answers each TL request with a TL object (or raises Telethon's RPC error)."""
+"""Telethon with its network cut at the MTProto sender, facing the simulated Telegram in this process.
+
+Everything on the client's side is Telethon's own: TelegramClient, its TL request objects, its
+error classes (raised through telethon.errors.rpc_message_to_error), its session, its message box
+and update pipeline. The sender is the gateway's sandbox sender (services/botgateway/sandbox_link.py),
+so requests leave as serialized TL and results come back as TL bytes, as on MTProto. On the other
+side is the simulated Telegram's MTProto endpoint (services/telegramsim/mtproto.py) over a real
+database: per-bot access hashes, pts/qts/seq sequencing, pushes to connected sessions,
+getDifference with what was queued while the bot was away (slices, "too long").
+
+A test scripts Telegram's answer to a request type with `wire.script(RequestType, answer)`, where
+`answer(request)` returns a TL result, a (code, "ERROR_NAME") rpc_error, or None to let the simulated
+Telegram answer; `wire.cut()` drops the network (every call and stream fails until `wire.restore()`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from telethon import TelegramClient, errors
-from telethon.crypto import AuthKey
-from telethon.sessions import StringSession
-from telethon.tl import functions, types
+from telethon.tl import functions
+from telethon.tl.tlobject import TLObject
 
-Responder = Callable[[Any], Any]
+from services.botgateway.sandbox_link import LinkDown, StreamRefused
+from services.botgateway.updates import UpdateState
+from services.telegramsim.model import RpcError
+from services.telegramsim.mtproto import MtprotoEndpoint, parse, serialize
 
-
-class OfflineSender:
-    """Stands where telethon.network.MTProtoSender stands."""
-
-    def __init__(self, telegram: FakeTelegramServer) -> None:
-        self.telegram = telegram
-        self.auth_key = AuthKey(None)
-        self._connected = False
-        self._disconnected: asyncio.Future[None] | None = None
-
-    async def connect(self, connection: Any) -> bool:
-        if self._connected:
-            return False
-        if not self.auth_key:
-            self.auth_key = AuthKey(os.urandom(256))  # what the DH key exchange would produce
-        self._connected = True
-        self._disconnected = asyncio.get_running_loop().create_future()
-        return True
-
-    def is_connected(self) -> bool:
-        return self._connected
-
-    def _transport_connected(self) -> bool:
-        return self._connected
-
-    async def disconnect(self) -> None:
-        self._connected = False
-        if self._disconnected and not self._disconnected.done():
-            self._disconnected.set_result(None)
-
-    @property
-    def disconnected(self) -> asyncio.Future[None]:
-        assert self._disconnected is not None
-        return asyncio.shield(self._disconnected)
-
-    def _keepalive_ping(self, rnd: int) -> None:
-        pass
-
-    def send(self, request: Any, ordered: bool = False) -> Any:
-        if isinstance(request, list):  # Telethon sends batches as lists and gets a future per request
-            return [self._one(r) for r in request]
-        return self._one(request)
-
-    def _one(self, request: Any) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            future.set_result(self.telegram.answer(self, request))
-        except errors.RPCError as exc:
-            future.set_exception(exc)
-        return future
+Answer = Callable[[Any], Any]
+_WRAPPERS = (functions.InvokeWithLayerRequest, functions.InitConnectionRequest, functions.InvokeWithoutUpdatesRequest)
 
 
-class FakeTelegramServer:
-    """Answers requests like Telegram would for one bot account."""
+def unwrapped(request: Any) -> Any:
+    while isinstance(request, _WRAPPERS):
+        request = request.query
+    return request
 
-    def __init__(self, bot_id: int, username: str, token: str) -> None:
-        self.bot = types.User(id=bot_id, is_self=True, bot=True, username=username, access_hash=77, first_name="Bot")
-        self.token = token
-        self.authorized_keys: set[bytes] = set()
+
+class LocalWire:
+    """A `Link` (sandbox_link.py) straight to the endpoint, recording what the client sent."""
+
+    def __init__(self, endpoint: MtprotoEndpoint) -> None:
+        self.endpoint = endpoint
         self.requests: list[Any] = []
-        self.on_send: Responder | None = None
-        self.next_message_id = 100
-        self.login_count = 0
+        self._scripts: dict[type[TLObject], Answer] = {}
+        self._down = False
+        self._cut = asyncio.Event()
 
-    def answer(self, sender: OfflineSender, request: Any) -> Any:
+    def script(self, kind: type[TLObject], answer: Answer | None) -> None:
+        if answer is None:
+            self._scripts.pop(kind, None)
+        else:
+            self._scripts[kind] = answer
+
+    def sent(self, kind: type[TLObject]) -> list[Any]:
+        return [r for r in self.requests if isinstance(r, kind)]
+
+    def cut(self) -> None:
+        self._down = True
+        self._cut.set()
+
+    def restore(self) -> None:
+        self._down = False
+        self._cut = asyncio.Event()
+
+    async def ready(self) -> None:
+        if self._down:
+            raise LinkDown("cut")
+
+    async def create_auth_key(self) -> bytes:
+        if self._down:
+            raise LinkDown("cut")
+        return await self.endpoint.create_auth_key()
+
+    async def invoke(self, key_id: int, session_id: int, query: bytes) -> bytes | tuple[int, str]:
+        if self._down:
+            raise LinkDown("cut")
+        request = unwrapped(parse(query))
         self.requests.append(request)
-        key = sender.auth_key.key
-        if isinstance(request, functions.InvokeWithLayerRequest):
-            return types.Config  # not read by the client
-        if isinstance(request, functions.users.GetUsersRequest):
-            if key not in self.authorized_keys:
-                raise errors.AuthKeyUnregisteredError(request=request)
-            return [self.bot]
-        if isinstance(request, functions.auth.ImportBotAuthorizationRequest):
-            if request.bot_auth_token != self.token:
-                raise errors.AccessTokenInvalidError(request=request)
-            self.login_count += 1
-            self.authorized_keys.add(key)
-            return types.auth.Authorization(user=self.bot)
-        if isinstance(request, functions.updates.GetStateRequest):
-            return types.updates.State(pts=1, qts=0, date=datetime.now(UTC), seq=1, unread_count=0)
-        if isinstance(request, functions.updates.GetDifferenceRequest):
-            return types.updates.DifferenceEmpty(date=datetime.now(UTC), seq=1)
-        if isinstance(request, functions.messages.SendMessageRequest):
-            if self.on_send is not None:
-                return self.on_send(request)
-            self.next_message_id += 1
-            return types.UpdateShortSentMessage(
-                id=self.next_message_id, pts=2, pts_count=1, date=datetime.now(UTC), out=True
-            )
-        if isinstance(request, functions.messages.DeleteMessagesRequest):
-            return types.messages.AffectedMessages(pts=3, pts_count=len(request.id))
-        raise errors.RPCError(request, f"UNEXPECTED_{type(request).__name__}", 400)
+        answer = self._scripts.get(type(request))
+        outcome = answer(request) if answer is not None else None
+        if isinstance(outcome, tuple):
+            return outcome
+        if outcome is not None:
+            self.endpoint.telegram.subscribe(key_id, session_id)
+            return serialize(outcome)
+        try:
+            return await self.endpoint.invoke(key_id, session_id, query)
+        except RpcError as error:
+            return error.code, error.message
+
+    async def updates(self, key_id: int, session_id: int) -> AsyncIterator[bytes]:
+        if self._down:
+            raise LinkDown("cut")
+        source = self.endpoint.updates(key_id, session_id)
+        cut = asyncio.ensure_future(self._cut.wait())
+        item: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(source))
+                await asyncio.wait({item, cut}, return_when=asyncio.FIRST_COMPLETED)
+                if cut.done():
+                    raise LinkDown("cut")
+                try:
+                    data = item.result()
+                except StopAsyncIteration:
+                    return
+                except RpcError as error:
+                    raise StreamRefused(error.code, error.message) from None
+                yield data
+        finally:
+            cut.cancel()
+            if item is not None and not item.done():
+                item.cancel()
+                await asyncio.wait({item})
+            await source.aclose()
+
+    async def close(self, key_id: int, session_id: int) -> None:
+        self.endpoint.close(key_id, session_id)
+
+    async def acknowledge(self, key_id: int, session_id: int, pts: int, qts: int) -> None:
+        self.endpoint.acknowledge(key_id, pts, qts)
 
 
-def client_factory(telegram: FakeTelegramServer) -> Callable[[StringSession, int, str], TelegramClient]:
-    """A factory the transport accepts: real TelegramClients whose sender is offline."""
+@dataclass
+class KeptStates:
+    """A StateKeeper that remembers every state it was given, per bot."""
 
-    def make(session: StringSession, api_id: int, api_hash: str) -> TelegramClient:
-        client = TelegramClient(session, api_id, api_hash, flood_sleep_threshold=0, catch_up=False)
-        sender = OfflineSender(telegram)
-        if session.auth_key:
-            sender.auth_key = session.auth_key
-        client._sender = sender
-        return client
+    kept: dict[str, list[UpdateState]] = field(default_factory=dict)
 
-    return make
+    def advance(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        self.kept.setdefault(bot_id, []).append(state)
+
+    async def keep(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:
+        self.kept.setdefault(bot_id, []).append(state)
+
+    def last(self, bot_id: str) -> UpdateState | None:
+        states = self.kept.get(bot_id)
+        return states[-1] if states else None

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from services.botgateway.limiter import FloodPaused, Rate, RateLimited, SendLimiter
+from services.botgateway.limiter import FloodPaused, RateLimited, SendLimiter
+from services.core.buckets import Rate
 
 
 class VirtualTime:

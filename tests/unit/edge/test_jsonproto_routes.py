@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from otpgate.botgateway.v1 import botgateway_pb2
 from otpgate.edge.v1 import edge_pb2
+from otpgate.telegramsim.v1 import telegramsim_pb2
 
 from services.core.errors import ServiceError, Violations
 from services.edge.jsonproto import parse_message, put_path_values, query_to_json, to_json
@@ -78,7 +78,7 @@ def test_template_matching() -> None:
     assert cancel.match("/v1/messages/a%3Ab:cancel") == {"id": "a:b"}
     assert cancel.match("/v1/messages/01ABC") is None
     assert cancel.match("/v1/messages/a/b:cancel") is None
-    sandbox = rules_for(botgateway_pb2.DESCRIPTOR.services_by_name["SandboxService"])
+    sandbox = rules_for(telegramsim_pb2.DESCRIPTOR.services_by_name["SandboxService"])
     start = next(r for r in sandbox if r.method.name == "StartBot")
     assert start.match("/sandbox/v1/users/42/bots/smscodes_bot:start") == {"user_id": "42", "bot_id": "smscodes_bot"}
     pattern, variables = compile_template("/v1/{name=projects/*/things/*}/x/**:run")
@@ -148,9 +148,9 @@ def test_query_parameters() -> None:
 
 def test_path_values_override_the_body() -> None:
     data = {"userId": "7", "text": "hi"}
-    put_path_values(botgateway_pb2.SendTextRequest.DESCRIPTOR, data, {"user_id": "42", "bot_id": "b"})
-    message = parse_message(botgateway_pb2.SendTextRequest, data)
+    put_path_values(telegramsim_pb2.SendTextRequest.DESCRIPTOR, data, {"user_id": "42", "bot_id": "b"})
+    message = parse_message(telegramsim_pb2.SendTextRequest, data)
     assert (message.user_id, message.bot_id, message.text) == (42, "b", "hi")
     bad = {}
-    put_path_values(botgateway_pb2.SendTextRequest.DESCRIPTOR, bad, {"user_id": "abc", "bot_id": "b"})
-    assert _violations(botgateway_pb2.SendTextRequest, bad) == [("user_id", "must be an integer")]
+    put_path_values(telegramsim_pb2.SendTextRequest.DESCRIPTOR, bad, {"user_id": "abc", "bot_id": "b"})
+    assert _violations(telegramsim_pb2.SendTextRequest, bad) == [("user_id", "must be an integer")]

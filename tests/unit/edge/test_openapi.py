@@ -54,7 +54,7 @@ def test_document_describes_routes_auth_and_errors() -> None:
     assert document["components"]["schemas"]["otpgate.common.v1.MessageStatus"]["enum"][0] == (
         "MESSAGE_STATUS_UNSPECIFIED"
     )
-    user = document["components"]["schemas"]["otpgate.botgateway.v1.SandboxUser"]["properties"]["userId"]
+    user = document["components"]["schemas"]["otpgate.telegramsim.v1.SandboxUser"]["properties"]["userId"]
     assert user["type"] == "string" and user["format"] == "int64"  # proto3 JSON: 64-bit integers are strings
     links = document["paths"]["/v1/messages"]["post"]["responses"]["200"]["links"]
     assert links["GetMessage"] == {

@@ -22,87 +22,37 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from otpgate.common.v1 import common_pb2 as otpgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&otpgate/botgateway/v1/botgateway.proto\x12\x15otpgate.botgateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eotpgate/common/v1/common.proto\"\xa9\x01\n\x15SendBotMessageRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fprotect_content\x18\x04 \x01(\x08\x12\x0e\n\x06silent\x18\x05 \x01(\x08\x12/\n\x0c\x64\x65lete_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x16SendBotMessageResponse\x12\x1b\n\x13telegram_message_id\x18\x01 \x01(\x03\"L\n\x12RegisterBotRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\x12\x0e\n\x06shared\x18\x03 \x01(\x08\":\n\x13RegisterBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\"Q\n\x0fListBotsRequest\x12\x17\n\x0fowner_client_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListBotsResponse\x12$\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x16.otpgate.common.v1.Bot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\"5\n\x0eGetBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\";\n\x10RemoveBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\"\x13\n\x11RemoveBotResponse\"m\n\x0bSandboxUser\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x15\n\rlanguage_code\x18\x03 \x01(\t\x12\r\n\x05phone\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x63tivated\x18\x05 \x01(\x08\"L\n\x18\x43reateSandboxUserRequest\x12\x30\n\x04user\x18\x01 \x01(\x0b\x32\".otpgate.botgateway.v1.SandboxUser\"M\n\x19\x43reateSandboxUserResponse\x12\x30\n\x04user\x18\x01 \x01(\x0b\x32\".otpgate.botgateway.v1.SandboxUser\"@\n\x17ListSandboxUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x18ListSandboxUsersResponse\x12\x31\n\x05users\x18\x01 \x03(\x0b\x32\".otpgate.botgateway.v1.SandboxUser\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc3\x01\n\x0b\x43hatMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x10\n\x08\x66rom_bot\x18\x02 \x01(\x08\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fprotect_content\x18\x04 \x01(\x08\x12\x0e\n\x06silent\x18\x05 \x01(\x08\x12\x17\n\x0frequest_contact\x18\x06 \x01(\x08\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12-\n\tsend_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x0fStartBotRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\t\"G\n\x10StartBotResponse\x12\x33\n\x07replies\x18\x01 \x03(\x0b\x32\".otpgate.botgateway.v1.ChatMessage\"X\n\x13ShareContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12\x11\n\tforwarded\x18\x04 \x01(\x08\"K\n\x14ShareContactResponse\x12\x33\n\x07replies\x18\x01 \x03(\x0b\x32\".otpgate.botgateway.v1.ChatMessage\"@\n\x0fSendTextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"G\n\x10SendTextResponse\x12\x33\n\x07replies\x18\x01 \x03(\x0b\x32\".otpgate.botgateway.v1.ChatMessage\"H\n\x14SetBotBlockedRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\"\x17\n\x15SetBotBlockedResponse\"T\n\x17ListChatMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x18\n\x10\x61\x66ter_message_id\x18\x03 \x01(\x03\"P\n\x18ListChatMessagesResponse\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".otpgate.botgateway.v1.ChatMessage2\xfc\x03\n\x11\x42otGatewayService\x12m\n\x0eSendBotMessage\x12,.otpgate.botgateway.v1.SendBotMessageRequest\x1a-.otpgate.botgateway.v1.SendBotMessageResponse\x12\x64\n\x0bRegisterBot\x12).otpgate.botgateway.v1.RegisterBotRequest\x1a*.otpgate.botgateway.v1.RegisterBotResponse\x12[\n\x08ListBots\x12&.otpgate.botgateway.v1.ListBotsRequest\x1a\'.otpgate.botgateway.v1.ListBotsResponse\x12U\n\x06GetBot\x12$.otpgate.botgateway.v1.GetBotRequest\x1a%.otpgate.botgateway.v1.GetBotResponse\x12^\n\tRemoveBot\x12\'.otpgate.botgateway.v1.RemoveBotRequest\x1a(.otpgate.botgateway.v1.RemoveBotResponse2\xfc\x08\n\x0eSandboxService\x12\x94\x01\n\x11\x43reateSandboxUser\x12/.otpgate.botgateway.v1.CreateSandboxUserRequest\x1a\x30.otpgate.botgateway.v1.CreateSandboxUserResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/sandbox/v1/users:\x01*\x12\x8e\x01\n\x10ListSandboxUsers\x12..otpgate.botgateway.v1.ListSandboxUsersRequest\x1a/.otpgate.botgateway.v1.ListSandboxUsersResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/sandbox/v1/users\x12\x97\x01\n\x08StartBot\x12&.otpgate.botgateway.v1.StartBotRequest\x1a\'.otpgate.botgateway.v1.StartBotResponse\":\x82\xd3\xe4\x93\x02\x34\"//sandbox/v1/users/{user_id}/bots/{bot_id}:start:\x01*\x12\xaa\x01\n\x0cShareContact\x12*.otpgate.botgateway.v1.ShareContactRequest\x1a+.otpgate.botgateway.v1.ShareContactResponse\"A\x82\xd3\xe4\x93\x02;\"6/sandbox/v1/users/{user_id}/bots/{bot_id}:shareContact:\x01*\x12\x9a\x01\n\x08SendText\x12&.otpgate.botgateway.v1.SendTextRequest\x1a\'.otpgate.botgateway.v1.SendTextResponse\"=\x82\xd3\xe4\x93\x02\x37\"2/sandbox/v1/users/{user_id}/bots/{bot_id}:sendText:\x01*\x12\xab\x01\n\rSetBotBlocked\x12+.otpgate.botgateway.v1.SetBotBlockedRequest\x1a,.otpgate.botgateway.v1.SetBotBlockedResponse\"?\x82\xd3\xe4\x93\x02\x39\"4/sandbox/v1/users/{user_id}/bots/{bot_id}:setBlocked:\x01*\x12\xaf\x01\n\x10ListChatMessages\x12..otpgate.botgateway.v1.ListChatMessagesRequest\x1a/.otpgate.botgateway.v1.ListChatMessagesResponse\":\x82\xd3\xe4\x93\x02\x34\x12\x32/sandbox/v1/users/{user_id}/bots/{bot_id}/messagesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&otpgate/botgateway/v1/botgateway.proto\x12\x15otpgate.botgateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1eotpgate/common/v1/common.proto\"\xa9\x01\n\x15SendBotMessageRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fprotect_content\x18\x04 \x01(\x08\x12\x0e\n\x06silent\x18\x05 \x01(\x08\x12/\n\x0c\x64\x65lete_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x16SendBotMessageResponse\x12\x1b\n\x13telegram_message_id\x18\x01 \x01(\x03\"L\n\x12RegisterBotRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\x12\x0e\n\x06shared\x18\x03 \x01(\x08\":\n\x13RegisterBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\"Q\n\x0fListBotsRequest\x12\x17\n\x0fowner_client_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListBotsResponse\x12$\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x16.otpgate.common.v1.Bot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\"5\n\x0eGetBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\";\n\x10RemoveBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\"\x13\n\x11RemoveBotResponse2\xfc\x03\n\x11\x42otGatewayService\x12m\n\x0eSendBotMessage\x12,.otpgate.botgateway.v1.SendBotMessageRequest\x1a-.otpgate.botgateway.v1.SendBotMessageResponse\x12\x64\n\x0bRegisterBot\x12).otpgate.botgateway.v1.RegisterBotRequest\x1a*.otpgate.botgateway.v1.RegisterBotResponse\x12[\n\x08ListBots\x12&.otpgate.botgateway.v1.ListBotsRequest\x1a\'.otpgate.botgateway.v1.ListBotsResponse\x12U\n\x06GetBot\x12$.otpgate.botgateway.v1.GetBotRequest\x1a%.otpgate.botgateway.v1.GetBotResponse\x12^\n\tRemoveBot\x12\'.otpgate.botgateway.v1.RemoveBotRequest\x1a(.otpgate.botgateway.v1.RemoveBotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otpgate.botgateway.v1.botgateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['CreateSandboxUser']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['CreateSandboxUser']._serialized_options = b'\202\323\344\223\002\026\"\021/sandbox/v1/users:\001*'
-  _globals['_SANDBOXSERVICE'].methods_by_name['ListSandboxUsers']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['ListSandboxUsers']._serialized_options = b'\202\323\344\223\002\023\022\021/sandbox/v1/users'
-  _globals['_SANDBOXSERVICE'].methods_by_name['StartBot']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['StartBot']._serialized_options = b'\202\323\344\223\0024\"//sandbox/v1/users/{user_id}/bots/{bot_id}:start:\001*'
-  _globals['_SANDBOXSERVICE'].methods_by_name['ShareContact']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['ShareContact']._serialized_options = b'\202\323\344\223\002;\"6/sandbox/v1/users/{user_id}/bots/{bot_id}:shareContact:\001*'
-  _globals['_SANDBOXSERVICE'].methods_by_name['SendText']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['SendText']._serialized_options = b'\202\323\344\223\0027\"2/sandbox/v1/users/{user_id}/bots/{bot_id}:sendText:\001*'
-  _globals['_SANDBOXSERVICE'].methods_by_name['SetBotBlocked']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['SetBotBlocked']._serialized_options = b'\202\323\344\223\0029\"4/sandbox/v1/users/{user_id}/bots/{bot_id}:setBlocked:\001*'
-  _globals['_SANDBOXSERVICE'].methods_by_name['ListChatMessages']._loaded_options = None
-  _globals['_SANDBOXSERVICE'].methods_by_name['ListChatMessages']._serialized_options = b'\202\323\344\223\0024\0222/sandbox/v1/users/{user_id}/bots/{bot_id}/messages'
-  _globals['_SENDBOTMESSAGEREQUEST']._serialized_start=193
-  _globals['_SENDBOTMESSAGEREQUEST']._serialized_end=362
-  _globals['_SENDBOTMESSAGERESPONSE']._serialized_start=364
-  _globals['_SENDBOTMESSAGERESPONSE']._serialized_end=417
-  _globals['_REGISTERBOTREQUEST']._serialized_start=419
-  _globals['_REGISTERBOTREQUEST']._serialized_end=495
-  _globals['_REGISTERBOTRESPONSE']._serialized_start=497
-  _globals['_REGISTERBOTRESPONSE']._serialized_end=555
-  _globals['_LISTBOTSREQUEST']._serialized_start=557
-  _globals['_LISTBOTSREQUEST']._serialized_end=638
-  _globals['_LISTBOTSRESPONSE']._serialized_start=640
-  _globals['_LISTBOTSRESPONSE']._serialized_end=721
-  _globals['_GETBOTREQUEST']._serialized_start=723
-  _globals['_GETBOTREQUEST']._serialized_end=754
-  _globals['_GETBOTRESPONSE']._serialized_start=756
-  _globals['_GETBOTRESPONSE']._serialized_end=809
-  _globals['_REMOVEBOTREQUEST']._serialized_start=811
-  _globals['_REMOVEBOTREQUEST']._serialized_end=870
-  _globals['_REMOVEBOTRESPONSE']._serialized_start=872
-  _globals['_REMOVEBOTRESPONSE']._serialized_end=891
-  _globals['_SANDBOXUSER']._serialized_start=893
-  _globals['_SANDBOXUSER']._serialized_end=1002
-  _globals['_CREATESANDBOXUSERREQUEST']._serialized_start=1004
-  _globals['_CREATESANDBOXUSERREQUEST']._serialized_end=1080
-  _globals['_CREATESANDBOXUSERRESPONSE']._serialized_start=1082
-  _globals['_CREATESANDBOXUSERRESPONSE']._serialized_end=1159
-  _globals['_LISTSANDBOXUSERSREQUEST']._serialized_start=1161
-  _globals['_LISTSANDBOXUSERSREQUEST']._serialized_end=1225
-  _globals['_LISTSANDBOXUSERSRESPONSE']._serialized_start=1227
-  _globals['_LISTSANDBOXUSERSRESPONSE']._serialized_end=1329
-  _globals['_CHATMESSAGE']._serialized_start=1332
-  _globals['_CHATMESSAGE']._serialized_end=1527
-  _globals['_STARTBOTREQUEST']._serialized_start=1529
-  _globals['_STARTBOTREQUEST']._serialized_end=1596
-  _globals['_STARTBOTRESPONSE']._serialized_start=1598
-  _globals['_STARTBOTRESPONSE']._serialized_end=1669
-  _globals['_SHARECONTACTREQUEST']._serialized_start=1671
-  _globals['_SHARECONTACTREQUEST']._serialized_end=1759
-  _globals['_SHARECONTACTRESPONSE']._serialized_start=1761
-  _globals['_SHARECONTACTRESPONSE']._serialized_end=1836
-  _globals['_SENDTEXTREQUEST']._serialized_start=1838
-  _globals['_SENDTEXTREQUEST']._serialized_end=1902
-  _globals['_SENDTEXTRESPONSE']._serialized_start=1904
-  _globals['_SENDTEXTRESPONSE']._serialized_end=1975
-  _globals['_SETBOTBLOCKEDREQUEST']._serialized_start=1977
-  _globals['_SETBOTBLOCKEDREQUEST']._serialized_end=2049
-  _globals['_SETBOTBLOCKEDRESPONSE']._serialized_start=2051
-  _globals['_SETBOTBLOCKEDRESPONSE']._serialized_end=2074
-  _globals['_LISTCHATMESSAGESREQUEST']._serialized_start=2076
-  _globals['_LISTCHATMESSAGESREQUEST']._serialized_end=2160
-  _globals['_LISTCHATMESSAGESRESPONSE']._serialized_start=2162
-  _globals['_LISTCHATMESSAGESRESPONSE']._serialized_end=2242
-  _globals['_BOTGATEWAYSERVICE']._serialized_start=2245
-  _globals['_BOTGATEWAYSERVICE']._serialized_end=2753
-  _globals['_SANDBOXSERVICE']._serialized_start=2756
-  _globals['_SANDBOXSERVICE']._serialized_end=3904
+  _globals['_SENDBOTMESSAGEREQUEST']._serialized_start=130
+  _globals['_SENDBOTMESSAGEREQUEST']._serialized_end=299
+  _globals['_SENDBOTMESSAGERESPONSE']._serialized_start=301
+  _globals['_SENDBOTMESSAGERESPONSE']._serialized_end=354
+  _globals['_REGISTERBOTREQUEST']._serialized_start=356
+  _globals['_REGISTERBOTREQUEST']._serialized_end=432
+  _globals['_REGISTERBOTRESPONSE']._serialized_start=434
+  _globals['_REGISTERBOTRESPONSE']._serialized_end=492
+  _globals['_LISTBOTSREQUEST']._serialized_start=494
+  _globals['_LISTBOTSREQUEST']._serialized_end=575
+  _globals['_LISTBOTSRESPONSE']._serialized_start=577
+  _globals['_LISTBOTSRESPONSE']._serialized_end=658
+  _globals['_GETBOTREQUEST']._serialized_start=660
+  _globals['_GETBOTREQUEST']._serialized_end=691
+  _globals['_GETBOTRESPONSE']._serialized_start=693
+  _globals['_GETBOTRESPONSE']._serialized_end=746
+  _globals['_REMOVEBOTREQUEST']._serialized_start=748
+  _globals['_REMOVEBOTREQUEST']._serialized_end=807
+  _globals['_REMOVEBOTRESPONSE']._serialized_start=809
+  _globals['_REMOVEBOTRESPONSE']._serialized_end=828
+  _globals['_BOTGATEWAYSERVICE']._serialized_start=831
+  _globals['_BOTGATEWAYSERVICE']._serialized_end=1339
 # @@protoc_insertion_point(module_scope)

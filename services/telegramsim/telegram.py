@@ -1,0 +1,683 @@
+"""A simulated Telegram for bots, with Telegram's rules (dev and sandbox mode only).
+
+What a bot sees is Telegram's MTProto API (services/telegramsim/mtproto.py turns TL requests into
+calls here); people act through the sandbox API. The rules kept, as Telegram keeps them:
+
+- Each bot has its update sequences: pts counts message events (a person's message, the bot's own
+  message, a deletion by its count), qts counts UpdateBotStopped, seq numbers the Updates
+  containers pushed to it. They only grow, across restarts and resets.
+- An update is pushed to the bot's connected sessions that asked for updates; a bot with none is
+  offline and gets what it missed from updates.getDifference, in slices, or "too long" when it
+  is too far behind (or asks from before a reset).
+- Message ids are per account (the bot and the person number the same message differently);
+  access hashes are per bot and person. Sending needs a started, unblocked chat, the right access
+  hash and a live account; limits per bot and per chat answer FLOOD_WAIT_X; a random_id is used
+  once per bot (RANDOM_ID_DUPLICATE); bots delete their own messages for 48 hours.
+- An auth key serves one connection at a time: a second session on it kills the key
+  (AUTH_KEY_DUPLICATED). A revoked token ends its sessions (SESSION_REVOKED).
+
+One instance per database: counters and connections live in this process (the log is durable,
+counters are recovered from it at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import os
+import re
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from services.core.buckets import Bucket, Rate
+from services.core.clock import Clock
+from services.core.crypto import constant_time_equals
+from services.core.logging import get_logger
+from services.core.sandbox import sandbox_token
+from services.telegramsim.model import (
+    DELETE_WINDOW_SECONDS,
+    MAX_TEXT_UTF16,
+    BotStopped,
+    ChatNotStarted,
+    Deletion,
+    Difference,
+    Push,
+    RpcError,
+    SandboxError,
+    SandboxLimits,
+    SimBot,
+    SimChat,
+    SimMessage,
+    SimUser,
+    State,
+    UnknownBot,
+    UnknownUser,
+    bad_request,
+    flood_wait,
+    unauthorized,
+)
+from services.telegramsim.sequence import Sequence
+from services.telegramsim.store import AuthKeyRecord, TelegramStore
+
+log = get_logger(__name__)
+
+TOKEN_RE = re.compile(r"^(\d{1,15}):([A-Za-z0-9_-]{1,128})$")
+PHONE_RE = re.compile(r"^\+?\d{7,15}$")
+RECENT_PER_CHAT = 100
+INDEXED_BOT_MESSAGES = 200_000
+
+
+def utf16_length(text: str) -> int:
+    """Telegram measures texts in UTF-16 code units."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def auth_key_id(key: bytes) -> int:
+    """MTProto's auth_key_id: the last 8 bytes of the key's SHA-1, little-endian, unsigned."""
+    return int(struct.unpack("<Q", hashlib.sha1(key).digest()[12:20])[0])  # noqa: S324 - MTProto's definition
+
+
+@dataclass
+class Connection:
+    """One MTProto session connected on an auth key; gets pushes once it asked for updates."""
+
+    key_id: int
+    session_id: int
+    queue: asyncio.Queue[Push | RpcError] = field(default_factory=asyncio.Queue)
+    subscribed: bool = False
+
+
+@dataclass
+class _Waiter:
+    pts: int
+    qts: int
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _BotRuntime:
+    """What the process keeps per bot besides its record: sequences, limits, waiters."""
+
+    pts: Sequence
+    qts: Sequence
+    send_bucket: Bucket
+    login_bucket: Bucket
+    random_ids: set[int]
+    person_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    acked_pts: int = 0
+    acked_qts: int = 0
+    waiters: list[_Waiter] = field(default_factory=list)
+    messages: OrderedDict[int, SimMessage] = field(default_factory=OrderedDict)
+
+
+class SimulatedTelegram:
+    def __init__(
+        self,
+        store: TelegramStore,
+        limits: SandboxLimits,
+        clock: Clock,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self._clock = clock
+        self._monotonic = monotonic
+        self._salt = b""
+        self.users: dict[int, SimUser] = {}
+        self._bots: dict[str, SimBot] = {}
+        self._by_telegram_id: dict[int, SimBot] = {}
+        self._runtime: dict[int, _BotRuntime] = {}
+        self.chats: dict[tuple[int, int], SimChat] = {}
+        self._keys: dict[int, AuthKeyRecord] = {}
+        self._connections: dict[int, dict[int, Connection]] = {}
+        self._chat_buckets: dict[tuple[int, int], Bucket] = {}
+        self._next_user_id = 700_000_001
+        # What tests and benches read.
+        self.flood_errors = 0
+        self.duplicate_sessions = 0
+        self.sent_count = 0
+
+    async def load(self, shared_bots: Iterable[str] = ()) -> None:
+        """Read the state back from the database; make the configured shared bots exist."""
+        snapshot = await self.store.load()
+        self._salt = snapshot.salt
+        self.users = snapshot.users
+        self.chats = snapshot.chats
+        self._keys = snapshot.auth_keys
+        for bot in snapshot.bots.values():
+            self._adopt(bot, snapshot.random_ids.get(bot.telegram_id, set()))
+        for name in shared_bots:
+            if name.lower() not in self._bots:
+                await self.add_bot(name.lower(), sandbox_token(name))
+
+    def _adopt(self, bot: SimBot, random_ids: set[int]) -> None:
+        self._bots[bot.bot_id] = bot
+        self._by_telegram_id[bot.telegram_id] = bot
+        limits = self.limits
+        self._runtime[bot.telegram_id] = _BotRuntime(
+            pts=Sequence(bot.pts),
+            qts=Sequence(bot.qts),
+            send_bucket=Bucket(Rate(limits.bot_rate, limits.bot_burst)),
+            login_bucket=Bucket(Rate(1.0 / limits.login_interval, limits.login_burst)),
+            random_ids=random_ids,
+            acked_pts=bot.pts,
+            acked_qts=bot.qts,
+        )
+
+    # Accounts -------------------------------------------------------------------------------
+
+    async def create_user(
+        self,
+        user_id: int = 0,
+        first_name: str = "",
+        language_code: str = "en",
+        phone: str = "",
+        deactivated: bool = False,
+    ) -> SimUser:
+        """Create or replace a person (a replaced person keeps their chats and message ids)."""
+        if phone and not PHONE_RE.match(phone):
+            raise SandboxError("phone must be E.164 digits, e.g. +79991234567")
+        if user_id < 0:
+            raise SandboxError("user_id must be positive")
+        if user_id in self._by_telegram_id:
+            raise SandboxError("user_id belongs to a bot")
+        if not user_id:
+            while self._next_user_id in self.users:
+                self._next_user_id += 1
+            user_id = self._next_user_id
+        if phone and not phone.startswith("+"):
+            phone = "+" + phone
+        previous = self.users.get(user_id)
+        user = SimUser(
+            user_id,
+            first_name or f"User {user_id}",
+            language_code or "en",
+            phone,
+            deactivated,
+            previous.last_message_id if previous else 0,
+        )
+        await self.store.save_user(user)
+        self.users[user_id] = user
+        return user
+
+    def user(self, user_id: int) -> SimUser:
+        user = self.users.get(user_id)
+        if user is None:
+            raise UnknownUser(f"no sandbox user {user_id}")
+        return user
+
+    async def add_bot(self, username: str, token: str) -> SimBot:
+        """A bot as BotFather creates it (shared bots of the sandbox, or a first login by token)."""
+        match = TOKEN_RE.match(token)
+        if not match:
+            raise SandboxError("token is not of the form <bot id>:<secret>")
+        existing = self._bots.get(username.lower()) or self._by_telegram_id.get(int(match.group(1)))
+        if existing is not None:
+            return existing
+        bot = SimBot(int(match.group(1)), username, token, self._clock.now())
+        await self.store.save_bot(bot)
+        self._adopt(bot, set())
+        return bot
+
+    def bot(self, bot_id: str) -> SimBot:
+        bot = self._bots.get(bot_id.lower())
+        if bot is None:
+            raise UnknownBot(f"no sandbox bot {bot_id}")
+        return bot
+
+    def bot_by_telegram_id(self, telegram_id: int) -> SimBot | None:
+        return self._by_telegram_id.get(telegram_id)
+
+    def is_bot(self, user_id: int) -> bool:
+        return user_id in self._by_telegram_id
+
+    async def revoke_token(self, bot_id: str) -> str:
+        """BotFather's /revoke: a new token; the old one and every session logged in with it end."""
+        bot = self.bot(bot_id)
+        bot.token = f"{bot.telegram_id}:revoked{os.urandom(8).hex()}"
+        await self.store.save_bot(bot)
+        for key in list(self._keys.values()):
+            if key.bot == bot.telegram_id and key.state == "active":
+                await self.revoke_session(key.key_id)
+        return bot.token
+
+    async def revoke_session(self, key_id: int) -> None:
+        """The authorization on this key ends (SESSION_REVOKED from now on)."""
+        key = self.known_key(key_id)
+        await self._set_key(AuthKeyRecord(key.key_id, key.bot, "revoked"))
+        self._close_key(key.key_id, unauthorized("SESSION_REVOKED"))
+
+    def access_hash(self, bot: SimBot, user_id: int) -> int:
+        """What this bot sees as the person's access hash (differs per bot, as in Telegram)."""
+        digest = hmac.new(self._salt, f"{bot.telegram_id}:{user_id}".encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big", signed=True) or 1
+
+    def state(self, bot: SimBot) -> State:
+        runtime = self._runtime[bot.telegram_id]
+        return State(runtime.pts.committed, runtime.qts.committed, bot.date or bot.create_time, bot.seq)
+
+    # Auth keys and sessions ---------------------------------------------------------------------
+
+    async def create_auth_key(self) -> bytes:
+        key = os.urandom(256)
+        await self._set_key(AuthKeyRecord(auth_key_id(key), 0, "active"))
+        return key
+
+    async def _set_key(self, key: AuthKeyRecord) -> None:
+        await self.store.save_auth_key(key)
+        self._keys[key.key_id] = key
+
+    def known_key(self, key_id: int) -> AuthKeyRecord:
+        key = self._keys.get(key_id)
+        if key is None:
+            raise RpcError(-404, "AUTH_KEY_NOT_FOUND")  # MTProto's transport error for an unknown key
+        if key.state == "duplicated":
+            raise RpcError(406, "AUTH_KEY_DUPLICATED")
+        return key
+
+    def authorized(self, key_id: int) -> SimBot:
+        key = self.known_key(key_id)
+        if key.state == "revoked":
+            raise unauthorized("SESSION_REVOKED")
+        bot = self._by_telegram_id.get(key.bot) if key.bot else None
+        if bot is None:
+            raise unauthorized("AUTH_KEY_UNREGISTERED")
+        return bot
+
+    async def import_bot_authorization(self, key_id: int, api_id: int, token: str) -> SimBot:
+        self.known_key(key_id)
+        if api_id <= 0:
+            raise bad_request("API_ID_INVALID")
+        match = TOKEN_RE.match(token)
+        if not match:
+            raise bad_request("ACCESS_TOKEN_INVALID")
+        bot = self._by_telegram_id.get(int(match.group(1)))
+        if bot is None:
+            bot = await self.add_bot(f"sandbox{match.group(1)}_bot", token)
+        elif not constant_time_equals(bot.token, token):
+            raise bad_request("ACCESS_TOKEN_INVALID")
+        bucket = self._runtime[bot.telegram_id].login_bucket
+        now = self._monotonic()
+        wait = bucket.wait_for(now)
+        if wait > 0:
+            raise flood_wait(math.ceil(wait))
+        bucket.reserve(now)
+        await self._set_key(AuthKeyRecord(key_id, bot.telegram_id, "active"))
+        return bot
+
+    async def log_out(self, key_id: int) -> None:
+        key = self.known_key(key_id)
+        await self._set_key(AuthKeyRecord(key.key_id, 0, key.state))
+
+    async def connect(self, key_id: int, session_id: int) -> Connection:
+        """A session connects on a key. A second, different session on the same key kills the key."""
+        self.known_key(key_id)
+        sessions = self._connections.setdefault(key_id, {})
+        others = [s for s in sessions if s != session_id]
+        if others:
+            self.duplicate_sessions += 1
+            log.warning("sandbox_auth_key_duplicated", sessions=len(others) + 1)
+            key = self._keys[key_id]
+            await self._set_key(AuthKeyRecord(key.key_id, key.bot, "duplicated"))
+            self._close_key(key_id, RpcError(406, "AUTH_KEY_DUPLICATED"))
+            raise RpcError(406, "AUTH_KEY_DUPLICATED")
+        connection = sessions.get(session_id) or Connection(key_id, session_id)
+        sessions[session_id] = connection
+        return connection
+
+    def disconnect(self, key_id: int, session_id: int) -> None:
+        sessions = self._connections.get(key_id, {})
+        connection = sessions.pop(session_id, None)
+        if not sessions:
+            self._connections.pop(key_id, None)
+        if connection is not None:
+            key = self._keys.get(key_id)
+            if key is not None and key.bot:
+                self._release_if_offline(key.bot)
+
+    def _close_key(self, key_id: int, error: RpcError) -> None:
+        for connection in self._connections.pop(key_id, {}).values():
+            connection.queue.put_nowait(error)
+        key = self._keys.get(key_id)
+        if key is not None and key.bot:
+            self._release_if_offline(key.bot)
+
+    def subscribe(self, key_id: int, session_id: int) -> None:
+        """The session made a request that was not wrapped in invokeWithoutUpdates: push to it."""
+        connection = self._connections.get(key_id, {}).get(session_id)
+        if connection is not None:
+            connection.subscribed = True
+
+    def _online(self, telegram_id: int) -> list[Connection]:
+        return [
+            connection
+            for key_id, sessions in self._connections.items()
+            if (key := self._keys.get(key_id)) is not None and key.bot == telegram_id and key.state == "active"
+            for connection in sessions.values()
+            if connection.subscribed
+        ]
+
+    def connected_sessions(self, bot_id: str) -> list[int]:
+        """The sessions a bot is online with (what tests assert on)."""
+        return [c.session_id for c in self._online(self.bot(bot_id).telegram_id)]
+
+    def _push(self, bot: SimBot, push: Push) -> None:
+        for connection in self._online(bot.telegram_id):
+            connection.queue.put_nowait(push)
+
+    # Acknowledgements (the sandbox's stand-in for "the bot handled it") ------------------------------
+
+    def acknowledge(self, key_id: int, pts: int, qts: int) -> None:
+        key = self._keys.get(key_id)
+        if key is None or not key.bot:
+            return
+        runtime = self._runtime[key.bot]
+        runtime.acked_pts = max(runtime.acked_pts, pts)
+        runtime.acked_qts = max(runtime.acked_qts, qts)
+        for waiter in list(runtime.waiters):
+            if waiter.pts <= runtime.acked_pts and waiter.qts <= runtime.acked_qts and not waiter.future.done():
+                waiter.future.set_result(None)
+
+    def _release_if_offline(self, telegram_id: int) -> None:
+        if self._online(telegram_id):
+            return
+        for waiter in self._runtime[telegram_id].waiters:
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+
+    async def _replies(
+        self, bot: SimBot, chat: SimChat, after: int, pts: int = 0, qts: int = 0, wait: float | None = None
+    ) -> list[SimMessage]:
+        """What the bot answered to the person's action at `after`, once it handled pts/qts (or at
+        once when it is offline, or after the reply wait or the caller's `wait`, if shorter)."""
+        runtime = self._runtime[bot.telegram_id]
+        handled = runtime.acked_pts >= pts and runtime.acked_qts >= qts
+        if not handled and self._online(bot.telegram_id):
+            waiter = _Waiter(pts, qts, asyncio.get_running_loop().create_future())
+            runtime.waiters.append(waiter)
+            timeout = self.limits.reply_wait if wait is None else max(0.0, min(wait, self.limits.reply_wait))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            except TimeoutError:
+                pass
+            finally:
+                runtime.waiters.remove(waiter)
+        return [m for m in chat.recent if m.from_bot and m.user_message_id > after]
+
+    # What bots do -------------------------------------------------------------------------------
+
+    def _admit(self, bot: SimBot, user_id: int) -> None:
+        now = self._monotonic()
+        runtime = self._runtime[bot.telegram_id]
+        key = (bot.telegram_id, user_id)
+        chat_bucket = self._chat_buckets.get(key)
+        if chat_bucket is None:
+            chat_bucket = self._chat_buckets[key] = Bucket(Rate(self.limits.chat_rate, self.limits.chat_burst))
+        wait = max(runtime.send_bucket.wait_for(now), chat_bucket.wait_for(now))
+        if wait > 0:
+            self.flood_errors += 1
+            raise flood_wait(math.ceil(wait))
+        runtime.send_bucket.reserve(now)
+        chat_bucket.reserve(now)
+
+    async def send_message(
+        self,
+        bot: SimBot,
+        session_id: int,
+        user_id: int,
+        access_hash: int,
+        text: str,
+        random_id: int,
+        *,
+        protect_content: bool = False,
+        silent: bool = False,
+        request_contact: bool = False,
+        remove_keyboard: bool = False,
+    ) -> SimMessage:
+        if user_id in self._by_telegram_id:
+            raise bad_request("USER_IS_BOT")
+        user = self.users.get(user_id)
+        if user is None:
+            raise bad_request("PEER_ID_INVALID")
+        if user.deactivated:
+            raise bad_request("INPUT_USER_DEACTIVATED")
+        chat = self.chats.get((bot.telegram_id, user_id))
+        if chat is None or not chat.started or access_hash != self.access_hash(bot, user_id):
+            raise bad_request("PEER_ID_INVALID")
+        if chat.blocked:
+            raise bad_request("USER_IS_BLOCKED")
+        if not text.strip():
+            raise bad_request("MESSAGE_EMPTY")
+        if utf16_length(text) > MAX_TEXT_UTF16:
+            raise bad_request("MESSAGE_TOO_LONG")
+        runtime = self._runtime[bot.telegram_id]
+        if random_id in runtime.random_ids:
+            raise RpcError(500, "RANDOM_ID_DUPLICATE")
+        self._admit(bot, user_id)
+        runtime.random_ids.add(random_id)
+        message = self._new_message(bot, chat, user, from_bot=True, text=text, random_id=random_id)
+        message.protect_content, message.silent = protect_content, silent
+        message.request_contact, message.remove_keyboard = request_contact, remove_keyboard
+        message.session_id, message.accepted_at = session_id, self._monotonic()
+        try:
+            await self.store.add_message(message, seq=0)
+        except Exception:
+            runtime.random_ids.discard(random_id)
+            raise RpcError(500, "INTERNAL") from None
+        finally:
+            runtime.pts.done(message.pts)
+        self._remember(bot, chat, message)
+        self.sent_count += 1
+        return message
+
+    def _new_message(
+        self, bot: SimBot, chat: SimChat, user: SimUser, *, from_bot: bool, text: str, random_id: int
+    ) -> SimMessage:
+        """Number a message on both sides and reserve its pts (the caller writes it and calls done)."""
+        runtime = self._runtime[bot.telegram_id]
+        bot.last_message_id += 1
+        user.last_message_id += 1
+        now = self._clock.now()
+        bot.date = now
+        return SimMessage(
+            bot=bot.telegram_id,
+            user_id=user.user_id,
+            from_bot=from_bot,
+            text=text,
+            date=now,
+            bot_message_id=bot.last_message_id,
+            user_message_id=user.last_message_id,
+            pts=runtime.pts.reserve(),
+            random_id=random_id,
+        )
+
+    def _remember(self, bot: SimBot, chat: SimChat, message: SimMessage) -> None:
+        chat.recent.append(message)
+        del chat.recent[:-RECENT_PER_CHAT]
+        index = self._runtime[bot.telegram_id].messages
+        index[message.bot_message_id] = message
+        while len(index) > INDEXED_BOT_MESSAGES:
+            index.popitem(last=False)
+
+    async def bot_message(self, bot: SimBot, bot_message_id: int) -> SimMessage | None:
+        found = self._runtime[bot.telegram_id].messages.get(bot_message_id)
+        return found if found is not None else await self.store.bot_message(bot.telegram_id, bot_message_id)
+
+    async def delete_messages(self, bot: SimBot, bot_message_ids: list[int]) -> tuple[int, int]:
+        """Delete the bot's own messages for both sides; returns (pts, pts_count)."""
+        runtime = self._runtime[bot.telegram_id]
+        found = [m for i in dict.fromkeys(bot_message_ids) if (m := await self.bot_message(bot, i)) is not None]
+        mine = [m for m in found if m.from_bot and not m.deleted]
+        now = self._clock.now()
+        if any(now - m.date > timedelta(seconds=DELETE_WINDOW_SECONDS) for m in mine):
+            raise RpcError(403, "MESSAGE_DELETE_FORBIDDEN")
+        if not mine:
+            return runtime.pts.committed, 0
+        last = runtime.pts.reserve(len(mine))
+        bot.date = now
+        try:
+            await self.store.add_deletion(
+                bot.telegram_id, Deletion(last, len(mine), tuple(m.bot_message_id for m in mine), now)
+            )
+            for message in mine:
+                message.deleted, message.text = True, ""
+                await self.store.mark_deleted(message)
+        finally:
+            runtime.pts.done(last)
+        return last, len(mine)
+
+    async def difference(self, bot: SimBot, pts: int, qts: int, pts_total_limit: int | None) -> Difference:
+        """updates.getDifference from (pts, qts)."""
+        runtime = self._runtime[bot.telegram_id]
+        await runtime.pts.committed_to(pts)  # a bot may know the pts of its own send before it is written
+        now = self.state(bot)
+        if pts > now.pts or qts > now.qts:
+            raise bad_request("PERSISTENT_TIMESTAMP_INVALID")
+        limit = min(pts_total_limit or self.limits.difference_limit, self.limits.difference_limit)
+        if pts < bot.floor_pts or now.pts - pts > limit:
+            return Difference([], [], [], now, too_long=True)
+        qts = max(qts, bot.floor_qts)
+        last_pts = min(now.pts, pts + self.limits.difference_slice)
+        last_qts = min(now.qts, qts + self.limits.difference_slice)
+        messages, deletions = await self.store.pts_entries(bot.telegram_id, pts + 1, last_pts)
+        stops = await self.store.stops(bot.telegram_id, qts + 1, last_qts)
+        final = last_pts == now.pts and last_qts == now.qts
+        state = now if final else State(last_pts, last_qts, now.date, now.seq)
+        return Difference([m for m in messages if not m.deleted], deletions, stops, state, final=final)
+
+    # What people do -----------------------------------------------------------------------------
+
+    def _chat(self, bot: SimBot, user_id: int) -> SimChat:
+        key = (bot.telegram_id, user_id)
+        chat = self.chats.get(key)
+        if chat is None:
+            chat = self.chats[key] = SimChat(bot.telegram_id, user_id)
+        return chat
+
+    def chat(self, bot_id: str, user_id: int) -> SimChat:
+        """A chat's record, made if new (what tests set up directly, without the conversation)."""
+        return self._chat(self.bot(bot_id), user_id)
+
+    def started_chat(self, user_id: int, bot_id: str) -> tuple[SimUser, SimBot, SimChat]:
+        user, bot = self.user(user_id), self.bot(bot_id)
+        chat = self.chats.get((bot.telegram_id, user_id))
+        if chat is None or not chat.started or chat.blocked:
+            raise ChatNotStarted("start (or unblock) the bot first")
+        return user, bot, chat
+
+    async def _incoming(self, bot: SimBot, chat: SimChat, user: SimUser, text: str, **contact: object) -> SimMessage:
+        """A person's message: into the bot's log, then pushed (call under the bot's person lock)."""
+        runtime = self._runtime[bot.telegram_id]
+        message = self._new_message(bot, chat, user, from_bot=False, text=text, random_id=_random_id())
+        for name, value in contact.items():
+            setattr(message, name, value)
+        bot.seq += 1
+        try:
+            await self.store.add_message(message, seq=bot.seq)
+        finally:
+            runtime.pts.done(message.pts)
+        await runtime.pts.committed_to(message.pts)
+        self._remember(bot, chat, message)
+        self._push(bot, Push(bot.seq, message.date, message=message))
+        return message
+
+    async def _stop_event(self, bot: SimBot, chat: SimChat, stopped: bool) -> BotStopped:
+        runtime = self._runtime[bot.telegram_id]
+        event = BotStopped(runtime.qts.reserve(), chat.user_id, stopped, self._clock.now())
+        bot.seq += 1
+        bot.date = event.date
+        try:
+            await self.store.add_stop(bot.telegram_id, event, bot.seq)
+        finally:
+            runtime.qts.done(event.qts)
+        await runtime.qts.committed_to(event.qts)
+        self._push(bot, Push(bot.seq, event.date, stopped=event))
+        return event
+
+    async def start_bot(
+        self, user_id: int, bot_id: str, payload: str = "", wait: float | None = None
+    ) -> list[SimMessage]:
+        user, bot = self.user(user_id), self.bot(bot_id)
+        runtime = self._runtime[bot.telegram_id]
+        async with runtime.person_lock:
+            chat = self._chat(bot, user_id)
+            stop = await self._stop_event(bot, chat, False) if chat.blocked else None  # "Restart" unblocks
+            chat.started, chat.blocked = True, False
+            await self.store.save_chat(chat)
+            message = await self._incoming(bot, chat, user, f"/start {payload}".strip())
+        return await self._replies(bot, chat, message.user_message_id, message.pts, stop.qts if stop else 0, wait)
+
+    async def send_text(self, user_id: int, bot_id: str, text: str, wait: float | None = None) -> list[SimMessage]:
+        if not text.strip():
+            raise SandboxError("text is empty")
+        user, bot, chat = self.started_chat(user_id, bot_id)
+        async with self._runtime[bot.telegram_id].person_lock:
+            message = await self._incoming(bot, chat, user, text)
+        return await self._replies(bot, chat, message.user_message_id, message.pts, wait=wait)
+
+    async def share_contact(
+        self, user_id: int, bot_id: str, phone: str = "", forwarded: bool = False, wait: float | None = None
+    ) -> list[SimMessage]:
+        user, bot, chat = self.started_chat(user_id, bot_id)
+        if phone:
+            if not PHONE_RE.match(phone):
+                raise SandboxError("phone must be E.164 digits, e.g. +79991234567")
+            contact_user_id = 0  # someone else's contact: Telegram gives user_id 0
+        else:
+            if not user.phone:
+                raise SandboxError("the user has no phone number")
+            phone, contact_user_id = user.phone, user.user_id
+        text = "[forwarded contact]" if forwarded else "[contact]"
+        async with self._runtime[bot.telegram_id].person_lock:
+            message = await self._incoming(
+                bot,
+                chat,
+                user,
+                text,
+                contact_phone=phone.lstrip("+"),  # Telegram sends contact numbers without "+"
+                contact_user_id=contact_user_id,
+                forwarded=forwarded,
+            )
+        return await self._replies(bot, chat, message.user_message_id, message.pts, wait=wait)
+
+    async def set_blocked(self, user_id: int, bot_id: str, blocked: bool, wait: float | None = None) -> None:
+        self.user(user_id)
+        bot = self.bot(bot_id)
+        async with self._runtime[bot.telegram_id].person_lock:
+            chat = self._chat(bot, user_id)
+            if chat.blocked == blocked:
+                return
+            chat.blocked = blocked
+            await self.store.save_chat(chat)
+            stop = await self._stop_event(bot, chat, blocked)
+        await self._replies(bot, chat, 0, qts=stop.qts, wait=wait)
+
+    async def history(self, user_id: int, bot_id: str, after_message_id: int = 0) -> list[SimMessage]:
+        self.user(user_id)
+        bot = self.bot(bot_id)
+        messages = await self.store.chat_history(bot.telegram_id, user_id)
+        return [m for m in messages if m.user_message_id > after_message_id]
+
+    async def reset(self) -> tuple[int, int]:
+        """Erase people, chats and history (bots, keys and counters stay)."""
+        for bot in self._bots.values():
+            runtime = self._runtime[bot.telegram_id]
+            bot.pts, bot.qts = runtime.pts.committed, runtime.qts.committed
+        erased = await self.store.reset(self._bots.values())
+        self.users.clear()
+        self.chats.clear()
+        self._chat_buckets.clear()
+        for runtime in self._runtime.values():
+            runtime.messages.clear()
+        return erased
+
+
+def _random_id() -> int:
+    return int.from_bytes(os.urandom(8), "big", signed=True)

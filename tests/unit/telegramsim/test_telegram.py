@@ -1,0 +1,248 @@
+"""The simulated Telegram's rules, seen as a bot sees them (through the Telethon transport and TL) and
+as the sandbox's people act: access hashes, start and block, contacts, limits, deletion, tokens and
+keys, and its state kept in its own database across restarts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.botgateway.sandbox_link import sandbox_client_factory
+from services.botgateway.telethon_transport import TelethonTransport
+from services.botgateway.transport import (
+    BotCredentials,
+    FloodWait,
+    IncomingEvent,
+    Keyboard,
+    OutgoingMessage,
+    Peer,
+    PeerInvalid,
+    TokenInvalid,
+    UserBlocked,
+    UserDeactivated,
+)
+from services.core.clock import ManualClock
+from services.core.config import ConfigError, Env
+from services.core.crypto import Keyring
+from services.core.mongo import Document
+from services.core.sandbox import sandbox_token
+from services.telegramsim.app import load_config
+from services.telegramsim.model import ChatNotStarted, RpcError, SandboxLimits, UnknownUser
+from services.telegramsim.mtproto import MtprotoEndpoint
+from services.telegramsim.store import TelegramStore
+from services.telegramsim.telegram import SimulatedTelegram, auth_key_id
+from tests.unit.botgateway.telethon_wire import KeptStates, LocalWire
+
+BOT = "codes_bot"
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class World:
+    telegram: SimulatedTelegram
+    transport: TelethonTransport
+    events: list[IncomingEvent]
+    mono: Monotonic
+
+    def peer(self, user_id: int, bot: str = BOT) -> Peer:
+        return Peer(user_id, self.telegram.access_hash(self.telegram.bot(bot), user_id))
+
+
+async def open_telegram(
+    database: AsyncDatabase[Document], keyring: Keyring, clock: ManualClock, mono: Monotonic, **limits: float
+) -> SimulatedTelegram:
+    defaults: dict[str, float] = {"bot_rate": 10, "bot_burst": 3, "chat_rate": 1, "chat_burst": 2, "reply_wait": 5}
+    settings = SandboxLimits(**{**defaults, **limits})  # type: ignore[arg-type]
+    telegram = SimulatedTelegram(TelegramStore(database, keyring), settings, clock, monotonic=mono)
+    await telegram.store.create_indexes()
+    await telegram.load([BOT])
+    return telegram
+
+
+@pytest.fixture
+async def world(database: AsyncDatabase[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[World]:
+    mono = Monotonic()
+    telegram = await open_telegram(database, keyring, clock, mono)
+    transport = TelethonTransport(1, "0" * 32, factory=sandbox_client_factory(LocalWire(MtprotoEndpoint(telegram))))
+    events: list[IncomingEvent] = []
+
+    async def handler(event: IncomingEvent) -> list[int]:
+        events.append(event)
+        return []
+
+    transport.set_handler(handler)
+    transport.set_state_keeper(KeptStates())
+    await transport.start_bot(BotCredentials(BOT, sandbox_token(BOT)))
+    yield World(telegram, transport, events, mono)
+    await transport.close()
+
+
+async def test_sending_rules(world: World) -> None:
+    telegram, transport = world.telegram, world.transport
+    user = await telegram.create_user(phone="+79991234567")
+    good = world.peer(user.user_id)
+    with pytest.raises(PeerInvalid):  # never started
+        await transport.send(BOT, good, OutgoingMessage("x"))
+    await telegram.start_bot(user.user_id, BOT)
+    with pytest.raises(PeerInvalid):  # another bot's (or a made-up) access hash
+        await transport.send(BOT, Peer(user.user_id, 12345), OutgoingMessage("x"))
+    message_id = await transport.send(
+        BOT, good, OutgoingMessage("code", protect_content=True, keyboard=Keyboard("Share"))
+    )
+    sent = await telegram.bot_message(telegram.bot(BOT), message_id)
+    assert sent is not None and sent.protect_content and sent.request_contact and sent.from_bot
+    await transport.delete(BOT, good, [message_id])
+    assert sent.deleted and sent.text == ""
+    await telegram.set_blocked(user.user_id, BOT, True)
+    with pytest.raises(UserBlocked):
+        await transport.send(BOT, good, OutgoingMessage("x"))
+    with pytest.raises(ChatNotStarted):
+        await telegram.send_text(user.user_id, BOT, "hi")
+    world.mono.t += 10
+    await telegram.start_bot(user.user_id, BOT)  # Restart unblocks
+    await transport.send(BOT, good, OutgoingMessage("back"))
+    await telegram.create_user(user.user_id, phone=user.phone, deactivated=True)
+    with pytest.raises(UserDeactivated):
+        await transport.send(BOT, good, OutgoingMessage("x"))
+    with pytest.raises(UnknownUser):
+        await telegram.start_bot(999, BOT)
+
+
+async def test_limits_are_enforced_with_flood_waits(world: World) -> None:
+    telegram, transport = world.telegram, world.transport
+    peers = []
+    for _ in range(5):
+        user = await telegram.create_user()
+        telegram.chat(BOT, user.user_id).started = True
+        peers.append(world.peer(user.user_id))
+    for peer in peers[:3]:  # the bot's burst
+        await transport.send(BOT, peer, OutgoingMessage("x"))
+    with pytest.raises(FloodWait) as flood:
+        await transport.send(BOT, peers[3], OutgoingMessage("x"))
+    assert flood.value.seconds >= 1 and telegram.flood_errors == 1
+    world.mono.t += 0.11  # one slot at 10/s
+    await transport.send(BOT, peers[3], OutgoingMessage("x"))
+    # Per chat: 2 at once, then 1/s.
+    world.mono.t += 10
+    await transport.send(BOT, peers[4], OutgoingMessage("x"))
+    await transport.send(BOT, peers[4], OutgoingMessage("x"))
+    with pytest.raises(FloodWait):
+        await transport.send(BOT, peers[4], OutgoingMessage("x"))
+    world.mono.t += 1
+    await transport.send(BOT, peers[4], OutgoingMessage("x"))
+
+
+async def test_tokens_keys_and_logins(world: World) -> None:
+    identity, session, _ = await world.transport.check_token("6000000001:abc")
+    assert identity.username == "sandbox6000000001_bot" and session
+    with pytest.raises(TokenInvalid):
+        await world.transport.check_token("6000000001:other")
+    with pytest.raises(TokenInvalid):
+        await world.transport.check_token("nonsense")
+    # Logins are limited per bot like Telegram's (a burst, then FLOOD_WAIT).
+    for _ in range(4):
+        await world.transport.check_token("6000000001:abc")
+    with pytest.raises(FloodWait):
+        await world.transport.check_token("6000000001:abc")
+    # A revoked token stops logging in, and the sessions logged in with it end.
+    new_token = await world.telegram.revoke_token(BOT)
+    with pytest.raises(TokenInvalid):
+        await world.transport.check_token(sandbox_token(BOT))
+    assert (await world.transport.check_token(new_token))[0].username == BOT
+
+
+async def test_an_offline_bot_gets_its_updates_later(world: World) -> None:
+    telegram = world.telegram
+    user = await telegram.create_user(phone="+79991234567")
+    await world.transport.stop_bot(BOT)
+    assert await telegram.start_bot(user.user_id, BOT) == []  # nobody online: answered at once
+    assert world.events == []
+    state = telegram.state(telegram.bot(BOT))
+    assert state.pts == 1
+    difference = await telegram.difference(telegram.bot(BOT), 0, 0, None)
+    assert [m.text for m in difference.messages] == ["/start"] and difference.final
+
+
+async def test_state_survives_a_restart_of_the_simulated_telegram(
+    world: World, database: AsyncDatabase[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    telegram = world.telegram
+    user = await telegram.create_user(phone="+79991234567", language_code="ru")
+    other = await telegram.create_user(phone="+79991234568")
+    await telegram.start_bot(user.user_id, BOT)
+    await telegram.start_bot(other.user_id, BOT)
+    sent = await world.transport.send(BOT, world.peer(user.user_id), OutgoingMessage("code 1"))
+    await telegram.set_blocked(other.user_id, BOT, True)
+    bot = telegram.bot(BOT)
+    before = telegram.state(bot)
+    message = await telegram.bot_message(bot, sent)
+    assert message is not None and before.qts == 1
+    await world.transport.stop_bot(BOT)
+
+    again = await open_telegram(database, keyring, clock, Monotonic())
+    bot = again.bot(BOT)
+    assert again.state(bot) == before  # pts, qts, seq and date come back from the log
+    assert again.users[user.user_id].phone == "+79991234567" and again.users[user.user_id].language_code == "ru"
+    assert again.chats[(bot.telegram_id, other.user_id)].blocked
+    assert [m.text for m in await again.history(user.user_id, BOT)] == ["/start", "code 1"]
+    assert again.access_hash(bot, user.user_id) == telegram.access_hash(telegram.bot(BOT), user.user_id)
+    # The random_ids used stay used, and the bot's key is still logged in.
+    with pytest.raises(RpcError) as duplicate:
+        await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "x", message.random_id)
+    assert duplicate.value.message == "RANDOM_ID_DUPLICATE"
+    assert {key.bot for key in again._keys.values()} == {bot.telegram_id}
+    # Ids go on from where they were, on both sides.
+    next_message = await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "y", 99)
+    assert next_message.bot_message_id == sent + 1 and next_message.user_message_id == message.user_message_id + 1
+    assert next_message.pts == before.pts + 1
+
+
+async def test_a_reset_erases_people_and_chats_but_counters_only_grow(world: World) -> None:
+    telegram = world.telegram
+    user = await telegram.create_user(phone="+79991234567")
+    await telegram.start_bot(user.user_id, BOT)
+    await telegram.send_text(user.user_id, BOT, "hello")
+    bot = telegram.bot(BOT)
+    before = telegram.state(bot)
+    assert await telegram.reset() == (1, 2)
+    assert telegram.users == {} and telegram.chats == {}
+    assert telegram.state(bot).pts == before.pts  # never back
+    # A bot asking from before the reset is told its difference is too long.
+    assert (await telegram.difference(bot, before.pts - 2, 0, None)).too_long
+    fresh = await telegram.create_user(phone="+79991234568")
+    await telegram.start_bot(fresh.user_id, BOT)
+    assert telegram.state(bot).pts == before.pts + 1
+
+
+async def test_a_second_session_on_one_key_kills_the_key(world: World) -> None:
+    telegram = world.telegram
+    key_id = auth_key_id(await telegram.create_auth_key())
+    await telegram.import_bot_authorization(key_id, 1, sandbox_token(BOT))
+    await telegram.connect(key_id, 1)
+    with pytest.raises(RpcError) as killed:
+        await telegram.connect(key_id, 2)
+    assert (killed.value.code, killed.value.message) == (406, "AUTH_KEY_DUPLICATED")
+    with pytest.raises(RpcError):
+        telegram.authorized(key_id)
+    assert telegram.duplicate_sessions == 1
+
+
+def test_the_simulated_telegram_refuses_production() -> None:
+    env = Env({"OTPGATE_ENV": "production"}, service="telegramsim")
+    load_config(env)
+    with pytest.raises(ConfigError, match="dev and sandbox mode only"):
+        env.check()
+    off = Env({"OTPGATE_SANDBOX": "false"}, service="telegramsim")
+    load_config(off)
+    with pytest.raises(ConfigError):
+        off.check()
