@@ -420,7 +420,7 @@ def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         help="list the shared bots, and a client's own bots with --owner",
         description="List the shared pool, plus one client's own bots with --owner (every page is fetched).",
     )
-    listing.add_argument("--owner", metavar="CLIENT_ID", default="", help="also list this client's own bots")
+    listing.add_argument("--owner", metavar="CLIENT", default="", help="also list this client's own bots (id or name)")
     listing.add_argument("--page-size", type=int, default=100, help="bots per request (default 100)")
     _connection_options(listing)
     listing.set_defaults(handler=_bots_list)

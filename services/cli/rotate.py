@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.core.config import DEFAULT_PORTS, ConfigError, Env, load_common
+from services.core.config import DEFAULT_PORTS, SIMULATOR, ConfigError, Env, load_common, read_mode
 from services.core.logging import configure_logging
 from services.core.mongo import connect
 from services.core.rotation_runner import (
@@ -52,8 +52,11 @@ def register(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     rotate.add_argument(
         "--service",
         action="append",
-        choices=sorted(DEFAULT_PORTS),
-        help="only this service (repeatable; default: every service that declares sealed fields)",
+        choices=sorted([*DEFAULT_PORTS, SIMULATOR]),
+        help=(
+            "only this service (repeatable; default: every service that declares sealed fields, and in sandbox "
+            "mode the simulated Telegram)"
+        ),
     )
     rotate.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"documents per batch (default {DEFAULT_BATCH_SIZE})"
@@ -71,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be positive")
     if args.max_batches is not None and args.max_batches < 1:
         raise ValueError("--max-batches must be positive")
-    services = args.service or list(DEFAULT_PORTS)
     env = Env(service="cli")
+    _, sandbox = read_mode(env)
+    services = args.service or [*DEFAULT_PORTS, *([SIMULATOR] if sandbox else [])]
     commons = {name: load_common(name, env) for name in services}
     env.check()
     first = next(iter(commons.values()))

@@ -22,12 +22,13 @@ from grpc_health.v1 import health_pb2
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from services.core.config import DEFAULT_PORTS, ConfigError, Env, TlsConfig
+from services.core.config import DEFAULT_PORTS, SIMULATOR, SIMULATOR_PORT, ConfigError, Env, TlsConfig, read_mode
 from services.core.grpc_client import channel_credentials
 from services.core.health import health_status
 
-# Shown in this order: the public edge first, then the internal services.
-SERVICE_ORDER = ("edge", "delivery", "verification", "directory", "botgateway")
+# Shown in this order: the public edge first, then the internal services (and in sandbox mode the
+# simulated Telegram, which is not part of a production deployment).
+SERVICE_ORDER = ("edge", "delivery", "verification", "directory", "botgateway", SIMULATOR)
 _STATUS_NAMES = {
     health_pb2.HealthCheckResponse.SERVING: "SERVING",
     health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
@@ -41,6 +42,7 @@ class StatusSettings:
     addresses: dict[str, str]
     tls: TlsConfig
     mongodb_uri: str
+    sandbox: bool = False
 
 
 @dataclass
@@ -60,6 +62,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> StatusSettings:
         name: env.text(f"OTPGATE_{name.upper()}_ADDR", f"127.0.0.1:{port}", f"gRPC address of the {name} service")
         for name, port in DEFAULT_PORTS.items()
     }
+    _, sandbox = read_mode(env)
+    if sandbox:
+        addresses[SIMULATOR] = env.text(
+            "OTPGATE_TELEGRAMSIM_ADDR",
+            f"127.0.0.1:{SIMULATOR_PORT}",
+            "gRPC address of the simulated Telegram (sandbox mode only)",
+        )
     tls = TlsConfig(
         cert_file=env.text("OTPGATE_TLS_CERT", "", "PEM certificate for internal gRPC (enables TLS)"),
         key_file=env.text("OTPGATE_TLS_KEY", "", "PEM private key for OTPGATE_TLS_CERT", secret=True),
@@ -68,7 +77,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> StatusSettings:
     env.check()
     # Optional here (the services require it): read directly so the declared setting stays "required".
     uri = (os.environ if environ is None else environ).get("MONGODB_URI", "")
-    return StatusSettings(addresses=addresses, tls=tls, mongodb_uri=uri)
+    return StatusSettings(addresses=addresses, tls=tls, mongodb_uri=uri, sandbox=sandbox)
 
 
 def _short_error(exc: BaseException) -> str:
@@ -206,7 +215,9 @@ def _status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise SystemExit(f"otpgate status: {exc}") from None
     settings.addresses.update(dict(args.target))
-    services = [name for name in SERVICE_ORDER if not args.service or name in args.service]
+    services = [
+        name for name in SERVICE_ORDER if (name in args.service if args.service else name in settings.addresses)
+    ]
     database = not args.no_database
     checks = asyncio.run(
         collect_until_healthy(settings, services, database=database, timeout=args.timeout, wait=args.wait)

@@ -115,17 +115,24 @@ async def test_policies_bots_and_status_through_the_admin_api(
         assert code == 0, err
         assert out.splitlines()[0].split() == ["ID", "USERNAME", "KIND", "OWNER", "CREATED"]
         assert any(line.startswith(bot["id"]) and " own " in line for line in out.splitlines())
+        # The owner by name, as `bots register --owner` takes it; an unknown one is said to be unknown.
+        code, by_name, err = await _cli("--json", "bots", "list", "--owner", acme.display_name)
+        assert code == 0, err
+        assert {b["id"] for b in json.loads(by_name)["bots"]} == listed
+        code, _, err = await _cli("bots", "list", "--owner", "no-such-client")
+        assert code == 1 and err.startswith("otpgate: NOT_FOUND")
 
         code, out, err = await _cli("--json", "bots", "remove", bot["id"], "--yes")
         assert code == 0, err
         code, out, _ = await _cli("--json", "bots", "list", "--owner", acme.id)
         assert bot["id"] not in {b["id"] for b in json.loads(out)["bots"]}
 
-        # status: the four running services are SERVING, verification is not running, the database answers
+        # status: the four running services and (sandbox mode) the simulated Telegram the gateway
+        # brought are SERVING, verification is not running, the database answers
         code, out, _ = await _cli("--json", "status", "--timeout", "1")
         checks = {c["name"]: c for c in json.loads(out)["checks"]}
         assert code == 1
-        assert {n for n, c in checks.items() if c["status"] == "SERVING"} == set(services)
+        assert {n for n, c in checks.items() if c["status"] == "SERVING"} == {*services, "telegramsim"}
         assert checks["verification"]["status"] == "UNREACHABLE"
         assert checks["database"]["status"] == "OK"
 

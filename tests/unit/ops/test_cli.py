@@ -93,7 +93,13 @@ async def test_status_table_lists_every_service_in_order() -> None:
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["COMPONENT", "TARGET", "STATUS"]
     assert [line.split()[0] for line in lines[1:-1]] == list(status.SERVICE_ORDER)
-    assert lines[-1] == "0/5 healthy"
+    assert lines[-1] == "0/6 healthy"  # the five services and, in sandbox mode, the simulated Telegram
+
+
+def test_status_leaves_the_simulated_telegram_out_in_production() -> None:
+    production = status.load_settings({"OTPGATE_ENV": "production"})
+    assert "telegramsim" not in production.addresses and not production.sandbox
+    assert "telegramsim" in status.load_settings({}).addresses  # dev: sandbox mode by default
 
 
 async def test_status_pings_the_database_without_printing_its_password(mongo_uri: str) -> None:

@@ -246,3 +246,42 @@ def test_the_simulated_telegram_refuses_production() -> None:
     load_config(off)
     with pytest.raises(ConfigError):
         off.check()
+
+
+async def test_key_rotation_reseals_what_the_simulated_telegram_keeps(
+    world: World, database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    """Phones, tokens and message texts are sealed; `otpgate keys rotate` moves them to a new key."""
+    from services.core.rotation_runner import CollectionRotation, load_declarations, plan_collections
+
+    telegram = world.telegram
+    user = await telegram.create_user(phone="+79991234567")
+    await telegram.start_bot(user.user_id, BOT)
+    await world.transport.send(BOT, world.peer(user.user_id), OutgoingMessage("Your code is 424242"))
+    await world.transport.stop_bot(BOT)
+    raw = [doc async for doc in database["updates"].find({})]
+    assert all(b"424242" not in bytes(doc.get("text_sealed", b"")) for doc in raw)
+    assert b"79991234567" not in bytes((await database["users"].find_one({}) or {}).get("phone_sealed", b""))
+
+    old = telegram.store.keyring
+    newer = Keyring.parse(",".join([*_specs(old), Keyring.generate_spec("k9")]))
+    (declarations,) = load_declarations(["telegramsim"])
+    for collection, (fields, indexes) in plan_collections(declarations).items():
+        rotation = CollectionRotation(
+            database, collection, newer, sealed_fields=fields, blind_indexes=indexes, service="telegramsim"
+        )
+        assert (await rotation.run()).finished
+    reopened = SimulatedTelegram(
+        TelegramStore(database, Keyring.parse(",".join(_specs(newer)[-1:]))), SandboxLimits(), clock
+    )
+    await reopened.load()
+    assert reopened.users[user.user_id].phone == "+79991234567"
+    assert "Your code is 424242" in [m.text for m in await reopened.history(user.user_id, BOT)]
+
+
+def _specs(keyring: Keyring) -> list[str]:
+    import base64
+
+    roots = keyring._roots
+    ordered = [k for k in roots if k != keyring.primary_id] + [keyring.primary_id]
+    return [f"{k}:{base64.b64encode(roots[k]).decode()}" for k in ordered]

@@ -1158,6 +1158,7 @@ class RegisterBotRequest(_message.Message):
     SHARED_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     owner_client_id: _builtins.str
+    """The owning client, by id or display name; empty with shared = true."""
     shared: _builtins.bool
     def __init__(
         self,
@@ -1202,7 +1203,9 @@ class ListAllBotsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     owner_client_id: _builtins.str
-    """Only this client's bots and the shared ones; empty or "-": every bot."""
+    """Only this client's bots (by id or display name, as RegisterBot takes it) and the shared ones;
+    empty or "-": every bot. An unknown client is NOT_FOUND.
+    """
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
