@@ -35,7 +35,9 @@ from services.core.logging import get_logger
 log = get_logger(__name__)
 
 SenderFactory = Callable[["TrackedClient"], Any]
+# A failed difference is tried again after 5 s, doubling up to 5 times; then the next gap decides.
 DIFFERENCE_RETRY_SECONDS = 5.0
+DIFFERENCE_RETRIES = 5
 
 
 def state_of(ss: dict[str, Any]) -> UpdateState:
@@ -65,10 +67,11 @@ class KeptSession(StringSession):  # type: ignore[misc]  # Telethon is untyped
 
 
 class KeptStateBox(MessageBox):  # type: ignore[misc]
-    def __init__(self, log_: Any, bot_id: str, on_failed: Callable[[], None]) -> None:
+    def __init__(self, log_: Any, bot_id: str, on_failed: Callable[[], None], on_done: Callable[[], None]) -> None:
         super().__init__(log_)
         self.bot_id = bot_id
         self._on_failed = on_failed
+        self._on_done = on_done
 
     def apply_difference(self, diff: Any, chat_hashes: Any) -> Any:
         kind = {
@@ -81,6 +84,7 @@ class KeptStateBox(MessageBox):  # type: ignore[misc]
         if kind == "too_long":
             before = self.map[ENTRY_ACCOUNT].pts if ENTRY_ACCOUNT in self.map else 0
             log.warning("bot_difference_too_long", bot=self.bot_id, pts=before, jump_to=int(diff.pts))
+        self._on_done()
         return super().apply_difference(diff, chat_hashes)
 
     def apply_difference_type(self, diff: Any, chat_hashes: Any) -> Any:
@@ -143,7 +147,8 @@ class TrackedClient(TelegramClient):  # type: ignore[misc]
         self.ledger: HandledLedger | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._retrying: set[asyncio.Task[None]] = set()
-        self._message_box = KeptStateBox(self._log["messagebox"], bot_id, self._retry_difference)
+        self._retries = 0
+        self._message_box = KeptStateBox(self._log["messagebox"], bot_id, self._retry_difference, self.difference_done)
         if sender_factory is not None:
             self._sender = sender_factory(self)
 
@@ -175,8 +180,10 @@ class TrackedClient(TelegramClient):  # type: ignore[misc]
             await self.catch_up()  # Telethon does not fetch what came while the connection was down
 
     def _retry_difference(self) -> None:
-        if self._retry is not None or self.ledger is None:
+        if self._retry is not None or self.ledger is None or self._retries >= DIFFERENCE_RETRIES:
             return
+        delay = DIFFERENCE_RETRY_SECONDS * 2**self._retries
+        self._retries += 1
 
         def again() -> None:
             self._retry = None
@@ -185,7 +192,11 @@ class TrackedClient(TelegramClient):  # type: ignore[misc]
                 self._retrying.add(task)
                 task.add_done_callback(self._retrying.discard)
 
-        self._retry = asyncio.get_running_loop().call_later(DIFFERENCE_RETRY_SECONDS, again)
+        self._retry = asyncio.get_running_loop().call_later(delay, again)
+
+    def difference_done(self) -> None:
+        """A difference completed: failures start counting again from zero."""
+        self._retries = 0
 
     def handled(self, state: UpdateState) -> None:
         """The handlers finished everything up to `state` (a sandbox connection tells the simulated

@@ -274,8 +274,13 @@ class TelethonTransport:
         server = await client(functions.updates.GetStateRequest())
         now = UpdateState(int(server.pts), int(server.qts), server.date, int(server.seq))
         if kept is None:
-            # As Telethon's login: Telegram may report an old qts in getState; the difference has it right.
-            diff = await client(functions.updates.GetDifferenceRequest(pts=now.pts, date=now.date, qts=now.qts))
+            # As Telethon's login: Telegram may report an old qts in getState; the difference has it
+            # right. A server that refuses a difference from pts 0 (a brand-new bot) leaves getState's.
+            try:
+                diff = await client(functions.updates.GetDifferenceRequest(pts=now.pts, date=now.date, qts=now.qts))
+            except errors.RPCError as exc:
+                log.info("bot_initial_difference_refused", bot=client.bot_id, error=telegram_error_name(exc))
+                return now
             if isinstance(diff, types.updates.Difference | types.updates.DifferenceSlice):
                 state = diff.state if isinstance(diff, types.updates.Difference) else diff.intermediate_state
                 return UpdateState(int(state.pts), int(state.qts), state.date, int(state.seq))
@@ -329,7 +334,8 @@ class TelethonTransport:
             self._clients[bot_id] = client
             self._orders[bot_id] = order
             await client.set_receive_updates(True)  # subscribes this connection to updates
-            await client.catch_up()
+            if credentials.update_state is not None or base.pts or base.qts:
+                await client.catch_up()  # (a state just taken from Telegram at pts 0 has nothing to fetch)
         except errors.RPCError as exc:
             await self._forget(bot_id, client)
             raise transport_error(bot_id, exc) from None

@@ -55,6 +55,9 @@ class HttpSettings:
     tls_cert: str = ""
     tls_key: str = ""
     console_dir: Path = DEFAULT_CONSOLE_DIR
+    # A sandbox person's action waits for the bot's answer (the simulated Telegram waits up to
+    # OTPGATE_SANDBOX_REPLY_WAIT, 10 s by default): its deadline leaves room for that.
+    sandbox_timeout: float = 15.0
 
 
 def ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
@@ -280,7 +283,10 @@ class HttpGateway:
             return await self._api.handle(rule.method.name, principal, caller, message)
         self._api.limits.check_ip(caller.ip)
         message = await self._read(request, rule, values)
-        return await forward(self._downstream.method(rule), message, caller.timeout)
+        # The sandbox: a person's action may wait for the bot's answer.
+        return await forward(
+            self._downstream.method(rule), message, max(caller.timeout, self._settings.sandbox_timeout)
+        )
 
     async def _read(self, request: web.Request, rule: HttpRule, values: dict[str, str]) -> Message:
         cls = _message_class(rule)
