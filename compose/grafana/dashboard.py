@@ -349,6 +349,17 @@ def build() -> dict[str, Any]:
             description="Each bot should run on exactly one botgateway replica (lease).",
         )
     )
+    lay.add(
+        timeseries(
+            "Catch-up: getDifference outcomes",
+            [
+                (f"sum by (bot, kind) (increase(otpgate_bot_differences_total[{RI}]))", "{{bot}} {{kind}}"),
+                (f"sum by (bot) (increase(otpgate_bot_updates_replayed_total[{RI}]))", "{{bot}} replayed"),
+            ],
+            description="How Telegram answered each bot's catch-up (empty, difference, slice; too_long means "
+            "updates were lost) and the updates seen again after a restart or handover, not handled twice.",
+        )
+    )
 
     lay.row("gRPC")
     lay.add(
