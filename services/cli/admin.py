@@ -25,13 +25,18 @@ from google.protobuf.message import Message
 from otpgate.common.v1 import common_pb2
 from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
 
+from services.core.config import local_address
 from services.core.errors import parse_rpc_error
 
 DEFAULT_EDGE_ADDR = "127.0.0.1:50051"
 # Variables only the operator CLI reads: (name, default, help). Listed in docs/configuration.md.
 CLI_ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("OTPGATE_ADMIN_KEY", "", "API key with the admin scope for `otpgate policies` and `otpgate bots` (secret)"),
-    ("OTPGATE_EDGE_ADDR", DEFAULT_EDGE_ADDR, "edge gRPC address the admin commands call"),
+    (
+        "OTPGATE_EDGE_ADDR",
+        DEFAULT_EDGE_ADDR,
+        "edge gRPC address the admin commands call (default port: OTPGATE_EDGE_PORT)",
+    ),
     ("OTPGATE_BOT_TOKEN", "", "bot token read by `otpgate bots register` by default (secret; unset it afterwards)"),
 )
 RATE_LIMIT_NAMES = tuple(f.name for f in common_pb2.RateLimits.DESCRIPTOR.fields)
@@ -71,7 +76,7 @@ def edge_target(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     if not key:
         raise CliError("an admin API key is required: set OTPGATE_ADMIN_KEY (or pass --admin-key)")
     return EdgeTarget(
-        address=getattr(args, "edge_addr", None) or env.get("OTPGATE_EDGE_ADDR", "") or DEFAULT_EDGE_ADDR,
+        address=getattr(args, "edge_addr", None) or env.get("OTPGATE_EDGE_ADDR", "") or local_address("edge", env),
         admin_key=key,
         ca_file=getattr(args, "ca_file", None) or env.get("OTPGATE_TLS_CA", ""),
         cert_file=env.get("OTPGATE_TLS_CERT", ""),

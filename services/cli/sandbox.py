@@ -29,7 +29,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 
-from services.core.config import SIMULATOR_PORT, TlsConfig
+from services.core.config import SIMULATOR, SIMULATOR_PORT, TlsConfig, local_address
 from services.core.errors import parse_rpc_error
 from services.core.grpc_client import channel_credentials
 
@@ -43,8 +43,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sandbox = subparsers.add_parser("sandbox", help="act as a Telegram user in the sandbox Telegram")
     sandbox.add_argument(
         "--address",
-        default=os.environ.get("OTPGATE_TELEGRAMSIM_ADDR", f"127.0.0.1:{SIMULATOR_PORT}"),
-        help=f"simulated Telegram gRPC address (default: OTPGATE_TELEGRAMSIM_ADDR or 127.0.0.1:{SIMULATOR_PORT})",
+        default=os.environ.get("OTPGATE_TELEGRAMSIM_ADDR") or local_address(SIMULATOR, os.environ),
+        help=(
+            "simulated Telegram gRPC address (default: OTPGATE_TELEGRAMSIM_ADDR, else 127.0.0.1 on "
+            f"OTPGATE_TELEGRAMSIM_PORT or {SIMULATOR_PORT})"
+        ),
     )
     sandbox.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each call")
     actions = sandbox.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from services.core.config import DEFAULT_PORTS, SIMULATOR, SIMULATOR_PORT, ConfigError, Env, TlsConfig, read_mode
+from services.core.config import SIMULATOR, ConfigError, Env, TlsConfig, read_mode, service_addresses
 from services.core.grpc_client import channel_credentials
 from services.core.health import health_status
 
@@ -58,17 +58,8 @@ class Check:
 def load_settings(environ: Mapping[str, str] | None = None) -> StatusSettings:
     """The subset of the services' configuration that `status` needs (same names, same defaults)."""
     env = Env(environ)
-    addresses = {
-        name: env.text(f"OTPGATE_{name.upper()}_ADDR", f"127.0.0.1:{port}", f"gRPC address of the {name} service")
-        for name, port in DEFAULT_PORTS.items()
-    }
     _, sandbox = read_mode(env)
-    if sandbox:
-        addresses[SIMULATOR] = env.text(
-            "OTPGATE_TELEGRAMSIM_ADDR",
-            f"127.0.0.1:{SIMULATOR_PORT}",
-            "gRPC address of the simulated Telegram (sandbox mode only)",
-        )
+    addresses = service_addresses(env, sandbox)
     tls = TlsConfig(
         cert_file=env.text("OTPGATE_TLS_CERT", "", "PEM certificate for internal gRPC (enables TLS)"),
         key_file=env.text("OTPGATE_TLS_KEY", "", "PEM private key for OTPGATE_TLS_CERT", secret=True),

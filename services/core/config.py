@@ -112,6 +112,10 @@ class Env:
 
         return self._read(name, help, default, parse, False)
 
+    def raw(self, name: str) -> str:
+        """A variable's value as set, without declaring it (for defaults that follow other settings)."""
+        return self._environ.get(name, "")
+
     def check(self) -> None:
         if self.errors:
             raise ConfigError("configuration is invalid:\n  - " + "\n  - ".join(self.errors))
@@ -144,6 +148,15 @@ DEFAULT_METRICS_PORTS = {"edge": 9101, "delivery": 9102, "verification": 9103, "
 SIMULATOR = "telegramsim"
 SIMULATOR_PORT = 50056
 SIMULATOR_METRICS_PORT = 9106
+
+
+def local_address(service: str, environ: Mapping[str, str]) -> str:
+    """Where a service listens on this host: its OTPGATE_<SERVICE>_PORT, or its default port. What an
+    address (OTPGATE_<SERVICE>_ADDR) defaults to, so a stack started on other ports is found."""
+    default = SIMULATOR_PORT if service == SIMULATOR else DEFAULT_PORTS[service]
+    return f"127.0.0.1:{environ.get(f'OTPGATE_{service.upper()}_PORT') or default}"
+
+
 DEFAULT_SHARED_BOTS = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
 
 
@@ -168,6 +181,24 @@ class CommonConfig:
     @property
     def dev(self) -> bool:
         return self.environment == "dev"
+
+
+def service_addresses(env: Env, sandbox: bool) -> dict[str, str]:
+    """OTPGATE_<SERVICE>_ADDR of every service (and in sandbox mode of the simulated Telegram)."""
+    environ = {name: env.raw(name) for name in (f"OTPGATE_{s.upper()}_PORT" for s in (*DEFAULT_PORTS, SIMULATOR))}
+    addresses = {
+        name: env.text(
+            f"OTPGATE_{name.upper()}_ADDR", local_address(name, environ), f"gRPC address of the {name} service"
+        )
+        for name in DEFAULT_PORTS
+    }
+    if sandbox:
+        addresses[SIMULATOR] = env.text(
+            "OTPGATE_TELEGRAMSIM_ADDR",
+            local_address(SIMULATOR, environ),
+            "gRPC address of the simulated Telegram (sandbox mode only; default: this host, on OTPGATE_TELEGRAMSIM_PORT)",
+        )
+    return addresses
 
 
 def read_mode(env: Env) -> tuple[str, bool]:
@@ -195,16 +226,7 @@ def load_common(service: str, env: Env) -> CommonConfig:
             keyring = Keyring.parse(keys_spec, primary, index_key)
         except CryptoError as exc:
             env.errors.append(f"OTPGATE_KEYS is invalid: {exc}")
-    addresses = {
-        name: env.text(f"OTPGATE_{name.upper()}_ADDR", f"127.0.0.1:{port}", f"gRPC address of the {name} service")
-        for name, port in DEFAULT_PORTS.items()
-    }
-    if sandbox:
-        addresses[SIMULATOR] = env.text(
-            "OTPGATE_TELEGRAMSIM_ADDR",
-            f"127.0.0.1:{SIMULATOR_PORT}",
-            "gRPC address of the simulated Telegram (sandbox mode only)",
-        )
+    addresses = service_addresses(env, sandbox)
     simulator = service == SIMULATOR
     default_port = SIMULATOR_PORT if simulator else DEFAULT_PORTS[service]
     default_metrics_port = SIMULATOR_METRICS_PORT if simulator else DEFAULT_METRICS_PORTS[service]
