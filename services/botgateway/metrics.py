@@ -25,7 +25,7 @@ differences = Counter(
 session_replacements = Counter(
     "otpgate_bot_session_replacements_total",
     "Saved sessions replaced by a login with the token: refused (AUTH_KEY_UNREGISTERED, SESSION_REVOKED, "
-    "AUTH_KEY_DUPLICATED) or another_bot (the session logged in as a different bot).",
+    "AUTH_KEY_DUPLICATED), another_bot (the session logged in as a different bot) or unreadable.",
     ("bot", "reason"),
 )
 updates_replayed = Counter(

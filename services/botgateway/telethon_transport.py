@@ -20,8 +20,10 @@ an error without one is counted and logged by its Telegram name.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import random
 import re
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -140,6 +142,18 @@ async def _me_or_refused(client: TrackedClient) -> Any:
         return None
 
 
+def _readable(bot_id: str, session: str) -> KeptSession | None:
+    """The saved session, if there is one this Telethon can read (else: log in with the token)."""
+    if not session:
+        return None
+    try:
+        return KeptSession(session)
+    except (ValueError, TypeError, struct.error, binascii.Error):
+        log.warning("bot_session_unreadable", bot=bot_id)
+        metrics.session_replacements.labels(bot_id, "unreadable").inc()
+        return None
+
+
 async def _signed_in(client: TrackedClient, token: str) -> Any:
     await client.connect()
     return await client.sign_in(bot_token=token)
@@ -240,8 +254,9 @@ class TelethonTransport:
         """A connected client logged in as the bot the token names (the saved session if it still
         works and is that bot's, else a new one from the token)."""
         expected = token_bot_id(token)
-        if session:
-            client = self._factory(KeptSession(session), self._api_id, self._api_hash, bot_id)
+        kept = _readable(bot_id, session)
+        if kept is not None:
+            client = self._factory(kept, self._api_id, self._api_hash, bot_id)
             me = await self._connected(bot_id, client, _me_or_refused)
             if me is not None and int(me.id) == expected and getattr(me, "bot", False):
                 return client, BotIdentity(int(me.id), str(me.username or ""))

@@ -173,6 +173,14 @@ async def test_a_refused_session_is_replaced_by_a_login_with_the_token(world: Wo
     assert world.transport.running(BOT)
 
 
+@pytest.mark.parametrize("saved", ["sandbox:5123456789", "1not-base64", "2" + "A" * 10])
+async def test_an_unreadable_saved_session_is_replaced_by_a_login_with_the_token(world: World, saved: str) -> None:
+    """A session string from an older format (or damaged) must not keep the bot from starting."""
+    session = await world.start(session=saved)
+    assert session and session != saved and world.transport.running(BOT)
+    assert len(world.wire.sent(functions.auth.ImportBotAuthorizationRequest)) == 1
+
+
 async def test_a_flood_wait_on_login_is_the_callers_to_respect(world: World) -> None:
     world.wire.script(functions.auth.ImportBotAuthorizationRequest, lambda request: (420, "FLOOD_WAIT_30"))
     with pytest.raises(FloodWait) as flood:
