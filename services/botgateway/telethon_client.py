@@ -26,7 +26,7 @@ from typing import Any
 from telethon import TelegramClient
 from telethon._updates.messagebox import ENTRY_ACCOUNT, ENTRY_SECRET, MessageBox, PtsInfo
 from telethon.sessions import StringSession
-from telethon.tl import types
+from telethon.tl import functions, types
 
 from services.botgateway import metrics
 from services.botgateway.updates import HandledLedger, UpdateState
@@ -159,6 +159,13 @@ class TrackedClient(TelegramClient):  # type: ignore[misc]
             types.updates.State(pts=state.pts, qts=state.qts, date=state.date, seq=state.seq, unread_count=0),
             reset=False,  # keep a known pts of 0 (a brand-new bot): an empty box would skip its first update
         )
+
+    async def subscribe(self) -> UpdateState:
+        """Ask for updates on this connection (a request not wrapped in invokeWithoutUpdates, as
+        Telethon's set_receive_updates makes); returns Telegram's state at that moment."""
+        self._no_updates = False
+        state = await self(functions.updates.GetStateRequest())
+        return UpdateState(int(state.pts), int(state.qts), state.date, int(state.seq))
 
     def box_state(self) -> UpdateState:
         return state_of(self._message_box.session_state()[0])

@@ -9,9 +9,10 @@ Starting a bot:
    now (updates.getState, then getDifference, as Telethon's login does), kept before anything is
    received, so no update after it can be skipped; a kept state ahead of Telegram's (another
    account's, or a reset) gives way to Telegram's.
-3. Subscribe to updates and catch up: Telethon fetches the difference from that state (slices,
-   "too long"), then updates arrive live. Each is dispatched to the handler in order per person,
-   and the ledger (updates.py) advances the handled state, which the state handler keeps.
+3. Subscribe to updates; when Telegram's state is ahead of that one, catch up: Telethon fetches the
+   difference (slices, "too long"), while new updates arrive live. Each is dispatched to the
+   handler in order per person, and the ledger (updates.py) advances the handled state, which the
+   state keeper keeps.
 
 Telethon's errors become the transport's errors here, each with its own outcome (transport.py);
 an error without one is counted and logged by its Telegram name.
@@ -179,6 +180,9 @@ def sent_message_id(result: Any, random_id: int) -> int:
     for update in updates:
         if isinstance(update, types.UpdateMessageID) and update.random_id == random_id:
             return int(update.id)
+    for update in updates:  # a server that leaves updateMessageID out: the one outgoing message
+        if isinstance(update, types.UpdateNewMessage) and getattr(update.message, "out", False):
+            return int(update.message.id)
     raise TransportError("Telegram did not return the message id")
 
 
@@ -348,9 +352,9 @@ class TelethonTransport:
             client.add_event_handler(on_update, events.Raw)
             self._clients[bot_id] = client
             self._orders[bot_id] = order
-            await client.set_receive_updates(True)  # subscribes this connection to updates
-            if credentials.update_state is not None or base.pts or base.qts:
-                await client.catch_up()  # (a state just taken from Telegram at pts 0 has nothing to fetch)
+            telegram = await client.subscribe()
+            if base.behind(telegram):
+                await client.catch_up()  # something happened since the state we continue from
         except errors.RPCError as exc:
             await self._forget(bot_id, client)
             raise transport_error(bot_id, exc) from None
