@@ -19,9 +19,9 @@ from services.botgateway.sessions import BotSessions, instance_id
 from services.botgateway.store import GatewayStore
 from services.botgateway.telethon_transport import TelethonTransport
 from services.botgateway.transport import Transport
-from services.core.buckets import Rate
 from services.core.clock import Clock, SystemClock
 from services.core.config import DEFAULT_SHARED_BOTS, SIMULATOR, CommonConfig, ConfigError, Env, read_mode
+from services.core.gcra import Rate
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.mongo import Document

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from services.core.buckets import Bucket, Rate
 from services.core.clock import Clock
 from services.core.crypto import constant_time_equals
+from services.core.gcra import Bucket, Rate
 from services.core.logging import get_logger
 from services.core.sandbox import sandbox_token
 from services.telegramsim.model import (

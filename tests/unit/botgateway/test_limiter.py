@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from services.botgateway.limiter import FloodPaused, RateLimited, SendLimiter
-from services.core.buckets import Rate
+from services.botgateway.limiter import FloodPaused, Rate, RateLimited, SendLimiter
 
 
 class VirtualTime:
