@@ -94,7 +94,10 @@ class SimChat:
     user_id: int
     started: bool = False
     blocked: bool = False
-    # The messages of this chat since the simulated Telegram started (the sandbox's replies read them).
+    # (the person's message id, its pts) of every message of the chat, oldest first: the chat's view
+    # reads its messages by `_id`, not by scanning the log.
+    index: list[tuple[int, int]] = field(default_factory=list)
+    # The latest messages, as they are (the sandbox's replies read them).
     recent: list[SimMessage] = field(default_factory=list)
 
 

@@ -55,7 +55,7 @@ class MtprotoEndpoint:
         self.telegram = telegram
 
     async def create_auth_key(self) -> bytes:
-        return await self.telegram.create_auth_key()
+        return await self.telegram.sessions.create_key()
 
     async def invoke(self, key_id: int, session_id: int, query: bytes) -> bytes:
         """Answer one request (raises RpcError, or MalformedRequest for bytes that are no request)."""
@@ -71,12 +71,12 @@ class MtprotoEndpoint:
                 break
         result = await self._answer(key_id, session_id, request)
         if subscribe:
-            self.telegram.subscribe(key_id, session_id)
+            self.telegram.sessions.subscribe(key_id, session_id)
         return serialize(result)
 
     async def updates(self, key_id: int, session_id: int) -> AsyncIterator[bytes]:
         """The session's pushed Updates while it stays connected (ends with the RpcError that closed it)."""
-        connection = await self.telegram.connect(key_id, session_id)
+        connection = await self.telegram.sessions.connect(key_id, session_id)
         try:
             while True:
                 item = await connection.queue.get()
@@ -84,20 +84,20 @@ class MtprotoEndpoint:
                     raise item
                 yield bytes(self._push(item))
         finally:
-            self.telegram.disconnect(key_id, session_id)
+            self.telegram.sessions.disconnect(key_id, session_id)
 
     def close(self, key_id: int, session_id: int) -> None:
-        self.telegram.disconnect(key_id, session_id)
+        self.telegram.sessions.disconnect(key_id, session_id)
 
     def acknowledge(self, key_id: int, pts: int, qts: int) -> None:
-        self.telegram.acknowledge(key_id, pts, qts)
+        self.telegram.sessions.acknowledge(key_id, pts, qts)
 
     # Requests ------------------------------------------------------------------------------------
 
     async def _answer(self, key_id: int, session_id: int, request: Any) -> Any:
         telegram = self.telegram
         if isinstance(request, functions.help.GetConfigRequest):
-            telegram.known_key(key_id)
+            telegram.sessions.known(key_id)
             return _config()
         if isinstance(request, functions.auth.ImportBotAuthorizationRequest):
             bot = await telegram.import_bot_authorization(key_id, request.api_id, request.bot_auth_token)
@@ -116,7 +116,7 @@ class MtprotoEndpoint:
             pts, count = await telegram.delete_messages(bot, list(request.id))
             return types.messages.AffectedMessages(pts=pts, pts_count=count)
         if isinstance(request, functions.auth.LogOutRequest):
-            await telegram.log_out(key_id)
+            await telegram.sessions.log_out(key_id)
             return types.auth.LoggedOut()
         log.info("sandbox_method_unsupported", method=type(request).__name__)
         raise bad_request(f"INPUT_METHOD_INVALID_{request.CONSTRUCTOR_ID}")

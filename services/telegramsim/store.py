@@ -116,11 +116,18 @@ class TelegramStore:
             if doc["kind"] != MESSAGE:
                 continue
             bot.last_message_id = max(bot.last_message_id, int(doc["bot_message_id"]))
-            user = users.get(int(doc["user"]))
+            user_id, user_message_id = int(doc["user"]), int(doc["user_message_id"])
+            user = users.get(user_id)
             if user is not None:
-                user.last_message_id = max(user.last_message_id, int(doc["user_message_id"]))
+                user.last_message_id = max(user.last_message_id, user_message_id)
+            chat = chats.get((bot.telegram_id, user_id))
+            if chat is None:
+                chat = chats[(bot.telegram_id, user_id)] = SimChat(bot.telegram_id, user_id)
+            chat.index.append((user_message_id, int(doc["pts"])))
             if doc.get("from_bot"):
                 random_ids.setdefault(bot.telegram_id, set()).add(int(doc["random_id"]))
+        for chat in chats.values():
+            chat.index.sort()
         return Snapshot(salt, users, bots, chats, keys, random_ids)
 
     async def _salt(self) -> bytes:
@@ -326,13 +333,12 @@ class TelegramStore:
                 found.append(BotStopped(int(doc["qts"]), int(doc["user"]), bool(doc["stopped"]), as_utc(doc["date"])))
         return sorted(found, key=lambda s: s.qts)
 
-    async def chat_history(self, bot: int, user_id: int) -> list[SimMessage]:
-        """A chat, oldest first (reads the bot's log: a sandbox view, not a hot path)."""
-        found = [
-            self._message(doc)
-            async for doc in self.updates.find({"bot": Int64(bot), "user": Int64(user_id), "kind": MESSAGE})
-        ]
-        return sorted(found, key=lambda m: m.user_message_id)
+    async def messages(self, bot: int, pts_list: list[int]) -> list[SimMessage]:
+        """The messages of a bot's log at these pts (by `_id`)."""
+        found: list[SimMessage] = []
+        for chunk in _chunks([pts_id(bot, pts) for pts in pts_list], 500):
+            found += [self._message(doc) async for doc in self.updates.find({"_id": {"$in": chunk}})]
+        return found
 
     async def bot_message(self, bot: int, bot_message_id: int) -> SimMessage | None:
         doc = await self.updates.find_one({"bot": Int64(bot), "kind": MESSAGE, "bot_message_id": bot_message_id})

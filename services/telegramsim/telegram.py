@@ -13,8 +13,8 @@ calls here); people act through the sandbox API. The rules kept, as Telegram kee
   access hashes are per bot and person. Sending needs a started, unblocked chat, the right access
   hash and a live account; limits per bot and per chat answer FLOOD_WAIT_X; a random_id is used
   once per bot (RANDOM_ID_DUPLICATE); bots delete their own messages for 48 hours.
-- An auth key serves one connection at a time: a second session on it kills the key
-  (AUTH_KEY_DUPLICATED). A revoked token ends its sessions (SESSION_REVOKED).
+- Sessions, auth keys and pushes follow Telegram's rules too (services/telegramsim/sessions.py);
+  a revoked token ends its sessions (SESSION_REVOKED).
 
 One instance per database: counters and connections live in this process (the log is durable,
 counters are recovered from it at start).
@@ -28,7 +28,6 @@ import hmac
 import math
 import os
 import re
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -38,7 +37,6 @@ from datetime import timedelta
 from services.core.clock import Clock
 from services.core.crypto import constant_time_equals
 from services.core.gcra import Bucket, Rate
-from services.core.logging import get_logger
 from services.core.sandbox import sandbox_token
 from services.telegramsim.model import (
     DELETE_WINDOW_SECONDS,
@@ -60,12 +58,10 @@ from services.telegramsim.model import (
     UnknownUser,
     bad_request,
     flood_wait,
-    unauthorized,
 )
 from services.telegramsim.sequence import Sequence
+from services.telegramsim.sessions import Sessions
 from services.telegramsim.store import AuthKeyRecord, TelegramStore
-
-log = get_logger(__name__)
 
 TOKEN_RE = re.compile(r"^(\d{1,15}):([A-Za-z0-9_-]{1,128})$")
 PHONE_RE = re.compile(r"^\+?\d{7,15}$")
@@ -78,28 +74,6 @@ def utf16_length(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
-def auth_key_id(key: bytes) -> int:
-    """MTProto's auth_key_id: the last 8 bytes of the key's SHA-1, little-endian, unsigned."""
-    return int(struct.unpack("<Q", hashlib.sha1(key).digest()[12:20])[0])  # noqa: S324 - MTProto's definition
-
-
-@dataclass
-class Connection:
-    """One MTProto session connected on an auth key; gets pushes once it asked for updates."""
-
-    key_id: int
-    session_id: int
-    queue: asyncio.Queue[Push | RpcError] = field(default_factory=asyncio.Queue)
-    subscribed: bool = False
-
-
-@dataclass
-class _Waiter:
-    pts: int
-    qts: int
-    future: asyncio.Future[None]
-
-
 @dataclass
 class _BotRuntime:
     """What the process keeps per bot besides its record: sequences, limits, waiters."""
@@ -110,9 +84,6 @@ class _BotRuntime:
     login_bucket: Bucket
     random_ids: set[int]
     person_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    acked_pts: int = 0
-    acked_qts: int = 0
-    waiters: list[_Waiter] = field(default_factory=list)
     messages: OrderedDict[int, SimMessage] = field(default_factory=OrderedDict)
 
 
@@ -135,13 +106,11 @@ class SimulatedTelegram:
         self._by_telegram_id: dict[int, SimBot] = {}
         self._runtime: dict[int, _BotRuntime] = {}
         self.chats: dict[tuple[int, int], SimChat] = {}
-        self._keys: dict[int, AuthKeyRecord] = {}
-        self._connections: dict[int, dict[int, Connection]] = {}
+        self.sessions = Sessions(store)
         self._chat_buckets: dict[tuple[int, int], Bucket] = {}
         self._next_user_id = 700_000_001
         # What tests and benches read.
         self.flood_errors = 0
-        self.duplicate_sessions = 0
         self.sent_count = 0
 
     async def load(self, shared_bots: Iterable[str] = ()) -> None:
@@ -150,9 +119,9 @@ class SimulatedTelegram:
         self._salt = snapshot.salt
         self.users = snapshot.users
         self.chats = snapshot.chats
-        self._keys = snapshot.auth_keys
         for bot in snapshot.bots.values():
             self._adopt(bot, snapshot.random_ids.get(bot.telegram_id, set()))
+        self.sessions.load(snapshot.auth_keys, {bot.telegram_id: (bot.pts, bot.qts) for bot in snapshot.bots.values()})
         for name in shared_bots:
             if name.lower() not in self._bots:
                 await self.add_bot(name.lower(), sandbox_token(name))
@@ -167,8 +136,6 @@ class SimulatedTelegram:
             send_bucket=Bucket(Rate(limits.bot_rate, limits.bot_burst)),
             login_bucket=Bucket(Rate(1.0 / limits.login_interval, limits.login_burst)),
             random_ids=random_ids,
-            acked_pts=bot.pts,
-            acked_qts=bot.qts,
         )
 
     # Accounts -------------------------------------------------------------------------------
@@ -243,16 +210,8 @@ class SimulatedTelegram:
         bot = self.bot(bot_id)
         bot.token = f"{bot.telegram_id}:revoked{os.urandom(8).hex()}"
         await self.store.save_bot(bot)
-        for key in list(self._keys.values()):
-            if key.bot == bot.telegram_id and key.state == "active":
-                await self.revoke_session(key.key_id)
+        await self.sessions.revoke_bot(bot.telegram_id)
         return bot.token
-
-    async def revoke_session(self, key_id: int) -> None:
-        """The authorization on this key ends (SESSION_REVOKED from now on)."""
-        key = self.known_key(key_id)
-        await self._set_key(AuthKeyRecord(key.key_id, key.bot, "revoked"))
-        self._close_key(key.key_id, unauthorized("SESSION_REVOKED"))
 
     def access_hash(self, bot: SimBot, user_id: int) -> int:
         """What this bot sees as the person's access hash (differs per bot, as in Telegram)."""
@@ -263,36 +222,17 @@ class SimulatedTelegram:
         runtime = self._runtime[bot.telegram_id]
         return State(runtime.pts.committed, runtime.qts.committed, bot.date or bot.create_time, bot.seq)
 
-    # Auth keys and sessions ---------------------------------------------------------------------
-
-    async def create_auth_key(self) -> bytes:
-        key = os.urandom(256)
-        await self._set_key(AuthKeyRecord(auth_key_id(key), 0, "active"))
-        return key
-
-    async def _set_key(self, key: AuthKeyRecord) -> None:
-        await self.store.save_auth_key(key)
-        self._keys[key.key_id] = key
-
-    def known_key(self, key_id: int) -> AuthKeyRecord:
-        key = self._keys.get(key_id)
-        if key is None:
-            raise RpcError(-404, "AUTH_KEY_NOT_FOUND")  # MTProto's transport error for an unknown key
-        if key.state == "duplicated":
-            raise RpcError(406, "AUTH_KEY_DUPLICATED")
-        return key
+    # Logging in ---------------------------------------------------------------------------------
 
     def authorized(self, key_id: int) -> SimBot:
-        key = self.known_key(key_id)
-        if key.state == "revoked":
-            raise unauthorized("SESSION_REVOKED")
-        bot = self._by_telegram_id.get(key.bot) if key.bot else None
+        """The bot logged in on this key (raises Telegram's refusal otherwise)."""
+        bot = self._by_telegram_id.get(self.sessions.bot_of(key_id))
         if bot is None:
-            raise unauthorized("AUTH_KEY_UNREGISTERED")
+            raise RpcError(401, "AUTH_KEY_UNREGISTERED")
         return bot
 
     async def import_bot_authorization(self, key_id: int, api_id: int, token: str) -> SimBot:
-        self.known_key(key_id)
+        self.sessions.known(key_id)
         if api_id <= 0:
             raise bad_request("API_ID_INVALID")
         match = TOKEN_RE.match(token)
@@ -309,106 +249,20 @@ class SimulatedTelegram:
         if wait > 0:
             raise flood_wait(math.ceil(wait))
         bucket.reserve(now)
-        await self._set_key(AuthKeyRecord(key_id, bot.telegram_id, "active"))
+        await self.sessions.set_key(AuthKeyRecord(key_id, bot.telegram_id, "active"))
         return bot
-
-    async def log_out(self, key_id: int) -> None:
-        key = self.known_key(key_id)
-        await self._set_key(AuthKeyRecord(key.key_id, 0, key.state))
-
-    async def connect(self, key_id: int, session_id: int) -> Connection:
-        """A session connects on a key. A second, different session on the same key kills the key."""
-        self.known_key(key_id)
-        sessions = self._connections.setdefault(key_id, {})
-        others = [s for s in sessions if s != session_id]
-        if others:
-            self.duplicate_sessions += 1
-            log.warning("sandbox_auth_key_duplicated", sessions=len(others) + 1)
-            key = self._keys[key_id]
-            await self._set_key(AuthKeyRecord(key.key_id, key.bot, "duplicated"))
-            self._close_key(key_id, RpcError(406, "AUTH_KEY_DUPLICATED"))
-            raise RpcError(406, "AUTH_KEY_DUPLICATED")
-        connection = sessions.get(session_id) or Connection(key_id, session_id)
-        sessions[session_id] = connection
-        return connection
-
-    def disconnect(self, key_id: int, session_id: int) -> None:
-        sessions = self._connections.get(key_id, {})
-        connection = sessions.pop(session_id, None)
-        if not sessions:
-            self._connections.pop(key_id, None)
-        if connection is not None:
-            key = self._keys.get(key_id)
-            if key is not None and key.bot:
-                self._release_if_offline(key.bot)
-
-    def _close_key(self, key_id: int, error: RpcError) -> None:
-        for connection in self._connections.pop(key_id, {}).values():
-            connection.queue.put_nowait(error)
-        key = self._keys.get(key_id)
-        if key is not None and key.bot:
-            self._release_if_offline(key.bot)
-
-    def subscribe(self, key_id: int, session_id: int) -> None:
-        """The session made a request that was not wrapped in invokeWithoutUpdates: push to it."""
-        connection = self._connections.get(key_id, {}).get(session_id)
-        if connection is not None:
-            connection.subscribed = True
-
-    def _online(self, telegram_id: int) -> list[Connection]:
-        return [
-            connection
-            for key_id, sessions in self._connections.items()
-            if (key := self._keys.get(key_id)) is not None and key.bot == telegram_id and key.state == "active"
-            for connection in sessions.values()
-            if connection.subscribed
-        ]
 
     def connected_sessions(self, bot_id: str) -> list[int]:
         """The sessions a bot is online with (what tests assert on)."""
-        return [c.session_id for c in self._online(self.bot(bot_id).telegram_id)]
-
-    def _push(self, bot: SimBot, push: Push) -> None:
-        for connection in self._online(bot.telegram_id):
-            connection.queue.put_nowait(push)
-
-    # Acknowledgements (the sandbox's stand-in for "the bot handled it") ------------------------------
-
-    def acknowledge(self, key_id: int, pts: int, qts: int) -> None:
-        key = self._keys.get(key_id)
-        if key is None or not key.bot:
-            return
-        runtime = self._runtime[key.bot]
-        runtime.acked_pts = max(runtime.acked_pts, pts)
-        runtime.acked_qts = max(runtime.acked_qts, qts)
-        for waiter in list(runtime.waiters):
-            if waiter.pts <= runtime.acked_pts and waiter.qts <= runtime.acked_qts and not waiter.future.done():
-                waiter.future.set_result(None)
-
-    def _release_if_offline(self, telegram_id: int) -> None:
-        if self._online(telegram_id):
-            return
-        for waiter in self._runtime[telegram_id].waiters:
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+        return [c.session_id for c in self.sessions.online(self.bot(bot_id).telegram_id)]
 
     async def _replies(
         self, bot: SimBot, chat: SimChat, after: int, pts: int = 0, qts: int = 0, wait: float | None = None
     ) -> list[SimMessage]:
         """What the bot answered to the person's action at `after`, once it handled pts/qts (or at
         once when it is offline, or after the reply wait or the caller's `wait`, if shorter)."""
-        runtime = self._runtime[bot.telegram_id]
-        handled = runtime.acked_pts >= pts and runtime.acked_qts >= qts
-        if not handled and self._online(bot.telegram_id):
-            waiter = _Waiter(pts, qts, asyncio.get_running_loop().create_future())
-            runtime.waiters.append(waiter)
-            timeout = self.limits.reply_wait if wait is None else max(0.0, min(wait, self.limits.reply_wait))
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-            except TimeoutError:
-                pass
-            finally:
-                runtime.waiters.remove(waiter)
+        timeout = self.limits.reply_wait if wait is None else max(0.0, min(wait, self.limits.reply_wait))
+        await self.sessions.handled(bot.telegram_id, pts, qts, timeout)
         return [m for m in chat.recent if m.from_bot and m.user_message_id > after]
 
     # What bots do -------------------------------------------------------------------------------
@@ -499,6 +353,7 @@ class SimulatedTelegram:
         )
 
     def _remember(self, bot: SimBot, chat: SimChat, message: SimMessage) -> None:
+        chat.index.append((message.user_message_id, message.pts))
         chat.recent.append(message)
         del chat.recent[:-RECENT_PER_CHAT]
         index = self._runtime[bot.telegram_id].messages
@@ -585,7 +440,7 @@ class SimulatedTelegram:
             runtime.pts.done(message.pts)
         await runtime.pts.committed_to(message.pts)
         self._remember(bot, chat, message)
-        self._push(bot, Push(bot.seq, message.date, message=message))
+        self.sessions.push(bot.telegram_id, Push(bot.seq, message.date, message=message))
         return message
 
     async def _stop_event(self, bot: SimBot, chat: SimChat, stopped: bool) -> BotStopped:
@@ -598,7 +453,7 @@ class SimulatedTelegram:
         finally:
             runtime.qts.done(event.qts)
         await runtime.qts.committed_to(event.qts)
-        self._push(bot, Push(bot.seq, event.date, stopped=event))
+        self.sessions.push(bot.telegram_id, Push(bot.seq, event.date, stopped=event))
         return event
 
     async def start_bot(
@@ -662,8 +517,10 @@ class SimulatedTelegram:
     async def history(self, user_id: int, bot_id: str, after_message_id: int = 0) -> list[SimMessage]:
         self.user(user_id)
         bot = self.bot(bot_id)
-        messages = await self.store.chat_history(bot.telegram_id, user_id)
-        return [m for m in messages if m.user_message_id > after_message_id]
+        chat = self.chats.get((bot.telegram_id, user_id))
+        wanted = [pts for user_message_id, pts in (chat.index if chat else []) if user_message_id > after_message_id]
+        messages = await self.store.messages(bot.telegram_id, wanted)
+        return sorted(messages, key=lambda m: m.user_message_id)
 
     async def reset(self) -> tuple[int, int]:
         """Erase people, chats and history (bots, keys and counters stay)."""

@@ -120,7 +120,7 @@ async def test_one_replica_runs_each_bot_and_the_other_takes_over_after_a_lapse(
     await a.sessions.tick()
     assert a.sessions.live_bots() == [] and await send(a, "smscodes_bot", user) == "BOT_UNAVAILABLE"
     # Never two live sessions for one bot, and every message came from the holder of the moment.
-    assert telegram.duplicate_sessions == 0
+    assert telegram.sessions.duplicate_sessions == 0
     senders = [m.session_id for m in await telegram.history(user, "smscodes_bot") if m.from_bot]
     first_b = senders.index(b_session)
     assert set(senders[:first_b]) == {a_session} and set(senders[first_b:]) == {b_session}
@@ -140,11 +140,11 @@ async def test_the_simulated_telegram_refuses_two_live_sessions(pair: Pair) -> N
     key_id = holder.client("smsccode_bot")._sender.auth_key.key_id
     session_id = holder.session_id("smsccode_bot")
     with pytest.raises(RpcError):  # an intruder connects with A's key: Telegram kills the key
-        await pair.telegram.connect(key_id, session_id=424242)
+        await pair.telegram.sessions.connect(key_id, session_id=424242)
     with pytest.raises(ServiceError) as err:
         assert pair.a.gateway is not None
         await pair.a.gateway.send_bot_message("smsccode_bot", user, "x")
-    assert err.value.reason == "BOT_UNAVAILABLE" and pair.telegram.duplicate_sessions == 1
+    assert err.value.reason == "BOT_UNAVAILABLE" and pair.telegram.sessions.duplicate_sessions == 1
     bot = pair.telegram.bot("smsccode_bot")
     send = functions.messages.SendMessageRequest(
         peer=types.InputPeerUser(user, pair.telegram.access_hash(bot, user)), message="x", random_id=7
@@ -189,7 +189,7 @@ async def test_a_lapsed_lease_of_ours_is_renewed_on_demand(pair: Pair, clock: Ma
     await pair.a.sessions.enforce_expiry()
     assert not pair.a.sessions.live("smscodes_bot")
     assert isinstance(await send(pair.a, "smscodes_bot", user), int)
-    assert pair.telegram.duplicate_sessions == 0
+    assert pair.telegram.sessions.duplicate_sessions == 0
 
 
 async def test_a_handover_loses_no_update_and_handles_none_twice(pair: Pair, clock: ManualClock) -> None:

@@ -84,7 +84,7 @@ class LocalWire:
         if isinstance(outcome, tuple):
             return outcome
         if outcome is not None:
-            self.endpoint.telegram.subscribe(key_id, session_id)
+            self.endpoint.telegram.sessions.subscribe(key_id, session_id)
             return serialize(outcome)
         try:
             return await self.endpoint.invoke(key_id, session_id, query)

@@ -157,13 +157,13 @@ async def test_a_refused_session_is_replaced_by_a_login_with_the_token(world: Wo
     _, session, _ = await world.transport.check_token(TOKEN)
     key_id = KeptSession(session).auth_key.key_id
     if refusal == "AUTH_KEY_UNREGISTERED":
-        await world.telegram.log_out(key_id)
+        await world.telegram.sessions.log_out(key_id)
     elif refusal == "SESSION_REVOKED":
-        await world.telegram.revoke_session(key_id)
+        await world.telegram.sessions.revoke(key_id)
     else:  # two connections on one key
-        await world.telegram.connect(key_id, 1)
+        await world.telegram.sessions.connect(key_id, 1)
         with pytest.raises(Exception, match="AUTH_KEY_DUPLICATED"):
-            await world.telegram.connect(key_id, 2)
+            await world.telegram.sessions.connect(key_id, 2)
     logins = len(world.wire.sent(functions.auth.ImportBotAuthorizationRequest))
     before = counter("otpgate_bot_session_replacements_total", bot=BOT, reason="refused")
     new_session = await world.start(session=session)

@@ -32,8 +32,9 @@ from services.core.sandbox import sandbox_token
 from services.telegramsim.app import load_config
 from services.telegramsim.model import ChatNotStarted, RpcError, SandboxLimits, UnknownUser
 from services.telegramsim.mtproto import MtprotoEndpoint
+from services.telegramsim.sessions import auth_key_id
 from services.telegramsim.store import TelegramStore
-from services.telegramsim.telegram import SimulatedTelegram, auth_key_id
+from services.telegramsim.telegram import SimulatedTelegram
 from tests.unit.botgateway.telethon_wire import KeptStates, LocalWire
 
 BOT = "codes_bot"
@@ -200,7 +201,7 @@ async def test_state_survives_a_restart_of_the_simulated_telegram(
     with pytest.raises(RpcError) as duplicate:
         await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "x", message.random_id)
     assert duplicate.value.message == "RANDOM_ID_DUPLICATE"
-    assert {key.bot for key in again._keys.values()} == {bot.telegram_id}
+    assert {key.bot for key in again.sessions.keys.values()} == {bot.telegram_id}
     # Ids go on from where they were, on both sides.
     next_message = await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "y", 99)
     assert next_message.bot_message_id == sent + 1 and next_message.user_message_id == message.user_message_id + 1
@@ -226,15 +227,15 @@ async def test_a_reset_erases_people_and_chats_but_counters_only_grow(world: Wor
 
 async def test_a_second_session_on_one_key_kills_the_key(world: World) -> None:
     telegram = world.telegram
-    key_id = auth_key_id(await telegram.create_auth_key())
+    key_id = auth_key_id(await telegram.sessions.create_key())
     await telegram.import_bot_authorization(key_id, 1, sandbox_token(BOT))
-    await telegram.connect(key_id, 1)
+    await telegram.sessions.connect(key_id, 1)
     with pytest.raises(RpcError) as killed:
-        await telegram.connect(key_id, 2)
+        await telegram.sessions.connect(key_id, 2)
     assert (killed.value.code, killed.value.message) == (406, "AUTH_KEY_DUPLICATED")
     with pytest.raises(RpcError):
         telegram.authorized(key_id)
-    assert telegram.duplicate_sessions == 1
+    assert telegram.sessions.duplicate_sessions == 1
 
 
 def test_the_simulated_telegram_refuses_production() -> None:
