@@ -247,6 +247,9 @@ async def start_service(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.max_receive_message_length", 1 << 20),
+            # gRPC shares a port with another server by default (SO_REUSEPORT): calls would then reach
+            # whichever answers ("Method not found"). A port in use must fail the start instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     for add, servicer, _ in app.servicers:
