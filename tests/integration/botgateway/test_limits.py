@@ -89,7 +89,11 @@ async def test_a_burst_to_one_bot_is_paced_at_the_rate_with_no_flood_errors(fast
     accepted = sorted(m.accepted_at for m in messages if m is not None)
     span = accepted[-1] - accepted[0]
     least = 290 / FAST
-    assert elapsed >= least and span >= least - 0.01, f"{290 / span:.1f} msg/s is faster than the configured rate"
+    # The limiter's releases are exact (elapsed); Telegram sees each message after its own trip
+    # through Telethon and the gRPC tunnel, whose time varies by some milliseconds under load.
+    transit_jitter = 0.05
+    assert elapsed >= least, f"released 290 messages in {elapsed:.3f} s, faster than the configured rate"
+    assert span >= least - transit_jitter, f"{290 / span:.1f} msg/s is faster than the configured rate"
     assert 290 / span >= 0.95 * FAST, f"paced at only {290 / span:.1f} msg/s"
 
 
