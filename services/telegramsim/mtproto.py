@@ -87,7 +87,7 @@ class MtprotoEndpoint:
             self.telegram.sessions.disconnect(key_id, session_id)
 
     def close(self, key_id: int, session_id: int) -> None:
-        self.telegram.sessions.disconnect(key_id, session_id)
+        self.telegram.sessions.close_session(key_id, session_id)
 
     def acknowledge(self, key_id: int, pts: int, qts: int) -> None:
         self.telegram.sessions.acknowledge(key_id, pts, qts)

@@ -65,6 +65,9 @@ class Sessions:
         self.store = store
         self.keys: dict[int, AuthKeyRecord] = {}
         self._connections: dict[int, dict[int, Connection]] = {}
+        # Sessions that asked for updates. As in Telegram, this is the session's, not its
+        # connection's: a request may come before the update stream connects, or between two.
+        self._subscribed: set[tuple[int, int]] = set()
         self._handled: dict[int, _Handled] = {}
         self.duplicate_sessions = 0  # what tests assert on
 
@@ -129,8 +132,14 @@ class Sessions:
             self._close(key_id, RpcError(406, "AUTH_KEY_DUPLICATED"))
             raise RpcError(406, "AUTH_KEY_DUPLICATED")
         connection = sessions.get(session_id) or Connection(key_id, session_id)
+        connection.subscribed = (key_id, session_id) in self._subscribed
         sessions[session_id] = connection
         return connection
+
+    def close_session(self, key_id: int, session_id: int) -> None:
+        """The client ended the session: no more updates for it, even if it connects again."""
+        self._subscribed.discard((key_id, session_id))
+        self.disconnect(key_id, session_id)
 
     def disconnect(self, key_id: int, session_id: int) -> None:
         sessions = self._connections.get(key_id, {})
@@ -142,6 +151,7 @@ class Sessions:
             self._release_if_offline(key.bot)
 
     def _close(self, key_id: int, error: RpcError) -> None:
+        self._subscribed = {item for item in self._subscribed if item[0] != key_id}
         for connection in self._connections.pop(key_id, {}).values():
             connection.queue.put_nowait(error)
         key = self.keys.get(key_id)
@@ -150,6 +160,7 @@ class Sessions:
 
     def subscribe(self, key_id: int, session_id: int) -> None:
         """The session made a request not wrapped in invokeWithoutUpdates: push to it."""
+        self._subscribed.add((key_id, session_id))
         connection = self._connections.get(key_id, {}).get(session_id)
         if connection is not None:
             connection.subscribed = True

@@ -238,6 +238,26 @@ async def test_a_second_session_on_one_key_kills_the_key(world: World) -> None:
     assert telegram.sessions.duplicate_sessions == 1
 
 
+async def test_updates_follow_the_session_even_when_its_stream_connects_after_its_requests(world: World) -> None:
+    """A session asks for updates by making a request (not wrapped in invokeWithoutUpdates); its
+    update stream may connect after that request, and may drop and connect again: it is pushed to
+    all the same, until the session is closed."""
+    telegram = world.telegram
+    await world.transport.stop_bot(BOT)
+    endpoint = MtprotoEndpoint(telegram)
+    key_id = auth_key_id(await telegram.sessions.create_key())
+    await telegram.import_bot_authorization(key_id, 1, sandbox_token(BOT))
+    bot = telegram.bot(BOT)
+    telegram.sessions.subscribe(key_id, 7)  # updates.getState, before any stream
+    assert telegram.sessions.online(bot.telegram_id) == []
+    connection = await telegram.sessions.connect(key_id, 7)
+    assert telegram.sessions.online(bot.telegram_id) == [connection]
+    telegram.sessions.disconnect(key_id, 7)  # the stream drops; the session lives on
+    assert (await telegram.sessions.connect(key_id, 7)).subscribed
+    endpoint.close(key_id, 7)  # CloseSession
+    assert not (await telegram.sessions.connect(key_id, 7)).subscribed
+
+
 def test_the_simulated_telegram_refuses_production() -> None:
     env = Env({"OTPGATE_ENV": "production"}, service="telegramsim")
     load_config(env)
