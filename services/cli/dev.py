@@ -10,6 +10,9 @@ Ports come from the same variables the services read (`OTPGATE_<SERVICE>_PORT`,
 files under .cache, by its edge port. A stack is driven through a control socket there: stopping
 botgateway and starting it again is how to watch the catch-up work.
 
+It says it is up once the services answer and the shared bots' sessions run (from botgateway's
+otpgate_bot_sessions metric), so the first /start is answered.
+
 Ctrl-C reaches every process of the terminal's process group at once: each service stops
 gracefully on SIGINT, and the runner says "stopped" and exits 0.
 """
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -29,13 +33,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from services.core.config import (
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
+    DEFAULT_SHARED_BOTS,
     SIMULATOR,
     SIMULATOR_METRICS_PORT,
     SIMULATOR_PORT,
@@ -52,6 +58,7 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_DB_PORT = 27017
 CACHE = ROOT / ".cache"
 DEV_ENV = CACHE / "dev.env"
+T = TypeVar("T")
 
 
 def dev_keys(path: Path = DEV_ENV) -> dict[str, str]:
@@ -153,6 +160,22 @@ class ProcessStack:
                 raise RuntimeError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")
             await asyncio.sleep(0.2)
 
+    def shared_bots(self) -> list[str]:
+        raw = self.env.get("OTPGATE_SHARED_BOTS") or os.environ.get("OTPGATE_SHARED_BOTS", "")
+        names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+        return names or list(DEFAULT_SHARED_BOTS)
+
+    async def wait_bots(self, timeout: float = 60.0) -> list[str]:
+        """Wait until botgateway runs a session for every shared bot (a person's /start is answered
+        from then on); the ones still not running when `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        wanted = set(self.shared_bots())
+        while True:
+            missing = wanted - running_bots(self.metrics_ports["botgateway"])
+            if not missing or time.monotonic() > deadline:
+                return sorted(missing)
+            await asyncio.sleep(0.2)
+
     def stop(self, grace: float = 10.0) -> None:
         for proc in self.processes.values():
             if proc.poll() is None:
@@ -164,6 +187,19 @@ class ProcessStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+_RUNNING = re.compile(r'^otpgate_bot_sessions\{bot="([^"]+)",state="running"\} 1(\.0)?$', re.MULTILINE)
+
+
+def running_bots(port: int) -> set[str]:
+    """The bots whose session botgateway runs, from its metrics (otpgate_bot_sessions)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0) as reply:
+            text = reply.read().decode(errors="replace")
+    except OSError:
+        return set()
+    return {match.group(1) for match in _RUNNING.finditer(text)}
 
 
 def _metrics_up(port: int) -> bool:
@@ -249,9 +285,11 @@ def _run(args: argparse.Namespace) -> int:
                 env[name] = os.environ[name]
         stack = ProcessStack(env=env, log_dir=home / "logs", ports=ports, metrics_ports=metrics)
         stack.start()
-        asyncio.run(_healthy_unless(stack, lambda: stopping))
+        asyncio.run(_unless(stack.wait_healthy(), lambda: stopping))
+        missing = asyncio.run(_unless(stack.wait_bots(), lambda: stopping)) or []
         control = _listen(home / "control.sock")
         if not stopping:
+            _bots_warning(missing, stack)
             _print_addresses(args.json, uri, stack, http_port)
         code = _supervise(stack, control, lambda: stopping)
     except RuntimeError as exc:
@@ -273,16 +311,26 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-async def _healthy_unless(stack: ProcessStack, stopping: Callable[[], bool]) -> None:
-    task = asyncio.ensure_future(stack.wait_healthy())
+async def _unless(work: Coroutine[Any, Any, T], stopping: Callable[[], bool]) -> T | None:
+    """`work`, unless Ctrl-C comes first."""
+    task = asyncio.ensure_future(work)
     while not task.done():
         if stopping():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            return
+            return None
         await asyncio.sleep(0.1)
-    task.result()
+    return task.result()
+
+
+def _bots_warning(missing: list[str], stack: ProcessStack) -> None:
+    if missing:
+        print(
+            f"otpgate dev: bots not running yet: {', '.join(missing)} (see {stack.log_dir}/botgateway.log); "
+            "what people send them waits in the simulated Telegram until they are",
+            file=sys.stderr,
+        )
 
 
 def _supervise(stack: ProcessStack, control: socket.socket, stopping: Callable[[], bool]) -> int:
@@ -334,6 +382,8 @@ def _answer(stack: ProcessStack, control: socket.socket) -> None:
             except RuntimeError as exc:
                 connection.sendall(f"error: {exc}\n".encode())
                 return
+            if name == "botgateway":
+                _bots_warning(asyncio.run(stack.wait_bots(30)), stack)
             print(f"otpgate dev: {name} started", file=sys.stderr)
         connection.sendall(f"ok: {name} {'stopped' if verb == 'stop' else 'running'}\n".encode())
 

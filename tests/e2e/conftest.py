@@ -64,6 +64,7 @@ async def system(system_database: str, tmp_path_factory: pytest.TempPathFactory)
     stack.start()
     try:
         await stack.wait_healthy(timeout=120)
+        assert await stack.wait_bots(timeout=120) == [], "botgateway's bot sessions did not start"
         yield System(stack=stack, env=env, http=f"http://127.0.0.1:{http_port}")
     finally:
         stack.stop()

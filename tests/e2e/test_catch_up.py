@@ -68,6 +68,7 @@ async def test_a_person_is_answered_after_botgateway_comes_back_and_the_sandbox_
         system.stack.stop()
         system.stack.start()
         await system.stack.wait_healthy(timeout=120)
+        assert await system.stack.wait_bots(timeout=120) == []
         assert await _bot_messages(session, system) == before
         async with session.post(f"{sandbox}/{USER_ID}/bots/{BOT}:sendText", json={"text": "/help"}) as reply:
             assert reply.status == 200, await reply.text()

@@ -229,3 +229,25 @@ def test_bot_removal_asks_unless_told(monkeypatch: pytest.MonkeyPatch, capsys: p
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
     assert main(["bots", "remove", "acme_bot"]) == 1
     assert "--yes" in capsys.readouterr().err
+
+
+def test_the_dev_runner_reads_running_bots_from_botgateway_metrics() -> None:
+    """`otpgate dev` says it is up once the shared bots run: read off `otpgate_bot_sessions`, as
+    botgateway's metrics endpoint writes it."""
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    from services.cli.dev import running_bots
+
+    registry = CollectorRegistry()
+    sessions = Gauge("otpgate_bot_sessions", "Bot sessions.", ("bot", "state"), registry=registry)
+    for bot, state in (("smscodes_bot", "running"), ("smsccode_bot", "failed"), ("smsc_code_bot", "standby")):
+        for candidate in ("running", "failed", "standby"):
+            sessions.labels(bot, candidate).set(1 if candidate == state else 0)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        assert running_bots(port) == {"smscodes_bot"}
+    finally:
+        server.shutdown()
+        thread.join()
+    assert running_bots(port) == set()  # nothing listening: none running
