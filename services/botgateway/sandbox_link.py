@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
@@ -38,6 +39,7 @@ from services.core.logging import get_logger
 log = get_logger(__name__)
 P = telegramsim_pb2
 UNKNOWN_KEY = -404  # MTProto's answer to a key the server does not know
+T = TypeVar("T")
 
 
 class LinkDown(ConnectionError):
@@ -159,7 +161,7 @@ class TunnelSender:
             await self._new_key()
         self._connected = True
         self._future = asyncio.get_running_loop().create_future()
-        self._stream = asyncio.get_running_loop().create_task(self._receive())
+        self._stream = _detached(self._receive())
         return True
 
     def is_connected(self) -> bool:
@@ -218,7 +220,7 @@ class TunnelSender:
             return
         MTProtoSender._store_own_updates(self, result)  # Telethon's own rule for results that are updates
         if not self._streaming and self._connected and self._stream is not None and self._stream.done():
-            self._stream = asyncio.get_running_loop().create_task(self._receive())
+            self._stream = _detached(self._receive())
         _settle(future, result=result)
 
     async def _new_key(self) -> None:
@@ -245,7 +247,7 @@ class TunnelSender:
                         await self._disconnect(ConnectionError("connection to the simulated Telegram lost"))
                         return
                     continue
-                asyncio.get_running_loop().create_task(self._client._handle_auto_reconnect())
+                _detached(self._client._handle_auto_reconnect())
             try:
                 self._streaming = True
                 async for data in self._link.updates(self.auth_key.key_id, self.session_id):
@@ -283,7 +285,7 @@ class TunnelSender:
     def acknowledge(self, state: UpdateState) -> None:
         self._ack_wanted = state
         if self._acks is None or self._acks.done():
-            self._acks = asyncio.get_running_loop().create_task(self._send_acks())
+            self._acks = _detached(self._send_acks())
 
     async def _send_acks(self) -> None:
         while self._connected and self._ack_wanted is not None and self._ack_wanted != self._acked:
@@ -314,3 +316,9 @@ def sandbox_client_factory(link: Link) -> Any:
         )
 
     return make
+
+
+def _detached(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task of the session itself, not of the request that happened to start it: it does not
+    inherit that request's deadline (gRPC's, the database's) nor its request id."""
+    return asyncio.get_running_loop().create_task(work, context=contextvars.Context())

@@ -13,11 +13,14 @@ nothing sent meanwhile is lost, and what the last one handled is not handled aga
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
+from typing import Any
 
 from services.botgateway import metrics
 from services.botgateway.store import BotRecord, GatewayStore
@@ -109,15 +112,22 @@ class BotSessions:
         if now - self._last_attempt.get(bot_id, float("-inf")) < min_interval:
             return False
         self._last_attempt[bot_id] = now
-        async with self._lock:
-            if not self.live(bot_id):
-                await self._tick_bot(bot)
+
+        async def make_live() -> None:
+            async with self._lock:
+                if not self.live(bot_id):
+                    await self._tick_bot(bot)
+
+        await _on_its_own(make_live())
         return self.live(bot_id)
 
     def live_bots(self) -> list[str]:
         return [bot_id for bot_id in self._usable_until if self.live(bot_id)]
 
     async def tick(self) -> None:
+        await _on_its_own(self._tick())
+
+    async def _tick(self) -> None:
         async with self._lock:
             bots = await self.store.all_bots()
             self.bots = {bot.bot_id: bot for bot in bots}
@@ -246,3 +256,11 @@ class BotSessions:
             for bot_id in list(self._usable_until):
                 await self._stop(bot_id, release=True)
             await self.transport.close()
+
+
+async def _on_its_own(work: Coroutine[Any, Any, None]) -> None:
+    """Run session work (starting, renewing) apart from the request that asked for it (a send that
+    takes over a lapsed lease, a bot registered): a session outlives that request, so what it does
+    later carries neither the request's deadlines (gRPC's, the database's) nor its request id, and
+    a caller giving up does not cut a start in half."""
+    await asyncio.shield(asyncio.get_running_loop().create_task(work, context=contextvars.Context()))

@@ -190,3 +190,23 @@ async def test_blocking_while_the_bot_is_down_reaches_the_directory_when_it_is_b
         )
 
     await until(blocked)
+
+
+async def test_a_session_started_for_a_request_outlives_the_requests_deadline(gw: Gw, clock: Any) -> None:
+    """SendBotMessage may start a bot's session on the spot (its lease lapsed). The session runs on
+    after that request is answered: what it does later (handling a person's message, answering,
+    writing its state) must not inherit the request's deadline, gRPC's or the database's."""
+    user = await gw.user()
+    await gw.connect(user)
+    sessions = gw.app.sessions
+    assert sessions is not None
+    clock.advance(3600)  # this replica missed every renewal round
+    await sessions.enforce_expiry()
+    assert not sessions.live(BOT)
+    request = botgateway_pb2.SendBotMessageRequest(bot_id=BOT, telegram_user_id=user.user_id, text="code 1")
+    await gw.bots.SendBotMessage(request, timeout=1.0)
+    assert sessions.live(BOT)
+    await asyncio.sleep(1.2)  # that request's deadline is past
+    request_text = S.SendTextRequest(user_id=user.user_id, bot_id=BOT, text="/help")
+    reply = await gw.sandbox.SendText(request_text, timeout=15)
+    assert len(reply.replies) == 1, "the person was not answered"

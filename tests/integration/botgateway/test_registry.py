@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from otpgate.botgateway.v1 import botgateway_pb2
@@ -144,3 +146,15 @@ async def test_reissued_token_replaces_the_stored_one(gw: Gw) -> None:
     stored = await gw.app.gateway.store.get_bot(first.bot.id)
     assert stored is not None and stored.token == new_token
     assert gw.app.sessions.live(first.bot.id)
+
+
+async def test_a_bot_registered_answers_people_after_the_registering_call_is_over(gw: Gw) -> None:
+    """RegisterBot starts the bot's session at once; the session is not the call's: it answers
+    people once the call's deadline is long past."""
+    registered = await gw.bots.RegisterBot(
+        B.RegisterBotRequest(token="6001002004:AAE-later-secret", owner_client_id="client-a"), timeout=2.0
+    )
+    user = await gw.user()
+    await asyncio.sleep(2.1)  # the registering call's deadline is past
+    started = await gw.sandbox.StartBot(S.StartBotRequest(user_id=user.user_id, bot_id=registered.bot.id), timeout=15)
+    assert len(started.replies) == 1 and started.replies[0].request_contact
