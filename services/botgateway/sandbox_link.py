@@ -258,8 +258,9 @@ class TunnelSender:
                 # The key is dead or not logged in: requests will say so; nothing to reconnect to.
                 log.info("sandbox_update_stream_refused", bot=self._client.bot_id, error=refused.message)
                 return
-            except (LinkDown, OSError):
+            except (LinkDown, OSError) as exc:
                 failures += 1
+                log.info("sandbox_update_stream_lost", bot=self._client.bot_id, error=str(exc), failures=failures)
             finally:
                 self._streaming = False
 
