@@ -171,12 +171,7 @@ class Conversation:
             return [OutgoingMessage(texts.text("try_later", language))]
         outcome = reply.outcome
         if outcome == verification_pb2.CONFIRMATION_OUTCOME_CONFIRMED:
-            if reply.released_count:
-                message = texts.text(
-                    "confirmed_released", language, phone=reply.phone_masked, count=reply.released_count
-                )
-            else:
-                message = texts.text("confirmed", language, phone=reply.phone_masked)
+            message = texts.text("confirmed", language, phone=reply.phone_masked)
         elif outcome == verification_pb2.CONFIRMATION_OUTCOME_WRONG_CODE:
             message = texts.text("wrong_code", language, left=reply.attempts_left)
         elif outcome == verification_pb2.CONFIRMATION_OUTCOME_EXPIRED:

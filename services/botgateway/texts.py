@@ -48,10 +48,6 @@ _TEXTS: Final[dict[str, dict[str, str]]] = {
         "en": "Number {phone} confirmed. Thank you!",
         "ru": "Номер {phone} подтверждён. Спасибо!",
     },
-    "confirmed_released": {
-        "en": "Number {phone} confirmed. Waiting messages ({count}) are on their way.",
-        "ru": "Номер {phone} подтверждён. Ожидающие сообщения ({count}) уже отправляются.",
-    },
     "wrong_code": {
         "en": "Wrong code. Tries left: {left}.",
         "ru": "Неверный код. Осталось попыток: {left}.",

@@ -357,7 +357,6 @@ class Confirmer:
         confirmation_id: str,
         *,
         attempts_left: int = 0,
-        released: int = 0,
     ) -> verification_pb2.SubmitConfirmationCodeResponse:
         metrics.confirmations.labels(outcome_label).inc()
         log.info(
@@ -365,10 +364,9 @@ class Confirmer:
             confirmation_id=confirmation_id,
             outcome=outcome_label,
             attempts_left=attempts_left,
-            released_count=released,
         )
         return verification_pb2.SubmitConfirmationCodeResponse(
-            outcome=outcome, attempts_left=attempts_left, phone_masked=masked, released_count=released
+            outcome=outcome, attempts_left=attempts_left, phone_masked=masked
         )
 
     async def _still_owner(self, user: int, phone: str) -> bool:

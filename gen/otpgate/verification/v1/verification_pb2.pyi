@@ -144,25 +144,21 @@ class SubmitConfirmationCodeResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     ATTEMPTS_LEFT_FIELD_NUMBER: _builtins.int
     PHONE_MASKED_FIELD_NUMBER: _builtins.int
-    RELEASED_COUNT_FIELD_NUMBER: _builtins.int
     outcome: Global___ConfirmationOutcome.ValueType
     attempts_left: _builtins.int
     """Tries left after a wrong code."""
     phone_masked: _builtins.str
     """The confirmed number, masked."""
-    released_count: _builtins.int
-    """Held messages released by the confirmation."""
     def __init__(
         self,
         *,
         outcome: Global___ConfirmationOutcome.ValueType = ...,
         attempts_left: _builtins.int = ...,
         phone_masked: _builtins.str = ...,
-        released_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "outcome", b"outcome", "phone_masked", b"phone_masked", "released_count", b"released_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "outcome", b"outcome", "phone_masked", b"phone_masked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
