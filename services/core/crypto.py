@@ -161,6 +161,13 @@ class Keyring:
         key = self._purpose_key(key_id or self.index_key_id, f"blind-index/{purpose}")
         return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
+    def blind_indexes(self, purpose: str, value: str) -> list[str]:
+        """The value's blind index under the index key first, then under every other key: lookups
+        that match any of them find records indexed before an index-key rotation until
+        `otpgate keys rotate` has recomputed them."""
+        others = [key_id for key_id in self.key_ids if key_id != self.index_key_id]
+        return [self.blind_index(purpose, value, key_id) for key_id in [self.index_key_id, *others]]
+
     def code_hash(self, subject_id: str, code: str, key_id: str | None = None) -> str:
         """HMAC-SHA256 of a code bound to what it verifies; stored as "<key id>:<hex>"."""
         kid = key_id or self.primary_id

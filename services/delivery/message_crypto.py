@@ -40,6 +40,11 @@ class MessageCrypto:
     def phone_index(self, e164: str) -> str:
         return self.keyring.blind_index("phone", e164)
 
+    def phone_indexes(self, e164: str) -> list[str]:
+        """Every index a message of this number may carry (current key first): held messages
+        indexed before an index-key rotation are found until the rotation recomputed them."""
+        return self.keyring.blind_indexes("phone", e164)
+
     def limit_key(self, value: str) -> str:
         return self.keyring.blind_index("limit-key", value)[:32]
 

@@ -41,7 +41,7 @@ class HeldRelease:
         index = self.crypto.phone_index(phone.e164)
         await self.fraud.record_confirmed_phone(index)
         released = 0
-        for record in await self.store.held_for_phone(index):
+        for record in await self.store.held_for_phone(self.crypto.phone_indexes(phone.e164)):
             if record.telegram_user_id != telegram_user_id:
                 continue
             claim = await self.dispatcher.claim(record)

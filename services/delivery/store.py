@@ -167,8 +167,8 @@ class Store:
         query = {"status": {"$in": list(OPEN_STATUSES)}, "expire_at": {"$lte": now}, "lease_until": {"$lte": now}}
         return await self._find(query, limit)
 
-    async def held_for_phone(self, phone_index: str) -> list[MessageRecord]:
-        return await self._find({"phone_index": phone_index, "status": HELD}, 500)
+    async def held_for_phone(self, phone_indexes: list[str]) -> list[MessageRecord]:
+        return await self._find({"phone_index": {"$in": phone_indexes}, "status": HELD}, 500)
 
     async def sms_to_poll(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {"status": SENT, "sms_poll_at": {"$lte": now}, "lease_until": {"$lte": now}}

@@ -92,16 +92,9 @@ class Directory:
     # Keys ----------------------------------------------------------------------
 
     def phone_indexes(self, e164: str) -> list[str]:
-        """The number's blind index under the current index key first, then under every other key.
-        Lookups match any of them, so records indexed before an index-key rotation stay findable
-        until `otpgate keys rotate` has recomputed them (dual index during the migration)."""
-        current = self.keyring.blind_index(INDEX_PURPOSE, e164)
-        others = [
-            self.keyring.blind_index(INDEX_PURPOSE, e164, key_id)
-            for key_id in self.keyring.key_ids
-            if key_id != self.keyring.index_key_id
-        ]
-        return [current, *others]
+        """The number's blind index under the current index key first, then under every other key
+        (dual index during an index-key rotation)."""
+        return self.keyring.blind_indexes(INDEX_PURPOSE, e164)
 
     def seal_phone(self, subscriber_id: str, e164: str) -> bytes:
         return self.keyring.seal(e164, SealContext(SUBSCRIBERS, subscriber_id, PHONE_FIELD))

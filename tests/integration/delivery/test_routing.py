@@ -263,6 +263,22 @@ async def test_held_message_expires_when_nobody_confirms(world: World, clock: Ma
     assert "Wait for me" not in await world.chat(user, "smscodes_bot")
 
 
+async def test_a_message_held_before_an_index_key_rotation_is_still_released(world: World, keyring: Keyring) -> None:
+    user, phone = await world.person("smscodes_bot")
+    await world.policy("shop", default_confirm_days=30)
+    held = await world.send(phone, "Held across a rotation")
+    assert held.status == common_pb2.MESSAGE_STATUS_HELD
+    # As if held while k1 was the index key, before `otpgate keys rotate` recomputed it.
+    older = keyring.blind_index("phone", phone, "k1")
+    assert older != keyring.blind_index("phone", phone)
+    await world.engine.store.messages.update_one({"_id": held.id}, {"$set": {"phone_index": older}})
+    released = await world.delivery.ReleaseHeldMessages(
+        delivery_pb2.ReleaseHeldMessagesRequest(telegram_user_id=user, phone=phone)
+    )
+    assert released.released_count == 1
+    assert "Held across a rotation" in await world.chat(user, "smscodes_bot")
+
+
 async def test_telegram_rate_limits_reschedule_and_the_dispatcher_sends_later(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
