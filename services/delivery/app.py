@@ -110,6 +110,12 @@ def load_config(env: Env) -> DeliveryConfig:
         message_retention=env.number(
             "OTPGATE_DELIVERY_MESSAGE_RETENTION", 90 * 86400.0, "keep finished messages this long, s", min=3600
         ),
+        usage_retention_days=env.integer(
+            "OTPGATE_DELIVERY_USAGE_RETENTION_DAYS",
+            400,
+            "keep usage records (what GetUsage sums) this long, days",
+            min=1,
+        ),
         sms_sender=env.text("OTPGATE_SMS_SENDER", "otpgate", "SMS sender name"),
         sms_poll_interval=env.number(
             "OTPGATE_SMS_STATUS_POLL", 30.0, "how often to ask for SMS delivery reports, s", min=1

@@ -79,6 +79,8 @@ class Maintenance:
         await self.store.purge_texts(now)
         # Messages no longer open created more than message_retention ago, and idempotency keys as old.
         await self.store.purge_messages(now - timedelta(seconds=self.settings.message_retention))
+        oldest_day = (now - timedelta(days=self.settings.usage_retention_days)).date().isoformat()
+        await self.store.purge_usage(oldest_day)  # usage records of days before the retention
         await self.limiter.purge()  # rate-limit slots of windows that no longer count
         await self.fraud.purge()  # SMS events and conversions older than twice the guard's windows
         await self.claims.purge(now - timedelta(days=1))  # released claims after a day, any after two

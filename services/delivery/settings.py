@@ -22,6 +22,8 @@ class EngineSettings:
     bot_send_timeout: float = 3.0
     text_retention: float = 86400.0
     message_retention: float = 90 * 86400.0
+    # A year of usage and a month to invoice it in.
+    usage_retention_days: int = 400
     sms_sender: str = "otpgate"
     sms_poll_interval: float = 30.0
     sms_poll_for: float = 86400.0

@@ -64,6 +64,7 @@ class Store:
         await ensure_index(m, [("provider_id", 1)])  # pushed delivery reports (SMPP receipts)
         await ensure_index(m, [("purge_at", 1)])
         await ensure_index(self.usage, [("c", 1), ("d", 1)])
+        await ensure_index(self.usage, [("d", 1)])  # the purge
 
     async def insert(self, record: MessageRecord) -> MessageRecord | None:
         """Insert a new message; on an idempotency key already used, return the existing one."""
@@ -200,6 +201,11 @@ class Store:
         # A message counted already (a repeat of the status change) is refused by its _id.
         key = f"{day}|{channel}|{1 if billed else 0}" + (f"|{parts}" if parts != 1 else "")
         await self._new_usage.insert_one({"_id": message_id, "c": client_id, "d": day, "k": key})
+
+    async def purge_usage(self, oldest_day: str) -> int:
+        """Usage records of days before `oldest_day` (YYYY-MM-DD, UTC)."""
+        result = await self.usage.delete_many({"d": {"$lt": oldest_day}})
+        return int(result.deleted_count)
 
     async def usage_between(self, client_id: str, start: str, end: str) -> list[UsageTotal]:
         """Totals by day and channel: the records are grouped by their combined key

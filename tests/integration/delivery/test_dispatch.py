@@ -120,6 +120,26 @@ async def test_queued_messages_expire_after_their_ttl_and_texts_are_purged(
         assert not await _receipts(mongo_client, stack.env["OTPGATE_DELIVERY_DATABASE"])
 
 
+async def test_usage_is_kept_for_its_retention_then_purged(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    kept = {**QUEUE_ONLY, "OTPGATE_DELIVERY_USAGE_RETENTION_DAYS": "30"}
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=kept, clock=clock) as stack:
+        delivery, _ = stubs(stack)
+        engine = engine_of(stack)
+        sent = await delivery.SendMessage(sms_request("+79991234568"))
+        await engine.dispatch_due_once()
+        day = clock.now().date().isoformat()
+        usage = delivery_pb2.GetUsageRequest(client_id="shop", start_day=day, end_day=day)
+        assert sum(r.messages for r in (await delivery.GetUsage(usage)).records) == 1, sent.message.id
+        clock.advance(29 * 86400)
+        await engine.purge_once()
+        assert sum(r.messages for r in (await delivery.GetUsage(usage)).records) == 1
+        clock.advance(2 * 86400)
+        await engine.purge_once()
+        assert not (await delivery.GetUsage(usage)).records
+
+
 async def test_limits_are_shared_by_two_delivery_processes(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
