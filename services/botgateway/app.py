@@ -44,6 +44,7 @@ class BotGatewayConfig:
     lease_renew: float
     deletion_interval: float
     max_bots: int
+    state_write_spacing: float
 
 
 def load_config(env: Env) -> BotGatewayConfig:
@@ -86,6 +87,12 @@ def load_config(env: Env) -> BotGatewayConfig:
         ),
         max_bots=env.integer(
             "OTPGATE_BOTGATEWAY_MAX_BOTS", 0, "most bot sessions one replica runs (0: no cap), to spread bots", min=0
+        ),
+        state_write_spacing=env.number(
+            "OTPGATE_BOTGATEWAY_STATE_WRITE_SPACING",
+            1.0,
+            "least seconds between two writes of a bot's update state (what a crash replays, at most)",
+            min=0,
         ),
     )
 
@@ -148,6 +155,7 @@ async def build_app(
         lease_ttl=config.lease_ttl,
         renew_interval=config.lease_renew,
         max_bots=config.max_bots,
+        state_write_spacing=config.state_write_spacing,
     )
     directory_channel = make_channel(
         common.addresses["directory"],

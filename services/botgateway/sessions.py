@@ -56,6 +56,7 @@ class BotSessions:
         renew_interval: float = 10.0,
         safety_margin: float = 5.0,
         max_bots: int = 0,
+        state_write_spacing: float = 0.0,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -66,6 +67,7 @@ class BotSessions:
         self.safety_margin = timedelta(seconds=min(safety_margin, lease_ttl / 3))
         # At most this many sessions on this replica (0: no cap), so bots spread over replicas.
         self.max_bots = max_bots
+        self.state_write_spacing = state_write_spacing
         self._usable_until: dict[str, datetime] = {}
         self._retry_after: dict[str, datetime] = {}
         self._last_attempt: dict[str, float] = {}
@@ -84,7 +86,7 @@ class BotSessions:
             async def write(state: UpdateState) -> None:
                 await self.store.save_update_state(bot_id, telegram_id, state)
 
-            writer = self._writers[bot_id] = StateWriter(write, what=bot_id)
+            writer = self._writers[bot_id] = StateWriter(write, what=bot_id, spacing=self.state_write_spacing)
         return writer
 
     def advance(self, bot_id: str, telegram_id: int, state: UpdateState) -> None:

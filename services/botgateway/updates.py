@@ -120,14 +120,21 @@ class HandledLedger:
 
 
 class StateWriter:
-    """Persists a bot's handled state: at most one write in flight, the newest state afterwards."""
+    """Persists a bot's handled state: at most one write in flight, the newest state afterwards,
+    and at most one write per `spacing` seconds. A bot's own sends advance its state too (one
+    write per message otherwise); what a spacing leaves unwritten is at worst replayed after a
+    crash, which handling tolerates. `flush` writes at once."""
 
-    def __init__(self, write: Callable[[UpdateState], Awaitable[None]], *, what: str = "") -> None:
+    def __init__(
+        self, write: Callable[[UpdateState], Awaitable[None]], *, what: str = "", spacing: float = 0.0
+    ) -> None:
         self._write = write
         self._what = what
+        self._spacing = spacing
         self._latest: UpdateState | None = None
         self._written: UpdateState | None = None
         self._task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
 
     def submit(self, state: UpdateState) -> None:
         self._latest = state
@@ -143,14 +150,22 @@ class StateWriter:
                 log.warning("bot_update_state_write_failed", bot=self._what, error=type(exc).__name__)
                 return
             self._written = state
+            if self._spacing > 0 and not self._hurry.is_set():
+                # Stay the writer for a while: what arrives meanwhile is written once, afterwards.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self._spacing)
 
     async def flush(self) -> None:
         """Write what is pending now (a stop calls this before the session ends)."""
-        if self._task is not None and not self._task.done():
-            with contextlib.suppress(Exception):
-                await self._task
-        if self._latest is not None and self._latest != self._written:
-            await self._drain()
+        self._hurry.set()
+        try:
+            if self._task is not None and not self._task.done():
+                with contextlib.suppress(Exception):
+                    await self._task
+            if self._latest is not None and self._latest != self._written:
+                await self._drain()
+        finally:
+            self._hurry.clear()
 
 
 class PerPersonOrder:
