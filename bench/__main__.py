@@ -215,6 +215,35 @@ async def ceiling(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str,
 
 
 CPU_COLUMNS = ("edge", "delivery", "directory", "botgateway", "verification", "telegramsim", "database")
+# Our own services: the simulated Telegram and the database stand in for what is not ours.
+OUR_SERVICES = ("edge", "delivery", "directory", "botgateway", "verification")
+
+
+def cpu_ms_per_message(row: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per sent message of each of our services and their total, at one level
+    (CPU % of one core ÷ msg/s × 10)."""
+    rate = float(row.get("rate") or 0.0)
+    cpu = row.get("service_cpu_pct", {})
+    per = {name: (float(cpu.get(name, 0.0)) * 10 / rate if rate else 0.0) for name in OUR_SERVICES}
+    return {**per, "total": sum(per.values())}
+
+
+def goals(report: dict[str, Any]) -> dict[str, float]:
+    """The figures the performance goals are read from: the worst pipeline/floor over the levels,
+    CPU per message at the busiest level, database operations per message, verify ÷ send."""
+    pipe = report.get("pipeline", {})
+    sends = pipe.get("send", [])
+    floor_by = {row["concurrency"]: row["rate"] for row in pipe.get("floor", [])}
+    ratios = [row["rate"] / floor_by[row["concurrency"]] for row in sends if floor_by.get(row["concurrency"])]
+    busiest = max(sends, key=lambda row: row["rate"], default=None)
+    best_send = busiest["rate"] if busiest else 0.0
+    best_verify = max((row["rate"] for row in pipe.get("verify", [])), default=0.0)
+    return {
+        "pipeline_floor_min": min(ratios, default=0.0),
+        "cpu_ms_per_msg": cpu_ms_per_message(busiest)["total"] if busiest else 0.0,
+        "db_ops_per_msg": float(pipe.get("op_mix", {}).get("total_per_message", 0.0)),
+        "verify_send": best_verify / best_send if best_send else 0.0,
+    }
 
 
 def fmt(value: Any) -> str:
@@ -244,6 +273,12 @@ def table(report: dict[str, Any]) -> str:
             f"{floor.get('p99_ms', 0):>8.1f} {ratio:>7.2f} {sum(row['errors'].values()):>8}  "
             f"{cpus}/{fmt(row['driver_cpu_pct'])}"
         )
+    if pipe.get("send"):
+        lines.append("CPU ms per sent message: " + "/".join(OUR_SERVICES) + " = total")
+        for row in pipe["send"]:
+            per = cpu_ms_per_message(row)
+            parts = "/".join(f"{per[name]:.2f}" for name in OUR_SERVICES)
+            lines.append(f"{row['concurrency']:>5}  {parts} = {per['total']:.2f}")
     if pipe.get("verify"):
         lines.append("Verify pairs (StartVerification with a client-supplied code + CheckVerification)")
         lines.append(f"{'conc':>5} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
@@ -286,7 +321,12 @@ def summary_line(report: dict[str, Any]) -> str:
     bot = ceil.get("one_bot", {}).get("ratio", 0.0)
     pool = ceil.get("pool", {}).get("ratio", 0.0)
     floods = int(ceil.get("one_bot", {}).get("flood_errors", 0)) + int(ceil.get("pool", {}).get("flood_errors", 0))
-    return f"bench: pipeline/floor={ratio:.2f} bot/limit={bot:.2f} pool/limit={pool:.2f} flood_errors={floods}"
+    figures = goals(report)
+    return (
+        f"bench: pipeline/floor={ratio:.2f} pipeline/floor_min={figures['pipeline_floor_min']:.2f} "
+        f"cpu_ms_per_msg={figures['cpu_ms_per_msg']:.2f} db_ops_per_msg={figures['db_ops_per_msg']:.2f} "
+        f"verify/send={figures['verify_send']:.2f} bot/limit={bot:.2f} pool/limit={pool:.2f} flood_errors={floods}"
+    )
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,10 @@ from services.core.devdb import ROOT
 
 pytestmark = pytest.mark.e2e
 
-SUMMARY = re.compile(r"^bench: pipeline/floor=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$")
+SUMMARY = re.compile(
+    r"^bench: pipeline/floor=\d+\.\d\d pipeline/floor_min=\d+\.\d\d cpu_ms_per_msg=\d+\.\d\d "
+    r"db_ops_per_msg=\d+\.\d\d verify/send=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$"
+)
 
 
 def test_bench_runs_on_a_tiny_load(mongo_uri: str, tmp_path: Path) -> None:

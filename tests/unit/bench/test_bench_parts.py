@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from bench.__main__ import summary_line, table
+from bench.__main__ import cpu_ms_per_message, summary_line, table
 from bench.instrument import shape
 from bench.scenarios import ceiling_plans, ceiling_sends, percentile
 from bench.system import SHARED_BOTS, User, counts_delta
 
-SUMMARY = re.compile(r"^bench: pipeline/floor=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$")
+SUMMARY = re.compile(
+    r"^bench: pipeline/floor=\d+\.\d\d pipeline/floor_min=\d+\.\d\d cpu_ms_per_msg=\d+\.\d\d "
+    r"db_ops_per_msg=\d+\.\d\d verify/send=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$"
+)
 
 
 def test_command_shapes_tell_key_lookups_from_scans() -> None:
@@ -47,14 +50,34 @@ def test_percentile_and_counts_delta() -> None:
 
 def test_summary_line_is_well_formed_with_and_without_results() -> None:
     assert SUMMARY.match(summary_line({}))
+    cpu = {"edge": 10.0, "delivery": 20.0, "directory": 5.0, "botgateway": 5.0, "verification": 0.0}
     report = {
         "pipeline": {
-            "send": [{"concurrency": 4, "rate": 40.0}],
-            "floor": [{"concurrency": 4, "rate": 50.0}],
+            "send": [
+                {"concurrency": 4, "rate": 40.0, "service_cpu_pct": {**cpu, "telegramsim": 9.0, "database": 30.0}},
+                {"concurrency": 16, "rate": 100.0, "service_cpu_pct": {k: v * 2 for k, v in cpu.items()}},
+            ],
+            "floor": [{"concurrency": 4, "rate": 50.0}, {"concurrency": 16, "rate": 200.0}],
+            "verify": [{"concurrency": 16, "rate": 30.0}],
+            "op_mix": {"total_per_message": 9.5},
         },
         "ceiling": {"one_bot": {"ratio": 0.97, "flood_errors": 0}, "pool": {"ratio": 0.96, "flood_errors": 1}},
     }
     line = summary_line(report)
     assert SUMMARY.match(line)
-    assert line == "bench: pipeline/floor=0.80 bot/limit=0.97 pool/limit=0.96 flood_errors=1"
+    # Best send ÷ best floor 0.50, worst level 0.50 (16: 100/200); CPU at the busiest level (16):
+    # 80 % of a core over 100 msg/s = 8 ms, the simulated Telegram and the database left out.
+    assert line == (
+        "bench: pipeline/floor=0.50 pipeline/floor_min=0.50 cpu_ms_per_msg=8.00 db_ops_per_msg=9.50 "
+        "verify/send=0.30 bot/limit=0.97 pool/limit=0.96 flood_errors=1"
+    )
+    per = cpu_ms_per_message(report["pipeline"]["send"][0])
+    assert per == {
+        "edge": 2.5,
+        "delivery": 5.0,
+        "directory": 1.25,
+        "botgateway": 1.25,
+        "verification": 0.0,
+        "total": 10.0,
+    }
     assert isinstance(table({}), str)
