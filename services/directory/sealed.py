@@ -6,8 +6,6 @@ from services.core.rotation import SealedField
 from services.core.rotation_runner import BlindIndex
 
 SUBSCRIBERS = "subscribers"
-# Blind index -> subscriber id; holds no sealed data, and is rebuilt on demand after rotation.
-NUMBERS = "numbers"
 
 SEALED_FIELDS = [SealedField(SUBSCRIBERS, "phone")]
 

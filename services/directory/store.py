@@ -18,12 +18,9 @@ One document per person (Telegram user id) holding one number:
 Bot links are a sub-document keyed by bot id: bounded by the number of bots, never by time.
 Every change is one single-document atomic operation, conditioned on what was read.
 
-A second collection, `numbers`, points from a blind index to the record holding it
-(`{"_id": "<phone_index>", "subscriber_id": "<_id>"}`), so finding the holder of a number is
-two lookups by `_id`: on the dev database (FerretDB on SQLite) only `_id` lookups use an index,
-and the unique phone_index index is checked on writes but never used by queries. A pointer is a
-hint, never the truth: the record is read with the index as a condition, and when no pointer
-leads to a holder the unique phone_index index answers (and the pointer is written again).
+A number's holder is found by its blind index on the unique `phone_index` index, a person's
+record on the unique `telegram_user_id` index: one indexed query each, on MongoDB and on the
+dev database alike.
 """
 
 from __future__ import annotations
@@ -38,8 +35,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import as_utc
-from services.core.mongo import Document, ensure_index, put_by_id
-from services.directory.sealed import NUMBERS, SUBSCRIBERS
+from services.core.mongo import Document, ensure_index
+from services.directory.sealed import SUBSCRIBERS
 
 
 @dataclass(frozen=True)
@@ -102,11 +99,13 @@ def link_path(bot_id: str) -> str:
 class SubscriberStore:
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = database[SUBSCRIBERS]
-        self.numbers: AsyncCollection[Document] = database[NUMBERS]
+        self._database = database
 
     async def ensure_indexes(self) -> None:
         await ensure_index(self.collection, [("phone_index", 1)], name="phone_index_unique", unique=True)
         await ensure_index(self.collection, [("telegram_user_id", 1)], name="telegram_user_id_unique", unique=True)
+        # Number -> record pointers of earlier versions; lookups use the unique index now.
+        await self._database.drop_collection("numbers")
 
     # Reads ---------------------------------------------------------------------
 
@@ -115,30 +114,11 @@ class SubscriberStore:
         return SubscriberRecord.from_doc(doc) if doc else None
 
     async def by_phone(self, indexes: Sequence[str]) -> SubscriberRecord | None:
-        """The record holding a number, given its blind index under every key that may have made it:
-        through a `numbers` pointer, else one query on the unique index. Two records match only in
-        the transient clash of an index-key rotation, which `otpgate keys rotate` settles; either
-        one is a valid answer meanwhile. No server-side sort: the dev database would scan the whole
-        collection for it."""
-        for index in indexes:
-            pointer = await self.numbers.find_one({"_id": index})
-            if pointer is not None:
-                doc = await self.collection.find_one({"_id": pointer["subscriber_id"], "phone_index": index})
-                if doc is not None:
-                    return SubscriberRecord.from_doc(doc)
+        """The record holding a number, given its blind index under every key that may have made it.
+        Two records match only in the transient clash of an index-key rotation, which
+        `otpgate keys rotate` settles; either one is a valid answer meanwhile."""
         doc = await self.collection.find_one({"phone_index": {"$in": list(indexes)}})
-        if doc is None:
-            return None
-        await self._point(doc)
-        return SubscriberRecord.from_doc(doc)
-
-    async def _point(self, doc: Document) -> None:
-        # The last writer wins; readers check the record anyway.
-        await put_by_id(self.numbers, doc["phone_index"], {"subscriber_id": doc["_id"]})
-
-    async def _unpoint(self, record: SubscriberRecord) -> None:
-        """Drop the pointer of a number the record no longer holds, unless it points elsewhere now."""
-        await self.numbers.delete_one({"_id": record.phone_index, "subscriber_id": record.id})
+        return SubscriberRecord.from_doc(doc) if doc else None
 
     async def count(self) -> int:
         return int(await self.collection.count_documents({}))
@@ -151,7 +131,6 @@ class SubscriberStore:
             await self.collection.insert_one(doc)
         except DuplicateKeyError:
             raise UniqueViolation from None
-        await self._point(doc)
         return SubscriberRecord.from_doc(doc)
 
     async def update_if_unchanged(self, record: SubscriberRecord, update: Document) -> SubscriberRecord | None:
@@ -165,12 +144,7 @@ class SubscriberStore:
             )
         except DuplicateKeyError:
             raise UniqueViolation from None
-        if doc is None:
-            return None
-        if doc["phone_index"] != record.phone_index:
-            await self._point(doc)
-            await self._unpoint(record)
-        return SubscriberRecord.from_doc(doc)
+        return SubscriberRecord.from_doc(doc) if doc else None
 
     async def update_by_user(self, telegram_user_id: int, update: Document) -> SubscriberRecord | None:
         doc = await self.collection.find_one_and_update(
@@ -193,21 +167,12 @@ class SubscriberStore:
         result = await self.collection.delete_one(
             {"_id": record.id, "phone_index": record.phone_index, "telegram_user_id": record.telegram_user_id}
         )
-        if result.deleted_count:
-            await self._unpoint(record)
         return bool(result.deleted_count)
 
     async def delete_by_user(self, telegram_user_id: int) -> int:
-        records = [
-            SubscriberRecord.from_doc(doc) async for doc in self.collection.find({"telegram_user_id": telegram_user_id})
-        ]
         result = await self.collection.delete_many({"telegram_user_id": telegram_user_id})
-        for record in records:
-            await self._unpoint(record)
         return int(result.deleted_count)
 
     async def delete_by_phone(self, indexes: Sequence[str]) -> int:
         result = await self.collection.delete_many({"phone_index": {"$in": list(indexes)}})
-        for index in indexes:
-            await self.numbers.delete_one({"_id": index})
         return int(result.deleted_count)
