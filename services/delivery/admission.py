@@ -23,6 +23,7 @@ from otpgate.delivery.v1 import delivery_pb2
 from otpgate.directory.v1 import directory_pb2
 
 from services.core.clock import Clock
+from services.core.end_user import MAX_TEXT, check_origin, check_text
 from services.core.errors import Violations, aborted, failed_precondition, invalid_argument, permission_denied
 from services.core.ids import new_id
 from services.core.logging import get_logger
@@ -54,7 +55,6 @@ from services.delivery.webhooks import UnsafeTarget, check_url
 
 log = get_logger(__name__)
 
-MAX_TEXT = 4096
 MAX_DELETE_AFTER = 48 * 3600
 
 
@@ -223,7 +223,8 @@ class Admission:
             phone = parse_phone(request.phone)
         except InvalidPhoneError as exc:
             problems.add("phone", str(exc))
-        problems.check(1 <= len(request.text) <= MAX_TEXT, "text", f"must be 1 to {MAX_TEXT} characters")
+        check_text(problems, "text", request.text, MAX_TEXT)
+        check_origin(problems, request.origin)
         problems.check(request.channel in (0, AUTO, TELEGRAM, SMS), "channel", "unknown channel")
         problems.check(request.purpose in (0, P_MESSAGE, P_CONFIRMATION, P_VERIFICATION), "purpose", "unknown purpose")
         ttl = self.settings.default_ttl

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from otpgate.common.v1 import common_pb2
 
+from services.core.end_user import canonical_ip
 from services.core.errors import ServiceError, failed_precondition, permission_denied, resource_exhausted
 from services.delivery.fraud import BLOCK, CAPTCHA, FraudGuard, SmsLeg
 from services.delivery.limits import Hit, Limiter, Rate, RateLimited
@@ -50,7 +51,8 @@ class SmsAdmission:
         hits: list[Hit] = []
         if origin.ip:
             rate = self.settings.rate(policy, "ip_sms")
-            hits.append(Hit("ip_sms", self.crypto.limit_key("ip:" + origin.ip), rate, subject="origin.ip"))
+            ip = canonical_ip(origin.ip)
+            hits.append(Hit("ip_sms", self.crypto.limit_key("ip:" + ip), rate, subject="origin.ip"))
         if billed and policy.daily_sms_cap > 0:
             hits.append(
                 Hit(

@@ -19,10 +19,11 @@ from otpgate.edge.v1 import edge_pb2
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 
 from services.core.clock import Clock
-from services.core.errors import unauthenticated
+from services.core.errors import ServiceError, unauthenticated
 from services.core.logging import get_logger
 from services.edge.admin import ClientAdmin, api_key_message, client_message
 from services.edge.captcha import CaptchaVerifier, may_send_sms, policy_demands
+from services.edge.checks import EndUser, check_send, check_start
 from services.edge.downstream import Caller, forward
 from services.edge.keys import SCOPE_ADMIN, SCOPE_READ, SCOPE_SEND, SCOPE_VERIFY, Authenticator, Principal
 from services.edge.limits import EdgeLimits
@@ -127,27 +128,37 @@ class PublicApi:
     async def handle(self, method: str, principal: Principal, caller: Caller, request: Message) -> Message:
         return await self._handlers[method](principal, caller, request)
 
-    async def _captcha_verified(
-        self, principal: Principal, caller: Caller, token: str, channel: int, sms_fallback: bool | None
-    ) -> bool:
-        """Checks the token when the policy demands one or the client sent one; False when neither."""
-        if token:
-            await self.captcha.verify(token, caller.ip)
-            return True
+    async def _captcha(
+        self, principal: Principal, caller: Caller, user: EndUser, token: str, channel: int, sms_fallback: bool | None
+    ) -> common_pb2.Origin:
+        """The Origin to send downstream. A token is demanded when the client's policy needs one for
+        this request; otherwise one that came along is checked only so that the fraud guard can use
+        it, and a token the provider refuses or cannot check counts as none (it is never a 503)."""
+        possible = self.captcha.configured
         policy = await self.policies.get(principal.client_id, caller.timeout)
         fallback = policy.sms_fallback if sms_fallback is None else sms_fallback
         if policy_demands(policy.captcha_rule, may_send_sms(channel, fallback)):
-            await self.captcha.verify("", caller.ip)  # raises CAPTCHA_REQUIRED
-        return False
+            await self.captcha.verify(token, user.ip)  # CAPTCHA_REQUIRED / CAPTCHA_INVALID / UNAVAILABLE
+            return user.origin(captcha_verified=True, captcha_possible=possible)
+        verified = False
+        if token and possible:
+            try:
+                await self.captcha.verify(token, user.ip)
+                verified = True
+            except ServiceError as refusal:
+                log.info("captcha_token_not_used", reason=refusal.reason)
+        return user.origin(captcha_verified=verified, captcha_possible=possible)
 
     # Messages ------------------------------------------------------------------
 
     async def send_message(
         self, principal: Principal, caller: Caller, request: edge_pb2.SendMessageRequest
     ) -> edge_pb2.SendMessageResponse:
-        verified = await self._captcha_verified(
+        user = check_send(request, caller.ip)
+        origin = await self._captcha(
             principal,
             caller,
+            user,
             request.captcha_token,
             request.channel,
             request.sms_fallback if request.HasField("sms_fallback") else None,
@@ -161,7 +172,7 @@ class PublicApi:
             protect_content=request.protect_content,
             callback_url=request.callback_url,
             request_id=request.request_id,
-            origin=common_pb2.Origin(ip=caller.ip, session_id=request.session_id, captcha_verified=verified),
+            origin=origin,
             purpose=delivery_pb2.MESSAGE_PURPOSE_MESSAGE,
         )
         if request.HasField("confirm_days"):
@@ -233,7 +244,8 @@ class PublicApi:
     async def start_verification(
         self, principal: Principal, caller: Caller, request: edge_pb2.StartVerificationRequest
     ) -> edge_pb2.StartVerificationResponse:
-        verified = await self._captcha_verified(principal, caller, request.captcha_token, request.channel, None)
+        user = check_start(request, caller.ip)
+        origin = await self._captcha(principal, caller, user, request.captcha_token, request.channel, None)
         downstream = verification_pb2.StartVerificationRequest(
             client_id=principal.client_id,
             phone=request.phone,
@@ -242,7 +254,7 @@ class PublicApi:
             locale=request.locale,
             bot=request.bot,
             request_id=request.request_id,
-            origin=common_pb2.Origin(ip=caller.ip, session_id=request.session_id, captcha_verified=verified),
+            origin=origin,
             custom_code=request.custom_code,
         )
         if request.HasField("ttl"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
@@ -14,7 +15,7 @@ from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
-from services.core.config import SIMULATOR, CommonConfig, Env
+from services.core.config import SIMULATOR, CommonConfig, ConfigError, Env
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
@@ -22,7 +23,8 @@ from services.core.mongo import Document, ping
 from services.core.outage import OutageLog
 from services.edge.admin import AdminApi, ClientAdmin
 from services.edge.api import PolicyCache, PublicApi
-from services.edge.captcha import PROVIDER_URLS, CaptchaSettings, CaptchaVerifier
+from services.edge.captcha import PROVIDER_URLS, SANDBOX_PROVIDER, CaptchaSettings, CaptchaVerifier
+from services.edge.captcha_sandbox import CaptchaSandboxServicer, SandboxCaptcha
 from services.edge.http import HttpGateway, HttpSettings
 from services.edge.keys import Authenticator
 from services.edge.limits import EdgeLimits
@@ -64,9 +66,10 @@ def load_config(env: Env) -> EdgeConfig:
         proxies = ()
     provider = env.text(
         "OTPGATE_CAPTCHA_PROVIDER",
-        "turnstile",
-        "CAPTCHA provider whose siteverify checks tokens",
-        choices=tuple(PROVIDER_URLS),
+        "",
+        "CAPTCHA provider whose siteverify checks tokens: turnstile, hcaptcha, recaptcha, or sandbox (sandbox"
+        " mode only); empty: sandbox in sandbox mode, else turnstile",
+        choices=("", *PROVIDER_URLS, SANDBOX_PROVIDER),
     )
     tls_cert = env.text("OTPGATE_EDGE_TLS_CERT", "", "PEM certificate of the public gRPC and HTTP listeners")
     tls_key = env.text("OTPGATE_EDGE_TLS_KEY", "", "PEM private key for OTPGATE_EDGE_TLS_CERT", secret=True)
@@ -175,8 +178,19 @@ async def build_app(
         )
     delivery = delivery_pb2_grpc.DeliveryServiceStub(channels["delivery"])
     auth = Authenticator(store, common.keyring, clock, cache_seconds=config.auth_cache_seconds)
-    captcha = CaptchaVerifier(config.captcha, store, common.keyring, clock)
     admin = ClientAdmin(store, common.keyring, clock)
+    captcha_settings = config.captcha
+    if not captcha_settings.provider:
+        provider = SANDBOX_PROVIDER if common.sandbox else "turnstile"
+        captcha_settings = replace(
+            captcha_settings,
+            provider=provider,
+            verify_url=captcha_settings.verify_url or PROVIDER_URLS.get(provider, ""),
+        )
+    if captcha_settings.provider == SANDBOX_PROVIDER and not common.sandbox:
+        raise ConfigError("OTPGATE_CAPTCHA_PROVIDER=sandbox needs sandbox mode (OTPGATE_SANDBOX=true)")
+    sandbox_captcha = SandboxCaptcha(common.keyring, clock) if captcha_settings.provider == SANDBOX_PROVIDER else None
+    captcha = CaptchaVerifier(captcha_settings, store, common.keyring, clock, sandbox_captcha)
     api = PublicApi(
         auth=auth,
         limits=EdgeLimits(
@@ -194,6 +208,8 @@ async def build_app(
         clients=admin,
     )
     admin_api = AdminApi(api, admin)
+    captcha_sandbox = CaptchaSandboxServicer(sandbox_captcha)
+    sandbox_stubs["otpgate.edge.v1.CaptchaSandboxService"] = captcha_sandbox
     origins = OriginResolver(config.trusted_proxies)
     outages = OutageLog()
     gateway = HttpGateway(
@@ -225,6 +241,15 @@ async def build_app(
         await _purge_loop(store, clock)
 
     on_stop: list[Callable[[], Awaitable[None]]] = [gateway.stop, auth.drain, captcha.close, close_channels]
+    sandbox_servicers: list[tuple[Any, Any, str]] = []
+    if common.sandbox:
+        sandbox_servicers.append(
+            (
+                edge_pb2_grpc.add_CaptchaSandboxServiceServicer_to_server,
+                captcha_sandbox,
+                "otpgate.edge.v1.CaptchaSandboxService",
+            )
+        )
     return EdgeApp(
         name="edge",
         servicers=[
@@ -238,6 +263,7 @@ async def build_app(
                 AdminServicer(api, admin_api, origins, timeout),
                 "otpgate.edge.v1.AdminService",
             ),
+            *sandbox_servicers,
         ],
         database=database,
         outages=outages,

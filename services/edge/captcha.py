@@ -1,4 +1,5 @@
-"""CAPTCHA checks with the provider's siteverify endpoint (Turnstile, hCaptcha, reCAPTCHA).
+"""CAPTCHA checks with the provider's siteverify endpoint (Turnstile, hCaptcha, reCAPTCHA, or the
+sandbox provider in sandbox mode, captcha_sandbox.py).
 
 All three take a form POST of `secret`, `response` (the token) and `remoteip`, and answer
 JSON `{"success": bool, "error-codes": [...], "hostname": ..., ...}` (reCAPTCHA v3 adds a
@@ -21,6 +22,7 @@ from services.core.crypto import Keyring
 from services.core.errors import ServiceError, failed_precondition, unavailable
 from services.core.logging import get_logger
 from services.edge import metrics
+from services.edge.captcha_sandbox import SandboxCaptcha
 from services.edge.store import EdgeStore
 
 log = get_logger(__name__)
@@ -30,6 +32,7 @@ PROVIDER_URLS = {
     "hcaptcha": "https://api.hcaptcha.com/siteverify",
     "recaptcha": "https://www.google.com/recaptcha/api/siteverify",
 }
+SANDBOX_PROVIDER = "sandbox"
 MAX_TOKEN_LENGTH = 4096
 TOKEN_PURPOSE = "captcha-token"  # noqa: S105 - a hash purpose label, not a secret
 
@@ -73,12 +76,25 @@ def policy_demands(rule: int, sms_possible: bool) -> bool:
 
 
 class CaptchaVerifier:
-    def __init__(self, settings: CaptchaSettings, store: EdgeStore, keyring: Keyring, clock: Clock) -> None:
+    def __init__(
+        self,
+        settings: CaptchaSettings,
+        store: EdgeStore,
+        keyring: Keyring,
+        clock: Clock,
+        sandbox: SandboxCaptcha | None = None,
+    ) -> None:
         self.settings = settings
         self._store = store
         self._keyring = keyring
         self._clock = clock
+        self._sandbox = sandbox
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Whether tokens can be checked at all (a provider secret, or the sandbox provider)."""
+        return self._sandbox is not None or bool(self.settings.secret)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -94,7 +110,7 @@ class CaptchaVerifier:
         if not token:
             metrics.captcha_verifications_total.labels("missing").inc()
             raise captcha_required()
-        if not self.settings.secret:
+        if not self.configured:
             metrics.captcha_verifications_total.labels("unavailable").inc()
             log.error("captcha_not_configured", provider=self.settings.provider)
             raise unavailable("CAPTCHA_UNAVAILABLE", "CAPTCHA verification is not configured")
@@ -120,6 +136,8 @@ class CaptchaVerifier:
         metrics.captcha_verifications_total.labels("passed").inc()
 
     async def _siteverify(self, token: str, remote_ip: str) -> dict[str, Any]:
+        if self._sandbox is not None:
+            return self._sandbox.siteverify(token, remote_ip)
         form = {"secret": self.settings.secret, "response": token}
         if remote_ip:
             form["remoteip"] = remote_ip

@@ -35,6 +35,7 @@ PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
 SANDBOX_SERVICES: tuple[ServiceDescriptor, ...] = (
     telegramsim_pb2.DESCRIPTOR.services_by_name["SandboxService"],
     delivery_pb2.DESCRIPTOR.services_by_name["SmsSandboxService"],
+    edge_pb2.DESCRIPTOR.services_by_name["CaptchaSandboxService"],
 )
 STATUS_REF = "#/components/schemas/google.rpc.Status"
 # HTTP statuses the gateway answers besides 200, with what they mean.

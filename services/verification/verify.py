@@ -19,6 +19,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
 from services.core.crypto import Keyring, constant_time_equals
+from services.core.end_user import check_origin
 from services.core.errors import (
     ServiceError,
     Violations,
@@ -129,6 +130,7 @@ class Verifier:
             v.add("locale", f"must be one of {', '.join(sorted(templates.LOCALES))}")
         v.check(len(request.request_id) <= MAX_REQUEST_ID, "request_id", f"at most {MAX_REQUEST_ID} characters")
         v.check(len(request.bot) <= MAX_BOT_ID, "bot", f"at most {MAX_BOT_ID} characters")
+        check_origin(v, request.origin)
         v.raise_if_any()
         assert phone is not None
         return StartInput(

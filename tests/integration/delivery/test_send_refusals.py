@@ -63,6 +63,13 @@ async def test_validation_lists_every_bad_field(
         assert {f for f, _ in failure.field_violations} == {"phone", "text", "ttl"}
         long_text = await refused(delivery.SendMessage(sms_request("+79991234567", "x" * 4097)))
         assert [f for f, _ in long_text.field_violations] == ["text"]
+        # A text that shows nothing (control, format and space characters only) is no message.
+        for blank in ("\x00\x07\x1b", "\u200b\u200e", " \n\t\u3000"):
+            nothing = await refused(delivery.SendMessage(sms_request("+79991234567", blank)))
+            assert nothing.field_violations == [("text", "must contain a visible character")]
+        origin = common_pb2.Origin(ip="300.1.2.3", user_agent="bad\nagent", session_id="s" * 257)
+        bad_origin = await refused(delivery.SendMessage(sms_request("+79991234567", origin=origin)))
+        assert {f for f, _ in bad_origin.field_violations} == {"origin.ip", "origin.user_agent", "origin.session_id"}
         bad_callback = await refused(
             delivery.SendMessage(sms_request("+79991234567", callback_url="ftp://example.com/x"))
         )

@@ -11,6 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from google.protobuf import field_mask_pb2
+from otpgate.common.v1 import common_pb2
+from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import ManualClock
@@ -103,6 +106,19 @@ class Edge:
         assert self.app.admin is not None
         _, key = await self.app.admin.create_key(client_id, list(scopes))
         return key
+
+    async def set_policy(self, paths: Sequence[str], **fields: Any) -> common_pb2.ClientPolicy:
+        """Change this client's policy through AdminService (delivery must run)."""
+        key = await self.new_key(self.client_id, ["admin"])
+        admin = edge_pb2_grpc.AdminServiceStub(self.stack.channel("edge"))
+        reply = await admin.UpdateClientPolicy(
+            edge_pb2.UpdateClientPolicyRequest(
+                policy=common_pb2.ClientPolicy(client_id=self.client_id, **fields),
+                update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+            ),
+            metadata=(("authorization", f"Bearer {key}"),),
+        )
+        return reply.policy
 
     async def get(self, path: str, **kwargs: Any) -> tuple[int, Any, Mapping[str, str]]:
         async with self.http.get(self.url(path), **kwargs) as reply:

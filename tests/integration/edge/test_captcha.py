@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from otpgate.common.v1 import common_pb2
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -105,14 +106,18 @@ async def test_provider_outage_and_settings(
     assert set(PROVIDER_URLS) == {"turnstile", "hcaptcha", "recaptcha"}
 
 
-async def test_http_refuses_bad_tokens_before_forwarding(
+async def test_tokens_where_the_policy_demands_one_and_where_it_does_not(
     mongo_client: AsyncMongoClient[Document],
     keyring: Keyring,
     clock: ManualClock,
     siteverify: SiteVerify,
     captured_logs: Any,
 ) -> None:
-    async with edge_stack(mongo_client, keyring, clock=clock, siteverify_url=siteverify.url) as edge:
+    services = ("edge", "delivery")
+    async with edge_stack(mongo_client, keyring, services=services, clock=clock, siteverify_url=siteverify.url) as edge:
+        await edge.set_policy(
+            ["captcha_rule", "sms_countries_any"], captcha_rule=common_pb2.CAPTCHA_RULE_ALWAYS, sms_countries_any=True
+        )
         body = {"phone": "+4915112345678", "text": "Your code: 1234", "captchaToken": "wrong-1"}
         status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json=body)
         assert status == 412
@@ -125,4 +130,76 @@ async def test_http_refuses_bad_tokens_before_forwarding(
         )
         assert status == 412 and "already used" in answer["message"]
         assert siteverify.requests[0]["remoteip"] == "127.0.0.1"
-        assert "wrong-1" not in captured_logs.text()
+        # Input is checked before the provider is asked or the token spent.
+        status, answer, _ = await edge.post(
+            "/v1/messages", headers=edge.auth(), json={**body, "captchaToken": "pass-1", "text": "\u200b\n\t"}
+        )
+        assert status == 400 and answer["details"][1]["fieldViolations"][0]["field"] == "text"
+        assert len(siteverify.requests) == 1
+
+        # A policy that needs no CAPTCHA: a token is only a hint for the fraud guard. A refused one
+        # counts as none, and an unreachable provider is no outage for a request that needs none.
+        await edge.set_policy(["captcha_rule"], captcha_rule=common_pb2.CAPTCHA_RULE_ON_RISK)
+        status, answer, _ = await edge.post(
+            "/v1/messages", headers=edge.auth(), json={**body, "captchaToken": "wrong-2", "channel": "CHANNEL_SMS"}
+        )
+        assert status == 200, answer
+        siteverify.status = 503
+        status, answer, _ = await edge.post(
+            "/v1/messages", headers=edge.auth(), json={**body, "captchaToken": "pass-2", "channel": "CHANNEL_SMS"}
+        )
+        assert status == 200, answer
+        assert "wrong-1" not in captured_logs.text() and "pass-2" not in captured_logs.text()
+
+
+async def test_a_token_is_ignored_without_a_provider(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    overrides = {"OTPGATE_CAPTCHA_SECRET": "", "OTPGATE_CAPTCHA_PROVIDER": "turnstile"}
+    async with edge_stack(
+        mongo_client, keyring, services=("edge", "delivery"), clock=clock, overrides=overrides
+    ) as edge:
+        await edge.set_policy(["sms_countries_any"], sms_countries_any=True)
+        body = {"phone": "+4915112345678", "text": "Your code: 1234", "channel": "CHANNEL_SMS", "captchaToken": "t"}
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json=body)
+        assert status == 200, answer
+        # A policy that demands one cannot be served without a provider: that is an outage.
+        await edge.set_policy(["captcha_rule"], captcha_rule=common_pb2.CAPTCHA_RULE_ALWAYS)
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json=body)
+        assert (status, answer["details"][0]["reason"]) == (503, "CAPTCHA_UNAVAILABLE")
+
+
+async def test_the_sandbox_provider_behaves_like_a_real_one(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    overrides = {"OTPGATE_CAPTCHA_PROVIDER": "sandbox", "OTPGATE_CAPTCHA_HOSTNAMES": "shop.example"}
+    async with edge_stack(
+        mongo_client, keyring, services=("edge", "delivery"), clock=clock, overrides=overrides
+    ) as edge:
+        await edge.set_policy(
+            ["captcha_rule", "sms_countries_any"], captcha_rule=common_pb2.CAPTCHA_RULE_ALWAYS, sms_countries_any=True
+        )
+        body = {"phone": "+4915112345678", "text": "Your code: 1234", "channel": "CHANNEL_SMS"}
+
+        async def solve(hostname: str = "shop.example") -> str:
+            status, answer, _ = await edge.post("/sandbox/v1/captcha:solve", json={"hostname": hostname})
+            assert status == 200, answer
+            return str(answer["token"])
+
+        token = await solve()
+        assert (await edge.post("/v1/messages", headers=edge.auth(), json={**body, "captchaToken": token}))[0] == 200
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json={**body, "captchaToken": token})
+        assert (status, answer["details"][0]["reason"]) == (412, "CAPTCHA_INVALID")
+        # Tokens last 300 s, come only from the widget, and name the site they were solved on.
+        late = await solve()
+        clock.advance(301)
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json={**body, "captchaToken": late})
+        assert status == 412 and "timeout-or-duplicate" in answer["message"]
+        forged = token.rsplit(".", 1)[0] + ".0123456789abcdef0123456789abcdef"
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json={**body, "captchaToken": forged})
+        assert status == 412 and "invalid-input-response" in answer["message"]
+        elsewhere = await solve("evil.example")
+        status, answer, _ = await edge.post(
+            "/v1/messages", headers=edge.auth(), json={**body, "captchaToken": elsewhere}
+        )
+        assert status == 412 and "wrong hostname" in answer["message"]

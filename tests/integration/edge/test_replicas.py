@@ -4,6 +4,7 @@ and a CAPTCHA token accepted by one is refused by the other."""
 from __future__ import annotations
 
 import aiohttp
+from otpgate.common.v1 import common_pb2
 from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
 from pymongo import AsyncMongoClient
 
@@ -18,7 +19,11 @@ from tests.integration.edge.test_tls import _service
 async def test_revocation_and_captcha_across_replicas(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, siteverify: SiteVerify
 ) -> None:
-    async with edge_stack(mongo_client, keyring, clock=clock, siteverify_url=siteverify.url) as first:
+    services = ("edge", "delivery")
+    async with edge_stack(
+        mongo_client, keyring, services=services, clock=clock, siteverify_url=siteverify.url
+    ) as first:
+        await first.set_policy(["captcha_rule"], captcha_rule=common_pb2.CAPTCHA_RULE_ALWAYS)
         env = {
             **first.stack.env,
             "OTPGATE_EDGE_PORT": "0",
@@ -53,7 +58,7 @@ async def test_revocation_and_captcha_across_replicas(
                 fresh = await first.new_key(first.client_id, [])
                 headers = first.auth(fresh)
                 body = {"phone": "+4915112345678", "captchaToken": "pass-once"}
-                # Accepted by the first replica (then refused downstream: nothing runs behind this edge) ...
+                # Accepted by the first replica (then refused downstream: verification does not run here) ...
                 assert await status_at(first.base, "/v1/verifications", json=body) == 503
                 # ... and refused by the second as a replay, without asking the provider again.
                 assert await status_at(other, "/v1/verifications", json=body) == 412

@@ -243,29 +243,45 @@ Global___FraudMode: _TypeAlias = FraudMode  # noqa: Y015
 
 @_typing.final
 class Origin(_message.Message):
-    """Where a request came from, as the edge saw it. Used by rate limits and the fraud guard."""
+    """Who asked for a message: the client's end user, as the edge learned it. Used by the per-IP
+    and per-session limits, the fraud guard and the CAPTCHA check.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     IP_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CAPTCHA_VERIFIED_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    CAPTCHA_POSSIBLE_FIELD_NUMBER: _builtins.int
     ip: _builtins.str
-    """The client's end user's IP address (the first untrusted hop)."""
+    """The end user's IP address: the request's end_user_ip when the client sent one, else the
+    address the edge saw (the caller, or the first untrusted X-Forwarded-For hop behind a
+    trusted proxy). Canonical text form; empty when unknown.
+    """
     session_id: _builtins.str
     """The client's end-user session, if it passes one."""
     captcha_verified: _builtins.bool
     """Whether the edge verified a CAPTCHA token for this request."""
+    user_agent: _builtins.str
+    """The end user's device: a browser's User-Agent header or an app's device description."""
+    captcha_possible: _builtins.bool
+    """Whether the caller can show the end user a CAPTCHA when asked (a request through the edge
+    with a CAPTCHA provider configured). When false the fraud guard refuses where it would
+    otherwise ask for a CAPTCHA.
+    """
     def __init__(
         self,
         *,
         ip: _builtins.str = ...,
         session_id: _builtins.str = ...,
         captcha_verified: _builtins.bool = ...,
+        user_agent: _builtins.str = ...,
+        captcha_possible: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captcha_verified", b"captcha_verified", "ip", b"ip", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captcha_possible", b"captcha_possible", "captcha_verified", b"captcha_verified", "ip", b"ip", "session_id", b"session_id", "user_agent", b"user_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,6 +62,8 @@ class SendMessageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CAPTCHA_TOKEN_FIELD_NUMBER: _builtins.int
+    END_USER_IP_FIELD_NUMBER: _builtins.int
+    END_USER_AGENT_FIELD_NUMBER: _builtins.int
     phone: _builtins.str
     """E.164, e.g. "+79991234567"."""
     text: _builtins.str
@@ -83,9 +85,21 @@ class SendMessageRequest(_message.Message):
     is still being accepted is refused with ABORTED (REQUEST_IN_PROGRESS): retry it.
     """
     session_id: _builtins.str
-    """Your end user's session, for rate limits."""
+    """Your end user's session, for rate limits and the fraud guard."""
     captcha_token: _builtins.str
     """A CAPTCHA token, where your policy or the fraud guard asks for one."""
+    end_user_ip: _builtins.str
+    """Your end user's IP address (IPv4 or IPv6), as your server saw it. Set it whenever your
+    backend calls otpgate on the user's behalf: the per-IP limits, the fraud guard and the
+    CAPTCHA check (`remoteip`) use it. Unset: the address the edge sees, which is your own
+    server's unless the user's browser reaches the edge directly (through trusted proxies,
+    whose X-Forwarded-For is read).
+    """
+    end_user_agent: _builtins.str
+    """Your end user's device: the browser's User-Agent header, or your app's device description
+    (model and OS). At most 512 printable characters. The fraud guard counts how many numbers
+    one device asks codes for.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long to keep trying (unset: 10 minutes, at most 24 h)."""
@@ -110,10 +124,12 @@ class SendMessageRequest(_message.Message):
         request_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         captcha_token: _builtins.str = ...,
+        end_user_ip: _builtins.str = ...,
+        end_user_agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "sms_fallback", b"sms_fallback", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "captcha_token", b"captcha_token", "channel", b"channel", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "phone", b"phone", "protect_content", b"protect_content", "request_id", b"request_id", "session_id", b"session_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "captcha_token", b"captcha_token", "channel", b"channel", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "phone", b"phone", "protect_content", b"protect_content", "request_id", b"request_id", "session_id", b"session_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confirm_days: _TypeAlias = _typing.Literal["confirm_days"]  # noqa: Y015
     _WhichOneofArgType__confirm_days: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days"]  # noqa: Y015
@@ -342,6 +358,8 @@ class StartVerificationRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CAPTCHA_TOKEN_FIELD_NUMBER: _builtins.int
     CUSTOM_CODE_FIELD_NUMBER: _builtins.int
+    END_USER_IP_FIELD_NUMBER: _builtins.int
+    END_USER_AGENT_FIELD_NUMBER: _builtins.int
     phone: _builtins.str
     channel: _common_pb2.Channel.ValueType
     """Unspecified: AUTO."""
@@ -351,10 +369,17 @@ class StartVerificationRequest(_message.Message):
     """Message language (en, ru)."""
     bot: _builtins.str
     request_id: _builtins.str
+    """Idempotency key: a repeat returns the first result."""
     session_id: _builtins.str
+    """Your end user's session, for rate limits and the fraud guard."""
     captcha_token: _builtins.str
+    """A CAPTCHA token, where your policy or the fraud guard asks for one."""
     custom_code: _builtins.str
     """Your own code, where your policy allows it."""
+    end_user_ip: _builtins.str
+    """Your end user's IP address, as your server saw it (see SendMessageRequest.end_user_ip)."""
+    end_user_agent: _builtins.str
+    """Your end user's device (see SendMessageRequest.end_user_agent)."""
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """30 s to 1 h; unset: 5 min."""
@@ -372,10 +397,12 @@ class StartVerificationRequest(_message.Message):
         session_id: _builtins.str = ...,
         captcha_token: _builtins.str = ...,
         custom_code: _builtins.str = ...,
+        end_user_ip: _builtins.str = ...,
+        end_user_agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "captcha_token", b"captcha_token", "channel", b"channel", "code_length", b"code_length", "custom_code", b"custom_code", "locale", b"locale", "phone", b"phone", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "captcha_token", b"captcha_token", "channel", b"channel", "code_length", b"code_length", "custom_code", b"custom_code", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "locale", b"locale", "phone", b"phone", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1279,3 +1306,45 @@ class RemoveBotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveBotResponse: _TypeAlias = RemoveBotResponse  # noqa: Y015
+
+@_typing.final
+class SolveCaptchaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """The site's hostname the widget ran on (checked against OTPGATE_CAPTCHA_HOSTNAMES);
+    empty: "sandbox.otpgate.test".
+    """
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SolveCaptchaRequest: _TypeAlias = SolveCaptchaRequest  # noqa: Y015
+
+@_typing.final
+class SolveCaptchaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token to send as captcha_token."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SolveCaptchaResponse: _TypeAlias = SolveCaptchaResponse  # noqa: Y015

@@ -1143,3 +1143,85 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CaptchaSandboxServiceStub:
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SolveCaptcha = channel.unary_unary(
+                '/otpgate.edge.v1.CaptchaSandboxService/SolveCaptcha',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaResponse.FromString,
+                _registered_method=True)
+
+
+class CaptchaSandboxServiceServicer:
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    def SolveCaptcha(self, request, context):
+        """Solves a CAPTCHA as a person would and returns the token the widget would hand the page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CaptchaSandboxServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SolveCaptcha': grpc.unary_unary_rpc_method_handler(
+                    servicer.SolveCaptcha,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'otpgate.edge.v1.CaptchaSandboxService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('otpgate.edge.v1.CaptchaSandboxService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CaptchaSandboxService:
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    @staticmethod
+    def SolveCaptcha(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.CaptchaSandboxService/SolveCaptcha',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.SolveCaptchaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -351,3 +351,43 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes a bot: it stops sending, and its people are no longer reached through it."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CaptchaSandboxServiceStub:
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CaptchaSandboxServiceAsyncStub: ...
+    SolveCaptcha: _grpc.UnaryUnaryMultiCallable[_edge_pb2.SolveCaptchaRequest, _edge_pb2.SolveCaptchaResponse]
+    """Solves a CAPTCHA as a person would and returns the token the widget would hand the page."""
+
+@_typing.type_check_only
+class CaptchaSandboxServiceAsyncStub(CaptchaSandboxServiceStub):
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SolveCaptcha: _aio.UnaryUnaryMultiCallable[_edge_pb2.SolveCaptchaRequest, _edge_pb2.SolveCaptchaResponse]  # type: ignore[assignment]
+    """Solves a CAPTCHA as a person would and returns the token the widget would hand the page."""
+
+class CaptchaSandboxServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The sandbox CAPTCHA provider (sandbox mode only, with OTPGATE_CAPTCHA_PROVIDER=sandbox, the
+    sandbox default): plays the CAPTCHA widget an end user solves. Its tokens are checked like a
+    real provider's: each is accepted once, for 300 seconds.
+    """
+
+    @_abc_1.abstractmethod
+    def SolveCaptcha(
+        self,
+        request: _edge_pb2.SolveCaptchaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.SolveCaptchaResponse, _abc.Awaitable[_edge_pb2.SolveCaptchaResponse]]:
+        """Solves a CAPTCHA as a person would and returns the token the widget would hand the page."""
+
+def add_CaptchaSandboxServiceServicer_to_server(servicer: CaptchaSandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
