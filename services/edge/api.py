@@ -25,7 +25,15 @@ from services.edge.admin import ClientAdmin, api_key_message, client_message
 from services.edge.captcha import CaptchaVerifier, may_send_sms, policy_demands
 from services.edge.checks import EndUser, check_send, check_start
 from services.edge.downstream import Caller, forward
-from services.edge.keys import SCOPE_ADMIN, SCOPE_READ, SCOPE_SEND, SCOPE_VERIFY, Authenticator, Principal
+from services.edge.keys import (
+    SCOPE_ADMIN,
+    SCOPE_READ,
+    SCOPE_SEND,
+    SCOPE_VERIFY,
+    Authenticator,
+    Principal,
+    key_id_of,
+)
 from services.edge.limits import EdgeLimits
 
 R = TypeVar("R")
@@ -115,11 +123,20 @@ class PublicApi:
         }
 
     async def admit(self, caller: Caller, scopes: frozenset[str]) -> Principal:
-        """Per-IP limit, then the key and its scope, then the per-key limit."""
+        """Per-IP limit, then the per-key limit, then the key and its scope. The key's bucket is
+        charged when the request arrives, before the key is looked up, so requests held up by a slow
+        database are counted at the rate they came, not as a burst when it answers; a request whose
+        key is refused gives its token back (a wrong secret cannot drain a real key's bucket)."""
         self.limits.check_ip(caller.ip)
-        principal = await self.auth.authenticate(caller.authorization, scopes)
-        self.limits.check_key(principal.key_id)
-        return principal
+        key_id = key_id_of(caller.authorization)
+        if key_id:
+            self.limits.check_key(key_id)
+        try:
+            return await self.auth.authenticate(caller.authorization, scopes)
+        except ServiceError:
+            if key_id:
+                self.limits.give_back_key(key_id)
+            raise
 
     async def call(self, method: str, caller: Caller, request: Message) -> Message:
         principal = await self.admit(caller, PUBLIC_SCOPES[method])

@@ -105,6 +105,12 @@ class Principal:
     scopes: frozenset[str]
 
 
+def key_id_of(authorization: str) -> str:
+    """The public key id of a well-formed `Authorization: Bearer <key>` ("" otherwise); nothing looked up."""
+    parts = split_key(bearer_key(authorization))
+    return parts[0] if parts else ""
+
+
 def bearer_key(authorization: str) -> str:
     """The key of an `Authorization: Bearer <key>` value ("" when absent or not Bearer)."""
     scheme, _, value = authorization.strip().partition(" ")
@@ -155,6 +161,7 @@ class Authenticator:
         self._miss_ttl = timedelta(seconds=miss_cache_seconds)
         self._touch_interval = timedelta(seconds=touch_interval_seconds)
         self._cache = _Cache(max_entries)
+        self._decoy_hash = hash_secret(keyring, "0" * KEY_ID_LENGTH, "0" * SECRET_LENGTH)
         self._touched: dict[str, datetime] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -185,12 +192,16 @@ class Authenticator:
             raise self._refuse("malformed", unauthenticated("API_KEY_INVALID", "the API key is invalid"))
         key_id, secret = parts
         record = await self._record(key_id)
+        # An unknown, a wrong and a revoked key get one answer, after the same work (a hash
+        # compared in constant time), so an answer never tells whether a key id exists.
+        invalid = unauthenticated("API_KEY_INVALID", "the API key is invalid")
         if record is None:
-            raise self._refuse("unknown", unauthenticated("API_KEY_INVALID", "the API key is invalid"))
+            secret_matches(self._keyring, self._decoy_hash, key_id, secret)
+            raise self._refuse("unknown", invalid)
         if not secret_matches(self._keyring, record.secret_hash, key_id, secret):
-            raise self._refuse("wrong_secret", unauthenticated("API_KEY_INVALID", "the API key is invalid"))
+            raise self._refuse("wrong_secret", invalid)
         if record.revoked:
-            raise self._refuse("revoked", unauthenticated("API_KEY_INVALID", "the API key was revoked"))
+            raise self._refuse("revoked", invalid)
         if required and not (required & set(record.scopes)):
             raise self._refuse(
                 "scope",

@@ -51,6 +51,12 @@ class TokenBuckets:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
+    def give_back(self, name: str) -> None:
+        """Return the token a request took (it turned out not to count)."""
+        bucket = self._buckets.get(name)
+        if bucket is not None and self.rate > 0:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
     def _evict(self, now: datetime) -> None:
         """Drop buckets that have refilled completely (they hold no state worth keeping)."""
         full_after = self.burst / self.rate
@@ -78,6 +84,9 @@ class EdgeLimits:
         if wait:
             metrics.limited_total.labels("api_key").inc()
             raise _limited("api_key", wait, f"{self.keys.rate:g} requests per second per API key")
+
+    def give_back_key(self, key_id: str) -> None:
+        self.keys.give_back(key_id)
 
 
 def _limited(subject: str, wait: float, description: str) -> ServiceError:
