@@ -20,6 +20,10 @@ so the unique index decides between racing callers, with nothing read first:
 
 So 100 concurrent correct checks approve exactly once, and a check that loses the race with
 expiry (decided with the clock at the moment of the decision) cannot approve after it.
+
+Failed checks also count per number, across records and clients (`check_capped`): a check of a
+pending record first reserves one failure from the number's capped counter (core/counters.py)
+and gives it back unless the code was wrong, so the cap holds however many checks race.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
+from services.core.counters import CappedCounter, Full
 from services.core.crypto import Keyring, SealContext
 from services.core.mongo import Document
 from services.verification.store import (
@@ -333,6 +338,23 @@ class CodeEngine:
         after = await self.reload(view)
         after.attempts = max(after.attempts, number)
         return CheckResult(CheckOutcome.WRONG_CODE, after, counted_failure=True)
+
+    async def check_capped(self, view: View, code: str, failures: CappedCounter, key: str) -> CheckResult | Full:
+        """A check whose wrong code counts against `key`'s cap of failed checks (Full: none left,
+        nothing compared). Checks of a record no longer pending never count, so they take nothing."""
+        if not view.pending:
+            return await self.check(view, code)
+        reserved = await failures.reserve(key)
+        if isinstance(reserved, Full):
+            return reserved
+        try:
+            result = await self.check(view, code)
+        except BaseException:
+            await failures.give_back(reserved)
+            raise
+        if not result.counted_failure:
+            await failures.give_back(reserved)
+        return result
 
     async def _expired(self, view: View) -> CheckResult:
         after = await self.settle_lapsed(view)

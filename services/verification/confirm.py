@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import grpc
 from otpgate.common.v1 import common_pb2
@@ -28,6 +28,7 @@ from otpgate.verification.v1 import verification_pb2
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
+from services.core.counters import Full
 from services.core.crypto import Keyring
 from services.core.errors import Violations, aborted, invalid_argument
 from services.core.ids import new_id
@@ -92,7 +93,7 @@ class Confirmer:
         self.policy = policy
         self.delivery = delivery
         self.directory = directory
-        self.failed_checks_per_hour = failed_checks_per_hour
+        self.failed_checks = store.failed_check_counter(clock, failed_checks_per_hour)
         self._releases: set[asyncio.Task[None]] = set()
         # On success the code is erased at once; the sealed phone stays until the follow-up
         # (directory.MarkConfirmed, delivery.ReleaseHeldMessages) is done.
@@ -316,13 +317,9 @@ class Confirmer:
             await self.engine.decide(view.id, CANCELED)
             log.info("confirmation_owner_changed", confirmation_id=view.id, telegram_user_id=user)
             return self._answer("no_pending", NO_PENDING, "", view.id)
-        now = self.clock.now()
-        phone_bi = str(record["phone_bi"])
-        if await self._failed_budget_spent(phone_bi, now):
+        result = await self.engine.check_capped(view, code, self.failed_checks, str(record["phone_bi"]))
+        if isinstance(result, Full):
             return self._answer("too_many_failed_checks", TOO_MANY_ATTEMPTS, masked, view.id)
-        result = await self.engine.check(view, code)
-        if result.counted_failure:
-            await self.store.add_failed_check(phone_bi, now)
         if result.outcome is CheckOutcome.APPROVED:
             if not await self.mark_confirmed(result.record, phone):
                 return self._answer("no_pending", NO_PENDING, "", view.id)
@@ -378,10 +375,6 @@ class Confirmer:
                 return False
             raise err.service_error() from None
         return int(reply.subscriber.telegram_user_id) == user
-
-    async def _failed_budget_spent(self, phone_bi: str, now: datetime) -> bool:
-        failed = await self.store.count_failed_checks(phone_bi, now, timedelta(hours=1))
-        return failed >= self.failed_checks_per_hour
 
     async def mark_confirmed(self, record: Document, phone: str) -> bool:
         """After a correct code: directory.MarkConfirmed. False when the number is no longer this

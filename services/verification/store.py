@@ -6,7 +6,8 @@ Collections (database owned by this service only):
 - verification_requests: request_id claims for StartVerification idempotency (AIP-155).
 - code_slots: attempt and send slots and final fences of the codes above (see codes.py), always
   found by `_id`: a record's slots are numbered within its own limits.
-- failed_checks: one document per failed code check, by phone blind index (sliding hour).
+- failed_checks: failed code checks per number, a capped counter (services/core/counters.py):
+  `_id = failed|<phone blind index>|<part of the hour>`, `n`, `at` (when the part stops counting).
 - verification_feed: each client's verifications numbered newest first (services/core/feed.py),
   so ListVerifications pages by `_id` lookups instead of a sorted query on client_id.
 - pending_pointers: pending_key -> id of the record (verification or confirmation; their keys
@@ -30,7 +31,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from services.core.clock import as_utc
+from services.core.clock import Clock, as_utc
+from services.core.counters import CappedCounter
 from services.core.feed import Feed
 from services.core.mongo import Document, ensure_index, purge_before, put_by_id
 from services.verification.sealed import CONFIRMATIONS, VERIFICATIONS
@@ -100,22 +102,15 @@ class Store:
         await ensure_index(self.requests, [("created_at", 1)], name="created_at")
         await ensure_index(self.slots, [("at", 1)], name="at")
         await ensure_index(self.pending_pointers, [("at", 1)], name="at")
-        await ensure_index(self.failed_checks, [("phone_bi", 1), ("at", 1)], name="phone_at")
         await ensure_index(self.failed_checks, [("at", 1)], name="at")
         await self.feed.create_indexes()
 
     # Failed checks per phone -------------------------------------------------------------
 
-    async def count_failed_checks(self, phone_bi: str, now: datetime, window: timedelta) -> int:
-        return await self.failed_checks.count_documents({"phone_bi": phone_bi, "at": {"$gt": now - window}})
-
-    async def oldest_failed_check(self, phone_bi: str, now: datetime, window: timedelta) -> datetime | None:
-        doc = await self.failed_checks.find_one({"phone_bi": phone_bi, "at": {"$gt": now - window}}, sort=[("at", 1)])
-        return None if doc is None else as_utc(doc["at"])
-
-    async def add_failed_check(self, phone_bi: str, now: datetime) -> None:
-        # One document per failure, counted over a sliding window.
-        await self.failed_checks.insert_one({"phone_bi": phone_bi, "at": now})
+    def failed_check_counter(self, clock: Clock, per_hour: int) -> CappedCounter:
+        """Failed checks per number (key: its blind index) over a sliding hour, shared by the Verify
+        API and re-confirmations."""
+        return CappedCounter(self.failed_checks, clock, "failed", per_hour, 3600.0)
 
     # Request claims (StartVerification idempotency) ---------------------------------------
 
@@ -194,6 +189,6 @@ class Store:
         removed += await purge_before(self.requests, "created_at", now - timedelta(days=REQUEST_CLAIM_DAYS))
         removed += await purge_before(self.slots, "at", cutoff - timedelta(days=1))
         removed += await purge_before(self.pending_pointers, "at", cutoff)
-        removed += await purge_before(self.failed_checks, "at", now - timedelta(hours=2))
+        removed += await purge_before(self.failed_checks, "at", now)
         removed += await self.feed.purge(cutoff - timedelta(days=1))
         return removed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
@@ -18,6 +18,7 @@ from otpgate.verification.v1 import verification_pb2
 from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
+from services.core.counters import Full
 from services.core.crypto import Keyring, constant_time_equals
 from services.core.end_user import check_origin
 from services.core.errors import (
@@ -98,6 +99,7 @@ class Verifier:
         self.policy = policy
         self.delivery = delivery
         self.engine = CodeEngine(store, store.verifications, keyring, clock)
+        self.failed_checks = store.failed_check_counter(clock, policy.failed_checks_per_hour)
 
     # Validation --------------------------------------------------------------------------
 
@@ -385,13 +387,15 @@ class Verifier:
         if not is_code_shaped(code):
             raise invalid_argument([("code", f"must be {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} digits")])
         view = await self._owned(client_id, verification_id)
-        now = self.clock.now()
-        phone_bi = str(view.record["phone_bi"])
-        if view.pending:
-            await self._check_failed_budget(phone_bi, now)
-        result = await self.engine.check(view, code)
-        if result.counted_failure:
-            await self.store.add_failed_check(phone_bi, now)
+        result = await self.engine.check_capped(view, code, self.failed_checks, str(view.record["phone_bi"]))
+        if isinstance(result, Full):
+            metrics.verifications.labels("too_many_failed_checks").inc()
+            raise resource_exhausted(
+                "TOO_MANY_FAILED_CHECKS",
+                "too many wrong codes for this number; retry later",
+                result.retry_after,
+                [("phone", f"at most {self.policy.failed_checks_per_hour} failed checks per hour")],
+            )
         outcome = {
             CheckOutcome.APPROVED: "approved",
             CheckOutcome.WRONG_CODE: "wrong_code",
@@ -407,21 +411,6 @@ class Verifier:
         if approved:
             await self._record_conversion(result.view)
         return result.view, approved
-
-    async def _check_failed_budget(self, phone_bi: str, now: datetime) -> None:
-        window = timedelta(hours=1)
-        failed = await self.store.count_failed_checks(phone_bi, now, window)
-        if failed < self.policy.failed_checks_per_hour:
-            return
-        oldest = await self.store.oldest_failed_check(phone_bi, now, window)
-        retry = ((oldest + window) - now).total_seconds() if oldest else window.total_seconds()
-        metrics.verifications.labels("too_many_failed_checks").inc()
-        raise resource_exhausted(
-            "TOO_MANY_FAILED_CHECKS",
-            "too many wrong codes for this number; retry later",
-            max(retry, 1.0),
-            [("phone", f"at most {self.policy.failed_checks_per_hour} failed checks per hour")],
-        )
 
     async def _record_conversion(self, view: View) -> None:
         message_id = str((view.last_send or {}).get("message_id") or "")

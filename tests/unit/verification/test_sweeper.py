@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from services.core.clock import ManualClock
+from services.core.counters import Full
 from services.verification.confirm import Confirmer
 from services.verification.store import Store
 from services.verification.sweeper import Sweeper
@@ -19,7 +20,7 @@ async def test_sweep_expires_then_purges_after_retention(
     issued = await verifier.issue(verifier.validate_start(start_request(ttl={"seconds": 60})))
     assert issued is not None
     record, _ = issued
-    await store.add_failed_check("bi", clock.now())
+    assert not isinstance(await store.failed_check_counter(clock, 5).reserve("bi"), Full)
     assert (await sweeper.sweep_once())["verifications_expired"] == 0
     clock.advance(61)
     counts = await sweeper.sweep_once()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
 
 import grpc
 import pytest
 from otpgate.common.v1 import common_pb2
 
 from services.core.clock import ManualClock
+from services.core.crypto import Keyring
 from services.core.errors import ServiceError
 from services.verification import templates
+from services.verification.config import VerifyPolicy
 from services.verification.store import Store
 from services.verification.verify import Verifier
 from tests.unit.verification.conftest import start_request
@@ -142,10 +144,17 @@ async def test_failed_checks_per_phone_are_capped_across_verifications(
     assert other is not None
     _, approved = await verifier.check("fresh", other[0]["_id"], other[1])
     assert approved
-    # The window slides: an hour after the first failures the number may be checked again.
-    # (the first five failures were 600 s before "fresh" was issued)
-    clock.advance(timedelta(hours=1) - timedelta(seconds=600) + timedelta(seconds=1))
-    _, approved = await verifier.check("fresh", record["_id"], code)
+    # The window slides (in ten-minute steps): the refusal says when the oldest failures leave it,
+    # at most 70 minutes after the first, and not before.
+    retry = err.details[1].retry_delay.seconds
+    assert 60 * 60 - 600 - 60 <= retry <= 70 * 60 - 600
+    clock.advance(retry - 2)
+    with pytest.raises(ServiceError):
+        await verifier.check("fresh", record["_id"], code)
+    clock.advance(2)
+    later = await verifier.issue(verifier.validate_start(start_request(client_id="later")))
+    assert later is not None
+    _, approved = await verifier.check("later", later[0]["_id"], later[1])
     assert approved
 
 
@@ -194,3 +203,34 @@ async def test_request_id_claims(store: Store, clock: ManualClock) -> None:
     clock.advance(3600)
     done = await store.claim_request("c", "r", "fp", clock.now())
     assert done is not None and done["verification_id"] == "V1"
+
+
+async def test_concurrent_wrong_checks_across_clients_and_replicas_stop_exactly_at_the_cap(
+    store: Store, keyring: Keyring, clock: ManualClock, verifier: Verifier
+) -> None:
+    # Two replicas (each with its own cache of closed windows) on one database; four clients each
+    # hold a pending verification for the same number, 20 checks allowed per verification.
+    policy = VerifyPolicy(max_checks=20, failed_checks_per_hour=40)
+    replicas = [Verifier(store, keyring, clock, policy, verifier.delivery) for _ in range(2)]
+    pending = []
+    for client in ("c1", "c2", "c3", "c4"):
+        issued = await replicas[0].issue(replicas[0].validate_start(start_request(client_id=client)))
+        assert issued is not None
+        pending.append((client, issued[0]["_id"], "0000" if issued[1] != "0000" else "1111"))
+
+    async def check(n: int) -> str:
+        client, verification_id, wrong_code = pending[n % 4]
+        try:
+            _, approved = await replicas[n % 2].check(client, verification_id, wrong_code)
+        except ServiceError as refusal:
+            return refusal.reason
+        assert not approved
+        return "WRONG"
+
+    outcomes = await asyncio.gather(*(check(n) for n in range(80)))
+    assert outcomes.count("WRONG") == 40 and outcomes.count("TOO_MANY_FAILED_CHECKS") == 40
+    counted = [doc async for doc in store.failed_checks.find({})]
+    assert sum(int(doc["n"]) for doc in counted) == 40
+    # Each verification compared no more codes than were counted against the number.
+    used = [(await replicas[0].get(client, vid)).attempts for client, vid, _ in pending]
+    assert sum(used) == 40 and max(used) <= 20
