@@ -244,14 +244,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in all_rows)
 
 
-def _emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:
+def emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
 
 
 # --- commands ---------------------------------------------------------------------------------
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> None:
+def connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument("--edge-addr", help=f"edge gRPC address (default: $OTPGATE_EDGE_ADDR or {DEFAULT_EDGE_ADDR})")
     group.add_argument(
@@ -277,7 +277,7 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
     get = actions.add_parser("get", help="show a client's policy", description="Show a client's delivery policy.")
     get.add_argument("client", help="client id or name")
-    _connection_options(get)
+    connection_options(get)
     get.set_defaults(handler=_policies_get)
 
     put = actions.add_parser(
@@ -331,7 +331,7 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="set the webhook signing secret from a file, '-' (stdin) or env:NAME (at least 16 characters)",
     )
     secret.add_argument("--clear-webhook-secret", action="store_true", help="remove the webhook signing secret")
-    _connection_options(put)
+    connection_options(put)
     put.set_defaults(handler=_policies_set)
 
 
@@ -374,7 +374,7 @@ def build_policy_update(args: argparse.Namespace) -> tuple[common_pb2.ClientPoli
 def _policies_get(args: argparse.Namespace) -> int:
     with AdminClient(edge_target(args)) as admin:
         reply = admin.call(admin.stub.GetClientPolicy, edge_pb2.GetClientPolicyRequest(client_id=args.client))
-    _emit(args, {"policy": to_dict(reply.policy)}, describe_policy(reply.policy))
+    emit(args, {"policy": to_dict(reply.policy)}, describe_policy(reply.policy))
     return 0
 
 
@@ -383,7 +383,7 @@ def _policies_set(args: argparse.Namespace) -> int:
     request = edge_pb2.UpdateClientPolicyRequest(policy=policy, update_mask=field_mask_pb2.FieldMask(paths=paths))
     with AdminClient(edge_target(args)) as admin:
         reply = admin.call(admin.stub.UpdateClientPolicy, request)
-    _emit(
+    emit(
         args,
         {"policy": to_dict(reply.policy), "updated": paths},
         f"updated {', '.join(paths)}\n\n{describe_policy(reply.policy)}",
@@ -417,7 +417,7 @@ def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     owner = register_bot.add_mutually_exclusive_group(required=True)
     owner.add_argument("--owner", metavar="CLIENT", help="the client (id or name) whose own bot this is")
     owner.add_argument("--shared", action="store_true", help="add the bot to the shared pool")
-    _connection_options(register_bot)
+    connection_options(register_bot)
     register_bot.set_defaults(handler=_bots_register)
 
     listing = actions.add_parser(
@@ -427,7 +427,7 @@ def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     listing.add_argument("--owner", metavar="CLIENT", default="", help="also list this client's own bots (id or name)")
     listing.add_argument("--page-size", type=int, default=100, help="bots per request (default 100)")
-    _connection_options(listing)
+    connection_options(listing)
     listing.set_defaults(handler=_bots_list)
 
     remove = actions.add_parser(
@@ -437,7 +437,7 @@ def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     remove.add_argument("bot_id", help="bot id, e.g. acme_codes_bot")
     remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    _connection_options(remove)
+    connection_options(remove)
     remove.set_defaults(handler=_bots_remove)
 
 
@@ -460,7 +460,7 @@ def _bots_register(args: argparse.Namespace) -> int:
     request = edge_pb2.RegisterBotRequest(token=token, owner_client_id=args.owner or "", shared=bool(args.shared))
     with AdminClient(edge_target(args)) as admin:
         reply = admin.call(admin.stub.RegisterBot, request)
-    _emit(args, {"bot": to_dict(reply.bot)}, "registered\n" + table(_BOT_HEADERS, [_bot_row(reply.bot)]))
+    emit(args, {"bot": to_dict(reply.bot)}, "registered\n" + table(_BOT_HEADERS, [_bot_row(reply.bot)]))
     return 0
 
 
@@ -477,7 +477,7 @@ def _bots_list(args: argparse.Namespace) -> int:
             token = reply.next_page_token
             if not token:
                 break
-    _emit(args, {"bots": [to_dict(b) for b in bots]}, table(_BOT_HEADERS, [_bot_row(b) for b in bots]))
+    emit(args, {"bots": [to_dict(b) for b in bots]}, table(_BOT_HEADERS, [_bot_row(b) for b in bots]))
     return 0
 
 
@@ -490,5 +490,5 @@ def _bots_remove(args: argparse.Namespace) -> int:
             raise CliError("not confirmed; nothing removed")
     with AdminClient(edge_target(args)) as admin:
         admin.call(admin.stub.RemoveBot, edge_pb2.RemoveBotRequest(bot_id=args.bot_id))
-    _emit(args, {"removed": args.bot_id}, f"removed {args.bot_id}")
+    emit(args, {"removed": args.bot_id}, f"removed {args.bot_id}")
     return 0

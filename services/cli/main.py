@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.cli.clients",
     "services.cli.status",
     "services.cli.admin",
+    "services.cli.fraud",
     "services.cli.sandbox",
 )
 

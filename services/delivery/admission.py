@@ -134,16 +134,22 @@ class Admission:
                     resolution = None  # the dispatcher routes it later
             # A re-confirmation prompt is ours, not billed, unless it goes through the client's own bot.
             billed = purpose != P_CONFIRMATION or (bool(bot_owner) and bot_owner == client_id)
+            leg = SmsLeg(
+                phone=phone,
+                client_id=client_id,
+                purpose=purpose,
+                captcha_verified=request.origin.captcha_verified,
+                captcha_possible=request.origin.captcha_possible and purpose != P_CONFIRMATION,
+                fraud_mode=policy.fraud_mode,
+                ip=request.origin.ip,
+                session_id=request.origin.session_id,
+                user_agent=request.origin.user_agent,
+            )
             if sms_leg:
-                leg = SmsLeg(
-                    phone=phone,
-                    client_id=client_id,
-                    purpose=purpose,
-                    captcha_verified=request.origin.captcha_verified,
-                    captcha_possible=purpose != P_CONFIRMATION,
-                    fraud_mode=policy.fraud_mode,
-                )
                 await self.sms_admission.admit(leg, policy, request.origin, billed, purpose)
+            # An SMS leg that may be decided at dispatch is judged with who asked for it.
+            later_sms = channel == AUTO and sms_fallback and not sms_leg
+            origin_keys = self.fraud.requester_keys(leg) if later_sms else None
             now = self.clock.now()
             claim = self.claims.implicit("message", message_id)
             record = MessageRecord(
@@ -185,6 +191,7 @@ class Admission:
                 released_at=None,
                 sms_poll_at=None,
                 purge_at=None,
+                origin_keys=origin_keys or None,
             )
             existing = await self.store.insert(record)
         except BaseException:

@@ -24,6 +24,7 @@ from services.delivery.bots import BotCatalog
 from services.delivery.claims import Claims
 from services.delivery.engine import Engine, EngineSettings
 from services.delivery.fraud import FraudGuard, FraudSettings
+from services.delivery.fraud_score import Kind, ScoreSettings
 from services.delivery.limits import Limiter, Rate
 from services.delivery.policy import PolicyStore
 from services.delivery.service import DeliveryServicer, SmsSandboxServicer
@@ -132,35 +133,7 @@ def load_config(env: Env) -> DeliveryConfig:
         ),
         limits=limits,
     )
-    fraud = FraudSettings(
-        mode=env.text(
-            "OTPGATE_FRAUD_MODE",
-            "block",
-            "fraud guard default: block, monitor or off",
-            choices=("block", "monitor", "off"),
-        ),
-        safe_prefixes=tuple(
-            env.items("OTPGATE_FRAUD_SAFE_PREFIXES", [], "E.164 prefixes the fraud guard lets through")
-        ),
-        velocity_window=env.number("OTPGATE_FRAUD_VELOCITY_WINDOW", 600.0, "prefix velocity window, s", min=1),
-        baseline_window=env.number("OTPGATE_FRAUD_BASELINE_WINDOW", 86400.0, "prefix baseline window, s", min=1),
-        velocity_min=env.integer("OTPGATE_FRAUD_VELOCITY_MIN", 20, "SMS per prefix and window always allowed", min=1),
-        velocity_factor=env.number("OTPGATE_FRAUD_VELOCITY_FACTOR", 5.0, "allowed multiple of the baseline", min=1),
-        conversion_window=env.number("OTPGATE_FRAUD_CONVERSION_WINDOW", 86400.0, "conversion window, s", min=1),
-        conversion_grace=env.number(
-            "OTPGATE_FRAUD_CONVERSION_GRACE", 300.0, "time a code gets to be entered, s", min=0
-        ),
-        prefix_min_volume=env.integer(
-            "OTPGATE_FRAUD_PREFIX_MIN_VOLUME", 20, "SMS before prefix conversion counts", min=1
-        ),
-        country_min_volume=env.integer(
-            "OTPGATE_FRAUD_COUNTRY_MIN_VOLUME", 200, "SMS before country conversion counts", min=1
-        ),
-        captcha_below=env.number(
-            "OTPGATE_FRAUD_CAPTCHA_BELOW", 0.2, "conversion below which CAPTCHA is demanded", min=0
-        ),
-        block_below=env.number("OTPGATE_FRAUD_BLOCK_BELOW", 0.05, "conversion below which SMS are refused", min=0),
-    )
+    fraud = load_fraud_settings(env)
     provider = env.text(
         "OTPGATE_SMS_PROVIDER",
         "sandbox",
@@ -316,6 +289,82 @@ def _statuses(env: Env, raw: list[str]) -> list[int]:
     return out
 
 
+def _country_risk(env: Env) -> dict[str, float]:
+    raw = env.items(
+        "OTPGATE_FRAUD_COUNTRY_RISK",
+        [],
+        "extra evidence (nats, 3 asks for a CAPTCHA) the fraud guard adds for numbers of a country, e.g. XX:3,YY:1.5",
+    )
+    risk: dict[str, float] = {}
+    for item in raw:
+        region, sep, value = item.partition(":")
+        try:
+            if not sep or len(region.strip()) != 2:
+                raise ValueError
+            risk[region.strip().upper()] = float(value)
+        except ValueError:
+            env.errors.append(f"OTPGATE_FRAUD_COUNTRY_RISK {item!r} is invalid: expected REGION:NATS, e.g. XX:3")
+    return risk
+
+
+def load_fraud_settings(env: Env) -> FraudSettings:
+    """The fraud guard's settings (what each one means: services/delivery/fraud_score.py)."""
+    defaults = ScoreSettings()
+    score = ScoreSettings(
+        captcha_at=env.number(
+            "OTPGATE_FRAUD_CAPTCHA_AT",
+            defaults.captcha_at,
+            "evidence (nats) from which a CAPTCHA is asked for",
+            min=0.5,
+        ),
+        attack_at=env.number(
+            "OTPGATE_FRAUD_ATTACK_AT",
+            defaults.attack_at,
+            "evidence (nats) from which a range or a requester counts as attacking, solved CAPTCHA or not",
+            min=1,
+        ),
+        legit_conversion=env.number(
+            "OTPGATE_FRAUD_LEGIT_CONVERSION",
+            defaults.legit_conversion,
+            "share of codes ordinary traffic enters (a low estimate)",
+            min=0.1,
+        ),
+        shares={
+            Kind.PREFIX: env.number(
+                "OTPGATE_FRAUD_PREFIX_SHARE",
+                defaults.shares[Kind.PREFIX],
+                "share of a country's recent requests one prefix (the number without 4 digits) may expect",
+                min=0,
+            ),
+            Kind.RANGE: env.number(
+                "OTPGATE_FRAUD_RANGE_SHARE",
+                defaults.shares[Kind.RANGE],
+                "share of a country's recent requests one range (the number without 6 digits) may expect",
+                min=0,
+            ),
+        },
+        country_risk=_country_risk(env),
+    )
+    return FraudSettings(
+        mode=env.text(
+            "OTPGATE_FRAUD_MODE",
+            "block",
+            "fraud guard default: block, monitor or off",
+            choices=("block", "monitor", "off"),
+        ),
+        safe_prefixes=tuple(
+            env.items("OTPGATE_FRAUD_SAFE_PREFIXES", [], "E.164 prefixes the fraud guard always lets through")
+        ),
+        attacked_budget=env.integer(
+            "OTPGATE_FRAUD_ATTACKED_BUDGET",
+            2,
+            "SMS per hour an attacked range still sends to requests with a solved CAPTCHA",
+            min=0,
+        ),
+        score=score,
+    )
+
+
 @dataclass
 class DeliveryRuntime:
     """Everything build_app made, for the loops and for tests (app.runtime)."""
@@ -371,7 +420,16 @@ async def build_app(
     store = Store(db, clock, wakeup)
     claims = Claims(db["claims"], clock, owner, config.engine.lease)
     limiter = Limiter(db["limits"], clock)
-    fraud = FraudGuard(db["sms_events"], db["conversions"], keyring, clock, config.fraud)
+    fraud = FraudGuard(
+        db["fraud_counters"],
+        db["fraud_sms"],
+        db["fraud_rules"],
+        db["fraud_events"],
+        db["fraud_budgets"],
+        keyring,
+        clock,
+        config.fraud,
+    )
     sms_any = config.sms_any_default if config.sms_any_default is not None else common.sandbox
     policies = PolicyStore(db["policies"], clock, sms_any, config.policy_cache_ttl)
     http = aiohttp.ClientSession()

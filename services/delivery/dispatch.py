@@ -202,6 +202,7 @@ class Dispatcher:
             captcha_verified=record.captcha_verified,
             captcha_possible=False,
             fraud_mode=policy.fraud_mode,
+            requester_keys=record.origin_keys or {},
         )
         origin = common_pb2.Origin(captcha_verified=leg.captcha_verified)
         try:

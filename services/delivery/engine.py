@@ -75,6 +75,7 @@ class Engine:
     ) -> None:
         self.store = store
         self.policies = policies
+        self.fraud = fraud
         self.webhooks = webhooks
         self.keyring = keyring
         self.clock = clock

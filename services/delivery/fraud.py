@@ -1,67 +1,93 @@
-"""The SMS fraud guard (SMS pumping defence), applied to every SMS leg.
+"""The SMS fraud guard (SMS pumping defence), applied to every SMS leg before it is stored or sent.
 
-Checks, in order: line type (premium-rate, shared-cost, VoIP, unknown never get SMS),
-safe list, prefix velocity (SMS to one prefix — the number without its last 4 digits —
-in a short window against its own longer baseline), conversion per prefix and per
-country (codes entered vs SMS sent, from RecordConversion and confirmations).
-Statistics live in MongoDB (one event document per SMS, one per conversion), so
-every replica sees the same numbers. Prefixes are stored only as keyed hashes.
+In order:
+1. premium-rate and shared-cost numbers are refused (they cost the sender by design);
+2. an operator's rule for the number's longest prefix (fraud_rules.py): the block list refuses,
+   the safe list lets through;
+3. with the guard off (FRAUD_MODE_OFF) only VoIP and unknown lines are refused;
+4. otherwise the request's keys are scored (fraud_score.py) on the shared statistics
+   (fraud_stats.py), and the request is counted whatever is decided:
+   - below `captcha_at`: allowed;
+   - above it, without a solved CAPTCHA: a CAPTCHA is asked for where the caller can show one,
+     else refused;
+   - above it with a solved CAPTCHA: allowed, unless the requester itself (its IP, network,
+     session or device) is past `attack_at` (it keeps asking for many numbers, CAPTCHAs or not),
+     or the number's range is past `attack_at` and this hour's CAPTCHA budget of that range is
+     spent (`attacked_budget` solved CAPTCHAs per hour: a person in an attacked range still gets
+     a code, an attacker who buys CAPTCHA solutions gets almost none);
+   - in monitor mode the decision is logged and counted, and the request allowed.
+Every decision is counted by signal (otpgate_fraud_decisions_total) and logged with the masked
+number; ranges and segments that need CAPTCHAs or are refused become guard events.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from otpgate.common.v1 import common_pb2
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock
+from services.core.counters import CappedCounter, Full
 from services.core.crypto import Keyring
+from services.core.end_user import canonical_ip, ip_network
 from services.core.logging import get_logger
-from services.core.mongo import Document, ensure_index
+from services.core.mongo import Document, ensure_index, put_by_id
 from services.core.phone import LineType, Phone
 from services.delivery import metrics
+from services.delivery.fraud_rules import ALLOW as RULE_ALLOW
+from services.delivery.fraud_rules import FraudEvent, FraudEvents, FraudRules
+from services.delivery.fraud_score import SUFFIX_BLOCK, KeyStats, Kind, Request, Score, Scorer, ScoreSettings
+from services.delivery.fraud_stats import FraudStats, LegKeys
 
 log = get_logger(__name__)
 
 ALLOW, BLOCK, CAPTCHA, MONITOR = "allow", "block", "captcha", "monitor"
-_LINE_REASONS = {
-    LineType.PREMIUM_RATE: "LINE_TYPE_PREMIUM_RATE",
-    LineType.SHARED_COST: "LINE_TYPE_SHARED_COST",
-    LineType.VOIP: "LINE_TYPE_VOIP",
-    LineType.UNKNOWN: "LINE_TYPE_UNKNOWN",
+_ALWAYS_REFUSED = {LineType.PREMIUM_RATE: "LINE_TYPE_PREMIUM_RATE", LineType.SHARED_COST: "LINE_TYPE_SHARED_COST"}
+_UNWEIGHED = {LineType.VOIP: "LINE_TYPE_VOIP", LineType.UNKNOWN: "LINE_TYPE_UNKNOWN"}
+# Refusals for the kind of number rather than for what the guard saw.
+LINE_TYPE_REFUSALS = frozenset({*_ALWAYS_REFUSED.values(), *_UNWEIGHED.values()})
+P_CONFIRMATION, P_VERIFICATION = 2, 3  # delivery's MessagePurpose: their codes report being entered
+
+# Who or what a signal's key is, for the refusal's message.
+SIGNAL_SUBJECTS = {
+    "PREFIX": ("for", "numbers in this range"),
+    "RANGE": ("for", "numbers in this wider range"),
+    "IP": ("from", "this IP address"),
+    "NETWORK": ("from", "this IP network"),
+    "SESSION": ("from", "this session"),
+    "DEVICE": ("from", "this device"),
+    "CLIENT_COUNTRY": ("for", "this client's numbers in this country"),
+    "COUNTRY": ("for", "numbers in this country"),
 }
-# Never sent, even to a safe-listed prefix: they cost the sender money by design.
-_ALWAYS_REFUSED = frozenset({LineType.PREMIUM_RATE, LineType.SHARED_COST})
 
 
 @dataclass(frozen=True)
 class FraudSettings:
     mode: str = "block"  # block | monitor | off (service default; a client policy may override)
     safe_prefixes: tuple[str, ...] = ()
-    velocity_window: float = 600.0
-    baseline_window: float = 86400.0
-    velocity_min: int = 20
-    velocity_factor: float = 5.0
-    conversion_window: float = 86400.0
-    conversion_grace: float = 300.0
-    prefix_min_volume: int = 20
-    country_min_volume: int = 200
-    captcha_below: float = 0.2
-    block_below: float = 0.05
+    attacked_budget: int = 2  # solved CAPTCHAs per attacked range and hour that still get an SMS
+    score: ScoreSettings = field(default_factory=ScoreSettings)
 
 
 @dataclass(frozen=True)
 class Decision:
     decision: str
-    reason: str
+    reason: str  # the deciding signal (PREFIX_VELOCITY, LINE_TYPE_VOIP, BLOCK_LIST, ...) or OK
+    score: float = 0.0
+    detail: str = ""
 
     @property
     def allowed(self) -> bool:
         return self.decision in (ALLOW, MONITOR)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """ErrorInfo metadata of a refusal: which signal decided, with how much evidence."""
+        return {"signal": self.reason, "score": f"{self.score:.1f}"}
 
 
 @dataclass(frozen=True)
@@ -70,35 +96,81 @@ class SmsLeg:
     client_id: str
     purpose: int
     captcha_verified: bool
-    # Whether the caller can show a CAPTCHA (requests from an end user through the edge).
+    # Whether the caller can show a CAPTCHA (Origin.captcha_possible: a request through the edge).
     captcha_possible: bool
     fraud_mode: int = common_pb2.FRAUD_MODE_UNSPECIFIED
+    ip: str = ""
+    session_id: str = ""
+    user_agent: str = ""
+    # The requester's keys as stored with a message (an SMS leg decided at dispatch time).
+    requester_keys: Mapping[str, str] | None = None
 
 
 class FraudGuard:
     def __init__(
         self,
+        counters: AsyncCollection[Document],
+        sms: AsyncCollection[Document],
+        rules: AsyncCollection[Document],
         events: AsyncCollection[Document],
-        conversions: AsyncCollection[Document],
+        budgets: AsyncCollection[Document],
         keyring: Keyring,
         clock: Clock,
         settings: FraudSettings,
     ) -> None:
-        self._events = events
-        self._conversions = conversions
         self._keyring = keyring
         self._clock = clock
         self.settings = settings
+        self.stats = FraudStats(counters, sms, clock)
+        self.rules = FraudRules(rules, clock, settings.safe_prefixes)
+        self.events = FraudEvents(events, clock)
+        self.scorer = Scorer(settings.score)
+        self._sms = sms
+        self._budgets = budgets
+        self._budget = CappedCounter(budgets, clock, "attacked", settings.attacked_budget, 3600.0)
 
     async def create_indexes(self) -> None:
-        await ensure_index(self._events, [("p", 1), ("at", 1)])
-        await ensure_index(self._events, [("r", 1), ("at", 1)])
-        await ensure_index(self._events, [("b", 1), ("at", 1)])
-        await ensure_index(self._conversions, [("p", 1), ("at", 1)])
-        await ensure_index(self._conversions, [("r", 1), ("at", 1)])
+        await self.stats.create_indexes()
+        await self.events.create_indexes()
+        await ensure_index(self._budgets, [("at", 1)])
 
-    def prefix_hash(self, phone: Phone) -> str:
-        return self._keyring.blind_index("sms-prefix", phone.prefix)
+    # Keys -------------------------------------------------------------------------------------
+
+    def _hash(self, kind: str, value: str) -> str:
+        return self._keyring.blind_index(f"fraud/{kind}", value)[:24]
+
+    def requester_keys(self, leg: SmsLeg) -> dict[str, str]:
+        """The hashed keys of who asked (kept with a message, for a leg decided later)."""
+        if leg.requester_keys is not None:
+            return dict(leg.requester_keys)
+        keys: dict[str, str] = {}
+        if leg.ip:
+            ip = canonical_ip(leg.ip)
+            network = ip_network(ip)
+            keys[Kind.IP] = self._hash(Kind.IP, ip)
+            keys[Kind.NETWORK] = self._hash(Kind.NETWORK, network)
+            if leg.user_agent:
+                keys[Kind.DEVICE] = self._hash(Kind.DEVICE, f"{network}|{leg.user_agent}")
+        if leg.session_id:
+            keys[Kind.SESSION] = self._hash(Kind.SESSION, f"{leg.client_id}|{leg.session_id}")
+        return keys
+
+    def keys(self, leg: SmsLeg) -> LegKeys:
+        phone = leg.phone
+        prefix, number_range = phone.e164[:-4], phone.e164[:-6]
+        keys: dict[Kind, str] = {
+            Kind.PREFIX: self._hash(Kind.PREFIX, prefix),
+            Kind.RANGE: self._hash(Kind.RANGE, number_range),
+            Kind.CLIENT_COUNTRY: self._hash(Kind.CLIENT_COUNTRY, f"{leg.client_id}|{phone.region}"),
+            Kind.COUNTRY: self._hash(Kind.COUNTRY, phone.region),
+        }
+        keys.update({Kind(kind): key for kind, key in self.requester_keys(leg).items()})
+        # The last four digits, shifted by a keyed offset of their prefix: distances survive.
+        offset = int(self._keyring.blind_index("fraud/suffix", prefix)[:8], 16) % 10_000
+        shifted = (int(phone.e164[-4:]) + offset) % 10_000
+        return LegKeys(keys, self._hash("number", phone.e164), shifted // SUFFIX_BLOCK)
+
+    # Deciding ---------------------------------------------------------------------------------
 
     def _mode(self, leg: SmsLeg) -> str:
         if leg.fraud_mode == common_pb2.FRAUD_MODE_BLOCK:
@@ -116,116 +188,144 @@ class FraudGuard:
             "fraud_decision",
             decision=decision.decision,
             reason=decision.reason,
+            score=round(decision.score, 1),
+            phone_masked=leg.phone.masked,
             region=leg.phone.region,
             client_id=leg.client_id,
             purpose=int(leg.purpose),
-            prefix_id=self.prefix_hash(leg.phone)[:12],
+            captcha_verified=leg.captcha_verified,
         )
         return decision
 
     async def _evaluate(self, leg: SmsLeg) -> Decision:
         phone = leg.phone
-        line = _LINE_REASONS.get(phone.line_type)
-        safe = any(phone.e164.startswith(p) for p in self.settings.safe_prefixes)
-        if phone.line_type in _ALWAYS_REFUSED or (line and not safe):
-            return Decision(BLOCK, line or "LINE_TYPE")
-        if safe:
-            return Decision(ALLOW, "SAFE_LIST")
+        if phone.line_type in _ALWAYS_REFUSED:
+            return Decision(BLOCK, _ALWAYS_REFUSED[phone.line_type], detail="no SMS to this kind of number")
         mode = self._mode(leg)
         if mode == "off":
+            rule = await self.rules.match(phone.e164, leg.client_id)
+            if rule is not None:
+                return self._by_rule(rule.action)
+            if phone.line_type in _UNWEIGHED:
+                return Decision(BLOCK, _UNWEIGHED[phone.line_type], detail="no SMS to this kind of number")
             return Decision(ALLOW, "MODE_OFF")
-        verdict = await self._statistics(leg)
-        if verdict.decision == ALLOW:
-            return verdict
-        if mode == "monitor":
-            return Decision(MONITOR, verdict.reason)
+        keys = self.keys(leg)
+        rule, reading = await asyncio.gather(self.rules.match(phone.e164, leg.client_id), self.stats.read(keys))
+        if rule is not None:
+            return self._by_rule(rule.action)
+        await self.stats.count_request(keys, reading.repeat)
+        request = Request(phone.region, phone.line_type.value, keys.suffix_block, reading.repeat)
+        score = self.scorer.score(request, reading.stats)
+        verdict = await self._decide(score, leg, keys)
+        await self._report(score, verdict, leg, reading.stats)
+        if verdict.decision != ALLOW and mode == "monitor":
+            return Decision(MONITOR, verdict.reason, verdict.score, verdict.detail)
         return verdict
 
-    async def _statistics(self, leg: SmsLeg) -> Decision:
-        s = self.settings
-        now = self._clock.now()
-        prefix = self.prefix_hash(leg.phone)
-        # Prefix velocity against the prefix's own baseline.
-        recent = await self._events.count_documents(
-            {"p": prefix, "at": {"$gt": now - timedelta(seconds=s.velocity_window)}}
-        )
-        if recent + 1 >= s.velocity_min:
-            older = await self._events.count_documents(
-                {
-                    "p": prefix,
-                    "at": {
-                        "$gt": now - timedelta(seconds=s.baseline_window),
-                        "$lte": now - timedelta(seconds=s.velocity_window),
-                    },
-                }
-            )
-            windows = max(1.0, (s.baseline_window - s.velocity_window) / s.velocity_window)
-            baseline = older / windows
-            if recent + 1 > max(float(s.velocity_min), baseline * s.velocity_factor):
-                return Decision(BLOCK, "PREFIX_VELOCITY")
-        # Conversion: only SMS old enough that the code could have been entered.
-        for field, key, volume, reason in (
-            ("p", prefix, s.prefix_min_volume, "LOW_CONVERSION_PREFIX"),
-            ("r", leg.phone.region, s.country_min_volume, "LOW_CONVERSION_COUNTRY"),
-        ):
-            rate = await self._conversion(field, key, volume, now)
-            if rate is None:
-                continue
-            if rate < s.block_below:
-                return Decision(BLOCK, reason)
-            if rate < s.captcha_below:
-                if leg.captcha_verified:
-                    return Decision(ALLOW, "CAPTCHA_PASSED")
-                return Decision(CAPTCHA, reason) if leg.captcha_possible else Decision(BLOCK, reason)
-        return Decision(ALLOW, "OK")
+    @staticmethod
+    def _by_rule(action: str) -> Decision:
+        if action == RULE_ALLOW:
+            return Decision(ALLOW, "SAFE_LIST")
+        return Decision(BLOCK, "BLOCK_LIST", detail="an operator blocked SMS to this range")
 
-    async def _conversion(self, field: str, key: str, volume: int, now: datetime) -> float | None:
-        s = self.settings
-        window = {
-            "$gt": now - timedelta(seconds=s.conversion_window),
-            "$lte": now - timedelta(seconds=s.conversion_grace),
-        }
-        sent = await self._events.count_documents({field: key, "at": window, "conv": True})
-        if sent < volume:
-            return None
-        converted = await self._conversions.count_documents({field: key, "at": window})
-        return converted / sent
+    async def _decide(self, score: Score, leg: SmsLeg, keys: LegKeys) -> Decision:
+        s = self.settings.score
+        signal = score.deciding
+        if score.total < s.captcha_at:
+            return Decision(ALLOW, "OK", score.total)
+        detail = _describe(signal)
+        if not leg.captcha_verified:
+            if leg.captcha_possible:
+                return Decision(CAPTCHA, signal, score.total, detail)
+            return Decision(BLOCK, signal, score.total, detail)
+        if score.requester >= s.attack_at:
+            requester_signal = score.strongest("requester")
+            return Decision(BLOCK, requester_signal, score.total, _describe(requester_signal))
+        if score.number >= s.attack_at and score.number_kind is not None:
+            budget = await self._budget.reserve(keys.keys[score.number_kind])
+            if isinstance(budget, Full):
+                return Decision(
+                    BLOCK,
+                    score.strongest("number"),
+                    score.total,
+                    "this range is under attack and its CAPTCHA allowance for the hour is spent",
+                )
+        return Decision(ALLOW, "CAPTCHA_PASSED", score.total)
+
+    async def _report(self, score: Score, decision: Decision, leg: SmsLeg, stats: Mapping[Kind, KeyStats]) -> None:
+        """Ranges and segments that ask for CAPTCHAs or refuse become guard events."""
+        s = self.settings.score
+        if decision.decision == ALLOW and score.total < s.captcha_at:
+            return
+        state = "block" if score.number >= s.attack_at or decision.decision == BLOCK else "captcha"
+        phone = leg.phone
+        now = self._clock.now()
+        candidates: list[tuple[str, str, float, Kind]] = []
+        if score.number_kind is not None and score.number >= s.captcha_at:
+            value = phone.e164[:-4] if score.number_kind == Kind.PREFIX else phone.e164[:-6]
+            candidates.append((score.number_kind.value, value, score.number, score.number_kind))
+        if score.segment >= s.captcha_at:
+            candidates.append(("client_country", f"{leg.client_id}|{phone.region}", score.segment, Kind.CLIENT_COUNTRY))
+        for kind, value, evidence, key_kind in candidates:
+            recent = stats[key_kind].recent if key_kind in stats else None
+            await self.events.seen(
+                FraudEvent(
+                    kind=kind,
+                    value=value,
+                    client_id=leg.client_id,
+                    region=phone.region,
+                    state=state if evidence >= s.attack_at or decision.decision == BLOCK else "captcha",
+                    signal=decision.reason,
+                    score=evidence,
+                    requests=round(recent.requests) + 1 if recent else 1,
+                    sms=round(recent.sms) if recent else 0,
+                    entered=round(recent.entered) if recent else 0,
+                    since=now,
+                    last_seen=now,
+                )
+            )
+
+    # Counting what happened -------------------------------------------------------------------
 
     async def record_sms(self, message_id: str, leg: SmsLeg, phone_index: str) -> None:
-        """Count one SMS leg that was let through."""
-        tracked = leg.purpose in (2, 3)  # CONFIRMATION, VERIFICATION: their codes report conversions
-        doc = {
-            "_id": message_id,
-            "p": self.prefix_hash(leg.phone),
-            "r": leg.phone.region,
-            "b": phone_index,
-            "c": leg.client_id,
-            "conv": tracked,
-            "at": self._clock.now(),
-        }
-        with contextlib.suppress(DuplicateKeyError):
-            await self._events.insert_one(doc)
+        """Count one SMS leg that was let through (once per message)."""
+        if self._mode(leg) == "off":
+            return
+        converts = leg.purpose in (P_CONFIRMATION, P_VERIFICATION)
+        await self.stats.count_sms(message_id, self.keys(leg), converts)
+        if leg.purpose == P_CONFIRMATION:
+            # The person types a re-confirmation code to a bot: delivery learns it by number.
+            await put_by_id(self._sms, f"phone|{phone_index}", {"message_id": message_id, "exp": self._expiry()})
 
     async def record_conversion(self, message_id: str) -> bool:
-        """A code sent by this SMS was entered correctly. Idempotent; False if no SMS event."""
-        event = await self._events.find_one({"_id": message_id})
-        if event is None:
-            return False
-        with contextlib.suppress(DuplicateKeyError):
-            await self._conversions.insert_one(
-                {"_id": message_id, "p": event["p"], "r": event["r"], "at": event["at"], "done": self._clock.now()}
-            )
-        return True
+        """A code sent by this SMS was entered correctly. Idempotent; False if no SMS is known."""
+        return await self.stats.convert(message_id) is not None
 
-    async def record_confirmed_phone(self, phone_index: str, since: timedelta = timedelta(hours=1)) -> None:
-        """The person typed the confirmation code: the latest SMS to that number converted."""
-        cursor = self._events.find({"b": phone_index, "at": {"$gt": self._clock.now() - since}, "conv": True})
-        async for event in cursor.sort("at", -1).limit(1):
-            await self.record_conversion(str(event["_id"]))
+    async def record_confirmed_phone(self, phone_index: str) -> None:
+        """The person typed the re-confirmation code: the latest confirmation SMS to them converted."""
+        pointer = await self._sms.find_one({"_id": f"phone|{phone_index}"})
+        if pointer is not None:
+            await self.stats.convert(str(pointer["message_id"]))
 
     async def purge(self) -> None:
-        cutoff = self._clock.now() - timedelta(
-            seconds=max(self.settings.baseline_window, self.settings.conversion_window) * 2
-        )
-        await self._events.delete_many({"at": {"$lt": cutoff}})
-        await self._conversions.delete_many({"at": {"$lt": cutoff}})
+        await self.stats.purge()
+        await self.events.purge()
+        await self._budgets.delete_many({"at": {"$lt": self._clock.now()}})
+
+    def _expiry(self) -> datetime:
+        return self._clock.now() + timedelta(hours=2)
+
+
+def _describe(signal: str) -> str:
+    """What a signal saw, in words for the refusal's message."""
+    if signal == "SEQUENTIAL_NUMBERS":
+        return "many recent requests are for near-sequential numbers"
+    if signal.startswith("LINE_TYPE_"):
+        return f"this is a {signal.removeprefix('LINE_TYPE_').lower()} number"
+    if signal == "COUNTRY_RISK":
+        return "an operator marked this country as risky"
+    subject, _, what = signal.rpartition("_")
+    preposition, text = SIGNAL_SUBJECTS.get(subject, ("for", subject.lower()))
+    if what == "VELOCITY":
+        return f"many recent requests {preposition} {text} got no code entered"
+    return f"codes sent {'to' if preposition == 'for' else 'on requests from'} {text} are rarely entered"

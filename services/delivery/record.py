@@ -89,6 +89,7 @@ _LATER = (
     "sms_status",
     "sms_poll_until",
     "sms_parts",
+    "origin_keys",
 )
 
 
@@ -141,6 +142,9 @@ class MessageRecord:
     sms_status: str | None = None
     sms_poll_until: datetime | None = None
     sms_parts: int | None = None  # the SMS the text went as (each part is billed)
+    # An AUTO message that may fall back to SMS later: the fraud guard's (hashed) keys of who
+    # asked for it, so the SMS leg is judged with them at dispatch. Absent otherwise.
+    origin_keys: dict[str, str] | None = None
 
     @classmethod
     def from_doc(cls, doc: Document) -> MessageRecord:
@@ -192,6 +196,7 @@ class MessageRecord:
             sms_status=_text(doc.get("sms_status")),
             sms_poll_until=_moment(doc.get("sms_poll_until")),
             sms_parts=int(doc["sms_parts"]) if doc.get("sms_parts") else None,
+            origin_keys={str(k): str(v) for k, v in doc["origin_keys"].items()} if doc.get("origin_keys") else None,
         )
 
     def to_doc(self) -> Document:

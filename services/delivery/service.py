@@ -14,6 +14,15 @@ from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from services.core.errors import Violations, invalid_argument, not_found
 from services.core.phone import InvalidPhoneError, parse_phone
 from services.delivery.engine import Engine
+from services.delivery.fraud_rules import (
+    EVENT_RETENTION,
+    check_prefix,
+    decode_offset,
+    encode_offset,
+    event_to_proto,
+    rule_from_proto,
+    rule_to_proto,
+)
 from services.delivery.sms import SandboxSmsProvider
 from services.delivery.store import decode_page_token, encode_page_token
 
@@ -106,6 +115,50 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_pb2.RecordConversionResponse:
         await self.engine.record_conversion(request.client_id, request.message_id)
         return delivery_pb2.RecordConversionResponse()
+
+    async def ListFraudEvents(
+        self, request: delivery_pb2.ListFraudEventsRequest, context: Context
+    ) -> delivery_pb2.ListFraudEventsResponse:
+        problems = Violations()
+        problems.check(0 <= request.page_size <= 500, "page_size", "must be between 0 and 500")
+        offset = 0
+        if request.page_token:
+            try:
+                offset = decode_offset(request.page_token)
+            except ValueError:
+                problems.add("page_token", "is not a token from a previous page")
+        problems.raise_if_any()
+        events = await self.engine.fraud.events.list(self.engine.clock.now() - EVENT_RETENTION)
+        if request.client_id:
+            events = [event for event in events if event.client_id == request.client_id]
+        end = offset + (request.page_size or 100)
+        return delivery_pb2.ListFraudEventsResponse(
+            events=[event_to_proto(event) for event in events[offset:end]],
+            next_page_token=encode_offset(end) if len(events) > end else "",
+        )
+
+    async def ListFraudRules(
+        self, request: delivery_pb2.ListFraudRulesRequest, context: Context
+    ) -> delivery_pb2.ListFraudRulesResponse:
+        rules = await self.engine.fraud.rules.list()
+        return delivery_pb2.ListFraudRulesResponse(rules=[rule_to_proto(rule) for rule in rules])
+
+    async def CreateFraudRule(
+        self, request: delivery_pb2.CreateFraudRuleRequest, context: Context
+    ) -> delivery_pb2.CreateFraudRuleResponse:
+        rule = await self.engine.fraud.rules.put(rule_from_proto(request.rule))
+        return delivery_pb2.CreateFraudRuleResponse(rule=rule_to_proto(rule))
+
+    async def DeleteFraudRule(
+        self, request: delivery_pb2.DeleteFraudRuleRequest, context: Context
+    ) -> delivery_pb2.DeleteFraudRuleResponse:
+        problems = Violations()
+        check_prefix(problems, "prefix", request.prefix)
+        problems.raise_if_any()
+        removed = await self.engine.fraud.rules.delete(request.prefix, request.client_id, request.actor)
+        if removed is None:
+            raise not_found("fraud rule", "FRAUD_RULE_NOT_FOUND")
+        return delivery_pb2.DeleteFraudRuleResponse(rule=rule_to_proto(removed))
 
     async def GetUsage(self, request: delivery_pb2.GetUsageRequest, context: Context) -> delivery_pb2.GetUsageResponse:
         problems = Violations()

@@ -1,8 +1,8 @@
 """Whether an SMS leg may go out: the checks every SMS passes before it is stored or sent.
 
 In order: the service's SMS countries, the client's SMS countries (not for the re-confirmation
-SMS, which is ours), the client's CAPTCHA rule SMS, the fraud guard (line type, prefix velocity,
-conversion), then one insert of rate-limit slots for the end user's IP and the client's daily SMS
+SMS, which is ours), the client's CAPTCHA rule SMS, the fraud guard (fraud.py: line type, rules,
+the scored signals; its refusals name the deciding signal in ErrorInfo metadata), then one insert of rate-limit slots for the end user's IP and the client's daily SMS
 cap (billed SMS only; the limiter takes both slots or neither). A refusal is a ServiceError for the
 caller to answer (SendMessage) or to record on the message (an SMS fallback decided at dispatch).
 """
@@ -13,7 +13,7 @@ from otpgate.common.v1 import common_pb2
 
 from services.core.end_user import canonical_ip
 from services.core.errors import ServiceError, failed_precondition, permission_denied, resource_exhausted
-from services.delivery.fraud import BLOCK, CAPTCHA, FraudGuard, SmsLeg
+from services.delivery.fraud import BLOCK, CAPTCHA, LINE_TYPE_REFUSALS, FraudGuard, SmsLeg
 from services.delivery.limits import Hit, Limiter, Rate, RateLimited
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.policy import Policy
@@ -43,11 +43,18 @@ class SmsAdmission:
             raise captcha_required()
         decision = await self.fraud.evaluate(leg)
         if decision.decision == BLOCK:
-            if decision.reason.startswith("LINE_TYPE"):
-                raise permission_denied("SMS_NOT_ALLOWED", f"no SMS to this kind of number ({decision.reason})")
-            raise permission_denied("FRAUD_SUSPECTED", f"SMS refused by the fraud guard ({decision.reason})")
+            if decision.reason in LINE_TYPE_REFUSALS:
+                refusal = permission_denied("SMS_NOT_ALLOWED", f"no SMS to this kind of number ({decision.reason})")
+            else:
+                refusal = permission_denied(
+                    "FRAUD_SUSPECTED", f"SMS refused by the fraud guard: {decision.detail} ({decision.reason})"
+                )
+            refusal.metadata = decision.metadata
+            raise refusal
         if decision.decision == CAPTCHA:
-            raise captcha_required()
+            refusal = captcha_required(f"{decision.detail} ({decision.reason})")
+            refusal.metadata = decision.metadata
+            raise refusal
         hits: list[Hit] = []
         if origin.ip:
             rate = self.settings.rate(policy, "ip_sms")
@@ -76,7 +83,6 @@ class SmsAdmission:
             raise exc.to_error() from None
 
 
-def captcha_required() -> ServiceError:
-    return failed_precondition(
-        "CAPTCHA_REQUIRED", "solve a CAPTCHA and send the request again", [("CAPTCHA", "captcha_token", "required")]
-    )
+def captcha_required(why: str = "") -> ServiceError:
+    message = "solve a CAPTCHA and send the request again" + (f": {why}" if why else "")
+    return failed_precondition("CAPTCHA_REQUIRED", message, [("CAPTCHA", "captcha_token", "required")])

@@ -152,6 +152,10 @@ class AdminApi:
             "RegisterBot": self.register_bot,
             "ListAllBots": self.list_all_bots,
             "RemoveBot": self.remove_bot,
+            "ListFraudEvents": self.list_fraud_events,
+            "ListFraudRules": self.list_fraud_rules,
+            "CreateFraudRule": self.create_fraud_rule,
+            "DeleteFraudRule": self.delete_fraud_rule,
         }
 
     async def create_client(
@@ -271,6 +275,51 @@ class AdminApi:
             caller,
         )
         return edge_pb2.RemoveBotResponse()
+
+    # The fraud guard (delivery): its events and the operators' prefix rules --------------------
+
+    async def list_fraud_events(
+        self, principal: Principal, caller: Caller, request: edge_pb2.ListFraudEventsRequest
+    ) -> edge_pb2.ListFraudEventsResponse:
+        client = (await self.admin.client(request.client_id)).id if request.client_id else ""
+        reply = await _forward(
+            self._api.delivery.ListFraudEvents,
+            delivery_pb2.ListFraudEventsRequest(
+                client_id=client, page_size=request.page_size, page_token=request.page_token
+            ),
+            caller,
+        )
+        return edge_pb2.ListFraudEventsResponse(events=reply.events, next_page_token=reply.next_page_token)
+
+    async def list_fraud_rules(
+        self, principal: Principal, caller: Caller, request: edge_pb2.ListFraudRulesRequest
+    ) -> edge_pb2.ListFraudRulesResponse:
+        reply = await _forward(self._api.delivery.ListFraudRules, delivery_pb2.ListFraudRulesRequest(), caller)
+        return edge_pb2.ListFraudRulesResponse(rules=reply.rules)
+
+    async def create_fraud_rule(
+        self, principal: Principal, caller: Caller, request: edge_pb2.CreateFraudRuleRequest
+    ) -> edge_pb2.CreateFraudRuleResponse:
+        rule = type(request.rule)()
+        rule.CopyFrom(request.rule)
+        rule.client_id = (await self.admin.client(rule.client_id)).id if rule.client_id else ""
+        rule.created_by = principal.key_id  # the audit trail names the key, never a caller's say-so
+        rule.ClearField("create_time")
+        reply = await _forward(
+            self._api.delivery.CreateFraudRule, delivery_pb2.CreateFraudRuleRequest(rule=rule), caller
+        )
+        return edge_pb2.CreateFraudRuleResponse(rule=reply.rule)
+
+    async def delete_fraud_rule(
+        self, principal: Principal, caller: Caller, request: edge_pb2.DeleteFraudRuleRequest
+    ) -> edge_pb2.DeleteFraudRuleResponse:
+        client = (await self.admin.client(request.client_id)).id if request.client_id else ""
+        reply = await _forward(
+            self._api.delivery.DeleteFraudRule,
+            delivery_pb2.DeleteFraudRuleRequest(prefix=request.prefix, client_id=client, actor=principal.key_id),
+            caller,
+        )
+        return edge_pb2.DeleteFraudRuleResponse(rule=reply.rule)
 
 
 async def _forward(call: Callable[..., Awaitable[Any]], request: Message, caller: Caller) -> Any:

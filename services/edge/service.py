@@ -172,3 +172,23 @@ class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
 
     async def RemoveBot(self, request: edge_pb2.RemoveBotRequest, context: Context) -> edge_pb2.RemoveBotResponse:
         return await self._call("RemoveBot", request, context)  # type: ignore[no-any-return]
+
+    async def ListFraudEvents(
+        self, request: edge_pb2.ListFraudEventsRequest, context: Context
+    ) -> edge_pb2.ListFraudEventsResponse:
+        return await self._call("ListFraudEvents", request, context)  # type: ignore[no-any-return]
+
+    async def ListFraudRules(
+        self, request: edge_pb2.ListFraudRulesRequest, context: Context
+    ) -> edge_pb2.ListFraudRulesResponse:
+        return await self._call("ListFraudRules", request, context)  # type: ignore[no-any-return]
+
+    async def CreateFraudRule(
+        self, request: edge_pb2.CreateFraudRuleRequest, context: Context
+    ) -> edge_pb2.CreateFraudRuleResponse:
+        return await self._call("CreateFraudRule", request, context)  # type: ignore[no-any-return]
+
+    async def DeleteFraudRule(
+        self, request: edge_pb2.DeleteFraudRuleRequest, context: Context
+    ) -> edge_pb2.DeleteFraudRuleResponse:
+        return await self._call("DeleteFraudRule", request, context)  # type: ignore[no-any-return]

@@ -128,15 +128,27 @@ async def test_policy_refusals_country_sms_captcha_and_cap(
         assert failure.retry_after is not None and failure.retry_after > 0
 
 
-async def test_line_types_never_get_sms(
-    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
-) -> None:
-    async with running_stack(mongo_client, keyring, ["delivery"], overrides=QUIET, clock=clock) as stack:
+async def test_line_types(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> None:
+    overrides = {**QUIET, "OTPGATE_FRAUD_MODE": "block"}
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
         delivery, _ = stubs(stack)
-        for number in (PREMIUM, VOIP):
-            failure = await refused(delivery.SendMessage(sms_request(number)))
+        # Premium-rate numbers never get an SMS, CAPTCHA or not.
+        solved = common_pb2.Origin(captcha_verified=True, captcha_possible=True)
+        for origin in (common_pb2.Origin(), solved):
+            failure = await refused(delivery.SendMessage(sms_request(PREMIUM, origin=origin)))
             assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED, "SMS_NOT_ALLOWED")
-            assert "LINE_TYPE" in failure.message
+            assert "LINE_TYPE_PREMIUM_RATE" in failure.message
+        # A VoIP number is a risk: refused where no CAPTCHA can be shown, asked for one where it
+        # can, and sent once it is solved.
+        failure = await refused(delivery.SendMessage(sms_request(VOIP)))
+        assert (failure.code, failure.reason) == (grpc.StatusCode.PERMISSION_DENIED, "SMS_NOT_ALLOWED")
+        assert failure.metadata["signal"] == "LINE_TYPE_VOIP"
+        failure = await refused(
+            delivery.SendMessage(sms_request(VOIP, origin=common_pb2.Origin(captcha_possible=True)))
+        )
+        assert (failure.reason, failure.metadata["signal"]) == ("CAPTCHA_REQUIRED", "LINE_TYPE_VOIP")
+        sent = await delivery.SendMessage(sms_request(VOIP, origin=solved))
+        assert sent.message.status == common_pb2.MESSAGE_STATUS_DELIVERED
 
 
 async def test_rate_limits_per_phone_ip_and_session_with_retry_info(

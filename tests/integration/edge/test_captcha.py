@@ -203,3 +203,23 @@ async def test_the_sandbox_provider_behaves_like_a_real_one(
             "/v1/messages", headers=edge.auth(), json={**body, "captchaToken": elsewhere}
         )
         assert status == 412 and "wrong hostname" in answer["message"]
+
+
+async def test_the_fraud_guard_asks_through_the_edge_and_a_solved_captcha_answers_it(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    overrides = {"OTPGATE_CAPTCHA_PROVIDER": "sandbox"}
+    async with edge_stack(
+        mongo_client, keyring, services=("edge", "delivery"), clock=clock, overrides=overrides
+    ) as edge:
+        await edge.set_policy(["sms_countries_any"], sms_countries_any=True)  # captcha_rule: on_risk
+        send = {"text": "Your code: 1234", "channel": "CHANNEL_SMS"}
+        first = {**send, "phone": "+4915112340001", "endUserIp": "203.0.113.1"}
+        assert (await edge.post("/v1/messages", headers=edge.auth(), json=first))[0] == 200
+        second = {**send, "phone": "+4915112347777", "endUserIp": "198.51.100.2"}
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json=second)
+        info = next(d for d in answer["details"] if d["@type"].endswith("ErrorInfo"))
+        assert (status, info["reason"], info["metadata"]["signal"]) == (412, "CAPTCHA_REQUIRED", "PREFIX_VELOCITY")
+        token = (await edge.post("/sandbox/v1/captcha:solve", json={}))[1]["token"]
+        status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json={**second, "captchaToken": token})
+        assert status == 200 and answer["message"]["status"] == "MESSAGE_STATUS_DELIVERED"

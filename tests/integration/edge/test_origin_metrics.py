@@ -90,9 +90,10 @@ async def test_per_ip_limits_count_the_end_users_address(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
     async with edge_stack(mongo_client, keyring, services=SERVICES, clock=clock) as edge:
-        await edge.set_policy(
-            ["sms_countries_any", "rate_limits.ip_sms"],
+        await edge.set_policy(  # the fraud guard off: this is about the limit alone
+            ["sms_countries_any", "rate_limits.ip_sms", "fraud_mode"],
             sms_countries_any=True,
+            fraud_mode=common_pb2.FRAUD_MODE_OFF,
             rate_limits=common_pb2.RateLimits(
                 ip_sms=common_pb2.RateLimit(limit=2, window=duration_pb2.Duration(seconds=3600))
             ),

@@ -47,7 +47,8 @@ async def test_sms_code_wrong_then_right(env: Env, captured_logs: object) -> Non
     assert REGISTRY.get_sample_value("otpgate_verifications_total", {"outcome": "approved"}) == approved_before + 1
     # The approval reached delivery's fraud guard as a conversion of the SMS that carried the code.
     delivery_db = env.database.client[env.stack.env["OTPGATE_DELIVERY_DATABASE"]]
-    assert await delivery_db["conversions"].find_one({"_id": started.message_id}) is not None
+    counted = await delivery_db["fraud_sms"].find_one({"_id": started.message_id})
+    assert counted is not None and counted["converted"] is True
     again = await env.verification.CheckVerification(
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
     )

@@ -45,6 +45,10 @@ def test_routes_come_from_the_annotations() -> None:
         ("POST", "/v1/bots"): "RegisterBot",
         ("GET", "/v1/clients/{owner_client_id}/bots"): "ListAllBots",
         ("DELETE", "/v1/bots/{bot_id}"): "RemoveBot",
+        ("GET", "/v1/fraudEvents"): "ListFraudEvents",
+        ("GET", "/v1/fraudRules"): "ListFraudRules",
+        ("POST", "/v1/fraudRules"): "CreateFraudRule",
+        ("DELETE", "/v1/fraudRules/{prefix}"): "DeleteFraudRule",
     }
     # Every method of both services is reachable over HTTP.
     for service in (PUBLIC, ADMIN):

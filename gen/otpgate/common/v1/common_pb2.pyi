@@ -241,6 +241,76 @@ FRAUD_MODE_OFF: FraudMode.ValueType  # 3
 """No fraud checks (line type checks stay on)."""
 Global___FraudMode: _TypeAlias = FraudMode  # noqa: Y015
 
+class _FraudEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FraudEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FraudEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FRAUD_EVENT_KIND_UNSPECIFIED: _FraudEventKind.ValueType  # 0
+    FRAUD_EVENT_KIND_PREFIX: _FraudEventKind.ValueType  # 1
+    """A prefix: the number without its last 4 digits (10,000 numbers)."""
+    FRAUD_EVENT_KIND_RANGE: _FraudEventKind.ValueType  # 2
+    """A range: the number without its last 6 digits (1,000,000 numbers)."""
+    FRAUD_EVENT_KIND_CLIENT_COUNTRY: _FraudEventKind.ValueType  # 3
+    """One client's numbers in one country."""
+
+class FraudEventKind(_FraudEventKind, metaclass=_FraudEventKindEnumTypeWrapper):
+    """What a fraud guard event is about."""
+
+FRAUD_EVENT_KIND_UNSPECIFIED: FraudEventKind.ValueType  # 0
+FRAUD_EVENT_KIND_PREFIX: FraudEventKind.ValueType  # 1
+"""A prefix: the number without its last 4 digits (10,000 numbers)."""
+FRAUD_EVENT_KIND_RANGE: FraudEventKind.ValueType  # 2
+"""A range: the number without its last 6 digits (1,000,000 numbers)."""
+FRAUD_EVENT_KIND_CLIENT_COUNTRY: FraudEventKind.ValueType  # 3
+"""One client's numbers in one country."""
+Global___FraudEventKind: _TypeAlias = FraudEventKind  # noqa: Y015
+
+class _FraudState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FraudStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FraudState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FRAUD_STATE_UNSPECIFIED: _FraudState.ValueType  # 0
+    FRAUD_STATE_CAPTCHA: _FraudState.ValueType  # 1
+    """SMS need a solved CAPTCHA (refused where none can be shown)."""
+    FRAUD_STATE_BLOCK: _FraudState.ValueType  # 2
+    """Under attack: refused, but for a few solved CAPTCHAs an hour."""
+
+class FraudState(_FraudState, metaclass=_FraudStateEnumTypeWrapper):
+    """What the fraud guard does with a range or segment."""
+
+FRAUD_STATE_UNSPECIFIED: FraudState.ValueType  # 0
+FRAUD_STATE_CAPTCHA: FraudState.ValueType  # 1
+"""SMS need a solved CAPTCHA (refused where none can be shown)."""
+FRAUD_STATE_BLOCK: FraudState.ValueType  # 2
+"""Under attack: refused, but for a few solved CAPTCHAs an hour."""
+Global___FraudState: _TypeAlias = FraudState  # noqa: Y015
+
+class _FraudRuleAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FraudRuleActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FraudRuleAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FRAUD_RULE_ACTION_UNSPECIFIED: _FraudRuleAction.ValueType  # 0
+    FRAUD_RULE_ACTION_ALLOW: _FraudRuleAction.ValueType  # 1
+    """Safe list: SMS to the prefix pass the fraud guard (never to premium-rate or shared-cost numbers)."""
+    FRAUD_RULE_ACTION_BLOCK: _FraudRuleAction.ValueType  # 2
+    """Block list: SMS to the prefix are refused."""
+
+class FraudRuleAction(_FraudRuleAction, metaclass=_FraudRuleActionEnumTypeWrapper):
+    """What an operator's prefix rule does."""
+
+FRAUD_RULE_ACTION_UNSPECIFIED: FraudRuleAction.ValueType  # 0
+FRAUD_RULE_ACTION_ALLOW: FraudRuleAction.ValueType  # 1
+"""Safe list: SMS to the prefix pass the fraud guard (never to premium-rate or shared-cost numbers)."""
+FRAUD_RULE_ACTION_BLOCK: FraudRuleAction.ValueType  # 2
+"""Block list: SMS to the prefix are refused."""
+Global___FraudRuleAction: _TypeAlias = FraudRuleAction  # noqa: Y015
+
 @_typing.final
 class Origin(_message.Message):
     """Who asked for a message: the client's end user, as the edge learned it. Used by the per-IP
@@ -624,3 +694,112 @@ class ClientPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClientPolicy: _TypeAlias = ClientPolicy  # noqa: Y015
+
+@_typing.final
+class FraudEvent(_message.Message):
+    """A number range or client segment the fraud guard found suspicious."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    SMS_FIELD_NUMBER: _builtins.int
+    ENTERED_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    kind: Global___FraudEventKind.ValueType
+    value: _builtins.str
+    """The prefix or range in E.164 form (e.g. "+4915112"), or the country of a client segment."""
+    client_id: _builtins.str
+    """The client of the request that last saw it."""
+    region: _builtins.str
+    """ISO 3166-1 alpha-2 region of the numbers."""
+    state: Global___FraudState.ValueType
+    signal: _builtins.str
+    """The signal that decided most recently (e.g. PREFIX_VELOCITY, CLIENT_COUNTRY_CONVERSION)."""
+    score: _builtins.float
+    """Its evidence in nats (3: CAPTCHA, 9: attack)."""
+    requests: _builtins.int
+    """In the last ten minutes when last seen: numbers asked for, sent an SMS, whose code was entered."""
+    sms: _builtins.int
+    entered: _builtins.int
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When it entered this state."""
+
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """When a request last saw it so."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___FraudEventKind.ValueType = ...,
+        value: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        state: Global___FraudState.ValueType = ...,
+        signal: _builtins.str = ...,
+        score: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        sms: _builtins.int = ...,
+        entered: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "entered", b"entered", "kind", b"kind", "last_seen", b"last_seen", "region", b"region", "requests", b"requests", "score", b"score", "signal", b"signal", "since", b"since", "sms", b"sms", "state", b"state", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudEvent: _TypeAlias = FraudEvent  # noqa: Y015
+
+@_typing.final
+class FraudRule(_message.Message):
+    """An operator's rule for every number starting with a prefix."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    """E.164 prefix, from the country code up to a whole number, e.g. "+4915112"."""
+    action: Global___FraudRuleAction.ValueType
+    client_id: _builtins.str
+    """The client it applies to; empty: every client."""
+    reason: _builtins.str
+    """Why (kept and logged with the change)."""
+    created_by: _builtins.str
+    """Output only: the admin API key that set it ("config" for OTPGATE_FRAUD_SAFE_PREFIXES)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+        action: Global___FraudRuleAction.ValueType = ...,
+        client_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "client_id", b"client_id", "create_time", b"create_time", "created_by", b"created_by", "prefix", b"prefix", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FraudRule: _TypeAlias = FraudRule  # noqa: Y015

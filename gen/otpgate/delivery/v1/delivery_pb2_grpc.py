@@ -85,6 +85,26 @@ class DeliveryServiceStub:
                 request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ListFraudEvents = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/ListFraudEvents',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsResponse.FromString,
+                _registered_method=True)
+        self.ListFraudRules = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/ListFraudRules',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesResponse.FromString,
+                _registered_method=True)
+        self.CreateFraudRule = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/CreateFraudRule',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleResponse.FromString,
+                _registered_method=True)
+        self.DeleteFraudRule = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/DeleteFraudRule',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -161,6 +181,34 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFraudEvents(self, request, context):
+        """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFraudRules(self, request, context):
+        """Lists the operators' prefix rules: the safe list and the block list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateFraudRule(self, request, context):
+        """Sets the rule for a prefix (and client), replacing the one there was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFraudRule(self, request, context):
+        """Removes the rule for a prefix (and client).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +261,26 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageRequest.FromString,
                     response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ListFraudEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFraudEvents,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsResponse.SerializeToString,
+            ),
+            'ListFraudRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFraudRules,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesResponse.SerializeToString,
+            ),
+            'CreateFraudRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFraudRule,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleResponse.SerializeToString,
+            ),
+            'DeleteFraudRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFraudRule,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +554,114 @@ class DeliveryService:
             '/otpgate.delivery.v1.DeliveryService/GetUsage',
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageRequest.SerializeToString,
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFraudEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/ListFraudEvents',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFraudRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/ListFraudRules',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ListFraudRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFraudRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/CreateFraudRule',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CreateFraudRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFraudRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/DeleteFraudRule',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,14 @@ class DeliveryServiceStub:
     """Records that a code sent by a message was entered correctly (fraud guard conversion)."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetUsageRequest, _delivery_pb2.GetUsageResponse]
     """Reads a client's usage counters."""
+    ListFraudEvents: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ListFraudEventsRequest, _delivery_pb2.ListFraudEventsResponse]
+    """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+    ListFraudRules: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ListFraudRulesRequest, _delivery_pb2.ListFraudRulesResponse]
+    """Lists the operators' prefix rules: the safe list and the block list."""
+    CreateFraudRule: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.CreateFraudRuleRequest, _delivery_pb2.CreateFraudRuleResponse]
+    """Sets the rule for a prefix (and client), replacing the one there was."""
+    DeleteFraudRule: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.DeleteFraudRuleRequest, _delivery_pb2.DeleteFraudRuleResponse]
+    """Removes the rule for a prefix (and client)."""
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -79,6 +87,14 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """Records that a code sent by a message was entered correctly (fraud guard conversion)."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetUsageRequest, _delivery_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Reads a client's usage counters."""
+    ListFraudEvents: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ListFraudEventsRequest, _delivery_pb2.ListFraudEventsResponse]  # type: ignore[assignment]
+    """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+    ListFraudRules: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ListFraudRulesRequest, _delivery_pb2.ListFraudRulesResponse]  # type: ignore[assignment]
+    """Lists the operators' prefix rules: the safe list and the block list."""
+    CreateFraudRule: _aio.UnaryUnaryMultiCallable[_delivery_pb2.CreateFraudRuleRequest, _delivery_pb2.CreateFraudRuleResponse]  # type: ignore[assignment]
+    """Sets the rule for a prefix (and client), replacing the one there was."""
+    DeleteFraudRule: _aio.UnaryUnaryMultiCallable[_delivery_pb2.DeleteFraudRuleRequest, _delivery_pb2.DeleteFraudRuleResponse]  # type: ignore[assignment]
+    """Removes the rule for a prefix (and client)."""
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only sender: policy, throttling, anti-fraud, routing, dispatch, webhooks."""
@@ -162,6 +178,38 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.GetUsageResponse, _abc.Awaitable[_delivery_pb2.GetUsageResponse]]:
         """Reads a client's usage counters."""
+
+    @_abc_1.abstractmethod
+    def ListFraudEvents(
+        self,
+        request: _delivery_pb2.ListFraudEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.ListFraudEventsResponse, _abc.Awaitable[_delivery_pb2.ListFraudEventsResponse]]:
+        """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+
+    @_abc_1.abstractmethod
+    def ListFraudRules(
+        self,
+        request: _delivery_pb2.ListFraudRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.ListFraudRulesResponse, _abc.Awaitable[_delivery_pb2.ListFraudRulesResponse]]:
+        """Lists the operators' prefix rules: the safe list and the block list."""
+
+    @_abc_1.abstractmethod
+    def CreateFraudRule(
+        self,
+        request: _delivery_pb2.CreateFraudRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.CreateFraudRuleResponse, _abc.Awaitable[_delivery_pb2.CreateFraudRuleResponse]]:
+        """Sets the rule for a prefix (and client), replacing the one there was."""
+
+    @_abc_1.abstractmethod
+    def DeleteFraudRule(
+        self,
+        request: _delivery_pb2.DeleteFraudRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.DeleteFraudRuleResponse, _abc.Awaitable[_delivery_pb2.DeleteFraudRuleResponse]]:
+        """Removes the rule for a prefix (and client)."""
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

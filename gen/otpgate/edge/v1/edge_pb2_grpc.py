@@ -694,6 +694,26 @@ class AdminServiceStub:
                 request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotRequest.SerializeToString,
                 response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotResponse.FromString,
                 _registered_method=True)
+        self.ListFraudEvents = channel.unary_unary(
+                '/otpgate.edge.v1.AdminService/ListFraudEvents',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsResponse.FromString,
+                _registered_method=True)
+        self.ListFraudRules = channel.unary_unary(
+                '/otpgate.edge.v1.AdminService/ListFraudRules',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesResponse.FromString,
+                _registered_method=True)
+        self.CreateFraudRule = channel.unary_unary(
+                '/otpgate.edge.v1.AdminService/CreateFraudRule',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleResponse.FromString,
+                _registered_method=True)
+        self.DeleteFraudRule = channel.unary_unary(
+                '/otpgate.edge.v1.AdminService/DeleteFraudRule',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -777,6 +797,35 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFraudEvents(self, request, context):
+        """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFraudRules(self, request, context):
+        """Lists the prefix rules: the safe list and the block list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateFraudRule(self, request, context):
+        """Lets a prefix through the fraud guard, or blocks it, for one client or all (replaces the rule
+        for the same prefix and client); logged with the admin key that set it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFraudRule(self, request, context):
+        """Removes the rule for a prefix ("%2B4915112" in the path) and client_id (a query parameter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -834,6 +883,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveBot,
                     request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotRequest.FromString,
                     response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotResponse.SerializeToString,
+            ),
+            'ListFraudEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFraudEvents,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsResponse.SerializeToString,
+            ),
+            'ListFraudRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFraudRules,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesResponse.SerializeToString,
+            ),
+            'CreateFraudRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFraudRule,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleResponse.SerializeToString,
+            ),
+            'DeleteFraudRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFraudRule,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1134,6 +1203,114 @@ class AdminService:
             '/otpgate.edge.v1.AdminService/RemoveBot',
             otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotRequest.SerializeToString,
             otpgate_dot_edge_dot_v1_dot_edge__pb2.RemoveBotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFraudEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.AdminService/ListFraudEvents',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFraudRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.AdminService/ListFraudRules',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.ListFraudRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFraudRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.AdminService/CreateFraudRule',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.CreateFraudRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFraudRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.AdminService/DeleteFraudRule',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.DeleteFraudRuleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -230,6 +230,16 @@ class AdminServiceStub:
     """Lists the bots: one client's own ones and the shared ones ("-": every bot)."""
     RemoveBot: _grpc.UnaryUnaryMultiCallable[_edge_pb2.RemoveBotRequest, _edge_pb2.RemoveBotResponse]
     """Removes a bot: it stops sending, and its people are no longer reached through it."""
+    ListFraudEvents: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListFraudEventsRequest, _edge_pb2.ListFraudEventsResponse]
+    """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+    ListFraudRules: _grpc.UnaryUnaryMultiCallable[_edge_pb2.ListFraudRulesRequest, _edge_pb2.ListFraudRulesResponse]
+    """Lists the prefix rules: the safe list and the block list."""
+    CreateFraudRule: _grpc.UnaryUnaryMultiCallable[_edge_pb2.CreateFraudRuleRequest, _edge_pb2.CreateFraudRuleResponse]
+    """Lets a prefix through the fraud guard, or blocks it, for one client or all (replaces the rule
+    for the same prefix and client); logged with the admin key that set it.
+    """
+    DeleteFraudRule: _grpc.UnaryUnaryMultiCallable[_edge_pb2.DeleteFraudRuleRequest, _edge_pb2.DeleteFraudRuleResponse]
+    """Removes the rule for a prefix ("%2B4915112" in the path) and client_id (a query parameter)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -258,6 +268,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists the bots: one client's own ones and the shared ones ("-": every bot)."""
     RemoveBot: _aio.UnaryUnaryMultiCallable[_edge_pb2.RemoveBotRequest, _edge_pb2.RemoveBotResponse]  # type: ignore[assignment]
     """Removes a bot: it stops sending, and its people are no longer reached through it."""
+    ListFraudEvents: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListFraudEventsRequest, _edge_pb2.ListFraudEventsResponse]  # type: ignore[assignment]
+    """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+    ListFraudRules: _aio.UnaryUnaryMultiCallable[_edge_pb2.ListFraudRulesRequest, _edge_pb2.ListFraudRulesResponse]  # type: ignore[assignment]
+    """Lists the prefix rules: the safe list and the block list."""
+    CreateFraudRule: _aio.UnaryUnaryMultiCallable[_edge_pb2.CreateFraudRuleRequest, _edge_pb2.CreateFraudRuleResponse]  # type: ignore[assignment]
+    """Lets a prefix through the fraud guard, or blocks it, for one client or all (replaces the rule
+    for the same prefix and client); logged with the admin key that set it.
+    """
+    DeleteFraudRule: _aio.UnaryUnaryMultiCallable[_edge_pb2.DeleteFraudRuleRequest, _edge_pb2.DeleteFraudRuleResponse]  # type: ignore[assignment]
+    """Removes the rule for a prefix ("%2B4915112" in the path) and client_id (a query parameter)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator API (admin scope)."""
@@ -349,6 +369,40 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_edge_pb2.RemoveBotResponse, _abc.Awaitable[_edge_pb2.RemoveBotResponse]]:
         """Removes a bot: it stops sending, and its people are no longer reached through it."""
+
+    @_abc_1.abstractmethod
+    def ListFraudEvents(
+        self,
+        request: _edge_pb2.ListFraudEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.ListFraudEventsResponse, _abc.Awaitable[_edge_pb2.ListFraudEventsResponse]]:
+        """Lists the fraud guard's events: ranges and client segments that needed CAPTCHAs or were refused."""
+
+    @_abc_1.abstractmethod
+    def ListFraudRules(
+        self,
+        request: _edge_pb2.ListFraudRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.ListFraudRulesResponse, _abc.Awaitable[_edge_pb2.ListFraudRulesResponse]]:
+        """Lists the prefix rules: the safe list and the block list."""
+
+    @_abc_1.abstractmethod
+    def CreateFraudRule(
+        self,
+        request: _edge_pb2.CreateFraudRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.CreateFraudRuleResponse, _abc.Awaitable[_edge_pb2.CreateFraudRuleResponse]]:
+        """Lets a prefix through the fraud guard, or blocks it, for one client or all (replaces the rule
+        for the same prefix and client); logged with the admin key that set it.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteFraudRule(
+        self,
+        request: _edge_pb2.DeleteFraudRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.DeleteFraudRuleResponse, _abc.Awaitable[_edge_pb2.DeleteFraudRuleResponse]]:
+        """Removes the rule for a prefix ("%2B4915112" in the path) and client_id (a query parameter)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
