@@ -208,6 +208,28 @@ def _enum_name(value: str, prefix: str) -> str:
     return "service default" if name == "unspecified" else name
 
 
+def describe_sms_countries(policy: common_pb2.ClientPolicy) -> str:
+    """Where SMS may go, and why, in one line: the effective countries first."""
+    service = set(policy.service_sms_countries)
+    if policy.sms_countries_any:
+        reach = (
+            f"{','.join(sorted(service))} only (any country, within the service's list)" if service else "any country"
+        )
+    elif policy.sms_countries:
+        chosen = sorted(policy.sms_countries)
+        effective = [c for c in chosen if not service or c in service]
+        reach = ",".join(effective) + " only" if effective else "none (SMS refused)"
+        if service and effective != chosen:
+            reach += f" (set: {','.join(chosen)}; the service allows {','.join(sorted(service))})"
+    else:
+        reach = "none (SMS refused)"
+    source = {
+        common_pb2.SMS_COUNTRIES_SOURCE_SANDBOX_DEFAULT: " - the sandbox default: set --sms-countries for production",
+        common_pb2.SMS_COUNTRIES_SOURCE_SERVICE_DEFAULT: " - the default: no SMS until an operator sets --sms-countries",
+    }.get(policy.sms_countries_source, "")
+    return reach + source
+
+
 def describe_policy(policy: common_pb2.ClientPolicy) -> str:
     def window(d: duration_pb2.Duration) -> str:
         seconds = d.ToSeconds()
@@ -223,7 +245,7 @@ def describe_policy(policy: common_pb2.ClientPolicy) -> str:
     rows = [
         ("client", policy.client_id),
         ("allowed_countries", ",".join(policy.allowed_countries) or "(any)"),
-        ("sms_countries", "(any)" if policy.sms_countries_any else ",".join(policy.sms_countries) or "(none)"),
+        ("sms_countries", describe_sms_countries(policy)),
         ("sms_fallback", str(policy.sms_fallback).lower()),
         ("default_confirm_days", str(policy.default_confirm_days) if policy.default_confirm_days else "0 (off)"),
         ("captcha_rule", _enum_name(common_pb2.CaptchaRule.Name(policy.captcha_rule), "CAPTCHA_RULE_")),
@@ -292,12 +314,18 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     put.add_argument(
         "--allowed-countries", type=_regions, metavar="CC,..", help="ISO regions numbers may belong to; '' for any"
     )
-    put.add_argument("--sms-countries", type=_regions, metavar="CC,..", help="ISO regions SMS may go to; '' for none")
-    put.add_argument(
+    sms = put.add_mutually_exclusive_group()
+    sms.add_argument(
+        "--sms-countries",
+        type=_regions,
+        metavar="CC,..",
+        help="the only ISO regions SMS may go to (replaces 'any'); '' for none",
+    )
+    sms.add_argument(
         "--sms-countries-any",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="allow SMS to any region (overrides --sms-countries)",
+        help="allow SMS to any region (replaces a list); --no-sms-countries-any turns that off",
     )
     put.add_argument(
         "--sms-fallback",

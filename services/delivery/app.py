@@ -15,7 +15,7 @@ from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
-from services.core.config import CommonConfig, Env
+from services.core.config import CommonConfig, ConfigError, Env
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
@@ -41,7 +41,10 @@ _LIMIT_DEFAULTS = {
     "client": ("1000/60", "SendMessage per client"),
     "phone_short": ("5/600", "messages per phone, short window"),
     "phone_daily": ("20/86400", "messages per phone per day"),
-    "ip_sms": ("5/1800", "SMS legs per end-user IP"),
+    "ip_sms": (
+        "20/3600",
+        "SMS legs per end-user IP (carrier NAT puts many people behind one address; the fraud guard weighs reuse below this)",
+    ),
     "session": ("10/600", "messages per end-user session id"),
     "global": ("20000/60", "messages accepted by the whole service"),
     "reachability": ("60/60", "CheckReachability per client"),
@@ -87,7 +90,8 @@ def load_config(env: Env) -> DeliveryConfig:
     default_sms_any = env.text(
         "OTPGATE_DELIVERY_DEFAULT_SMS_ANY",
         "",
-        "whether clients without a policy may get SMS to any country (default: only in sandbox mode)",
+        "whether clients whose SMS countries nobody set may get SMS to any country (default: only in sandbox"
+        " mode; never in production, where clients get none until an operator sets theirs)",
         choices=("", "true", "false"),
     )
     engine = EngineSettings(
@@ -430,8 +434,19 @@ async def build_app(
         clock,
         config.fraud,
     )
+    if config.sms_any_default and common.environment == "production":
+        raise ConfigError(
+            "OTPGATE_DELIVERY_DEFAULT_SMS_ANY=true is refused in production: set each client's SMS countries"
+        )
     sms_any = config.sms_any_default if config.sms_any_default is not None else common.sandbox
-    policies = PolicyStore(db["policies"], clock, sms_any, config.policy_cache_ttl)
+    policies = PolicyStore(
+        db["policies"],
+        clock,
+        sms_any,
+        config.policy_cache_ttl,
+        sandbox=common.sandbox,
+        service_sms_countries=config.engine.sms_countries,
+    )
     http = aiohttp.ClientSession()
     webhook_http = guarded_session(allow_private=common.dev)
     sandbox = SandboxSmsProvider(db["sandbox_sms"], keyring, clock) if common.sandbox else None

@@ -8,7 +8,7 @@ Each job lives in its own module; Engine only wires them and names the entry poi
     dispatch.py       one attempt under a message's claim; claiming due messages
     legs.py           the bot leg and the SMS leg, and what a try decides
     hold.py           the re-confirmation hold and starting the confirmation
-    release.py        ReleaseHeldMessages
+    release.py        ReleaseHeldMessages, FailHeldMessages
     notify.py         what follows a status change: metric, usage record, webhook, log
     reports.py        SMS delivery reports (polled or pushed)
     messages.py       GetMessage, CancelMessage, RecordConversion
@@ -101,7 +101,7 @@ class Engine:
         self.admission = Admission(
             store, policies, limiter, fraud, claims, router, sms_admission, self.dispatcher, crypto, clock, settings
         )
-        self.release = HeldRelease(store, self.dispatcher, fraud, crypto, clock)
+        self.release = HeldRelease(store, self.dispatcher, fraud, crypto, clock, settings.text_retention)
         self.messages = ClientMessages(store, self.dispatcher, fraud, notifier, clock, settings)
         self.reachability = Reachability(policies, limiter, router, crypto, clock, settings)
         self.reports = SmsReports(store, sms, self.dispatcher, notifier, crypto, clock, settings)
@@ -122,6 +122,9 @@ class Engine:
 
     async def release_held(self, telegram_user_id: int, phone_raw: str) -> int:
         return await self.release.release(telegram_user_id, phone_raw)
+
+    async def fail_held(self, telegram_user_id: int, phone_raw: str) -> int:
+        return await self.release.fail(telegram_user_id, phone_raw)
 
     async def check_reachability(
         self, request: delivery_pb2.CheckReachabilityRequest

@@ -1,4 +1,11 @@
-"""Client delivery policies: defaults, validation, FieldMask updates, storage form."""
+"""Client delivery policies: defaults, validation, FieldMask updates, storage form.
+
+SMS countries mean what they say: a list replaces "any" (setting sms_countries without
+sms_countries_any turns "any" off; both at once is refused), and until an operator sets them a
+client has the service's default, read fresh each time: no country in production, any in
+sandbox mode. A policy says which it is (sms_countries_source) and which service-wide list
+narrows it (service_sms_countries).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ class Policy:
     allowed_countries: tuple[str, ...] = ()
     sms_countries: tuple[str, ...] = ()
     sms_countries_any: bool = False
+    # Whether an operator set sms_countries / sms_countries_any (else they are the service default).
+    sms_countries_set: bool = False
     sms_fallback: bool = False
     default_confirm_days: int = 0
     captcha_rule: int = common_pb2.CAPTCHA_RULE_ON_RISK
@@ -83,11 +92,16 @@ def default_policy(client_id: str, sms_any: bool) -> Policy:
 
 
 def _from_doc(doc: Document) -> Policy:
+    sms_countries = tuple(doc.get("sms_countries", ()))
+    sms_any = bool(doc.get("sms_countries_any", False))
+    # Policies stored before the field existed: what they name was somebody's choice.
+    chosen = bool(doc["sms_countries_set"]) if "sms_countries_set" in doc else bool(sms_countries) or sms_any
     return Policy(
         client_id=str(doc["_id"]),
         allowed_countries=tuple(doc.get("allowed_countries", ())),
-        sms_countries=tuple(doc.get("sms_countries", ())),
-        sms_countries_any=bool(doc.get("sms_countries_any", False)),
+        sms_countries=sms_countries,
+        sms_countries_any=sms_any,
+        sms_countries_set=chosen,
         sms_fallback=bool(doc.get("sms_fallback", False)),
         default_confirm_days=int(doc.get("default_confirm_days", 0)),
         captcha_rule=int(doc.get("captcha_rule", common_pb2.CAPTCHA_RULE_ON_RISK)),
@@ -107,6 +121,7 @@ def _to_doc(policy: Policy) -> Document:
         "allowed_countries": list(policy.allowed_countries),
         "sms_countries": list(policy.sms_countries),
         "sms_countries_any": policy.sms_countries_any,
+        "sms_countries_set": policy.sms_countries_set,
         "sms_fallback": policy.sms_fallback,
         "default_confirm_days": policy.default_confirm_days,
         "captcha_rule": policy.captcha_rule,
@@ -123,6 +138,8 @@ _TOP_FIELDS = {f.name for f in common_pb2.ClientPolicy.DESCRIPTOR.fields} - {
     "client_id",
     "webhook_secret_set",
     "update_time",
+    "sms_countries_source",
+    "service_sms_countries",
 }
 
 
@@ -149,6 +166,8 @@ def _validate(proto: common_pb2.ClientPolicy, paths: set[str]) -> None:
                 problems.add(f"policy.rate_limits.{name}.limit", "must be >= 0")
             if rate.limit > 0 and not 1 <= seconds <= MAX_WINDOW_SECONDS:
                 problems.add(f"policy.rate_limits.{name}.window", "must be between 1 second and 31 days")
+    if {"sms_countries", "sms_countries_any"} <= paths and proto.sms_countries_any and proto.sms_countries:
+        problems.add("policy.sms_countries_any", "cannot be true while sms_countries names countries")
     if "webhook_secret" in paths and proto.webhook_secret and len(proto.webhook_secret) < 16:
         problems.add("policy.webhook_secret", "must be at least 16 characters")
     problems.raise_if_any()
@@ -189,6 +208,12 @@ def apply_update(
         updated = replace(updated, allowed_countries=tuple(sorted({r.upper() for r in proto.allowed_countries})))
     if "sms_countries" in paths:
         updated = replace(updated, sms_countries=tuple(sorted({r.upper() for r in proto.sms_countries})))
+        if "sms_countries_any" not in paths:
+            updated = replace(updated, sms_countries_any=False)  # a list replaces "any"
+    if "sms_countries_any" in paths and proto.sms_countries_any and "sms_countries" not in paths:
+        updated = replace(updated, sms_countries=())  # "any" replaces a list
+    if {"sms_countries", "sms_countries_any"} & paths:
+        updated = replace(updated, sms_countries_set=True)
     limits = dict(updated.rate_limits)
     for name in RATE_LIMIT_FIELDS:
         if "rate_limits" in paths or f"rate_limits.{name}" in paths:
@@ -213,12 +238,21 @@ class PolicyStore:
     made through another replica applies here within that time (at once through this one)."""
 
     def __init__(
-        self, collection: AsyncCollection[Document], clock: Clock, sms_any_default: bool, cache_ttl: float = 0.0
+        self,
+        collection: AsyncCollection[Document],
+        clock: Clock,
+        sms_any_default: bool,
+        cache_ttl: float = 0.0,
+        *,
+        sandbox: bool = False,
+        service_sms_countries: tuple[str, ...] = (),
     ) -> None:
         self._coll = collection
         self._clock = clock
         self._sms_any_default = sms_any_default
         self._cache_ttl = cache_ttl
+        self._sandbox = sandbox
+        self._service_sms_countries = service_sms_countries
         self._cache: dict[str, tuple[float, Policy]] = {}
 
     async def get(self, client_id: str) -> Policy:
@@ -235,7 +269,22 @@ class PolicyStore:
 
     async def _read(self, client_id: str) -> Policy:
         doc = await self._coll.find_one({"_id": client_id})
-        return _from_doc(doc) if doc else default_policy(client_id, self._sms_any_default)
+        policy = _from_doc(doc) if doc else default_policy(client_id, self._sms_any_default)
+        if not policy.sms_countries_set:  # the default applies as it is now, not as it was stored
+            policy = replace(policy, sms_countries=(), sms_countries_any=self._sms_any_default)
+        return policy
+
+    def to_proto(self, policy: Policy) -> common_pb2.ClientPolicy:
+        """The policy as clients and operators read it: with where its SMS countries come from."""
+        out = policy.to_proto()
+        if policy.sms_countries_set:
+            out.sms_countries_source = common_pb2.SMS_COUNTRIES_SOURCE_POLICY
+        elif self._sandbox and policy.sms_countries_any:
+            out.sms_countries_source = common_pb2.SMS_COUNTRIES_SOURCE_SANDBOX_DEFAULT
+        else:
+            out.sms_countries_source = common_pb2.SMS_COUNTRIES_SOURCE_SERVICE_DEFAULT
+        out.service_sms_countries.extend(self._service_sms_countries)
+        return out
 
     async def update(self, proto: common_pb2.ClientPolicy, mask: field_mask_pb2.FieldMask, keyring: Keyring) -> Policy:
         self._cache.pop(proto.client_id, None)

@@ -1,4 +1,5 @@
-"""ReleaseHeldMessages: a person confirmed their number, so what was held for it goes out.
+"""ReleaseHeldMessages: a person confirmed their number, so what was held for it goes out;
+FailHeldMessages: they did not (every try was a wrong code), so it fails with CONFIRMATION_FAILED.
 
 Called by verification when the person typed the confirmation code to the bot (see hold.py).
 Only the messages held for that number and that Telegram user are released; each is taken under
@@ -9,6 +10,10 @@ a conversion of the SMS that carried the code (fraud.py).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from otpgate.common.v1 import common_pb2
+
 from services.core.clock import Clock
 from services.core.errors import invalid_argument
 from services.core.logging import get_logger
@@ -16,7 +21,7 @@ from services.core.phone import InvalidPhoneError, parse_phone
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
 from services.delivery.message_crypto import MessageCrypto
-from services.delivery.record import HELD, QUEUED, MessageChanges
+from services.delivery.record import EPOCH, FAILED, HELD, QUEUED, MessageChanges
 from services.delivery.store import Store
 
 log = get_logger(__name__)
@@ -24,8 +29,15 @@ log = get_logger(__name__)
 
 class HeldRelease:
     def __init__(
-        self, store: Store, dispatcher: Dispatcher, fraud: FraudGuard, crypto: MessageCrypto, clock: Clock
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        fraud: FraudGuard,
+        crypto: MessageCrypto,
+        clock: Clock,
+        text_retention: float = 86400.0,
     ) -> None:
+        self.text_retention = text_retention
         self.store = store
         self.dispatcher = dispatcher
         self.fraud = fraud
@@ -61,3 +73,39 @@ class HeldRelease:
             await self.dispatcher.run_claimed(fresh.updated(changes), claim)
         log.info("held_messages_released", released=released)
         return released
+
+    async def fail(self, telegram_user_id: int, phone_raw: str) -> int:
+        """How many held messages failed: the confirmation they waited for ended with wrong codes."""
+        try:
+            phone = parse_phone(phone_raw)
+        except InvalidPhoneError as exc:
+            raise invalid_argument([("phone", str(exc))]) from None
+        failed = 0
+        for record in await self.store.held_for_phone(self.crypto.phone_index(phone.e164)):
+            if record.telegram_user_id != telegram_user_id:
+                continue
+            claim = await self.dispatcher.claim(record)
+            if claim is None:
+                continue
+            fresh = await self.store.get(record.id)
+            if fresh is None or fresh.status != HELD or fresh.expire_at <= self.clock.now():
+                if fresh is not None:
+                    await self.dispatcher.run_claimed(fresh, claim)  # writes EXPIRED if it ran out
+                else:
+                    await self.dispatcher.claims.release(claim)
+                continue
+            now = self.clock.now()
+            changes: MessageChanges = {
+                "status": FAILED,
+                "failure_reason": common_pb2.FAILURE_REASON_CONFIRMATION_FAILED,
+                "lease_until": EPOCH,
+                "claim_seq": claim.seq,
+                "updated_at": now,
+                "purge_at": now + timedelta(seconds=self.text_retention),
+            }
+            await self.store.write(record.id, changes)
+            await self.dispatcher.claims.release(claim)
+            await self.dispatcher.notifier.changed(fresh.updated(changes))
+            failed += 1
+        log.info("held_messages_failed", failed=failed)
+        return failed

@@ -89,6 +89,14 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         released = await self.engine.release_held(request.telegram_user_id, request.phone)
         return delivery_pb2.ReleaseHeldMessagesResponse(released_count=released)
 
+    async def FailHeldMessages(
+        self, request: delivery_pb2.FailHeldMessagesRequest, context: Context
+    ) -> delivery_pb2.FailHeldMessagesResponse:
+        if request.telegram_user_id <= 0:
+            raise invalid_argument([("telegram_user_id", "is required")])
+        failed = await self.engine.fail_held(request.telegram_user_id, request.phone)
+        return delivery_pb2.FailHeldMessagesResponse(failed_count=failed)
+
     async def CheckReachability(
         self, request: delivery_pb2.CheckReachabilityRequest, context: Context
     ) -> delivery_pb2.CheckReachabilityResponse:
@@ -100,7 +108,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         if not request.client_id:
             raise invalid_argument([("client_id", "is required")])
         policy = await self.engine.policies.get(request.client_id)
-        return delivery_pb2.GetClientPolicyResponse(policy=policy.to_proto())
+        return delivery_pb2.GetClientPolicyResponse(policy=self.engine.policies.to_proto(policy))
 
     async def UpdateClientPolicy(
         self, request: delivery_pb2.UpdateClientPolicyRequest, context: Context
@@ -108,7 +116,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         if not request.policy.client_id:
             raise invalid_argument([("policy.client_id", "is required")])
         policy = await self.engine.policies.update(request.policy, request.update_mask, self.engine.keyring)
-        return delivery_pb2.UpdateClientPolicyResponse(policy=policy.to_proto())
+        return delivery_pb2.UpdateClientPolicyResponse(policy=self.engine.policies.to_proto(policy))
 
     async def RecordConversion(
         self, request: delivery_pb2.RecordConversionRequest, context: Context

@@ -38,7 +38,7 @@ class EngineSettings:
             "client": Rate(1000, 60),
             "phone_short": Rate(5, 600),
             "phone_daily": Rate(20, 86400),
-            "ip_sms": Rate(5, 1800),
+            "ip_sms": Rate(20, 3600),
             "session": Rate(10, 600),
             "global": Rate(20000, 60),
             "reachability": Rate(60, 60),

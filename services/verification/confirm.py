@@ -328,6 +328,8 @@ class Confirmer:
         if result.outcome is CheckOutcome.WRONG_CODE:
             return self._answer("wrong_code", WRONG_CODE, masked, view.id, attempts_left=result.attempts_left)
         if result.outcome is CheckOutcome.EXHAUSTED:
+            if result.view.status == MAX_ATTEMPTS_REACHED:
+                await self._fail_held(view.id, user, phone)
             return self._answer("too_many_attempts", TOO_MANY_ATTEMPTS, masked, view.id)
         if result.outcome is CheckOutcome.EXPIRED:
             return self._answer("expired", OUTCOME_EXPIRED, masked, view.id)
@@ -335,6 +337,18 @@ class Confirmer:
         if result.view.status == APPROVED:
             return self._answer("confirmed", CONFIRMED, masked, view.id)
         return self._answer("no_pending", NO_PENDING, "", view.id)
+
+    async def _fail_held(self, confirmation_id: str, user: int, phone: str) -> None:
+        """Every try was a wrong code: the messages held for the number fail (CONFIRMATION_FAILED)
+        rather than wait for their ttl. Should delivery not answer, they end at their ttl
+        (CONFIRMATION_TIMEOUT): late, but not lost."""
+        request = delivery_pb2.FailHeldMessagesRequest(telegram_user_id=user, phone=phone)
+        try:
+            reply = await call(lambda: self.delivery.FailHeldMessages(request))
+        except DownstreamError as err:
+            log.warning("held_messages_not_failed", confirmation_id=confirmation_id, reason=err.reason)
+            return
+        log.info("confirmation_failed", confirmation_id=confirmation_id, failed_count=reply.failed_count)
 
     async def _answer_without_pending(self, user: int) -> verification_pb2.SubmitConfirmationCodeResponse:
         last = await self.store.latest_confirmation(user)

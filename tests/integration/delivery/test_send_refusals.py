@@ -168,9 +168,9 @@ async def test_rate_limits_per_phone_ip_and_session_with_retry_info(
         await delivery.SendMessage(sms_request("+79991234567", request_id="p6"))
 
         origin = common_pb2.Origin(ip="203.0.113.7")
-        for i in range(5):
-            await delivery.SendMessage(sms_request(f"+7916222000{i}", origin=origin))
-        failure = await refused(delivery.SendMessage(sms_request("+79162220009", origin=origin)))
+        for i in range(20):  # the default: 20 SMS per address and hour
+            await delivery.SendMessage(sms_request(f"+791622200{i:02d}", origin=origin))
+        failure = await refused(delivery.SendMessage(sms_request("+79162220099", origin=origin)))
         assert failure.reason == "RATE_LIMITED" and "ip_sms" in failure.message
 
         session = common_pb2.Origin(session_id="sess-1")

@@ -115,7 +115,7 @@ async def test_wrong_telegram_user_is_refused_and_tries_count_down(env: Env) -> 
 async def test_five_wrong_codes_end_the_confirmation(env: Env) -> None:
     user = await env.user()
     await env.connect(user)
-    await hold_message(env, user.phone)
+    message_id = await hold_message(env, user.phone)
     (code,) = await env.codes_by_sms(user.phone)
     for _ in range(4):
         await env.verification.SubmitConfirmationCode(
@@ -131,6 +131,12 @@ async def test_five_wrong_codes_end_the_confirmation(env: Env) -> None:
     assert after.outcome == V.CONFIRMATION_OUTCOME_TOO_MANY_ATTEMPTS
     stored = await env.database["confirmations"].find_one({"telegram_user_id": user.user_id})
     assert stored["status"] == "MAX_ATTEMPTS_REACHED" and "code" not in stored
+    # What was held for the number failed for the wrong codes, at once, not as a timeout later.
+    held = await env.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=message_id))
+    assert (held.message.status, held.message.failure_reason) == (
+        common_pb2.MESSAGE_STATUS_FAILED,
+        common_pb2.FAILURE_REASON_CONFIRMATION_FAILED,
+    )
 
 
 async def test_one_pending_confirmation_per_number_reused_with_the_same_code_after_the_cooldown(env: Env) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
+from otpgate.common.v1 import common_pb2
 
 from services.cli import admin, status
 from services.cli.main import build_parser, main
@@ -178,6 +179,34 @@ def test_policy_set_sends_only_the_fields_given() -> None:
     assert paths == ["sms_fallback", "fraud_mode"]
     with pytest.raises(admin.CliError, match="nothing to change"):
         admin.build_policy_update(_policy_args())
+
+
+def test_sms_countries_replace_any_and_read_unmistakably(capsys: pytest.CaptureFixture[str]) -> None:
+    policy, paths = admin.build_policy_update(_policy_args("--sms-countries", "FR", "--sms-fallback"))
+    assert (paths, list(policy.sms_countries)) == (["sms_countries", "sms_fallback"], ["FR"])  # "any" goes
+    with pytest.raises(SystemExit):
+        _policy_args("--sms-countries", "FR", "--sms-countries-any")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+    def shown(**fields: object) -> str:
+        return admin.describe_sms_countries(common_pb2.ClientPolicy(**fields))  # type: ignore[arg-type]
+
+    policy_set = common_pb2.SMS_COUNTRIES_SOURCE_POLICY
+    assert shown(sms_countries=["FR"], sms_countries_source=policy_set) == "FR only"
+    assert shown(sms_countries_any=True, sms_countries_source=policy_set) == "any country"
+    assert shown(sms_countries_source=policy_set) == "none (SMS refused)"
+    assert shown(sms_countries_any=True, sms_countries_source=common_pb2.SMS_COUNTRIES_SOURCE_SANDBOX_DEFAULT) == (
+        "any country - the sandbox default: set --sms-countries for production"
+    )
+    assert shown(sms_countries_source=common_pb2.SMS_COUNTRIES_SOURCE_SERVICE_DEFAULT) == (
+        "none (SMS refused) - the default: no SMS until an operator sets --sms-countries"
+    )
+    assert shown(sms_countries=["FR", "IT"], service_sms_countries=["DE", "FR"], sms_countries_source=policy_set) == (
+        "FR only (set: FR,IT; the service allows DE,FR)"
+    )
+    assert shown(sms_countries_any=True, service_sms_countries=["DE"], sms_countries_source=policy_set) == (
+        "DE only (any country, within the service's list)"
+    )
 
 
 @pytest.mark.parametrize("bad", ["phone=1/1m", "client=10", "client=x/1m", "client=5/0s", "client=5/soon"])

@@ -241,6 +241,32 @@ FRAUD_MODE_OFF: FraudMode.ValueType  # 3
 """No fraud checks (line type checks stay on)."""
 Global___FraudMode: _TypeAlias = FraudMode  # noqa: Y015
 
+class _SmsCountriesSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SmsCountriesSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SmsCountriesSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SMS_COUNTRIES_SOURCE_UNSPECIFIED: _SmsCountriesSource.ValueType  # 0
+    SMS_COUNTRIES_SOURCE_POLICY: _SmsCountriesSource.ValueType  # 1
+    """An operator set them."""
+    SMS_COUNTRIES_SOURCE_SERVICE_DEFAULT: _SmsCountriesSource.ValueType  # 2
+    """Nobody did: the service default, SMS to no country until an operator allows some."""
+    SMS_COUNTRIES_SOURCE_SANDBOX_DEFAULT: _SmsCountriesSource.ValueType  # 3
+    """Nobody did: the sandbox default, SMS to any country (sandbox mode only)."""
+
+class SmsCountriesSource(_SmsCountriesSource, metaclass=_SmsCountriesSourceEnumTypeWrapper):
+    """Where a policy's SMS countries come from."""
+
+SMS_COUNTRIES_SOURCE_UNSPECIFIED: SmsCountriesSource.ValueType  # 0
+SMS_COUNTRIES_SOURCE_POLICY: SmsCountriesSource.ValueType  # 1
+"""An operator set them."""
+SMS_COUNTRIES_SOURCE_SERVICE_DEFAULT: SmsCountriesSource.ValueType  # 2
+"""Nobody did: the service default, SMS to no country until an operator allows some."""
+SMS_COUNTRIES_SOURCE_SANDBOX_DEFAULT: SmsCountriesSource.ValueType  # 3
+"""Nobody did: the sandbox default, SMS to any country (sandbox mode only)."""
+Global___SmsCountriesSource: _TypeAlias = SmsCountriesSource  # noqa: Y015
+
 class _FraudEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -641,8 +667,11 @@ class ClientPolicy(_message.Message):
     WEBHOOK_SECRET_FIELD_NUMBER: _builtins.int
     WEBHOOK_SECRET_SET_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SMS_COUNTRIES_SOURCE_FIELD_NUMBER: _builtins.int
+    SERVICE_SMS_COUNTRIES_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     sms_countries_any: _builtins.bool
+    """SMS to any region. Cannot be set together with a non-empty sms_countries."""
     sms_fallback: _builtins.bool
     """Fall back to SMS when the person has no bot."""
     default_confirm_days: _builtins.int
@@ -657,18 +686,28 @@ class ClientPolicy(_message.Message):
     """Input only: the secret used to sign status webhooks. Never returned."""
     webhook_secret_set: _builtins.bool
     """Output only: whether a webhook secret is set."""
+    sms_countries_source: Global___SmsCountriesSource.ValueType
+    """Output only: who chose the SMS countries shown."""
     @_builtins.property
     def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2 regions numbers may belong to; empty: any."""
 
     @_builtins.property
     def sms_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Regions SMS may be sent to; empty: none unless sms_countries_any."""
+        """Regions SMS may be sent to; empty: none unless sms_countries_any. Setting it (in the update
+        mask) without sms_countries_any turns "any" off: the list replaces it.
+        """
 
     @_builtins.property
     def rate_limits(self) -> Global___RateLimits: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def service_sms_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only: the service-wide SMS allow-list (OTPGATE_DELIVERY_SMS_COUNTRIES); SMS go only to
+        regions in both lists. Empty: the service has none.
+        """
+
     def __init__(
         self,
         *,
@@ -686,10 +725,12 @@ class ClientPolicy(_message.Message):
         webhook_secret: _builtins.str = ...,
         webhook_secret_set: _builtins.bool = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        sms_countries_source: Global___SmsCountriesSource.ValueType = ...,
+        service_sms_countries: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limits", b"rate_limits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_code", b"allow_custom_code", "allowed_countries", b"allowed_countries", "captcha_rule", b"captcha_rule", "client_id", b"client_id", "daily_sms_cap", b"daily_sms_cap", "default_confirm_days", b"default_confirm_days", "fraud_mode", b"fraud_mode", "rate_limits", b"rate_limits", "sms_countries", b"sms_countries", "sms_countries_any", b"sms_countries_any", "sms_fallback", b"sms_fallback", "update_time", b"update_time", "webhook_secret", b"webhook_secret", "webhook_secret_set", b"webhook_secret_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_code", b"allow_custom_code", "allowed_countries", b"allowed_countries", "captcha_rule", b"captcha_rule", "client_id", b"client_id", "daily_sms_cap", b"daily_sms_cap", "default_confirm_days", b"default_confirm_days", "fraud_mode", b"fraud_mode", "rate_limits", b"rate_limits", "service_sms_countries", b"service_sms_countries", "sms_countries", b"sms_countries", "sms_countries_any", b"sms_countries_any", "sms_countries_source", b"sms_countries_source", "sms_fallback", b"sms_fallback", "update_time", b"update_time", "webhook_secret", b"webhook_secret", "webhook_secret_set", b"webhook_secret_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

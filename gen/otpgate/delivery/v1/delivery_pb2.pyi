@@ -345,6 +345,48 @@ class ReleaseHeldMessagesResponse(_message.Message):
 Global___ReleaseHeldMessagesResponse: _TypeAlias = ReleaseHeldMessagesResponse  # noqa: Y015
 
 @_typing.final
+class FailHeldMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TELEGRAM_USER_ID_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    telegram_user_id: _builtins.int
+    phone: _builtins.str
+    """The number whose confirmation failed."""
+    def __init__(
+        self,
+        *,
+        telegram_user_id: _builtins.int = ...,
+        phone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phone", b"phone", "telegram_user_id", b"telegram_user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailHeldMessagesRequest: _TypeAlias = FailHeldMessagesRequest  # noqa: Y015
+
+@_typing.final
+class FailHeldMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    failed_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        failed_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_count", b"failed_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailHeldMessagesResponse: _TypeAlias = FailHeldMessagesResponse  # noqa: Y015
+
+@_typing.final
 class CheckReachabilityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -60,6 +60,11 @@ class DeliveryServiceStub:
                 request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesRequest.SerializeToString,
                 response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesResponse.FromString,
                 _registered_method=True)
+        self.FailHeldMessages = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/FailHeldMessages',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesResponse.FromString,
+                _registered_method=True)
         self.CheckReachability = channel.unary_unary(
                 '/otpgate.delivery.v1.DeliveryService/CheckReachability',
                 request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckReachabilityRequest.SerializeToString,
@@ -141,6 +146,14 @@ class DeliveryServiceServicer:
 
     def ReleaseHeldMessages(self, request, context):
         """Releases the messages held for a person who just re-confirmed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailHeldMessages(self, request, context):
+        """Fails the messages held for a person whose re-confirmation failed (every try was a wrong code):
+        they end FAILED with CONFIRMATION_FAILED instead of waiting for their ttl.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,6 +249,11 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.ReleaseHeldMessages,
                     request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesRequest.FromString,
                     response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesResponse.SerializeToString,
+            ),
+            'FailHeldMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailHeldMessages,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesResponse.SerializeToString,
             ),
             'CheckReachability': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckReachability,
@@ -419,6 +437,33 @@ class DeliveryService:
             '/otpgate.delivery.v1.DeliveryService/ReleaseHeldMessages',
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesRequest.SerializeToString,
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ReleaseHeldMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailHeldMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/FailHeldMessages',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.FailHeldMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

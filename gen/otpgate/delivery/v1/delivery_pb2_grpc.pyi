@@ -43,6 +43,10 @@ class DeliveryServiceStub:
     """Cancels a message that was not sent yet."""
     ReleaseHeldMessages: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ReleaseHeldMessagesRequest, _delivery_pb2.ReleaseHeldMessagesResponse]
     """Releases the messages held for a person who just re-confirmed."""
+    FailHeldMessages: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.FailHeldMessagesRequest, _delivery_pb2.FailHeldMessagesResponse]
+    """Fails the messages held for a person whose re-confirmation failed (every try was a wrong code):
+    they end FAILED with CONFIRMATION_FAILED instead of waiting for their ttl.
+    """
     CheckReachability: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.CheckReachabilityRequest, _delivery_pb2.CheckReachabilityResponse]
     """Whether a number can get a bot message now."""
     GetClientPolicy: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetClientPolicyRequest, _delivery_pb2.GetClientPolicyResponse]
@@ -77,6 +81,10 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """Cancels a message that was not sent yet."""
     ReleaseHeldMessages: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ReleaseHeldMessagesRequest, _delivery_pb2.ReleaseHeldMessagesResponse]  # type: ignore[assignment]
     """Releases the messages held for a person who just re-confirmed."""
+    FailHeldMessages: _aio.UnaryUnaryMultiCallable[_delivery_pb2.FailHeldMessagesRequest, _delivery_pb2.FailHeldMessagesResponse]  # type: ignore[assignment]
+    """Fails the messages held for a person whose re-confirmation failed (every try was a wrong code):
+    they end FAILED with CONFIRMATION_FAILED instead of waiting for their ttl.
+    """
     CheckReachability: _aio.UnaryUnaryMultiCallable[_delivery_pb2.CheckReachabilityRequest, _delivery_pb2.CheckReachabilityResponse]  # type: ignore[assignment]
     """Whether a number can get a bot message now."""
     GetClientPolicy: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetClientPolicyRequest, _delivery_pb2.GetClientPolicyResponse]  # type: ignore[assignment]
@@ -138,6 +146,16 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.ReleaseHeldMessagesResponse, _abc.Awaitable[_delivery_pb2.ReleaseHeldMessagesResponse]]:
         """Releases the messages held for a person who just re-confirmed."""
+
+    @_abc_1.abstractmethod
+    def FailHeldMessages(
+        self,
+        request: _delivery_pb2.FailHeldMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.FailHeldMessagesResponse, _abc.Awaitable[_delivery_pb2.FailHeldMessagesResponse]]:
+        """Fails the messages held for a person whose re-confirmation failed (every try was a wrong code):
+        they end FAILED with CONFIRMATION_FAILED instead of waiting for their ttl.
+        """
 
     @_abc_1.abstractmethod
     def CheckReachability(
