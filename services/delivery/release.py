@@ -10,6 +10,7 @@ a conversion of the SMS that carried the code (fraud.py).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from otpgate.common.v1 import common_pb2
@@ -18,10 +19,11 @@ from services.core.clock import Clock
 from services.core.errors import invalid_argument
 from services.core.logging import get_logger
 from services.core.phone import InvalidPhoneError, parse_phone
+from services.delivery.claims import Claim
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
 from services.delivery.message_crypto import MessageCrypto
-from services.delivery.record import EPOCH, FAILED, HELD, QUEUED, MessageChanges
+from services.delivery.record import EPOCH, FAILED, HELD, QUEUED, MessageChanges, MessageRecord
 from services.delivery.store import Store
 
 log = get_logger(__name__)
@@ -44,15 +46,13 @@ class HeldRelease:
         self.crypto = crypto
         self.clock = clock
 
-    async def release(self, telegram_user_id: int, phone_raw: str) -> int:
-        """How many held messages were released (and dispatched)."""
+    async def _held(self, telegram_user_id: int, phone_raw: str) -> AsyncIterator[tuple[MessageRecord, Claim]]:
+        """Each message still held for this number and Telegram user, fresh and under its claim (the
+        caller writes it and releases the claim); one that ran out meanwhile is written EXPIRED."""
         try:
             phone = parse_phone(phone_raw)
         except InvalidPhoneError as exc:
             raise invalid_argument([("phone", str(exc))]) from None
-        index = self.crypto.phone_index(phone.e164)
-        await self.fraud.record_confirmed_phone(index)
-        released = 0
         for record in await self.store.held_for_phone(self.crypto.phone_indexes(phone.e164)):
             if record.telegram_user_id != telegram_user_id:
                 continue
@@ -66,9 +66,19 @@ class HeldRelease:
                 else:
                     await self.dispatcher.claims.release(claim)
                 continue
+            yield fresh, claim
+
+    async def release(self, telegram_user_id: int, phone_raw: str) -> int:
+        """How many held messages were released (and dispatched)."""
+        try:
+            await self.fraud.record_confirmed_phone(self.crypto.phone_index(parse_phone(phone_raw).e164))
+        except InvalidPhoneError as exc:
+            raise invalid_argument([("phone", str(exc))]) from None
+        released = 0
+        async for fresh, claim in self._held(telegram_user_id, phone_raw):
             now = self.clock.now()
             changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
-            await self.store.write(record.id, changes)
+            await self.store.write(fresh.id, changes)
             released += 1
             await self.dispatcher.run_claimed(fresh.updated(changes), claim)
         log.info("held_messages_released", released=released)
@@ -76,24 +86,8 @@ class HeldRelease:
 
     async def fail(self, telegram_user_id: int, phone_raw: str) -> int:
         """How many held messages failed: the confirmation they waited for ended with wrong codes."""
-        try:
-            phone = parse_phone(phone_raw)
-        except InvalidPhoneError as exc:
-            raise invalid_argument([("phone", str(exc))]) from None
         failed = 0
-        for record in await self.store.held_for_phone(self.crypto.phone_index(phone.e164)):
-            if record.telegram_user_id != telegram_user_id:
-                continue
-            claim = await self.dispatcher.claim(record)
-            if claim is None:
-                continue
-            fresh = await self.store.get(record.id)
-            if fresh is None or fresh.status != HELD or fresh.expire_at <= self.clock.now():
-                if fresh is not None:
-                    await self.dispatcher.run_claimed(fresh, claim)  # writes EXPIRED if it ran out
-                else:
-                    await self.dispatcher.claims.release(claim)
-                continue
+        async for fresh, claim in self._held(telegram_user_id, phone_raw):
             now = self.clock.now()
             changes: MessageChanges = {
                 "status": FAILED,
@@ -103,7 +97,7 @@ class HeldRelease:
                 "updated_at": now,
                 "purge_at": now + timedelta(seconds=self.text_retention),
             }
-            await self.store.write(record.id, changes)
+            await self.store.write(fresh.id, changes)
             await self.dispatcher.claims.release(claim)
             await self.dispatcher.notifier.changed(fresh.updated(changes))
             failed += 1

@@ -42,44 +42,28 @@ class EndUser:
 
 
 def _common(
-    problems: Violations,
-    seen_ip: str,
-    phone: str,
-    end_user_ip: str,
-    end_user_agent: str,
-    session_id: str,
-    captcha_token: str,
-    request_id: str,
-    bot: str,
+    problems: Violations, seen_ip: str, request: edge_pb2.SendMessageRequest | edge_pb2.StartVerificationRequest
 ) -> EndUser:
+    """The fields both requests share; the end user's address is the one sent, else the one seen."""
     try:
-        parse_phone(phone)
+        parse_phone(request.phone)
     except InvalidPhoneError as exc:
         problems.add("phone", str(exc))
-    ip = check_ip(problems, "end_user_ip", end_user_ip)
-    check_user_agent(problems, "end_user_agent", end_user_agent)
-    check_session_id(problems, "session_id", session_id)
-    problems.check(len(captcha_token) <= MAX_TOKEN_LENGTH, "captcha_token", f"at most {MAX_TOKEN_LENGTH} characters")
-    problems.check(len(request_id) <= MAX_REQUEST_ID, "request_id", f"at most {MAX_REQUEST_ID} characters")
-    problems.check(len(bot) <= MAX_BOT, "bot", f"at most {MAX_BOT} characters")
-    return EndUser(ip=ip or seen_ip, user_agent=end_user_agent, session_id=session_id)
+    ip = check_ip(problems, "end_user_ip", request.end_user_ip)
+    check_user_agent(problems, "end_user_agent", request.end_user_agent)
+    check_session_id(problems, "session_id", request.session_id)
+    token_ok = len(request.captcha_token) <= MAX_TOKEN_LENGTH
+    problems.check(token_ok, "captcha_token", f"at most {MAX_TOKEN_LENGTH} characters")
+    problems.check(len(request.request_id) <= MAX_REQUEST_ID, "request_id", f"at most {MAX_REQUEST_ID} characters")
+    problems.check(len(request.bot) <= MAX_BOT, "bot", f"at most {MAX_BOT} characters")
+    return EndUser(ip=ip or seen_ip, user_agent=request.end_user_agent, session_id=request.session_id)
 
 
 def check_send(request: edge_pb2.SendMessageRequest, seen_ip: str) -> EndUser:
     """The end user of a SendMessage; raises INVALID_ARGUMENT with every violation."""
     problems = Violations()
     check_text(problems, "text", request.text, MAX_TEXT)
-    user = _common(
-        problems,
-        seen_ip,
-        request.phone,
-        request.end_user_ip,
-        request.end_user_agent,
-        request.session_id,
-        request.captcha_token,
-        request.request_id,
-        request.bot,
-    )
+    user = _common(problems, seen_ip, request)
     problems.raise_if_any()
     return user
 
@@ -88,16 +72,6 @@ def check_start(request: edge_pb2.StartVerificationRequest, seen_ip: str) -> End
     """The end user of a StartVerification; raises INVALID_ARGUMENT with every violation."""
     problems = Violations()
     problems.check(request.code_length == 0 or request.code_length in CODE_LENGTHS, "code_length", "must be 4 to 10")
-    user = _common(
-        problems,
-        seen_ip,
-        request.phone,
-        request.end_user_ip,
-        request.end_user_agent,
-        request.session_id,
-        request.captcha_token,
-        request.request_id,
-        request.bot,
-    )
+    user = _common(problems, seen_ip, request)
     problems.raise_if_any()
     return user
