@@ -1,6 +1,7 @@
-"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling.
+"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling, the fraud guard.
 
-    python -m bench [--quick] [--tiny] [--skip-ceiling] [--profile SERVICES] [--out FILE]
+    python -m bench [--quick] [--tiny] [--skip-ceiling] [--skip-fraud] [--profile SERVICES] [--out FILE]
+    python -m bench fraud [--seeds 1,2,3,4,5] [--minutes 30]     the fraud guard alone (bench/fraud.py)
 
 See bench/README.md for the scenarios and how to read the output.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from bench import scenarios
+from bench import fraud, scenarios
 from bench.scenarios import (
     Floor,
     LoadResult,
@@ -64,6 +65,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one short run per level (the ceiling stays full size)")
     parser.add_argument("--tiny", action="store_true", help="smoke-test size: seconds, not minutes")
     parser.add_argument("--skip-ceiling", action="store_true", help="leave out the Telegram ceiling (scenario 4)")
+    parser.add_argument("--skip-fraud", action="store_true", help="leave out the fraud guard (scenario 5)")
     parser.add_argument("--levels", help="concurrency levels, e.g. 1,8,32")
     parser.add_argument("--runs", type=int, help="runs per level (median reported)")
     parser.add_argument("--duration", type=float, help="measured seconds per run")
@@ -347,18 +349,35 @@ async def run(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))  # partial: the ceiling is long
     if not args.skip_ceiling:
         report["ceiling"] = await ceiling(plan, args, work)
+    if not args.skip_fraud:
+        seeds = [1] if args.tiny else [1, 2, 3]
+        minutes, scale = (1.0, 0.5) if args.tiny else (30.0, 1.0)
+        report["fraud"] = {
+            "minutes": minutes,
+            "scale": scale,
+            "runs": await fraud.run(seeds, minutes, scale, os.environ.get("MONGODB_URI", "")),
+        }
     report["summary"] = summary_line(report)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     print(table(report))
+    if "fraud" in report:
+        print(fraud.table(report["fraud"]["runs"]))
     print(f"JSON: {out}" + (f"; logs/profiles: {work}" if args.keep or args.profile else ""))
     if not (args.keep or args.profile):
         shutil.rmtree(work, ignore_errors=True)
     print(report["summary"], flush=True)
+    if "fraud" in report:
+        report["fraud"]["summary"] = fraud.summary_line(report["fraud"]["runs"])
+        out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        print(report["fraud"]["summary"], flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(run(parse(sys.argv[1:] if argv is None else argv)))
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["fraud"]:
+        return fraud.main(args[1:])
+    return asyncio.run(run(parse(args)))
 
 
 if __name__ == "__main__":

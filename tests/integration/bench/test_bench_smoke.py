@@ -21,6 +21,9 @@ SUMMARY = re.compile(
     r"^bench: pipeline/floor=\d+\.\d\d pipeline/floor_min=\d+\.\d\d cpu_ms_per_msg=\d+\.\d\d "
     r"db_ops_per_msg=\d+\.\d\d verify/send=\d+\.\d\d bot/limit=\d+\.\d\d pool/limit=\d+\.\d\d flood_errors=\d+$"
 )
+FRAUD = re.compile(
+    r"^bench fraud: attack_sms=\d+\.\d\d% \(max \d+\.\d\d%\) legit_refused=\d+\.\d\d% \(max \d+\.\d\d%\) seeds=\d+$"
+)
 
 
 def test_bench_runs_on_a_tiny_load(mongo_uri: str, tmp_path: Path) -> None:
@@ -32,13 +35,17 @@ def test_bench_runs_on_a_tiny_load(mongo_uri: str, tmp_path: Path) -> None:
         text=True,
         cwd=ROOT,
         check=False,
-        timeout=120,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert SUMMARY.match(lines[-1]), lines[-1]
+    assert SUMMARY.match(lines[-2]), lines[-2]
+    assert FRAUD.match(lines[-1]), lines[-1]
     report = json.loads(out.read_text())
-    assert report["summary"] == lines[-1]
+    assert report["summary"] == lines[-2] and report["fraud"]["summary"] == lines[-1]
+    # The fraud scenario ran every kind of traffic through the public API.
+    kinds = report["fraud"]["runs"][0]["kinds"]
+    assert kinds["legitimate"]["requests"] > 0 and kinds["ip_hammer"]["requests"] > 0
     pipeline = report["pipeline"]
     send = pipeline["send"][0]
     assert send["done"] > 0 and send["received"] == send["done"]
