@@ -15,10 +15,11 @@ forty minutes before, when every code has had time to be entered ("settled"):
 - pressure: the numbers asked for in the last ten minutes whose code was not entered yet
   (U = a - c; a number asking again within twenty minutes is one case and counts once),
   against the number an ordinary key gets, λ. Evidence: -ln P(N >= U) for N ~ Poisson(λ), how
-  surprising so many open requests are. λ is the larger of a floor, the key's own history
-  (settled conversions: a key people answer from may see more) and, for prefixes and ranges, a
-  global budget: their share of the country's recent requests, so a campaign that multiplies a
-  country's traffic multiplies every prefix's allowance while a burst into one prefix stands out.
+  surprising so many open requests are. λ is the larger of a floor, the key's own history (codes
+  entered there lately: a key people answer from, a carrier NAT say, always has some still being
+  typed) and, for prefixes and ranges, a global budget: their share of the country's recent
+  requests, so a campaign that multiplies a country's traffic multiplies every prefix's
+  allowance while a burst into one prefix stands out.
 - conversion: the settled SMS, each entered code weighing ln(r0/ra) against the key and each
   code never entered ln((1-ra)/(1-r0)) for it (legitimate traffic enters a share r0 of its
   codes, pumping about ra). A good history credits at most `credit` nats.
@@ -185,7 +186,10 @@ class Scorer:
         s = self.settings
         rate = s.floors.get(kind, 0.5)
         rate = max(rate, s.shares.get(kind, 0.0) * country_recent)
-        return max(rate, s.history_weight * stats.settled.entered / 4.0)
+        # People answer: a key whose codes are entered (behind a carrier NAT, say) has as many open
+        # at any moment as are still being typed, in proportion. Its busiest recent ten minutes count.
+        answered = max(stats.settled.entered / 4.0, stats.recent.entered)
+        return max(rate, s.history_weight * answered)
 
     def conversion(self, stats: KeyStats) -> float:
         settled = stats.settled

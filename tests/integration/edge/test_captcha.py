@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.clock import ManualClock
+from services.core.config import ConfigError
 from services.core.crypto import Keyring
 from services.core.errors import ServiceError
 from services.core.mongo import Document
@@ -223,3 +224,20 @@ async def test_the_fraud_guard_asks_through_the_edge_and_a_solved_captcha_answer
         token = (await edge.post("/sandbox/v1/captcha:solve", json={}))[1]["token"]
         status, answer, _ = await edge.post("/v1/messages", headers=edge.auth(), json={**second, "captchaToken": token})
         assert status == 200 and answer["message"]["status"] == "MESSAGE_STATUS_DELIVERED"
+
+
+async def test_the_sandbox_provider_only_in_sandbox_mode_and_only_when_chosen(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock, siteverify: SiteVerify
+) -> None:
+    # A real provider configured: the sandbox widget would hand out tokens nobody accepts, so it says so.
+    async with edge_stack(mongo_client, keyring, clock=clock, siteverify_url=siteverify.url) as edge:
+        status, answer, _ = await edge.post("/sandbox/v1/captcha:solve", json={})
+        assert (status, answer["details"][0]["reason"]) == (412, "CAPTCHA_SANDBOX_OFF")
+    with pytest.raises(ConfigError, match="OTPGATE_CAPTCHA_PROVIDER=sandbox needs sandbox mode"):
+        async with edge_stack(
+            mongo_client,
+            keyring,
+            clock=clock,
+            overrides={"OTPGATE_SANDBOX": "false", "OTPGATE_CAPTCHA_PROVIDER": "sandbox"},
+        ):
+            pass

@@ -99,3 +99,10 @@ def test_line_type_and_country_risk() -> None:
     assert voip.deciding == "LINE_TYPE_VOIP" and voip.total >= 3
     risky = Scorer(ScoreSettings(country_risk={"XX": 4.0})).score(Request("XX", "mobile", 1), keys())
     assert risky.deciding == "COUNTRY_RISK" and risky.number == 4.0
+
+
+def test_an_address_people_answer_from_may_have_more_codes_being_typed() -> None:
+    hammer = keys(ip=5, country=20)
+    nat = dict(hammer)
+    nat[Kind.IP] = KeyStats(recent=Counts(requests=20, entered=15))  # 5 open, 15 typed: a carrier NAT
+    assert SCORER.score(DE, hammer).requester > 6 > 2 > SCORER.score(DE, nat).requester
