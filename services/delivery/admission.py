@@ -31,7 +31,7 @@ from services.core.phone import InvalidPhoneError, Phone, parse_phone
 from services.delivery import metrics
 from services.delivery.claims import Claims
 from services.delivery.dispatch import Dispatcher
-from services.delivery.fraud import FraudGuard, SmsLeg
+from services.delivery.fraud import Decision, FraudGuard, SmsLeg
 from services.delivery.limits import Hit, Limiter, RateLimited
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.policy import Policy, PolicyStore
@@ -145,8 +145,9 @@ class Admission:
                 session_id=request.origin.session_id,
                 user_agent=request.origin.user_agent,
             )
+            admitted: Decision | None = None
             if sms_leg:
-                await self.sms_admission.admit(leg, policy, request.origin, billed, purpose)
+                admitted = await self.sms_admission.admit(leg, policy, request.origin, billed, purpose)
             # An SMS leg that may be decided at dispatch is judged with who asked for it.
             later_sms = channel == AUTO and sms_fallback and not sms_leg
             origin_keys = self.fraud.requester_keys(leg) if later_sms else None
@@ -203,8 +204,8 @@ class Admission:
             if idem:
                 await self.store.release_idem(idem, message_id)
             return self._replay(existing, fingerprint)
-        if sms_leg:
-            await self.fraud.record_sms(message_id, leg, record.phone_index)
+        if admitted is not None:
+            await self.fraud.record_sms(message_id, leg, record.phone_index, admitted)
         metrics.messages_total.labels("QUEUED", CHANNEL_NAMES[channel], request.bot or "").inc()
         log.info(
             "message_accepted",

@@ -206,9 +206,9 @@ class Dispatcher:
         )
         origin = common_pb2.Origin(captcha_verified=leg.captcha_verified)
         try:
-            await self.sms_admission.admit(leg, policy, origin, record.billed, record.purpose)
+            admitted = await self.sms_admission.admit(leg, policy, origin, record.billed, record.purpose)
         except ServiceError as refusal:
             log.info("sms_leg_refused", message_id=record.id, reason=refusal.reason)
             return Outcome({"status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED, "channel": SMS})
-        await self.fraud.record_sms(record.id, leg, record.phone_index)
+        await self.fraud.record_sms(record.id, leg, record.phone_index, admitted)
         return None

@@ -12,9 +12,10 @@ In order:
      else refused;
    - above it with a solved CAPTCHA: allowed, unless the requester itself (its IP, network,
      session or device) is past `attack_at` (it keeps asking for many numbers, CAPTCHAs or not),
-     or the number's range is past `attack_at` and this hour's CAPTCHA budget of that range is
-     spent (`attacked_budget` solved CAPTCHAs per hour: a person in an attacked range still gets
-     a code, an attacker who buys CAPTCHA solutions gets almost none);
+     or the number's range is past `attack_at` and its CAPTCHA budget is spent: at most
+     `attacked_budget` SMS an hour behind solved CAPTCHAs whose code nobody entered (a unit comes
+     back when its code is entered), so the people of an attacked range keep getting codes while
+     an attacker who buys CAPTCHA solutions gets almost none;
    - in monitor mode the decision is logged and counted, and the request allowed.
 Every decision is counted by signal (otpgate_fraud_decisions_total) and logged with the masked
 number; ranges and segments that need CAPTCHAs or are refused become guard events.
@@ -31,7 +32,7 @@ from otpgate.common.v1 import common_pb2
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.core.clock import Clock
-from services.core.counters import CappedCounter, Full
+from services.core.counters import CappedCounter, Full, Reservation
 from services.core.crypto import Keyring
 from services.core.end_user import canonical_ip, ip_network
 from services.core.logging import get_logger
@@ -79,6 +80,8 @@ class Decision:
     reason: str  # the deciding signal (PREFIX_VELOCITY, LINE_TYPE_VOIP, BLOCK_LIST, ...) or OK
     score: float = 0.0
     detail: str = ""
+    # A unit of an attacked range's CAPTCHA budget this SMS took (given back when its code is entered).
+    budget: Reservation | None = None
 
     @property
     def allowed(self) -> bool:
@@ -250,6 +253,7 @@ class FraudGuard:
                     score.total,
                     "this range is under attack and its CAPTCHA allowance for the hour is spent",
                 )
+            return Decision(ALLOW, "CAPTCHA_PASSED", score.total, budget=budget)
         return Decision(ALLOW, "CAPTCHA_PASSED", score.total)
 
     async def _report(self, score: Score, decision: Decision, leg: SmsLeg, stats: Mapping[Kind, KeyStats]) -> None:
@@ -287,25 +291,31 @@ class FraudGuard:
 
     # Counting what happened -------------------------------------------------------------------
 
-    async def record_sms(self, message_id: str, leg: SmsLeg, phone_index: str) -> None:
+    async def record_sms(
+        self, message_id: str, leg: SmsLeg, phone_index: str, decision: Decision | None = None
+    ) -> None:
         """Count one SMS leg that was let through (once per message)."""
         if self._mode(leg) == "off":
             return
         converts = leg.purpose in (P_CONFIRMATION, P_VERIFICATION)
-        await self.stats.count_sms(message_id, self.keys(leg), converts)
+        budget = decision.budget.window_id if decision is not None and decision.budget is not None else None
+        await self.stats.count_sms(message_id, self.keys(leg), converts, budget)
         if leg.purpose == P_CONFIRMATION:
             # The person types a re-confirmation code to a bot: delivery learns it by number.
             await put_by_id(self._sms, f"phone|{phone_index}", {"message_id": message_id, "exp": self._expiry()})
 
     async def record_conversion(self, message_id: str) -> bool:
         """A code sent by this SMS was entered correctly. Idempotent; False if no SMS is known."""
-        return await self.stats.convert(message_id) is not None
+        converted = await self.stats.convert(message_id)
+        if converted is not None and converted.budget:
+            await self._budget.give_back(Reservation(converted.budget, 0))  # a person, not an attacker
+        return converted is not None
 
     async def record_confirmed_phone(self, phone_index: str) -> None:
         """The person typed the re-confirmation code: the latest confirmation SMS to them converted."""
         pointer = await self._sms.find_one({"_id": f"phone|{phone_index}"})
         if pointer is not None:
-            await self.stats.convert(str(pointer["message_id"]))
+            await self.record_conversion(str(pointer["message_id"]))
 
     async def purge(self) -> None:
         await self.stats.purge()

@@ -59,6 +59,14 @@ class LegKeys:
 
 
 @dataclass(frozen=True)
+class Converted:
+    """An SMS whose code was entered, counted now."""
+
+    # The attacked range's CAPTCHA budget unit the SMS took, if any (fraud.py gives it back).
+    budget: str | None
+
+
+@dataclass(frozen=True)
 class Reading:
     stats: dict[Kind, KeyStats]
     # This request continues an open case of its number (it was counted before).
@@ -129,10 +137,10 @@ class FraudStats:
             ops.append(UpdateOne(case, {"$set": case_fields}, upsert=True))
         await _bulk_upsert(self._counters, ops)
 
-    async def count_sms(self, message_id: str, leg: LegKeys, converts: bool) -> None:
+    async def count_sms(self, message_id: str, leg: LegKeys, converts: bool, budget: str | None = None) -> None:
         """An SMS went out: the case's first one counts `s` where the case was counted. With
-        `converts` (a code someone is expected to type) the message is tied to its case until the
-        code is entered or can no longer be."""
+        `converts` (a code someone is expected to type) the message is tied to its case (and the
+        budget unit it took) until the code is entered or can no longer be."""
         case_id = f"case|{leg.case}"
         case = await self._counters.find_one_and_update(
             {"_id": case_id, "sms": False}, {"$set": {"sms": True}}, return_document=ReturnDocument.BEFORE
@@ -142,25 +150,31 @@ class FraudStats:
         if converts:
             with contextlib.suppress(DuplicateKeyError):  # counted before (a retried dispatch): once is enough
                 await self._sms.insert_one(
-                    {"_id": message_id, "case": case_id, "converted": False, "exp": self._clock.now() + 2 * CASE}
+                    {
+                        "_id": message_id,
+                        "case": case_id,
+                        "converted": False,
+                        "budget": budget,
+                        "exp": self._clock.now() + 2 * CASE,
+                    }
                 )
 
-    async def convert(self, message_id: str) -> bool | None:
+    async def convert(self, message_id: str) -> Converted | None:
         """The code an SMS carried was entered: its case's first entered code counts `c`, once.
-        None when the SMS is unknown (not sent by SMS, or too long ago), False if counted before."""
+        None when the SMS is unknown (not sent by SMS, or too long ago); counted before: no budget."""
         doc = await self._sms.find_one_and_update(
             {"_id": message_id, "converted": False},
             {"$set": {"converted": True}},
             return_document=ReturnDocument.BEFORE,
         )
         if doc is None:
-            return False if await self._sms.find_one({"_id": message_id}, {"_id": 1}) else None
+            return Converted(None) if await self._sms.find_one({"_id": message_id}, {"_id": 1}) else None
         case = await self._counters.find_one_and_update(
             {"_id": doc["case"], "entered": False}, {"$set": {"entered": True}}, return_document=ReturnDocument.BEFORE
         )
         if case is not None:
             await self._counters.update_many({"_id": {"$in": list(case["ids"])}}, {"$inc": {"c": 1}})
-        return True
+        return Converted(doc.get("budget"))
 
     async def purge(self) -> int:
         now = self._clock.now()

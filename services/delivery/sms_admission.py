@@ -13,7 +13,7 @@ from otpgate.common.v1 import common_pb2
 
 from services.core.end_user import canonical_ip
 from services.core.errors import ServiceError, failed_precondition, permission_denied, resource_exhausted
-from services.delivery.fraud import BLOCK, CAPTCHA, LINE_TYPE_REFUSALS, FraudGuard, SmsLeg
+from services.delivery.fraud import BLOCK, CAPTCHA, LINE_TYPE_REFUSALS, Decision, FraudGuard, SmsLeg
 from services.delivery.limits import Hit, Limiter, Rate, RateLimited
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.policy import Policy
@@ -28,8 +28,11 @@ class SmsAdmission:
         self.crypto = crypto
         self.settings = settings
 
-    async def admit(self, leg: SmsLeg, policy: Policy, origin: common_pb2.Origin, billed: bool, purpose: int) -> None:
-        """Raises the refusal (PERMISSION_DENIED, FAILED_PRECONDITION CAPTCHA_REQUIRED, RESOURCE_EXHAUSTED)."""
+    async def admit(
+        self, leg: SmsLeg, policy: Policy, origin: common_pb2.Origin, billed: bool, purpose: int
+    ) -> Decision:
+        """The fraud guard's decision to let it through (hand it to record_sms with the stored message);
+        raises the refusal (PERMISSION_DENIED, FAILED_PRECONDITION CAPTCHA_REQUIRED, RESOURCE_EXHAUSTED)."""
         region = leg.phone.region
         if self.settings.sms_countries and region not in self.settings.sms_countries:
             raise permission_denied("SMS_NOT_ALLOWED", "SMS to this country is not offered")
@@ -81,6 +84,7 @@ class SmsAdmission:
                     [("client", f"{policy.daily_sms_cap} SMS per UTC day")],
                 ) from None
             raise exc.to_error() from None
+        return decision
 
 
 def captcha_required(why: str = "") -> ServiceError:

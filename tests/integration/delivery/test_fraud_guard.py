@@ -126,6 +126,11 @@ async def test_an_attacked_range_refuses_even_solved_captchas_beyond_its_budget_
         assert (await shop.send("+4915198765432", ip(8), **SOLVED))[0] == "SENT"
         reason, metadata, message = await shop.send("+4915198766543", ip(9), **SOLVED)
         assert reason == "FRAUD_SUSPECTED" and "allowance for the hour is spent" in message
+        # The budget counts codes nobody entered: once those two people type theirs, the next gets one.
+        await shop.enter_codes()
+        assert (await shop.send("+4915198766543", ip(9), **SOLVED))[0] == "SENT"
+        assert (await shop.send("+4915198767654", ip(10), **SOLVED))[0] == "SENT"
+        assert (await shop.send("+4915198768765", ip(12), **SOLVED))[0] == "FRAUD_SUSPECTED"
 
         events = await delivery.ListFraudEvents(delivery_pb2.ListFraudEventsRequest())
         prefix = next(e for e in events.events if e.value == "+491519876")
@@ -144,7 +149,7 @@ async def test_an_attacked_range_refuses_even_solved_captchas_beyond_its_budget_
                 )
             )
         )
-        assert (await shop.send("+4915198766543", ip(9)))[0] == "SENT"
+        assert (await shop.send("+4915198768765", ip(12)))[0] == "SENT"
         await delivery.CreateFraudRule(
             delivery_pb2.CreateFraudRuleRequest(
                 rule=common_pb2.FraudRule(
