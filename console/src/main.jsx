@@ -10,6 +10,7 @@ import { Usage } from "./usage.jsx";
 import { Bots } from "./bots.jsx";
 import { ApiKeys } from "./keys.jsx";
 import { Policy } from "./policy.jsx";
+import { FraudGuard } from "./fraud.jsx";
 import { Phone } from "./phone.jsx";
 
 const ADMIN = "API_KEY_SCOPE_ADMIN";
@@ -21,6 +22,7 @@ const VIEWS = [
   { path: "bots", label: "Bots", view: Bots },
   { path: "keys", label: "API keys", view: ApiKeys, admin: true },
   { path: "policy", label: "Policy", view: Policy, admin: true },
+  { path: "fraud", label: "Fraud guard", view: FraudGuard, admin: true },
   { path: "phone", label: "Sandbox phone", view: Phone, sandbox: true },
 ];
 

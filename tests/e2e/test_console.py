@@ -3,7 +3,8 @@
 A new client signs in with its key, plays a Telegram user on the sandbox phone (Start, share the
 number), sends a test message from the dashboard and sees it arrive in the phone; starts a
 verification and checks it with the code read from the phone; a bad policy value shows the API's
-error next to its field. Then the same console at 375 px wide, signed in with the keyboard only.
+error next to its field. An operator sees the fraud guard's events and allows a prefix from one.
+Then the same console at 375 px wide, signed in with the keyboard only.
 Screenshots of every step go to tests/artifacts/console/ (git-ignored).
 """
 
@@ -195,6 +196,70 @@ async def test_console_first_message_first_verification_and_policy(system: Syste
     await context.close()
 
 
+async def _send_sms(http: aiohttp.ClientSession, system: System, key: str, phone: str, ip: str) -> tuple[int, str]:
+    """One SMS as a client's backend asks for it: (HTTP status, ErrorInfo reason or "")."""
+    body = {"phone": phone, "text": "Your code is 5521", "channel": "CHANNEL_SMS", "endUserIp": ip}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.post(f"{system.http}/v1/messages", json=body, headers=headers) as reply:
+        answer = await reply.json()
+        reasons = [d["reason"] for d in answer.get("details", []) if d.get("@type", "").endswith("ErrorInfo")]
+        return reply.status, (reasons or [""])[0]
+
+
+async def test_console_fraud_guard_events_and_prefix_rules(system: System, browser: Browser) -> None:
+    created = system.cli("clients", "create", "Fraud Desk", "--scope=messages:send", "--scope=admin")
+    key = str(created["key"])
+    async with aiohttp.ClientSession() as http:
+        # Cold start: one number of a fresh prefix goes out; a second one, its code not entered yet,
+        # needs a CAPTCHA (the request could show one): a guard event for the prefix.
+        assert await _send_sms(http, system, key, "+4915112340001", "198.51.100.7") == (200, "")
+        assert await _send_sms(http, system, key, "+4915112347777", "198.51.100.8") == (412, "CAPTCHA_REQUIRED")
+
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        problems = _watch(page)
+        await page.goto(f"{system.http}/console/")
+        await page.get_by_label("API key").fill(key)
+        await page.get_by_role("button", name="Sign in").click()
+        await _nav(page, "Fraud guard").click()
+
+        # The event: the range, what the guard did, the signal that decided and its counts.
+        row = page.locator("tbody tr", has=page.locator("th .mono", has_text=re.compile(r"^\+491511234$")))
+        await expect(row).to_have_count(1)
+        await expect(row).to_contain_text("CAPTCHA asked")
+        await expect(row).to_contain_text("PREFIX_VELOCITY")
+        await expect(row.locator("td").nth(2)).to_have_text(re.compile(r"^[1-9]\d* / 1 / 0$"))
+        await page.get_by_label("Only events last seen for Fraud Desk").check()
+        await expect(row).to_have_count(1)
+        await _shot(page, "fraud-01-events")
+
+        # A rule from the event: its prefix filled in; without a reason nothing is saved.
+        await row.get_by_role("button", name="Set a rule for +491511234").click()
+        await expect(page.get_by_label("Prefix", exact=True)).to_have_value("+491511234")
+        await expect(page.get_by_label("Why")).to_be_focused()
+        await page.get_by_role("button", name="Save rule").click()
+        await expect(page.locator("#rule-reason-error")).to_contain_text("printable characters")
+        await expect(page.get_by_text("No rules: the guard decides alone.")).to_be_visible()
+        await page.get_by_label("Why").fill("our staff's test numbers")
+        await page.get_by_label("Only for Fraud Desk").check()
+        await page.get_by_role("button", name="Save rule").click()
+        await expect(page.get_by_role("status")).to_contain_text("+491511234 is always allowed for this client")
+        rules = page.get_by_role("list", name="Prefix rules")
+        await expect(rules.locator("li")).to_have_count(1)
+        await expect(rules).to_contain_text("our staff's test numbers")
+        await _shot(page, "fraud-02-rule")
+
+        # The safe list lets the number through; removed, the guard scores it again.
+        assert await _send_sms(http, system, key, "+4915112347777", "198.51.100.8") == (200, "")
+        await page.get_by_role("button", name="Remove the rule for +491511234").click()
+        await expect(page.get_by_role("status")).to_contain_text("The rule for +491511234 is removed")
+        await expect(page.get_by_text("No rules: the guard decides alone.")).to_be_visible()
+        assert await _send_sms(http, system, key, "+4915112349999", "198.51.100.9") == (412, "CAPTCHA_REQUIRED")
+        assert problems == []
+        await context.close()
+
+
 async def test_console_at_375_px_with_the_keyboard(system: System, browser: Browser) -> None:
     created = system.cli("clients", "create", "Narrow Shop")
     context = await browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
@@ -211,7 +276,7 @@ async def test_console_at_375_px_with_the_keyboard(system: System, browser: Brow
     await page.keyboard.type(str(created["key"]))
     await page.keyboard.press("Enter")
     await expect(page.get_by_text("Narrow Shop")).to_be_visible()
-    for view in ("messages", "test", "phone", "usage", "policy"):
+    for view in ("messages", "test", "phone", "usage", "policy", "fraud"):
         await page.goto(f"{system.http}/console/#/{view}")
         await expect(page.locator("main h1")).to_be_visible()
         width = await page.evaluate("() => document.documentElement.scrollWidth")
