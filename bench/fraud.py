@@ -71,7 +71,8 @@ class Tally:
     sms: int = 0
     refused: int = 0
     captcha: int = 0
-    codes_not_approved: int = 0  # a person typed the code they got and it was not approved
+    # A person typed the code they got and it was not approved: how the verification stood then.
+    not_approved: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,7 +84,7 @@ class Tally:
             "sms_share": self.sms / self.requests if self.requests else 0.0,
             "refused_share": self.refused / self.requests if self.requests else 0.0,
             "captcha_share": self.captcha / self.requests if self.requests else 0.0,
-            "codes_not_approved": self.codes_not_approved,
+            "codes_not_approved": dict(self.not_approved.most_common()),
             "reasons": dict(self.reasons.most_common()),
         }
 
@@ -200,7 +201,8 @@ class Replay:
         check = edge_pb2.CheckVerificationRequest(id=verification_id, code=code)
         reply = await self.public.CheckVerification(check, metadata=self.metadata, timeout=30)
         if not reply.approved:
-            self.tallies[LEGIT].codes_not_approved += 1
+            status = common_pb2.VerificationStatus.Name(reply.verification.status)
+            self.tallies[LEGIT].not_approved[status.removeprefix("VERIFICATION_STATUS_")] += 1
 
 
 def _quota_subject(failure: Any) -> str:
@@ -290,9 +292,14 @@ def table(runs: list[dict[str, Any]]) -> str:
         reasons.update(r["kinds"][LEGIT]["reasons"])
     if reasons:
         lines.append("people refused by reason (all seeds): " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
-    not_approved = sum(r["kinds"][LEGIT].get("codes_not_approved", 0) for r in runs)
+    not_approved: Counter[str] = Counter()
+    for r in runs:
+        not_approved.update(r["kinds"][LEGIT]["codes_not_approved"])
     if not_approved:
-        lines.append(f"codes people typed that were not approved (all seeds): {not_approved}")
+        lines.append(
+            "codes people typed that were not approved, by the verification's status (all seeds): "
+            + ", ".join(f"{k} {v}" for k, v in not_approved.most_common())
+        )
     lines.append(f"targets: attacks <= 0.50 % got an SMS (max {100 * max(attack):.2f} %), people <= 0.50 % refused "
                  f"(max {100 * max(legit):.2f} %)")  # fmt: skip
     return "\n".join(lines)

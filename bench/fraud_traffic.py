@@ -64,8 +64,8 @@ BROWSERS = (
     "MyShopApp/4.12 (samsung SM-A546B; Android 14)",
 )
 # First octets of address space that ISPs hand to homes and phones (no private or reserved blocks).
-PUBLIC_FIRST_OCTETS = (2, 5, 31, 37, 46, 62, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95)
-PUBLIC_FIRST_OCTETS += (109, 151, 176, 178, 185, 188, 193, 194, 195, 212, 213, 217)
+PUBLIC_FIRST_OCTETS: tuple[int, ...] = (2, 5, 31, 37, 46, 62, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87)
+PUBLIC_FIRST_OCTETS += (88, 89, 90, 91, 92, 93, 94, 95, 109, 151, 176, 178, 185, 188, 193, 194, 195, 212, 213, 217)
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Numbers:
 
     def draw(self, region: str, plan: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = MOBILE) -> str:
         code, leads, lengths = plan[region]
-        wanted = (PhoneNumberType.PREMIUM_RATE,) if plan is PREMIUM else (PhoneNumberType.MOBILE,)
+        wanted: tuple[int, ...] = (PhoneNumberType.PREMIUM_RATE,) if plan is PREMIUM else (PhoneNumberType.MOBILE,)
         wanted += () if plan is PREMIUM else (PhoneNumberType.FIXED_LINE_OR_MOBILE,)
         for _ in range(10_000):
             lead = self.rng.choice(leads)

@@ -47,14 +47,22 @@ def test_the_kinds_look_like_what_they_are() -> None:
 
 
 def test_the_report_shows_every_kind_and_the_spread() -> None:
-    kinds = {kind: {"requests": 100, "sms_share": 0.01, "refused_share": 0.0, "captcha_share": 0.5, "reasons": {}}
-             for kind in (LEGIT, *ATTACKS)}  # fmt: skip
+    kinds = {kind: {"requests": 100, "sms_share": 0.01, "refused_share": 0.0, "captcha_share": 0.5, "reasons": {},
+                    "codes_not_approved": {}} for kind in (LEGIT, *ATTACKS)}  # fmt: skip
+    kinds[LEGIT] = {
+        **kinds[LEGIT],
+        "reasons": {"FRAUD_SUSPECTED:RANGE_VELOCITY": 1},
+        "codes_not_approved": {"EXPIRED": 1},
+    }
     runs = [
         {"seed": 1, "kinds": kinds, "attack_sms_share": 0.002, "legit_refused_share": 0.001},
         {"seed": 2, "kinds": kinds, "attack_sms_share": 0.004, "legit_refused_share": 0.0},
     ]
     text = table(runs)
     assert all(kind in text for kind in (LEGIT, *ATTACKS)) and "max 0.40 %" in text
+    # Refusals and codes typed too late are told apart, summed over the seeds.
+    assert "people refused by reason (all seeds): FRAUD_SUSPECTED:RANGE_VELOCITY 2" in text
+    assert "not approved, by the verification's status (all seeds): EXPIRED 2" in text
     line = summary_line(runs)
     assert line == "bench fraud: attack_sms=0.30% (max 0.40%) legit_refused=0.05% (max 0.10%) seeds=2"
     assert re.match(r"^bench fraud: attack_sms=", line)
