@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -224,6 +225,17 @@ class FraudEvents:
         cursor = self._coll.find({"last_seen": {"$gte": since}}).sort("last_seen", -1).limit(1000)
         return [FraudEvent.from_doc(doc) async for doc in cursor]
 
+    async def page(self, client_id: str, size: int, token: str) -> tuple[Sequence[FraudEvent], str]:
+        """One page of the events seen within EVENT_RETENTION, the latest first, only those last
+        seen for `client_id` if given, and the next page's token (bound to that filter). A token
+        that is not one of ours, or was made for another filter, raises ValueError."""
+        offset = decode_offset(token, client_id) if token else 0
+        events = await self.list(self._clock.now() - EVENT_RETENTION)
+        if client_id:
+            events = [event for event in events if event.client_id == client_id]
+        end = offset + size
+        return events[offset:end], encode_offset(end, client_id) if len(events) > end else ""
+
     async def purge(self) -> int:
         result = await self._coll.delete_many({"last_seen": {"$lt": self._clock.now() - EVENT_RETENTION}})
         return int(result.deleted_count)
@@ -242,19 +254,23 @@ _STATES = {"captcha": common_pb2.FRAUD_STATE_CAPTCHA, "block": common_pb2.FRAUD_
 MAX_REASON = 200
 
 
-def encode_offset(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode().rstrip("=")
+def encode_offset(offset: int, filter_text: str) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}:{filter_text}".encode()).decode().rstrip("=")
 
 
-def decode_offset(token: str) -> int:
-    """ValueError for anything that is not a token from encode_offset."""
+def decode_offset(token: str, filter_text: str) -> int:
+    """The offset a token from encode_offset carries; ValueError for anything else, or for a token
+    made with another filter (its offset would skip or repeat events of this one)."""
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError):
-        raise ValueError("not a page token") from None
-    kind, _, number = text.partition(":")
+        raise ValueError("is not a token from a previous page") from None
+    kind, _, rest = text.partition(":")
+    number, _, made_for = rest.partition(":")
     if kind != "o" or not number.isdigit():
-        raise ValueError("not a page token")
+        raise ValueError("is not a token from a previous page")
+    if made_for != filter_text:
+        raise ValueError("was made for another client_id; start again without it")
     return int(number)
 
 

@@ -14,15 +14,7 @@ from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from services.core.errors import Violations, invalid_argument, not_found
 from services.core.phone import InvalidPhoneError, parse_phone
 from services.delivery.engine import Engine
-from services.delivery.fraud_rules import (
-    EVENT_RETENTION,
-    check_prefix,
-    decode_offset,
-    encode_offset,
-    event_to_proto,
-    rule_from_proto,
-    rule_to_proto,
-)
+from services.delivery.fraud_rules import check_prefix, event_to_proto, rule_from_proto, rule_to_proto
 from services.delivery.sms import SandboxSmsProvider
 from services.delivery.store import decode_page_token, encode_page_token
 
@@ -129,20 +121,15 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_pb2.ListFraudEventsResponse:
         problems = Violations()
         problems.check(0 <= request.page_size <= 500, "page_size", "must be between 0 and 500")
-        offset = 0
-        if request.page_token:
-            try:
-                offset = decode_offset(request.page_token)
-            except ValueError:
-                problems.add("page_token", "is not a token from a previous page")
         problems.raise_if_any()
-        events = await self.engine.fraud.events.list(self.engine.clock.now() - EVENT_RETENTION)
-        if request.client_id:
-            events = [event for event in events if event.client_id == request.client_id]
-        end = offset + (request.page_size or 100)
+        try:
+            events, next_token = await self.engine.fraud.events.page(
+                request.client_id, request.page_size or 100, request.page_token
+            )
+        except ValueError as exc:
+            raise invalid_argument([("page_token", str(exc))]) from None
         return delivery_pb2.ListFraudEventsResponse(
-            events=[event_to_proto(event) for event in events[offset:end]],
-            next_page_token=encode_offset(end) if len(events) > end else "",
+            events=[event_to_proto(event) for event in events], next_page_token=next_token
         )
 
     async def ListFraudRules(

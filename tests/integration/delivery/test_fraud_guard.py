@@ -137,6 +137,22 @@ async def test_an_attacked_range_refuses_even_solved_captchas_beyond_its_budget_
         assert prefix.kind == common_pb2.FRAUD_EVENT_KIND_PREFIX and prefix.state == common_pb2.FRAUD_STATE_BLOCK
         assert prefix.requests >= 30 and prefix.entered == 0 and prefix.region == "DE"
         assert prefix.signal in {"PREFIX_VELOCITY", "SEQUENTIAL_NUMBERS"} and prefix.score >= 9
+        # A second event (a fresh prefix's second number, unanswered): pages add up to the list,
+        # another client sees none of shop's, and a token keeps its filter.
+        clock.advance(1)
+        assert (await shop.send("+4916012340001", ip(40)))[0] == "SENT"
+        assert (await shop.send("+4916012347777", ip(41), **SHOWS_CAPTCHA))[0] == "CAPTCHA_REQUIRED"
+        events = await delivery.ListFraudEvents(delivery_pb2.ListFraudEventsRequest())
+        assert [e.value for e in events.events] == ["+491601234", "+491519876"]
+        first = await delivery.ListFraudEvents(delivery_pb2.ListFraudEventsRequest(page_size=1))
+        after = delivery_pb2.ListFraudEventsRequest(page_size=1, page_token=first.next_page_token)
+        second = await delivery.ListFraudEvents(after)
+        assert [e.value for e in (*first.events, *second.events)] == [e.value for e in events.events[:2]]
+        assert not (await delivery.ListFraudEvents(delivery_pb2.ListFraudEventsRequest(client_id="other"))).events
+        after.client_id = "other"
+        assert (await refused(delivery.ListFraudEvents(after))).field_violations == [
+            ("page_token", "was made for another client_id; start again without it")
+        ]
 
         # An operator's safe list lets the range through at once; a block list stops another.
         await delivery.CreateFraudRule(
