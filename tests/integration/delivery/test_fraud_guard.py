@@ -93,9 +93,12 @@ async def test_no_free_allowance_a_captcha_before_a_refusal_and_answered_codes_c
         reason, metadata, message = await shop.send("+4915112347777", ip(2), **SHOWS_CAPTCHA)
         assert (reason, metadata["signal"]) == ("CAPTCHA_REQUIRED", "PREFIX_VELOCITY")
         assert float(metadata["score"]) >= 3.0 and "no code entered" in message
-        # ... a refusal, saying which signal decided, where none can be.
+        # ... a refusal, saying which signal decided, where none can be; counted by that signal.
+        refusals = {"decision": "block", "reason": "PREFIX_VELOCITY"}
+        before = REGISTRY.get_sample_value("otpgate_fraud_decisions_total", refusals) or 0.0
         reason, metadata, message = await shop.send("+4915112347777", ip(2))
         assert (reason, metadata["signal"]) == ("FRAUD_SUSPECTED", "PREFIX_VELOCITY")
+        assert REGISTRY.get_sample_value("otpgate_fraud_decisions_total", refusals) == before + 1
         assert message.startswith("SMS refused by the fraud guard: many recent requests for numbers in this range")
         # Solved: the person gets the code.
         assert (await shop.send("+4915112347777", ip(2), **SOLVED))[0] == "SENT"
