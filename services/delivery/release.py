@@ -4,7 +4,10 @@ FailHeldMessages: they did not (every try was a wrong code), so it fails with CO
 Called by verification when the person typed the confirmation code to the bot (see hold.py).
 Only the messages held for that number and that Telegram user are released; each is taken under
 its claim, marked released (`released_at`: it is never held again) and dispatched at once.
-A held message that ran out meanwhile is written EXPIRED instead. The confirmation also counts as
+A held message that ran out meanwhile is written EXPIRED instead. One whose claim another caller
+holds (the hold loop starting its confirmation again, a concurrent release) cannot be taken now:
+the others are released and the call answers ABORTED with RetryInfo, so verification keeps the
+confirmation's follow-up pending and calls again until none is left held. The confirmation also counts as
 a conversion of the SMS that carried the code (fraud.py).
 """
 
@@ -16,7 +19,7 @@ from datetime import timedelta
 from otpgate.common.v1 import common_pb2
 
 from services.core.clock import Clock
-from services.core.errors import invalid_argument
+from services.core.errors import aborted, invalid_argument
 from services.core.logging import get_logger
 from services.core.phone import InvalidPhoneError, parse_phone
 from services.delivery.claims import Claim
@@ -46,9 +49,12 @@ class HeldRelease:
         self.crypto = crypto
         self.clock = clock
 
-    async def _held(self, telegram_user_id: int, phone_raw: str) -> AsyncIterator[tuple[MessageRecord, Claim]]:
+    async def _held(
+        self, telegram_user_id: int, phone_raw: str, busy: list[str]
+    ) -> AsyncIterator[tuple[MessageRecord, Claim]]:
         """Each message still held for this number and Telegram user, fresh and under its claim (the
-        caller writes it and releases the claim); one that ran out meanwhile is written EXPIRED."""
+        caller writes it and releases the claim); one that ran out meanwhile is written EXPIRED; the
+        ids of those another caller holds are added to `busy`."""
         try:
             phone = parse_phone(phone_raw)
         except InvalidPhoneError as exc:
@@ -58,6 +64,7 @@ class HeldRelease:
                 continue
             claim = await self.dispatcher.claim(record)
             if claim is None:
+                busy.append(record.id)
                 continue
             fresh = await self.store.get(record.id)
             if fresh is None or fresh.status != HELD or fresh.expire_at <= self.clock.now():
@@ -74,20 +81,26 @@ class HeldRelease:
             await self.fraud.record_confirmed_phone(self.crypto.phone_index(parse_phone(phone_raw).e164))
         except InvalidPhoneError as exc:
             raise invalid_argument([("phone", str(exc))]) from None
-        released = 0
-        async for fresh, claim in self._held(telegram_user_id, phone_raw):
+        released, busy = 0, list[str]()
+        async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
             now = self.clock.now()
             changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
             await self.store.write(fresh.id, changes)
             released += 1
             await self.dispatcher.run_claimed(fresh.updated(changes), claim)
-        log.info("held_messages_released", released=released)
+        log.info("held_messages_released", released=released, busy=len(busy))
+        if busy:
+            raise aborted(
+                f"{len(busy)} held message(s) of this number are being worked on; call again",
+                "HELD_MESSAGES_BUSY",
+                retry_after=1.0,
+            )
         return released
 
     async def fail(self, telegram_user_id: int, phone_raw: str) -> int:
         """How many held messages failed: the confirmation they waited for ended with wrong codes."""
-        failed = 0
-        async for fresh, claim in self._held(telegram_user_id, phone_raw):
+        failed, busy = 0, list[str]()
+        async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
             now = self.clock.now()
             changes: MessageChanges = {
                 "status": FAILED,
@@ -101,5 +114,6 @@ class HeldRelease:
             await self.dispatcher.claims.release(claim)
             await self.dispatcher.notifier.changed(fresh.updated(changes))
             failed += 1
-        log.info("held_messages_failed", failed=failed)
+        # One another caller held is left to its ttl (CONFIRMATION_TIMEOUT): late, but not lost.
+        log.info("held_messages_failed", failed=failed, busy=len(busy))
         return failed

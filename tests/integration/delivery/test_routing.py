@@ -279,6 +279,29 @@ async def test_a_message_held_before_an_index_key_rotation_is_still_released(wor
     assert "Held across a rotation" in await world.chat(user, "smscodes_bot")
 
 
+async def test_a_held_message_busy_at_release_is_released_when_called_again(world: World) -> None:
+    user, phone = await world.person("smscodes_bot")
+    await world.policy("shop", default_confirm_days=30)
+    busy = await world.send(phone, "Busy at release")
+    free = await world.send(phone, "Free at release")
+    record = await world.engine.store.get(busy.id)
+    assert record is not None
+    # Another caller (the hold loop starting the confirmation again) holds one message's claim.
+    claim = await world.engine.dispatcher.claim(record)
+    assert claim is not None
+    request = delivery_pb2.ReleaseHeldMessagesRequest(telegram_user_id=user, phone=phone)
+    failure = await refused(world.delivery.ReleaseHeldMessages(request))
+    assert failure.code == grpc.StatusCode.ABORTED and failure.reason == "HELD_MESSAGES_BUSY" and failure.retry_after
+    chat = await world.chat(user, "smscodes_bot")
+    assert "Free at release" in chat and "Busy at release" not in chat  # the rest went out at once
+    await world.engine.dispatcher.claims.release(claim)
+    again = await world.delivery.ReleaseHeldMessages(request)
+    assert again.released_count == 1
+    assert "Busy at release" in await world.chat(user, "smscodes_bot")
+    got = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=free.id))
+    assert got.message.status == common_pb2.MESSAGE_STATUS_SENT
+
+
 async def test_telegram_rate_limits_reschedule_and_the_dispatcher_sends_later(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
