@@ -1,6 +1,7 @@
-"""What the gateway and the simulated Telegram agree on in sandbox mode: the tokens of the shared
-bots. BotFather would hand these out; in the sandbox both sides derive them from the bot id, so the
-simulated Telegram creates the configured shared bots with the tokens the gateway logs in with."""
+"""What the services and the simulated Telegram agree on in sandbox mode: the tokens of the shared
+bots and of the service-wide Telegram Gateway account. BotFather (or Telegram's Gateway account
+page) would hand these out; in the sandbox both sides derive them, so the simulated Telegram creates
+the shared bots and the Gateway account with the tokens botgateway and delivery use."""
 
 from __future__ import annotations
 
@@ -12,3 +13,8 @@ def sandbox_token(bot_id: str) -> str:
     digest = hashlib.sha256(f"otpgate-sandbox/{bot_id.lower()}".encode()).digest()
     telegram_id = 5_000_000_000 + int.from_bytes(digest[:4], "big")
     return f"{telegram_id}:sandbox{digest[4:16].hex()}"
+
+
+def sandbox_gateway_token(account: str = "service") -> str:
+    """The API token of a local Telegram Gateway account (`service`: the service-wide one)."""
+    return "sandbox" + hashlib.sha256(f"otpgate-sandbox-gateway/{account}".encode()).hexdigest()[:40]

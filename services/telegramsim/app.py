@@ -5,7 +5,7 @@ It refuses to start anywhere else: production talks to Telegram itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from pymongo import AsyncMongoClient
@@ -14,6 +14,10 @@ from services.core.clock import Clock, SystemClock
 from services.core.config import CommonConfig, ConfigError, Env, read_mode
 from services.core.grpc_server import ServiceApp
 from services.core.mongo import Document
+from services.core.sandbox import sandbox_gateway_token
+from services.telegramsim.gateway import GatewaySettings, SimulatedGateway
+from services.telegramsim.gateway_http import GatewayHttp, ReportPoster
+from services.telegramsim.gateway_store import GatewayStore
 from services.telegramsim.model import SandboxLimits
 from services.telegramsim.mtproto import MtprotoEndpoint
 from services.telegramsim.service import MtprotoServicer, SandboxServicer
@@ -21,19 +25,45 @@ from services.telegramsim.store import TelegramStore
 from services.telegramsim.telegram import SimulatedTelegram
 
 SERVICES = telegramsim_pb2.DESCRIPTOR.services_by_name
+GATEWAY_PORT = 50057
 REFUSED = "the simulated Telegram runs in dev and sandbox mode only (OTPGATE_ENV=dev, OTPGATE_SANDBOX=true)"
 
 
 @dataclass(frozen=True)
 class TelegramSimConfig:
     limits: SandboxLimits
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = GATEWAY_PORT
 
 
 def load_config(env: Env) -> TelegramSimConfig:
     environment, sandbox = read_mode(env)
     if environment != "dev" or not sandbox:
         env.errors.append(REFUSED)
+    gateway = GatewaySettings(
+        price=env.number(
+            "OTPGATE_SANDBOX_GATEWAY_PRICE", 0.01, "local Telegram Gateway: credits charged per request", min=0
+        ),
+        initial_balance=env.number(
+            "OTPGATE_SANDBOX_GATEWAY_BALANCE",
+            10.0,
+            "local Telegram Gateway: credits of the service-wide sandbox account when it is opened",
+            min=0,
+        ),
+    )
     return TelegramSimConfig(
+        gateway=gateway,
+        gateway_host=env.text(
+            "OTPGATE_TELEGRAMSIM_GATEWAY_HOST", "127.0.0.1", "interface the local Telegram Gateway's HTTP API binds"
+        ),
+        gateway_port=env.integer(
+            "OTPGATE_TELEGRAMSIM_GATEWAY_PORT",
+            GATEWAY_PORT,
+            "local Telegram Gateway HTTP port (sandbox mode; delivery's OTPGATE_TELEGRAM_GATEWAY_URL points here)",
+            min=0,
+            max=65535,
+        ),
         limits=SandboxLimits(
             bot_rate=env.number("OTPGATE_SANDBOX_BOT_RATE", 30.0, "sandbox Telegram: messages/s per bot", min=0.01),
             bot_burst=env.integer("OTPGATE_SANDBOX_BOT_BURST", 30, "sandbox Telegram: burst per bot", min=1),
@@ -60,7 +90,7 @@ def load_config(env: Env) -> TelegramSimConfig:
                 "seconds a sandbox user's action waits for the bot to handle it (its replies are the answer)",
                 min=0,
             ),
-        )
+        ),
     )
 
 
@@ -69,6 +99,8 @@ class TelegramSimApp(ServiceApp):
     """The service app, with the simulated Telegram reachable for tests and benches."""
 
     telegram: SimulatedTelegram | None = None
+    gateway: SimulatedGateway | None = None
+    gateway_port: int = 0
 
 
 async def build_app(
@@ -83,6 +115,13 @@ async def build_app(
     await store.create_indexes()
     telegram = SimulatedTelegram(store, config.limits, clock or SystemClock())
     await telegram.load(common.shared_bots)
+    poster = ReportPoster()
+    gateway = SimulatedGateway(
+        GatewayStore(store.db, common.keyring), telegram, clock or SystemClock(), config.gateway, poster
+    )
+    await gateway.load((sandbox_gateway_token(),))
+    http = GatewayHttp(gateway, config.gateway_host, config.gateway_port)
+    gateway_port = await http.start()
     return TelegramSimApp(
         name="telegramsim",
         servicers=[
@@ -93,10 +132,14 @@ async def build_app(
             ),
             (
                 telegramsim_pb2_grpc.add_SandboxServiceServicer_to_server,
-                SandboxServicer(telegram),
+                SandboxServicer(telegram, gateway),
                 SERVICES["SandboxService"].full_name,
             ),
         ],
         database=store.db,
+        background=[gateway.run],
+        on_stop=[http.stop, poster.close],
         telegram=telegram,
+        gateway=gateway,
+        gateway_port=gateway_port,
     )

@@ -9,4 +9,8 @@ SEALED_FIELDS = (
     SealedField("bots", "token_sealed"),
     SealedField("updates", "text_sealed"),
     SealedField("updates", "contact_sealed"),
+    SealedField("gateway_requests", "phone_sealed"),
+    SealedField("gateway_requests", "code_sealed"),
+    SealedField("gateway_requests", "text_sealed"),
+    SealedField("gateway_requests", "entered_sealed"),
 )

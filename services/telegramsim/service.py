@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -11,6 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 
 from services.core.errors import ServiceError, Violations, failed_precondition, invalid_argument, not_found
+from services.core.sandbox import sandbox_gateway_token
+from services.telegramsim.gateway import SimulatedGateway
+from services.telegramsim.gateway_store import GatewayRequest
 from services.telegramsim.model import (
     ChatNotStarted,
     RpcError,
@@ -146,9 +150,29 @@ def _chat(user_id: int, bot_id: str) -> None:
     problems.raise_if_any()
 
 
+def code_message(request: GatewayRequest) -> P.VerificationCodeMessage:
+    sent = Timestamp()
+    if request.sent_at is not None:
+        sent.FromDatetime(request.sent_at)
+    return P.VerificationCodeMessage(
+        message_id=request.message_id,
+        text=request.text,
+        status=request.delivery_status,
+        send_time=sent,
+        request_id=request.request_id,
+    )
+
+
+def _user_id(user_id: int) -> None:
+    problems = Violations()
+    problems.check(user_id > 0, "user_id", "must be a positive Telegram user id")
+    problems.raise_if_any()
+
+
 class SandboxServicer(telegramsim_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, telegram: SimulatedTelegram) -> None:
+    def __init__(self, telegram: SimulatedTelegram, gateway: SimulatedGateway) -> None:
         self.telegram = telegram
+        self.gateway = gateway
 
     async def CreateSandboxUser(
         self, request: P.CreateSandboxUserRequest, context: Context
@@ -225,6 +249,41 @@ class SandboxServicer(telegramsim_pb2_grpc.SandboxServiceServicer):
         )
         return P.ListChatMessagesResponse(messages=[chat_message(m) for m in messages])
 
+    async def CreateGatewayAccount(
+        self, request: P.CreateGatewayAccountRequest, context: Context
+    ) -> P.CreateGatewayAccountResponse:
+        if not 0 <= request.balance <= 1_000_000:
+            raise invalid_argument([("balance", "must be between 0 and 1000000 credits")])
+        token = sandbox_gateway_token(secrets.token_hex(16))
+        balance = await self.gateway.open_account(token, request.balance)
+        return P.CreateGatewayAccountResponse(token=token, balance=balance)
+
+    async def SetDeviceOnline(self, request: P.SetDeviceOnlineRequest, context: Context) -> P.SetDeviceOnlineResponse:
+        _user_id(request.user_id)
+        await _sandbox_call(lambda: self.gateway.set_device_online(request.user_id, request.online))
+        return P.SetDeviceOnlineResponse()
+
+    async def ListVerificationCodes(
+        self, request: P.ListVerificationCodesRequest, context: Context
+    ) -> P.ListVerificationCodesResponse:
+        _user_id(request.user_id)
+        if request.after_message_id < 0:
+            raise invalid_argument([("after_message_id", "must not be negative")])
+        shown = await _sandbox_call(lambda: self.gateway.codes_chat(request.user_id, request.after_message_id))
+        return P.ListVerificationCodesResponse(messages=[code_message(r) for r in shown])
+
+    async def OpenVerificationCodes(
+        self, request: P.OpenVerificationCodesRequest, context: Context
+    ) -> P.OpenVerificationCodesResponse:
+        _user_id(request.user_id)
+        if request.after_message_id < 0:
+            raise invalid_argument([("after_message_id", "must not be negative")])
+        shown = await _sandbox_call(
+            lambda: self.gateway.codes_chat(request.user_id, request.after_message_id, open_chat=True)
+        )
+        return P.OpenVerificationCodesResponse(messages=[code_message(r) for r in shown])
+
     async def ResetSandbox(self, request: P.ResetSandboxRequest, context: Context) -> P.ResetSandboxResponse:
+        await self.gateway.reset()
         users, messages = await self.telegram.reset()
         return P.ResetSandboxResponse(users_erased=users, messages_erased=messages)

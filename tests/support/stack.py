@@ -71,6 +71,7 @@ def stack_env(mongo_uri: str, keyring_spec: str, overrides: Mapping[str, str] | 
         env[f"OTPGATE_{name.upper()}_METRICS_PORT"] = "0"
         env[f"OTPGATE_{name.upper()}_DATABASE"] = f"t_{name}_{suffix}"
     env["OTPGATE_EDGE_HTTP_PORT"] = str(free_port())
+    env["OTPGATE_TELEGRAMSIM_GATEWAY_PORT"] = str(free_port())
     env.update(overrides or {})
     return env
 

@@ -660,6 +660,208 @@ class ListChatMessagesResponse(_message.Message):
 Global___ListChatMessagesResponse: _TypeAlias = ListChatMessagesResponse  # noqa: Y015
 
 @_typing.final
+class CreateGatewayAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    balance: _builtins.float
+    """Credits on the account (the local Gateway charges OTPGATE_SANDBOX_GATEWAY_PRICE a request)."""
+    def __init__(
+        self,
+        *,
+        balance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGatewayAccountRequest: _TypeAlias = CreateGatewayAccountRequest  # noqa: Y015
+
+@_typing.final
+class CreateGatewayAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The account's API token (sandbox only: a real one comes from Telegram's Gateway account page)."""
+    balance: _builtins.float
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        balance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGatewayAccountResponse: _TypeAlias = CreateGatewayAccountResponse  # noqa: Y015
+
+@_typing.final
+class SetDeviceOnlineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    online: _builtins.bool
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        online: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["online", b"online", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDeviceOnlineRequest: _TypeAlias = SetDeviceOnlineRequest  # noqa: Y015
+
+@_typing.final
+class SetDeviceOnlineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDeviceOnlineResponse: _TypeAlias = SetDeviceOnlineResponse  # noqa: Y015
+
+@_typing.final
+class VerificationCodeMessage(_message.Message):
+    """A code in the user's "Verification Codes" chat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.int
+    """The id on the user's side."""
+    text: _builtins.str
+    status: _builtins.str
+    """The Gateway's delivery status: delivered or read."""
+    request_id: _builtins.str
+    """The Gateway request that sent it."""
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.int = ...,
+        text: _builtins.str = ...,
+        status: _builtins.str = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "request_id", b"request_id", "send_time", b"send_time", "status", b"status", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerificationCodeMessage: _TypeAlias = VerificationCodeMessage  # noqa: Y015
+
+@_typing.final
+class ListVerificationCodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AFTER_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    after_message_id: _builtins.int
+    """Only messages with a larger id (for polling)."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        after_message_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_message_id", b"after_message_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVerificationCodesRequest: _TypeAlias = ListVerificationCodesRequest  # noqa: Y015
+
+@_typing.final
+class ListVerificationCodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerificationCodeMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___VerificationCodeMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVerificationCodesResponse: _TypeAlias = ListVerificationCodesResponse  # noqa: Y015
+
+@_typing.final
+class OpenVerificationCodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AFTER_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    after_message_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        after_message_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_message_id", b"after_message_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenVerificationCodesRequest: _TypeAlias = OpenVerificationCodesRequest  # noqa: Y015
+
+@_typing.final
+class OpenVerificationCodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerificationCodeMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___VerificationCodeMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenVerificationCodesResponse: _TypeAlias = OpenVerificationCodesResponse  # noqa: Y015
+
+@_typing.final
 class ResetSandboxRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

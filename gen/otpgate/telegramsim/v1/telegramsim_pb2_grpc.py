@@ -342,6 +342,26 @@ class SandboxServiceStub:
                 request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesRequest.SerializeToString,
                 response_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesResponse.FromString,
                 _registered_method=True)
+        self.CreateGatewayAccount = channel.unary_unary(
+                '/otpgate.telegramsim.v1.SandboxService/CreateGatewayAccount',
+                request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountRequest.SerializeToString,
+                response_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountResponse.FromString,
+                _registered_method=True)
+        self.SetDeviceOnline = channel.unary_unary(
+                '/otpgate.telegramsim.v1.SandboxService/SetDeviceOnline',
+                request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineRequest.SerializeToString,
+                response_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineResponse.FromString,
+                _registered_method=True)
+        self.ListVerificationCodes = channel.unary_unary(
+                '/otpgate.telegramsim.v1.SandboxService/ListVerificationCodes',
+                request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesResponse.FromString,
+                _registered_method=True)
+        self.OpenVerificationCodes = channel.unary_unary(
+                '/otpgate.telegramsim.v1.SandboxService/OpenVerificationCodes',
+                request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesRequest.SerializeToString,
+                response_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesResponse.FromString,
+                _registered_method=True)
         self.ResetSandbox = channel.unary_unary(
                 '/otpgate.telegramsim.v1.SandboxService/ResetSandbox',
                 request_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ResetSandboxRequest.SerializeToString,
@@ -407,6 +427,37 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGatewayAccount(self, request, context):
+        """Opens an account of the local Telegram Gateway (its token and balance), as a client brings
+        its own Gateway account. The service-wide sandbox token has one from the start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDeviceOnline(self, request, context):
+        """Takes the user's device offline or back online: the Gateway delivers nothing to an offline
+        device (its codes stay "sent", and are refunded when their ttl passes first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVerificationCodes(self, request, context):
+        """Reads the user's "Verification Codes" chat (the Gateway's codes), oldest first, without
+        opening it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenVerificationCodes(self, request, context):
+        """The user opens the "Verification Codes" chat: every delivered code in it becomes read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResetSandbox(self, request, context):
         """Erases every sandbox user, chat and message. Bots, their sessions and their update
         counters stay (Telegram's counters never go back); a bot asking for the difference from
@@ -453,6 +504,26 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ListChatMessages,
                     request_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesRequest.FromString,
                     response_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesResponse.SerializeToString,
+            ),
+            'CreateGatewayAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGatewayAccount,
+                    request_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountRequest.FromString,
+                    response_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountResponse.SerializeToString,
+            ),
+            'SetDeviceOnline': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeviceOnline,
+                    request_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineRequest.FromString,
+                    response_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineResponse.SerializeToString,
+            ),
+            'ListVerificationCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVerificationCodes,
+                    request_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesRequest.FromString,
+                    response_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesResponse.SerializeToString,
+            ),
+            'OpenVerificationCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenVerificationCodes,
+                    request_deserializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesRequest.FromString,
+                    response_serializer=otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesResponse.SerializeToString,
             ),
             'ResetSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetSandbox,
@@ -654,6 +725,114 @@ class SandboxService:
             '/otpgate.telegramsim.v1.SandboxService/ListChatMessages',
             otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesRequest.SerializeToString,
             otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListChatMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGatewayAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.telegramsim.v1.SandboxService/CreateGatewayAccount',
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountRequest.SerializeToString,
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.CreateGatewayAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeviceOnline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.telegramsim.v1.SandboxService/SetDeviceOnline',
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineRequest.SerializeToString,
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.SetDeviceOnlineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVerificationCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.telegramsim.v1.SandboxService/ListVerificationCodes',
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesRequest.SerializeToString,
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.ListVerificationCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenVerificationCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.telegramsim.v1.SandboxService/OpenVerificationCodes',
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesRequest.SerializeToString,
+            otpgate_dot_telegramsim_dot_v1_dot_telegramsim__pb2.OpenVerificationCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

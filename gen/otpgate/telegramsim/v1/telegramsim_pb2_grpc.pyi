@@ -166,6 +166,20 @@ class SandboxServiceStub:
     """The user blocks or unblocks a bot (the bot gets UpdateBotStopped)."""
     ListChatMessages: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.ListChatMessagesRequest, _telegramsim_pb2.ListChatMessagesResponse]
     """Reads the chat between a user and a bot, oldest first."""
+    CreateGatewayAccount: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.CreateGatewayAccountRequest, _telegramsim_pb2.CreateGatewayAccountResponse]
+    """Opens an account of the local Telegram Gateway (its token and balance), as a client brings
+    its own Gateway account. The service-wide sandbox token has one from the start.
+    """
+    SetDeviceOnline: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.SetDeviceOnlineRequest, _telegramsim_pb2.SetDeviceOnlineResponse]
+    """Takes the user's device offline or back online: the Gateway delivers nothing to an offline
+    device (its codes stay "sent", and are refunded when their ttl passes first).
+    """
+    ListVerificationCodes: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.ListVerificationCodesRequest, _telegramsim_pb2.ListVerificationCodesResponse]
+    """Reads the user's "Verification Codes" chat (the Gateway's codes), oldest first, without
+    opening it.
+    """
+    OpenVerificationCodes: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.OpenVerificationCodesRequest, _telegramsim_pb2.OpenVerificationCodesResponse]
+    """The user opens the "Verification Codes" chat: every delivered code in it becomes read."""
     ResetSandbox: _grpc.UnaryUnaryMultiCallable[_telegramsim_pb2.ResetSandboxRequest, _telegramsim_pb2.ResetSandboxResponse]
     """Erases every sandbox user, chat and message. Bots, their sessions and their update
     counters stay (Telegram's counters never go back); a bot asking for the difference from
@@ -198,6 +212,20 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """The user blocks or unblocks a bot (the bot gets UpdateBotStopped)."""
     ListChatMessages: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.ListChatMessagesRequest, _telegramsim_pb2.ListChatMessagesResponse]  # type: ignore[assignment]
     """Reads the chat between a user and a bot, oldest first."""
+    CreateGatewayAccount: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.CreateGatewayAccountRequest, _telegramsim_pb2.CreateGatewayAccountResponse]  # type: ignore[assignment]
+    """Opens an account of the local Telegram Gateway (its token and balance), as a client brings
+    its own Gateway account. The service-wide sandbox token has one from the start.
+    """
+    SetDeviceOnline: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.SetDeviceOnlineRequest, _telegramsim_pb2.SetDeviceOnlineResponse]  # type: ignore[assignment]
+    """Takes the user's device offline or back online: the Gateway delivers nothing to an offline
+    device (its codes stay "sent", and are refunded when their ttl passes first).
+    """
+    ListVerificationCodes: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.ListVerificationCodesRequest, _telegramsim_pb2.ListVerificationCodesResponse]  # type: ignore[assignment]
+    """Reads the user's "Verification Codes" chat (the Gateway's codes), oldest first, without
+    opening it.
+    """
+    OpenVerificationCodes: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.OpenVerificationCodesRequest, _telegramsim_pb2.OpenVerificationCodesResponse]  # type: ignore[assignment]
+    """The user opens the "Verification Codes" chat: every delivered code in it becomes read."""
     ResetSandbox: _aio.UnaryUnaryMultiCallable[_telegramsim_pb2.ResetSandboxRequest, _telegramsim_pb2.ResetSandboxResponse]  # type: ignore[assignment]
     """Erases every sandbox user, chat and message. Bots, their sessions and their update
     counters stay (Telegram's counters never go back); a bot asking for the difference from
@@ -269,6 +297,44 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_telegramsim_pb2.ListChatMessagesResponse, _abc.Awaitable[_telegramsim_pb2.ListChatMessagesResponse]]:
         """Reads the chat between a user and a bot, oldest first."""
+
+    @_abc_1.abstractmethod
+    def CreateGatewayAccount(
+        self,
+        request: _telegramsim_pb2.CreateGatewayAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_telegramsim_pb2.CreateGatewayAccountResponse, _abc.Awaitable[_telegramsim_pb2.CreateGatewayAccountResponse]]:
+        """Opens an account of the local Telegram Gateway (its token and balance), as a client brings
+        its own Gateway account. The service-wide sandbox token has one from the start.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDeviceOnline(
+        self,
+        request: _telegramsim_pb2.SetDeviceOnlineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_telegramsim_pb2.SetDeviceOnlineResponse, _abc.Awaitable[_telegramsim_pb2.SetDeviceOnlineResponse]]:
+        """Takes the user's device offline or back online: the Gateway delivers nothing to an offline
+        device (its codes stay "sent", and are refunded when their ttl passes first).
+        """
+
+    @_abc_1.abstractmethod
+    def ListVerificationCodes(
+        self,
+        request: _telegramsim_pb2.ListVerificationCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_telegramsim_pb2.ListVerificationCodesResponse, _abc.Awaitable[_telegramsim_pb2.ListVerificationCodesResponse]]:
+        """Reads the user's "Verification Codes" chat (the Gateway's codes), oldest first, without
+        opening it.
+        """
+
+    @_abc_1.abstractmethod
+    def OpenVerificationCodes(
+        self,
+        request: _telegramsim_pb2.OpenVerificationCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_telegramsim_pb2.OpenVerificationCodesResponse, _abc.Awaitable[_telegramsim_pb2.OpenVerificationCodesResponse]]:
+        """The user opens the "Verification Codes" chat: every delivered code in it becomes read."""
 
     @_abc_1.abstractmethod
     def ResetSandbox(
