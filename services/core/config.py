@@ -157,6 +157,8 @@ def local_address(service: str, environ: Mapping[str, str]) -> str:
     return f"127.0.0.1:{environ.get(f'OTPGATE_{service.upper()}_PORT') or default}"
 
 
+# Where the edge receives the Telegram Gateway's delivery reports (the callback_url's path).
+TELEGRAM_GATEWAY_REPORT_PATH = "/v1/telegramGateway/reports"
 DEFAULT_SHARED_BOTS = ["smsccode_bot", "smsc_code_bot", "smscodes_bot"]
 
 

@@ -6,15 +6,17 @@ for callback_url, CAPTCHA rule ALWAYS) -> a named bot is shared or the client's 
 idempotency key taken with one insert (a repeat is answered here, before any limit counts it;
 the same request_id with other content is ABORTED IDEMPOTENCY_CONFLICT; the key is given back
 if no message is stored) -> rate limits (client, global, phone short and daily, session) ->
-SMS leg admission when the message is an SMS leg (channel SMS, or AUTO with sms_fallback and
-the directory naming no bot that can carry it; sms_admission.py) -> the message stored, its
-text and number sealed -> dispatched inline under the claim its insert holds (dispatch.py),
+paid leg admission when the message is one (channel SMS or TELEGRAM_GATEWAY, or AUTO without a
+policy ladder, with sms_fallback and the directory naming no bot that can carry it;
+sms_admission.py; a ladder's paid rungs are admitted when the message reaches them) -> the
+message stored, its text, code and number sealed -> dispatched inline under the claim its insert holds (dispatch.py),
 or left QUEUED for the dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 
 import grpc
@@ -32,6 +34,7 @@ from services.delivery import metrics
 from services.delivery.claims import Claims
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import Decision, FraudGuard, SmsLeg
+from services.delivery.gateway_leg import ADMITTED, GatewayLeg
 from services.delivery.limits import Hit, Limiter, RateLimited
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.policy import Policy, PolicyStore
@@ -39,6 +42,7 @@ from services.delivery.record import (
     AUTO,
     CHANNEL_NAMES,
     EPOCH,
+    GATEWAY,
     P_CONFIRMATION,
     P_MESSAGE,
     P_VERIFICATION,
@@ -55,6 +59,7 @@ from services.delivery.webhooks import UnsafeTarget, check_url
 
 log = get_logger(__name__)
 
+CODE = re.compile(r"^\d{4,8}$")
 MAX_DELETE_AFTER = 48 * 3600
 
 
@@ -69,6 +74,7 @@ class Admission:
         router: Router,
         sms_admission: SmsAdmission,
         dispatcher: Dispatcher,
+        gateway: GatewayLeg,
         crypto: MessageCrypto,
         clock: Clock,
         settings: EngineSettings,
@@ -81,6 +87,7 @@ class Admission:
         self.router = router
         self.sms_admission = sms_admission
         self.dispatcher = dispatcher
+        self.gateway = gateway
         self.crypto = crypto
         self.clock = clock
         self.settings = settings
@@ -125,7 +132,8 @@ class Admission:
                 confirm_days = policy.default_confirm_days
             resolution: directory_pb2.ResolvePhoneResponse | None = None
             sms_leg = channel == SMS
-            if channel == AUTO and sms_fallback:
+            gateway_leg = channel == GATEWAY
+            if channel == AUTO and sms_fallback and not policy.ladder:
                 # Decide now whether this is an SMS leg, so a refusal is an error, not a stored message.
                 try:
                     resolution = await self.router.resolve(phone.e164, request.bot)
@@ -145,12 +153,20 @@ class Admission:
                 session_id=request.origin.session_id,
                 user_agent=request.origin.user_agent,
             )
+            if gateway_leg and not await self.gateway.available(client_id):
+                raise failed_precondition(
+                    "GATEWAY_NOT_CONFIGURED",
+                    "no Telegram Gateway token for this client: set policy.telegram_gateway_token",
+                    [("GATEWAY_TOKEN", "policy.telegram_gateway_token", "not set")],
+                )
             admitted: Decision | None = None
-            if sms_leg:
-                admitted = await self.sms_admission.admit(leg, policy, request.origin, billed, purpose)
-            # An SMS leg that may be decided at dispatch is judged with who asked for it.
-            later_sms = channel == AUTO and sms_fallback and not sms_leg
-            origin_keys = self.fraud.requester_keys(leg) if later_sms else None
+            if sms_leg or gateway_leg:
+                paid = SMS if sms_leg else GATEWAY
+                admitted = await self.sms_admission.admit(leg, policy, request.origin, billed, purpose, paid)
+            # A paid leg that may be decided at dispatch (an SMS fallback, a ladder's Gateway or SMS
+            # rung) is judged with who asked for it.
+            later_paid = channel == AUTO and not sms_leg and (sms_fallback or bool(policy.ladder))
+            origin_keys = self.fraud.requester_keys(leg) if later_paid else None
             now = self.clock.now()
             claim = self.claims.implicit("message", message_id)
             record = MessageRecord(
@@ -165,6 +181,8 @@ class Admission:
                 phone_masked=phone.masked,
                 region=phone.region,
                 text_sealed=self.crypto.seal_text(message_id, request.text),
+                code_sealed=self.crypto.seal_code(message_id, request.code) if request.code else None,
+                gateway_state=ADMITTED if gateway_leg else None,
                 requested_channel=channel,
                 channel=SMS if channel == SMS else 0,
                 requested_bot=request.bot,
@@ -233,7 +251,11 @@ class Admission:
             problems.add("phone", str(exc))
         check_text(problems, "text", request.text, MAX_TEXT)
         check_origin(problems, request.origin)
-        problems.check(request.channel in (0, AUTO, TELEGRAM, SMS), "channel", "unknown channel")
+        problems.check(request.channel in (0, AUTO, TELEGRAM, SMS, GATEWAY), "channel", "unknown channel")
+        if request.code and not CODE.match(request.code):
+            problems.add("code", "must be 4 to 8 digits (what the Telegram Gateway sends)")
+        if request.channel == GATEWAY and not request.code:
+            problems.add("code", "is required with channel TELEGRAM_GATEWAY (the Gateway sends codes, not texts)")
         problems.check(request.purpose in (0, P_MESSAGE, P_CONFIRMATION, P_VERIFICATION), "purpose", "unknown purpose")
         ttl = self.settings.default_ttl
         if request.HasField("ttl"):
@@ -278,6 +300,7 @@ class Admission:
             [
                 e164,
                 request.text,
+                request.code,
                 str(request.channel or AUTO),
                 request.bot,
                 str(request.confirm_days) if request.HasField("confirm_days") else "-",

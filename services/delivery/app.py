@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
@@ -15,11 +15,13 @@ from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
-from services.core.config import CommonConfig, ConfigError, Env
+from services.core.config import TELEGRAM_GATEWAY_REPORT_PATH as GATEWAY_REPORT_PATH
+from services.core.config import CommonConfig, ConfigError, Env, read_mode
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
 from services.core.mongo import Document
+from services.core.sandbox import sandbox_gateway_token
 from services.delivery.bots import BotCatalog
 from services.delivery.claims import Claims
 from services.delivery.engine import Engine, EngineSettings
@@ -32,6 +34,7 @@ from services.delivery.smpp import SmppProvider, SmppSettings, SmppStore
 from services.delivery.smpp_link import LinkSettings
 from services.delivery.sms import HttpSettings, SandboxSmsProvider, SmscProvider, SmsProvider, WebhookSmsProvider
 from services.delivery.store import Store
+from services.delivery.tg_gateway import GatewaySettings, TelegramGatewayClient
 from services.delivery.wakeup import Wakeup
 from services.delivery.webhooks import WebhookOutbox, guarded_session
 
@@ -73,6 +76,7 @@ class DeliveryConfig:
     webhook_timeout: float
     webhook_backoff: float
     sms_any_default: bool | None
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 def _rate(env: Env, name: str, default: str, help: str) -> Rate:
@@ -82,6 +86,44 @@ def _rate(env: Env, name: str, default: str, help: str) -> Rate:
     except ValueError as exc:
         env.errors.append(f"OTPGATE_DELIVERY_LIMIT_{name.upper()} {raw!r} is invalid: {exc}")
         return Rate.parse(default)
+
+
+def _gateway_settings(env: Env) -> GatewaySettings:
+    """Telegram's Gateway in production (a token makes it usable); the local one in sandbox mode."""
+    _, sandbox = read_mode(env)
+    local_port = env.raw("OTPGATE_TELEGRAMSIM_GATEWAY_PORT") or "50057"
+    edge_port = env.raw("OTPGATE_EDGE_HTTP_PORT") or "8080"
+    return GatewaySettings(
+        url=env.text(
+            "OTPGATE_TELEGRAM_GATEWAY_URL",
+            f"http://127.0.0.1:{local_port}" if sandbox else "https://gatewayapi.telegram.org",
+            "Telegram Gateway API base URL (production: https://gatewayapi.telegram.org; sandbox: the local Gateway "
+            "of the simulated Telegram, on OTPGATE_TELEGRAMSIM_GATEWAY_PORT)",
+        ),
+        token=env.text(
+            "OTPGATE_TELEGRAM_GATEWAY_TOKEN",
+            sandbox_gateway_token() if sandbox else "",
+            "service-wide Telegram Gateway API token (empty: only clients with their own token use the Gateway; "
+            "sandbox: the local Gateway's service account)",
+            secret=True,
+        ),
+        callback_url=env.text(
+            "OTPGATE_TELEGRAM_GATEWAY_CALLBACK_URL",
+            f"http://127.0.0.1:{edge_port}{GATEWAY_REPORT_PATH}" if sandbox else "",
+            f"public HTTPS URL of the edge's {GATEWAY_REPORT_PATH}, where the Gateway posts delivery reports "
+            "(production: empty until set, and then statuses are asked for with checkVerificationStatus; "
+            "sandbox: this host's edge)",
+        ),
+        timeout=env.number(
+            "OTPGATE_TELEGRAM_GATEWAY_TIMEOUT", 5.0, "deadline of one Telegram Gateway call, s", min=0.1
+        ),
+        report_max_age=env.number(
+            "OTPGATE_TELEGRAM_GATEWAY_REPORT_MAX_AGE",
+            300.0,
+            "a Gateway report stamped further than this from our clock is refused as stale, s",
+            min=1,
+        ),
+    )
 
 
 def load_config(env: Env) -> DeliveryConfig:
@@ -129,6 +171,12 @@ def load_config(env: Env) -> DeliveryConfig:
             "OTPGATE_SMS_STATUS_FOR", 86400.0, "how long to ask for SMS delivery reports, s", min=1
         ),
         sms_countries=tuple(c.upper() for c in sms_countries),
+        sms_part_cost=env.number(
+            "OTPGATE_SMS_PART_COST",
+            0.05 if read_mode(env)[1] else 0.0,
+            "what one SMS part costs at the provider, for usage and cost reports (sandbox: 0.05)",
+            min=0,
+        ),
         webhook_default_secret=env.text(
             "OTPGATE_DELIVERY_WEBHOOK_SECRET",
             "",
@@ -186,6 +234,7 @@ def load_config(env: Env) -> DeliveryConfig:
         webhook_timeout=env.number("OTPGATE_WEBHOOK_TIMEOUT", 5.0, "status webhook timeout, s", min=0.05),
         webhook_backoff=env.number("OTPGATE_WEBHOOK_BACKOFF", 5.0, "first status webhook retry delay, s", min=0.01),
         sms_any_default={"": None, "true": True, "false": False}[default_sms_any],
+        gateway=_gateway_settings(env),
     )
     if provider == "smsc" and not (config.smsc_login and config.smsc_password):
         env.errors.append("OTPGATE_SMS_PROVIDER=smsc needs OTPGATE_SMSC_LOGIN and OTPGATE_SMSC_PASSWORD")
@@ -500,7 +549,10 @@ async def build_app(
         dev=common.dev,
         wakeup=wakeup,
     )
+    gateway_client = TelegramGatewayClient(http, config.gateway) if config.gateway.url else None
     engine = Engine(
+        gateway_client=gateway_client,
+        gateway_settings=config.gateway,
         store=store,
         policies=policies,
         limiter=limiter,

@@ -3,10 +3,11 @@
 Every change to a message happens under its claim (claims.py); `run_claimed` is the one place an
 attempt's outcome is written, the claim released and the status change announced (notify.py).
 An attempt: an open message past its ttl expires; a HELD one only (re)starts its confirmation;
-channel SMS goes to the SMS leg; otherwise the directory names the person's bots (routing.py),
-a number due for re-confirmation is held (hold.py), and the bot leg tries the candidates (legs.py).
-When no bot can carry it, channel AUTO with sms_fallback takes the SMS leg (admitted now if it was
-not at acceptance, sms_admission.py); otherwise the message fails with the reason the bots gave.
+otherwise it climbs its ladder (ladder.py) from the rung it is on. The bot rung: the directory
+names the person's bots (routing.py), a number due for re-confirmation is held (hold.py), and the
+bot leg tries the candidates (legs.py). The Gateway rung (gateway_leg.py) and the SMS rung are
+paid: admitted now if they were not at acceptance (sms_admission.py). A rung that failed for good
+passes the message to the next; when none is left it fails with the first reason given.
 
 With several replicas, each dispatcher claims due messages (QUEUED with next_attempt_at passed,
 or HELD with a confirmation to start again) whose lease has lapsed; a claim is exclusive, so two
@@ -29,19 +30,23 @@ from services.core.phone import parse_phone
 from services.delivery import metrics
 from services.delivery.claims import Claim, Claims
 from services.delivery.fraud import FraudGuard, SmsLeg
+from services.delivery.gateway_leg import ADMITTED, GatewayLeg
 from services.delivery.hold import ConfirmationHold, must_hold
+from services.delivery.ladder import rungs
 from services.delivery.legs import Legs, Outcome, retry
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.notify import StatusNotifier
-from services.delivery.policy import PolicyStore
+from services.delivery.policy import PolicyStore, Rung
 from services.delivery.record import (
-    AUTO,
+    CHANNEL_NAMES,
     EPOCH,
     EXPIRED,
     FAILED,
     FINAL_STATUSES,
+    GATEWAY,
     HELD,
     OPEN_STATUSES,
+    REASON_NAMES,
     SENT,
     SMS,
     TELEGRAM,
@@ -52,6 +57,7 @@ from services.delivery.routing import Router
 from services.delivery.settings import EngineSettings
 from services.delivery.sms_admission import SmsAdmission
 from services.delivery.store import Store
+from services.delivery.tg_gateway import UNREACHABLE
 
 log = get_logger(__name__)
 R = common_pb2  # failure reasons
@@ -64,6 +70,7 @@ class Dispatcher:
         claims: Claims,
         router: Router,
         legs: Legs,
+        gateway: GatewayLeg,
         hold: ConfirmationHold,
         sms_admission: SmsAdmission,
         policies: PolicyStore,
@@ -77,6 +84,7 @@ class Dispatcher:
         self.claims = claims
         self.router = router
         self.legs = legs
+        self.gateway = gateway
         self.hold = hold
         self.sms_admission = sms_admission
         self.policies = policies
@@ -148,14 +156,61 @@ class Dispatcher:
             # Still waiting for the person: only (re)start the confirmation if that failed before.
             return Outcome(start_confirmation=not record.confirmation_started)
         e164 = self.crypto.open_phone(record)
-        if record.requested_channel == SMS:
-            return await self.legs.send_sms(record, e164)
+        policy = await self.policies.get(record.client_id)
+        ladder = rungs(record, policy, await self.gateway.available(record.client_id))
+        return await self._climb(record, e164, ladder, resolution)
+
+    async def _climb(
+        self,
+        record: MessageRecord,
+        e164: str,
+        ladder: tuple[Rung, ...],
+        resolution: directory_pb2.ResolvePhoneResponse | None,
+    ) -> Outcome:
+        """From the message's rung up (ladder.py): the first rung that sends, holds or must be
+        tried again ends the attempt; a rung that failed for good passes it on."""
+        progress: MessageChanges = {}
+        reason = 0
+        for index in range(record.rung, len(ladder)):
+            rung = ladder[index]
+            if not rung.serves(record.region):
+                continue
+            progress["rung"] = index
+            record = record.updated({"rung": index})
+            if rung.daily_cap and record.caps_taken <= index:
+                progress["caps_taken"] = index + 1
+                record = record.updated({"caps_taken": index + 1})
+                if await self.sms_admission.take_rung_cap(record.client_id, rung.channel, rung.daily_cap) is not None:
+                    log.info("ladder_cap_reached", message_id=record.id, channel=CHANNEL_NAMES[rung.channel])
+                    metrics.ladder_fallbacks_total.labels(CHANNEL_NAMES[rung.channel], "DAILY_CAP").inc()
+                    reason = reason or R.FAILURE_REASON_NOT_CONNECTED
+                    continue
+            if rung.channel == TELEGRAM:
+                out, failed = await self._bot_rung(record, e164, resolution)
+            elif rung.channel == GATEWAY:
+                out, failed = await self._gateway_rung(record, e164)
+            else:
+                out, failed = await self._sms_rung(record, e164)
+            if out is not None:
+                out.changes = {**progress, **out.changes}
+                return out
+            record = record.updated(failed.changes)
+            progress.update(failed.changes)
+            reason = reason or int(failed.changes.get("failure_reason", 0))
+            metrics.ladder_fallbacks_total.labels(CHANNEL_NAMES[rung.channel], REASON_NAMES.get(reason, "")).inc()
+        progress.pop("failure_reason", None)
+        return Outcome({**progress, "status": FAILED, "failure_reason": reason or R.FAILURE_REASON_NOT_CONNECTED})
+
+    async def _bot_rung(
+        self, record: MessageRecord, e164: str, resolution: directory_pb2.ResolvePhoneResponse | None
+    ) -> tuple[Outcome | None, Outcome]:
+        """(the attempt's outcome, or None and why no bot will take it)."""
         if resolution is None:
             try:
                 resolution = await self.router.resolve(e164, record.requested_bot)
             except grpc.aio.AioRpcError as error:
                 log.warning("resolve_failed", message_id=record.id, status=error.code().name)
-                return retry(record, None, self.clock.now(), self.settings)
+                return retry(record, None, self.clock.now(), self.settings), Outcome()
         candidates = await self.router.candidates(resolution, record.requested_bot, record.bot_owner, record.client_id)
         if not candidates:
             reason = R.FAILURE_REASON_NOT_CONNECTED
@@ -163,8 +218,8 @@ class Dispatcher:
                 {record.requested_bot} if record.bot_owner else set(resolution.blocked_bot_ids)
             ):
                 reason = R.FAILURE_REASON_BLOCKED_BY_USER
-            return await self._fallback_or_fail(record, e164, reason)
-        if must_hold(record, resolution, now):
+            return None, Outcome({"failure_reason": reason})
+        if must_hold(record, resolution, self.clock.now()):
             held: MessageChanges = {
                 "status": HELD,
                 "bot_id": candidates[0],
@@ -172,28 +227,51 @@ class Dispatcher:
                 "telegram_user_id": int(resolution.telegram_user_id),
                 "confirmation_started": False,
             }
-            return Outcome(held, start_confirmation=True)
+            return Outcome(held, start_confirmation=True), Outcome()
         tries = await self.legs.try_bots(record, resolution, candidates)
         if tries.sent is not None:
-            return Outcome(tries.sent)
+            return Outcome(tries.sent), Outcome()
         tried = record.updated({"attempts": tries.attempts})
         if tries.retry_after is not None:
-            return retry(tried, tries.retry_after, self.clock.now(), self.settings)
-        out = await self._fallback_or_fail(tried, e164, tries.reason or R.FAILURE_REASON_NOT_CONNECTED)
-        out.changes.setdefault("attempts", tries.attempts)
-        return out
+            return retry(tried, tries.retry_after, self.clock.now(), self.settings), Outcome()
+        return None, Outcome(
+            {"attempts": tries.attempts, "failure_reason": tries.reason or R.FAILURE_REASON_NOT_CONNECTED}
+        )
 
-    async def _fallback_or_fail(self, record: MessageRecord, e164: str, reason: int) -> Outcome:
-        if record.requested_channel == AUTO and record.sms_fallback:
-            if not record.sms_admitted:
-                refusal = await self._admit_late(record, e164)
-                if refusal is not None:
-                    return refusal
-            return await self.legs.send_sms(record, e164)
-        return Outcome({"status": FAILED, "failure_reason": reason})
+    async def _gateway_rung(self, record: MessageRecord, e164: str) -> tuple[Outcome | None, Outcome]:
+        if record.gateway_state is None:  # a paid leg: the same admission as SMS, once
+            refusal = await self._admit_late(record, e164, GATEWAY)
+            if refusal is not None:
+                return None, Outcome({"gateway_state": "refused", "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED})
+            record = record.updated({"gateway_state": ADMITTED})
+        outcome = await self.gateway.send(record, e164)
+        if outcome.sent is not None:
+            return Outcome({**outcome.written, **outcome.sent}), Outcome()
+        if outcome.refused:
+            failed: MessageChanges = {
+                **outcome.written,
+                "gateway_state": "refused",
+                "gateway_error": outcome.refused,
+                "attempts": record.attempts + 1,
+                "failure_reason": R.FAILURE_REASON_NOT_CONNECTED
+                if outcome.refused in UNREACHABLE
+                else R.FAILURE_REASON_GATEWAY_FAILED,
+            }
+            return None, Outcome(failed)
+        tried = record.updated({"attempts": record.attempts + 1})
+        out = retry(tried, outcome.retry_after, self.clock.now(), self.settings)
+        out.changes = {**outcome.written, **out.changes}
+        return out, Outcome()
 
-    async def _admit_late(self, record: MessageRecord, e164: str) -> Outcome | None:
-        """An SMS leg decided only at dispatch time: the same admission, a refusal fails the message."""
+    async def _sms_rung(self, record: MessageRecord, e164: str) -> tuple[Outcome | None, Outcome]:
+        if not record.sms_admitted:
+            refusal = await self._admit_late(record, e164, SMS)
+            if refusal is not None:
+                return None, Outcome({"channel": SMS, "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED})
+        return await self.legs.send_sms(record, e164), Outcome()
+
+    async def _admit_late(self, record: MessageRecord, e164: str, channel: int) -> Outcome | None:
+        """A paid leg decided only at dispatch time: the same admission; a refusal ends the rung."""
         policy = await self.policies.get(record.client_id)
         leg = SmsLeg(
             phone=parse_phone(e164),
@@ -206,9 +284,9 @@ class Dispatcher:
         )
         origin = common_pb2.Origin(captcha_verified=leg.captcha_verified)
         try:
-            admitted = await self.sms_admission.admit(leg, policy, origin, record.billed, record.purpose)
+            admitted = await self.sms_admission.admit(leg, policy, origin, record.billed, record.purpose, channel)
         except ServiceError as refusal:
-            log.info("sms_leg_refused", message_id=record.id, reason=refusal.reason)
-            return Outcome({"status": FAILED, "failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED, "channel": SMS})
+            log.info("paid_leg_refused", message_id=record.id, channel=CHANNEL_NAMES[channel], reason=refusal.reason)
+            return Outcome({"failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED})
         await self.fraud.record_sms(record.id, leg, record.phone_index, admitted)
         return None

@@ -11,6 +11,8 @@ Each job lives in its own module; Engine only wires them and names the entry poi
     release.py        ReleaseHeldMessages, FailHeldMessages
     notify.py         what follows a status change: metric, usage record, webhook, log
     reports.py        SMS delivery reports (polled or pushed)
+    gateway_leg.py    the Telegram Gateway leg; gateway_reports.py its signed delivery reports
+    ladder.py         the channels AUTO climbs, in order
     messages.py       GetMessage, CancelMessage, RecordConversion
     reachability.py   CheckReachability
     maintenance.py    the dispatcher pass (dispatch, expiry, reports, webhooks) and the purge
@@ -32,6 +34,8 @@ from services.delivery.bots import BotCatalog
 from services.delivery.claims import Claim, Claims
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
+from services.delivery.gateway_leg import GatewayLeg
+from services.delivery.gateway_reports import GatewayReports
 from services.delivery.hold import ConfirmationHold
 from services.delivery.legs import Legs
 from services.delivery.limits import Limiter
@@ -49,6 +53,7 @@ from services.delivery.settings import EngineSettings
 from services.delivery.sms import SandboxSmsProvider, SmsProvider
 from services.delivery.sms_admission import SmsAdmission
 from services.delivery.store import Store
+from services.delivery.tg_gateway import GatewaySettings, TelegramGatewayClient
 from services.delivery.webhooks import WebhookOutbox
 
 __all__ = ["Engine", "EngineSettings"]
@@ -72,6 +77,8 @@ class Engine:
         keyring: Keyring,
         clock: Clock,
         settings: EngineSettings,
+        gateway_client: TelegramGatewayClient | None = None,
+        gateway_settings: GatewaySettings | None = None,
     ) -> None:
         self.store = store
         self.policies = policies
@@ -83,12 +90,24 @@ class Engine:
         crypto = MessageCrypto(keyring)
         router = Router(bots, directory)
         sms_admission = SmsAdmission(limiter, fraud, crypto, settings)
-        notifier = StatusNotifier(store, webhooks, clock)
+        notifier = StatusNotifier(store, webhooks, clock, settings)
+        self.gateway = GatewayLeg(
+            gateway_client,
+            store,
+            policies,
+            crypto,
+            keyring,
+            clock,
+            gateway_settings or GatewaySettings(),
+            settings.sms_poll_interval,
+            settings.sms_poll_for,
+        )
         self.dispatcher = Dispatcher(
             store,
             claims,
             router,
             Legs(botgateway, sms, crypto, clock, settings),
+            self.gateway,
             ConfirmationHold(store, verification, crypto, clock, settings),
             sms_admission,
             policies,
@@ -99,12 +118,27 @@ class Engine:
             settings,
         )
         self.admission = Admission(
-            store, policies, limiter, fraud, claims, router, sms_admission, self.dispatcher, crypto, clock, settings
+            store,
+            policies,
+            limiter,
+            fraud,
+            claims,
+            router,
+            sms_admission,
+            self.dispatcher,
+            self.gateway,
+            crypto,
+            clock,
+            settings,
         )
         self.release = HeldRelease(store, self.dispatcher, fraud, crypto, clock, settings.text_retention)
-        self.messages = ClientMessages(store, self.dispatcher, fraud, notifier, clock, settings)
+        self.messages = ClientMessages(store, self.dispatcher, self.gateway, fraud, notifier, clock, settings)
         self.reachability = Reachability(policies, limiter, router, crypto, clock, settings)
         self.reports = SmsReports(store, sms, self.dispatcher, notifier, crypto, clock, settings)
+        self.gateway_reports = GatewayReports(
+            store, self.gateway, self.dispatcher, notifier, clock, settings.sms_poll_interval
+        )
+        self.reports.gateway_poll = self.gateway_reports.poll
         self.maintenance = Maintenance(
             store, self.dispatcher, self.reports, webhooks, limiter, fraud, claims, sandbox, clock, settings
         )
@@ -119,6 +153,9 @@ class Engine:
 
     async def cancel_message(self, client_id: str, message_id: str) -> common_pb2.Message:
         return await self.messages.cancel(client_id, message_id)
+
+    async def apply_gateway_report(self, body: bytes, timestamp: str, signature: str) -> None:
+        await self.gateway_reports.apply(body, timestamp, signature)
 
     async def release_held(self, telegram_user_id: int, phone_raw: str) -> int:
         return await self.release.release(telegram_user_id, phone_raw)

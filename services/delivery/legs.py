@@ -163,6 +163,7 @@ class Legs:
             "sms_provider": provider,
             "provider_id": sent.provider_id,
             "sms_parts": sent.parts,
+            "cost_micros": round(sent.parts * self.settings.sms_part_cost * 1_000_000),
             "bot_id": "",
         }
         if sent.delivered:

@@ -27,6 +27,14 @@ class MessageCrypto:
     def seal_text(self, message_id: str, text: str) -> bytes:
         return self.keyring.seal(text, SealContext("messages", message_id, "text"))
 
+    def seal_code(self, message_id: str, code: str) -> bytes:
+        return self.keyring.seal(code, SealContext("messages", message_id, "code"))
+
+    def open_code(self, record: MessageRecord) -> str:
+        if record.code_sealed is None:
+            return ""
+        return self.keyring.open_str(record.code_sealed, SealContext("messages", record.id, "code"))
+
     def open_phone(self, record: MessageRecord) -> str:
         if not record.phone_sealed:
             raise ServiceError(grpc.StatusCode.INTERNAL, "PHONE_PURGED", "the message's number is no longer kept")

@@ -3,7 +3,9 @@
 A client sees only its own messages: another client's id and an unknown id are the same
 NOT_FOUND. Cancel takes the message's claim, so it never races a send: while a dispatcher holds
 it the answer is ABORTED MESSAGE_BUSY (read it again), and a message no longer QUEUED or HELD
-(expiry counts as of now) is FAILED_PRECONDITION MESSAGE_NOT_CANCELABLE.
+(expiry counts as of now) is FAILED_PRECONDITION MESSAGE_NOT_CANCELABLE. A Telegram Gateway code
+SENT but not yet reported delivered can still be canceled: the Gateway is asked to revoke it
+(revokeVerificationMessage; Telegram leaves a code the person already has).
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ from services.core.clock import Clock
 from services.core.errors import ServiceError, aborted, failed_precondition, not_found
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
+from services.delivery.gateway_leg import GatewayLeg
 from services.delivery.notify import StatusNotifier
-from services.delivery.record import CANCELED, EPOCH, OPEN_STATUSES, STATUS_NAMES, MessageChanges, MessageRecord
+from services.delivery.record import (
+    CANCELED,
+    EPOCH,
+    GATEWAY,
+    OPEN_STATUSES,
+    SENT,
+    STATUS_NAMES,
+    MessageChanges,
+    MessageRecord,
+)
 from services.delivery.settings import EngineSettings
 from services.delivery.store import Store
 
@@ -27,6 +39,7 @@ class ClientMessages:
         self,
         store: Store,
         dispatcher: Dispatcher,
+        gateway: GatewayLeg,
         fraud: FraudGuard,
         notifier: StatusNotifier,
         clock: Clock,
@@ -34,6 +47,7 @@ class ClientMessages:
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.gateway = gateway
         self.fraud = fraud
         self.notifier = notifier
         self.clock = clock
@@ -51,7 +65,7 @@ class ClientMessages:
     async def cancel(self, client_id: str, message_id: str) -> common_pb2.Message:
         record = await self._own(client_id, message_id)
         status, _ = record.status_at(self.clock.now())
-        if status not in OPEN_STATUSES:
+        if status not in OPEN_STATUSES and not _revocable(record, status):
             raise _not_cancelable(status)
         claim = await self.dispatcher.claim(record)
         if claim is None:
@@ -59,7 +73,9 @@ class ClientMessages:
         fresh = await self.store.get(message_id)
         assert fresh is not None
         status, _ = fresh.status_at(self.clock.now())
-        if status not in OPEN_STATUSES:
+        if _revocable(fresh, status):
+            await self.gateway.revoke(fresh)
+        elif status not in OPEN_STATUSES:
             await self.dispatcher.run_claimed(fresh, claim)  # writes EXPIRED if it ran out
             raise _not_cancelable(status)
         now = self.clock.now()
@@ -80,6 +96,10 @@ class ClientMessages:
         """The code this message carried was entered: feeds the fraud guard's conversion rates."""
         await self._own(client_id, message_id)
         await self.fraud.record_conversion(message_id)
+
+
+def _revocable(record: MessageRecord, status: int) -> bool:
+    return status == SENT and record.channel == GATEWAY
 
 
 def _not_cancelable(status: int) -> ServiceError:

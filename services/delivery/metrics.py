@@ -23,3 +23,19 @@ accept_to_sent_seconds = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
 webhooks_total = Counter("otpgate_webhooks_total", "Status webhook attempts, by outcome.", ("outcome",))
+gateway_calls_total = Counter(
+    "otpgate_gateway_calls_total",
+    "Telegram Gateway calls, by method and outcome (ok or the error).",
+    ("method", "outcome"),
+)
+gateway_reports_total = Counter(
+    "otpgate_gateway_reports_total", "Telegram Gateway delivery reports received, by outcome.", ("outcome",)
+)
+delivered_cost_total = Counter(
+    "otpgate_delivery_cost_total", "What the sent messages cost (refunds taken off), by channel.", ("channel",)
+)
+ladder_fallbacks_total = Counter(
+    "otpgate_ladder_fallbacks_total",
+    "AUTO messages that went past a rung, by the rung left and why.",
+    ("channel", "reason"),
+)

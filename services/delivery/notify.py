@@ -1,9 +1,10 @@
 """What follows a message's change of status: the metric, its usage record, the client's webhook, a log line.
 
 Called after the change is written and its claim released. The usage record (one per message,
-keyed by the message id) is written when the message is first SENT or DELIVERED; a repeat is
-refused by its `_id`. A webhook event (`<message id>:<STATUS>`) is queued in the outbox
-(webhooks.py) for SENT, DELIVERED, FAILED, EXPIRED and CANCELED when the message has a callback_url.
+keyed by the message id, with the channel that delivered it and what that cost) is written when
+the message is first SENT, DELIVERED or READ; a repeat is refused by its `_id`. A webhook event
+(`<message id>:<STATUS>`) is queued in the outbox (webhooks.py) for SENT, DELIVERED, READ, FAILED,
+EXPIRED and CANCELED when the message has a callback_url.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from services.delivery.record import (
     DELIVERED,
     EXPIRED,
     FAILED,
+    READ,
     SENT,
     SMS,
     STATUS_NAMES,
     MessageRecord,
 )
+from services.delivery.settings import EngineSettings
 from services.delivery.store import Store
 from services.delivery.webhooks import WebhookOutbox, event_payload
 
@@ -29,24 +32,33 @@ log = get_logger(__name__)
 
 
 class StatusNotifier:
-    def __init__(self, store: Store, webhooks: WebhookOutbox, clock: Clock) -> None:
+    def __init__(self, store: Store, webhooks: WebhookOutbox, clock: Clock, settings: EngineSettings) -> None:
         self.store = store
         self.webhooks = webhooks
         self.clock = clock
+        self.settings = settings
 
     async def changed(self, record: MessageRecord) -> None:
         status = record.status
         channel = record.channel or record.requested_channel
         metrics.messages_total.labels(STATUS_NAMES[status], CHANNEL_NAMES.get(channel, ""), record.bot_id).inc()
         now = self.clock.now()
-        if status in (SENT, DELIVERED) and record.sent_at and record.attempts:
+        if status in (SENT, DELIVERED, READ) and record.sent_at and record.attempts:
             if status == SENT or record.sms_provider == "sandbox":
                 metrics.accept_to_sent_seconds.observe(max(0.0, (record.sent_at - record.created_at).total_seconds()))
             day = record.sent_at.strftime("%Y-%m-%d")
-            await self.store.count_usage(
-                record.id, record.client_id, day, channel, channel == SMS and record.billed, record.sms_parts or 1
-            )
-        if status in (SENT, DELIVERED, FAILED, EXPIRED, CANCELED) and record.callback_url:
+            cost = record.cost_micros or 0
+            if await self.store.count_usage(
+                record.id,
+                record.client_id,
+                day,
+                channel,
+                channel == SMS and record.billed,
+                record.sms_parts or 1,
+                cost,
+            ):
+                metrics.delivered_cost_total.labels(CHANNEL_NAMES.get(channel, "")).inc(cost / 1_000_000)
+        if status in (SENT, DELIVERED, READ, FAILED, EXPIRED, CANCELED) and record.callback_url:
             message = record.to_proto(now)
             await self.webhooks.enqueue(
                 record.client_id,

@@ -25,6 +25,21 @@ from services.core.mongo import Document
 from services.delivery.limits import Rate
 
 _REGION = re.compile(r"^[A-Z]{2}$")
+LADDER_CHANNELS = (common_pb2.CHANNEL_TELEGRAM, common_pb2.CHANNEL_TELEGRAM_GATEWAY, common_pb2.CHANNEL_SMS)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of a client's ladder: a channel, the regions it serves (empty: any), a daily cap."""
+
+    channel: int
+    countries: tuple[str, ...] = ()
+    daily_cap: int = 0
+
+    def serves(self, region: str) -> bool:
+        return not self.countries or region in self.countries
+
+
 RATE_LIMIT_FIELDS = ("client", "phone_short", "phone_daily", "ip_sms", "session", "reachability")
 MAX_WINDOW_SECONDS = 31 * 86400
 
@@ -48,6 +63,8 @@ class Policy:
     webhook_secret_sealed: bytes | None = None
     update_time: datetime | None = None
     stored: bool = False
+    ladder: tuple[Rung, ...] = ()
+    gateway_token_sealed: bytes | None = None
 
     def country_allowed(self, region: str) -> bool:
         return not self.allowed_countries or region in self.allowed_countries
@@ -59,6 +76,14 @@ class Policy:
         if not self.webhook_secret_sealed:
             return ""
         return keyring.open_str(self.webhook_secret_sealed, SealContext("policies", self.client_id, "webhook_secret"))
+
+    def gateway_token(self, keyring: Keyring) -> str:
+        """The client's own Telegram Gateway token, "" when it uses the service's."""
+        if not self.gateway_token_sealed:
+            return ""
+        return keyring.open_str(
+            self.gateway_token_sealed, SealContext("policies", self.client_id, "telegram_gateway_token")
+        )
 
     def to_proto(self) -> common_pb2.ClientPolicy:
         limits = common_pb2.RateLimits()
@@ -79,6 +104,11 @@ class Policy:
             fraud_mode=self.fraud_mode,  # type: ignore[arg-type]
             allow_custom_code=self.allow_custom_code,
             webhook_secret_set=bool(self.webhook_secret_sealed),
+            ladder=[
+                common_pb2.LadderStep(channel=r.channel, countries=list(r.countries), daily_cap=r.daily_cap)  # type: ignore[arg-type]
+                for r in self.ladder
+            ],
+            telegram_gateway_token_set=bool(self.gateway_token_sealed),
         )
         if self.update_time is not None:
             stamp = timestamp_pb2.Timestamp()
@@ -112,6 +142,11 @@ def _from_doc(doc: Document) -> Policy:
         webhook_secret_sealed=bytes(doc["webhook_secret"]) if doc.get("webhook_secret") else None,
         update_time=as_utc(doc["update_time"]) if doc.get("update_time") else None,
         stored=True,
+        ladder=tuple(
+            Rung(int(r["channel"]), tuple(r.get("countries", ())), int(r.get("daily_cap", 0)))
+            for r in doc.get("ladder") or ()
+        ),
+        gateway_token_sealed=bytes(doc["telegram_gateway_token"]) if doc.get("telegram_gateway_token") else None,
     )
 
 
@@ -131,12 +166,17 @@ def _to_doc(policy: Policy) -> Document:
         "allow_custom_code": policy.allow_custom_code,
         "webhook_secret": policy.webhook_secret_sealed,
         "update_time": policy.update_time,
+        "ladder": [
+            {"channel": r.channel, "countries": list(r.countries), "daily_cap": r.daily_cap} for r in policy.ladder
+        ],
+        "telegram_gateway_token": policy.gateway_token_sealed,
     }
 
 
 _TOP_FIELDS = {f.name for f in common_pb2.ClientPolicy.DESCRIPTOR.fields} - {
     "client_id",
     "webhook_secret_set",
+    "telegram_gateway_token_set",
     "update_time",
     "sms_countries_source",
     "service_sms_countries",
@@ -170,6 +210,26 @@ def _validate(proto: common_pb2.ClientPolicy, paths: set[str]) -> None:
         problems.add("policy.sms_countries_any", "cannot be true while sms_countries names countries")
     if "webhook_secret" in paths and proto.webhook_secret and len(proto.webhook_secret) < 16:
         problems.add("policy.webhook_secret", "must be at least 16 characters")
+    if "telegram_gateway_token" in paths and proto.telegram_gateway_token:
+        token = proto.telegram_gateway_token
+        if not 16 <= len(token) <= 256 or not token.isascii() or not token.isprintable() or " " in token:
+            problems.add(
+                "policy.telegram_gateway_token", "must be the Gateway API token (16 to 256 printable characters)"
+            )
+    if "ladder" in paths:
+        seen: set[int] = set()
+        problems.check(len(proto.ladder) <= len(LADDER_CHANNELS), "policy.ladder", "at most one rung per channel")
+        for i, step in enumerate(proto.ladder):
+            if step.channel not in LADDER_CHANNELS:
+                problems.add(f"policy.ladder[{i}].channel", "must be TELEGRAM, TELEGRAM_GATEWAY or SMS")
+            elif step.channel in seen:
+                problems.add(f"policy.ladder[{i}].channel", "is already a rung of the ladder")
+            seen.add(step.channel)
+            if step.daily_cap < 0:
+                problems.add(f"policy.ladder[{i}].daily_cap", "must be >= 0")
+            for j, region in enumerate(step.countries):
+                if not _REGION.match(region.upper()):
+                    problems.add(f"policy.ladder[{i}].countries[{j}]", "must be an ISO 3166-1 alpha-2 region, e.g. DE")
     problems.raise_if_any()
 
 
@@ -230,6 +290,16 @@ def apply_update(
             else None
         )
         updated = replace(updated, webhook_secret_sealed=sealed)
+    if "telegram_gateway_token" in paths:
+        token = proto.telegram_gateway_token
+        context = SealContext("policies", current.client_id, "telegram_gateway_token")
+        updated = replace(updated, gateway_token_sealed=keyring.seal(token, context) if token else None)
+    if "ladder" in paths:
+        ladder = tuple(
+            Rung(int(step.channel), tuple(sorted({r.upper() for r in step.countries})), int(step.daily_cap))
+            for step in proto.ladder
+        )
+        updated = replace(updated, ladder=ladder)
     return replace(updated, update_time=now, stored=True)
 
 

@@ -2,8 +2,9 @@
 
 One document per accepted message in `messages`, `_id` = the message id (time-ordered). The
 document's keys are the record's fields, except `_id` (-> `id`) and the two sealed ones:
-`phone` (-> `phone_sealed`, SealContext("messages", _id, "phone")) and `text` (-> `text_sealed`,
-SealContext("messages", _id, "text")); both become None when the text is purged. The fields
+`phone` (-> `phone_sealed`, SealContext("messages", _id, "phone")), `text` (-> `text_sealed`,
+SealContext("messages", _id, "text")) and, for a code, `code` (-> `code_sealed`, SealContext
+("messages", _id, "code")); all become None when the text is purged. The fields
 below the line "set once sent" are absent from the document until a leg writes them.
 
 A record is immutable: a dispatch attempt describes what it changes as `MessageChanges` (the
@@ -25,6 +26,7 @@ from services.core.clock import as_utc
 from services.core.mongo import Document
 
 AUTO, TELEGRAM, SMS = common_pb2.CHANNEL_AUTO, common_pb2.CHANNEL_TELEGRAM, common_pb2.CHANNEL_SMS
+GATEWAY = common_pb2.CHANNEL_TELEGRAM_GATEWAY
 P_MESSAGE = delivery_pb2.MESSAGE_PURPOSE_MESSAGE
 P_CONFIRMATION = delivery_pb2.MESSAGE_PURPOSE_CONFIRMATION  # the bot prompt of a re-confirmation: ours
 P_VERIFICATION = delivery_pb2.MESSAGE_PURPOSE_VERIFICATION
@@ -36,8 +38,9 @@ DELIVERED = common_pb2.MESSAGE_STATUS_DELIVERED
 FAILED = common_pb2.MESSAGE_STATUS_FAILED
 EXPIRED = common_pb2.MESSAGE_STATUS_EXPIRED
 CANCELED = common_pb2.MESSAGE_STATUS_CANCELED
+READ = common_pb2.MESSAGE_STATUS_READ
 OPEN_STATUSES = (QUEUED, HELD)
-FINAL_STATUSES = (DELIVERED, FAILED, EXPIRED, CANCELED)
+FINAL_STATUSES = (DELIVERED, READ, FAILED, EXPIRED, CANCELED)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 STATUS_NAMES: dict[int, str] = {
@@ -77,6 +80,15 @@ class MessageChanges(TypedDict, total=False):
     sms_status: str | None
     sms_poll_until: datetime | None
     sms_parts: int | None
+    code_sealed: bytes | None
+    rung: int
+    caps_taken: int
+    gateway_state: str | None
+    gateway_error: str | None
+    gateway_own_token: bool | None
+    cost_micros: int | None
+    refunded: bool | None
+    read_at: datetime | None
 
 
 # Set once a leg has tried the message: absent from the document until then (None here).
@@ -90,6 +102,12 @@ _LATER = (
     "sms_poll_until",
     "sms_parts",
     "origin_keys",
+    "gateway_state",
+    "gateway_error",
+    "gateway_own_token",
+    "cost_micros",
+    "refunded",
+    "read_at",
 )
 
 
@@ -145,6 +163,18 @@ class MessageRecord:
     # An AUTO message that may fall back to SMS later: the fraud guard's (hashed) keys of who
     # asked for it, so the SMS leg is judged with them at dispatch. Absent otherwise.
     origin_keys: dict[str, str] | None = None
+    # The ladder (ladder.py): the rung being tried, and how many rungs had their daily cap counted.
+    rung: int = 0
+    caps_taken: int = 0
+    # The Telegram Gateway leg (gateway_leg.py): the request id is `provider_id`; "sending" once a
+    # check paid for it (a send may have gone out), "sent" once the Gateway answered the send.
+    gateway_state: str | None = None
+    gateway_error: str | None = None
+    gateway_own_token: bool | None = None  # sent with the client's own Gateway token
+    cost_micros: int | None = None  # what the leg cost (millionths of the provider's currency)
+    refunded: bool | None = None
+    read_at: datetime | None = None
+    code_sealed: bytes | None = None  # the bare code, for the Gateway (sealed like the text)
 
     @classmethod
     def from_doc(cls, doc: Document) -> MessageRecord:
@@ -197,6 +227,15 @@ class MessageRecord:
             sms_poll_until=_moment(doc.get("sms_poll_until")),
             sms_parts=int(doc["sms_parts"]) if doc.get("sms_parts") else None,
             origin_keys={str(k): str(v) for k, v in doc["origin_keys"].items()} if doc.get("origin_keys") else None,
+            rung=int(doc.get("rung") or 0),
+            caps_taken=int(doc.get("caps_taken") or 0),
+            gateway_state=_text(doc.get("gateway_state")),
+            gateway_error=_text(doc.get("gateway_error")),
+            gateway_own_token=bool(doc["gateway_own_token"]) if "gateway_own_token" in doc else None,
+            cost_micros=int(doc["cost_micros"]) if doc.get("cost_micros") is not None else None,
+            refunded=bool(doc["refunded"]) if "refunded" in doc else None,
+            read_at=_moment(doc.get("read_at")),
+            code_sealed=_bytes(doc.get("code")),
         )
 
     def to_doc(self) -> Document:
@@ -240,6 +279,13 @@ class MessageRecord:
             "sms_poll_at": self.sms_poll_at,
             "purge_at": self.purge_at,
         }
+        # Written once they mean something: a message on its first rung keeps the document it had.
+        if self.rung:
+            doc["rung"] = self.rung
+        if self.caps_taken:
+            doc["caps_taken"] = self.caps_taken
+        if self.code_sealed is not None:
+            doc["code"] = self.code_sealed
         for name in _LATER:
             value = getattr(self, name)
             if value is not None:
@@ -278,6 +324,7 @@ class MessageRecord:
             protect_content=self.protect_content,
             callback_url=self.callback_url,
             attempts=self.attempts,
+            cost=(self.cost_micros or 0) / 1_000_000,
         )
         if self.delete_after:
             message.delete_after.CopyFrom(duration_pb2.Duration(seconds=self.delete_after))
@@ -287,6 +334,7 @@ class MessageRecord:
             ("expire_time", self.expire_at),
             ("sent_time", self.sent_at),
             ("delivered_time", self.delivered_at),
+            ("read_time", self.read_at),
         ):
             if moment is not None:
                 getattr(message, name).CopyFrom(_timestamp(moment))

@@ -8,6 +8,7 @@ is changed under its claim, and the change is announced like any other (notify.p
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from otpgate.common.v1 import common_pb2
@@ -16,7 +17,7 @@ from services.core.clock import Clock
 from services.delivery.dispatch import Dispatcher
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.notify import StatusNotifier
-from services.delivery.record import DELIVERED, EPOCH, FAILED, MessageChanges
+from services.delivery.record import DELIVERED, EPOCH, FAILED, GATEWAY, MessageChanges, MessageRecord
 from services.delivery.settings import EngineSettings
 from services.delivery.sms import DELIVERED as SMS_DELIVERED
 from services.delivery.sms import FAILED as SMS_FAILED
@@ -42,12 +43,18 @@ class SmsReports:
         self.crypto = crypto
         self.clock = clock
         self.settings = settings
+        # Telegram Gateway messages polled for their status (gateway_reports.py), when set.
+        self.gateway_poll: Callable[[MessageRecord], Awaitable[None]] | None = None
 
     async def poll_once(self) -> int:
         """Ask the SMS provider for delivery reports of SENT SMS. Returns how many were asked."""
         count = 0
         now = self.clock.now()
         for record in await self.store.sms_to_poll(now, self.settings.batch):
+            if record.channel == GATEWAY and self.gateway_poll is not None:
+                await self.gateway_poll(record)
+                count += 1
+                continue
             claim = await self.dispatcher.claim(record)
             if claim is None:
                 continue

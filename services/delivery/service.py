@@ -180,10 +180,23 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
                 messages=row.messages,
                 billed_sms=row.billed_sms,
                 sms_parts=row.sms_parts,
+                cost=row.cost_micros / 1_000_000,
+                refunded=row.refunded,
             )
             for row in rows
         ]
         return delivery_pb2.GetUsageResponse(records=records)
+
+    async def ApplyGatewayReport(
+        self, request: delivery_pb2.ApplyGatewayReportRequest, context: Context
+    ) -> delivery_pb2.ApplyGatewayReportResponse:
+        problems = Violations()
+        problems.check(0 < len(request.body) <= 16384, "body", "must be 1 to 16384 bytes")
+        problems.check(len(request.timestamp) <= 20, "timestamp", "must be a Unix time")
+        problems.check(len(request.signature) <= 128, "signature", "must be a hex HMAC-SHA256")
+        problems.raise_if_any()
+        await self.engine.apply_gateway_report(request.body, request.timestamp, request.signature)
+        return delivery_pb2.ApplyGatewayReportResponse()
 
 
 class SmsSandboxServicer(delivery_pb2_grpc.SmsSandboxServiceServicer):

@@ -28,6 +28,7 @@ class EngineSettings:
     sms_poll_interval: float = 30.0
     sms_poll_for: float = 86400.0
     sms_countries: tuple[str, ...] = ()  # service-wide allow-list for every SMS; empty: any
+    sms_part_cost: float = 0.0  # what one SMS part costs at the provider (usage and cost reports)
     dev: bool = False
     # The longest one request may run (OTPGATE_RPC_TIMEOUT): an idempotency key held without a
     # message for twice that was left by a request that failed or died, and is taken over.

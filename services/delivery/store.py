@@ -14,13 +14,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from bson.int64 import Int64
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
-from services.delivery.record import EXPIRED, HELD, OPEN_STATUSES, QUEUED, SENT, SMS, MessageChanges, MessageRecord
+from services.delivery.record import (
+    DELIVERED,
+    EXPIRED,
+    GATEWAY,
+    HELD,
+    OPEN_STATUSES,
+    QUEUED,
+    SENT,
+    SMS,
+    MessageChanges,
+    MessageRecord,
+)
 from services.delivery.wakeup import Wakeup
 
 
@@ -109,6 +121,10 @@ class Store:
         """The SENT message an SMS provider knows by `provider_id` (a provider's pushed report)."""
         return _record(await self.messages.find_one({"provider_id": provider_id, "status": SENT}))
 
+    async def gateway_message(self, request_id: str) -> MessageRecord | None:
+        """The message the Telegram Gateway knows by `request_id` (its reports name only that)."""
+        return _record(await self.messages.find_one({"provider_id": request_id, "channel": GATEWAY}))
+
     async def write(self, message_id: str, changes: MessageChanges) -> None:
         """Write under the message's claim (see claims.py)."""
         await self.messages.update_one({"_id": message_id}, {"$set": changes})
@@ -172,7 +188,8 @@ class Store:
         return await self._find({"phone_index": {"$in": phone_indexes}, "status": HELD}, 500)
 
     async def sms_to_poll(self, now: datetime, limit: int) -> list[MessageRecord]:
-        query = {"status": SENT, "sms_poll_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        # DELIVERED too: a Telegram Gateway code is polled until it is read (an SMS is not, then).
+        query = {"status": {"$in": [SENT, DELIVERED]}, "sms_poll_at": {"$lte": now}, "lease_until": {"$lte": now}}
         return await self._find(query, limit)
 
     async def _find(self, query: Document, limit: int) -> list[MessageRecord]:
@@ -180,7 +197,7 @@ class Store:
 
     async def purge_texts(self, now: datetime) -> int:
         result = await self.messages.update_many(
-            {"purge_at": {"$lte": now}}, {"$set": {"text": None, "phone": None, "purge_at": None}}
+            {"purge_at": {"$lte": now}}, {"$set": {"text": None, "phone": None, "code": None, "purge_at": None}}
         )
         return int(result.modified_count)
 
@@ -195,12 +212,28 @@ class Store:
     # Usage: one record per counted message (unique id), summed on read. ---------------------
 
     async def count_usage(
-        self, message_id: str, client_id: str, day: str, channel: int, billed: bool, parts: int = 1
-    ) -> None:
-        """One record per message; `parts` is the SMS it went as (a long SMS is billed per part)."""
+        self,
+        message_id: str,
+        client_id: str,
+        day: str,
+        channel: int,
+        billed: bool,
+        parts: int = 1,
+        cost_micros: int = 0,
+    ) -> bool:
+        """One record per message; `parts` is the SMS it went as (a long SMS is billed per part),
+        `cost_micros` what it cost. False: counted already."""
         # A message counted already (a repeat of the status change) is refused by its _id.
         key = f"{day}|{channel}|{1 if billed else 0}" + (f"|{parts}" if parts != 1 else "")
-        await self._new_usage.insert_one({"_id": message_id, "c": client_id, "d": day, "k": key})
+        doc: Document = {"_id": message_id, "c": client_id, "d": day, "k": key}
+        if cost_micros:
+            doc["cost"] = Int64(cost_micros)
+        return await self._new_usage.insert_one(doc)
+
+    async def refund_usage(self, message_id: str) -> bool:
+        """The provider gave the message's fee back (a Gateway code not delivered within its ttl)."""
+        result = await self.usage.update_one({"_id": message_id, "r": {"$ne": 1}}, {"$set": {"cost": Int64(0), "r": 1}})
+        return result.modified_count == 1
 
     async def purge_usage(self, oldest_day: str) -> int:
         """Usage records of days before `oldest_day` (YYYY-MM-DD, UTC)."""
@@ -212,7 +245,7 @@ class Store:
         (day|channel|billed, and |parts when not 1) and counted; parts are multiplied here."""
         pipeline: list[Document] = [
             {"$match": {"c": client_id, "d": {"$gte": start, "$lte": end}}},
-            {"$group": {"_id": "$k", "n": {"$sum": 1}}},
+            {"$group": {"_id": "$k", "n": {"$sum": 1}, "cost": {"$sum": "$cost"}, "refunded": {"$sum": "$r"}}},
         ]
         totals: dict[tuple[str, int], UsageTotal] = {}
         async for row in await self.usage.aggregate(pipeline):
@@ -220,6 +253,8 @@ class Store:
             n, parts = int(row["n"]), int(rest[0]) if rest else 1
             entry = totals.setdefault((day, int(channel)), UsageTotal(day, int(channel)))
             entry.messages += n
+            entry.cost_micros += int(row.get("cost") or 0)
+            entry.refunded += int(row.get("refunded") or 0)
             if int(channel) == SMS:
                 entry.sms_parts += n * parts
             if billed == "1":
@@ -234,6 +269,8 @@ class UsageTotal:
     messages: int = 0
     billed_sms: int = 0  # SMS parts billed to the client
     sms_parts: int = 0  # SMS parts sent, billed or not
+    cost_micros: int = 0  # what they cost, refunds taken off
+    refunded: int = 0  # Telegram Gateway messages refunded
 
 
 def _record(doc: Document | None) -> MessageRecord | None:

@@ -184,6 +184,7 @@ class PublicApi:
             client_id=principal.client_id,
             phone=request.phone,
             text=request.text,
+            code=request.code,
             channel=request.channel,
             bot=request.bot,
             protect_content=request.protect_content,
@@ -326,6 +327,13 @@ class PublicApi:
             verifications=reply.verifications, next_page_token=reply.next_page_token
         )
 
+    # Telegram Gateway reports --------------------------------------------------
+
+    async def gateway_report(self, body: bytes, timestamp: str, signature: str, timeout: float) -> None:
+        """A delivery report the Telegram Gateway posted: no API key, delivery checks its signature."""
+        request = delivery_pb2.ApplyGatewayReportRequest(body=body, timestamp=timestamp, signature=signature)
+        await forward(self.delivery.ApplyGatewayReport, request, timeout)
+
     # Usage and the caller ------------------------------------------------------
 
     async def get_usage(
@@ -341,7 +349,13 @@ class PublicApi:
         return edge_pb2.GetUsageResponse(
             records=[
                 edge_pb2.UsageRecord(
-                    day=r.day, channel=r.channel, messages=r.messages, billed_sms=r.billed_sms, sms_parts=r.sms_parts
+                    day=r.day,
+                    channel=r.channel,
+                    messages=r.messages,
+                    billed_sms=r.billed_sms,
+                    sms_parts=r.sms_parts,
+                    cost=r.cost,
+                    refunded=r.refunded,
                 )
                 for r in reply.records
             ]

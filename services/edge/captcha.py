@@ -66,7 +66,7 @@ def captcha_invalid(description: str) -> ServiceError:
 
 
 def may_send_sms(channel: int, sms_fallback: bool) -> bool:
-    return channel == common_pb2.CHANNEL_SMS or (
+    return channel in (common_pb2.CHANNEL_SMS, common_pb2.CHANNEL_TELEGRAM_GATEWAY) or (
         channel in (common_pb2.CHANNEL_AUTO, common_pb2.CHANNEL_UNSPECIFIED) and sms_fallback
     )
 

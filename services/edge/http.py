@@ -26,6 +26,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
+from services.core.config import TELEGRAM_GATEWAY_REPORT_PATH
 from services.core.errors import ServiceError, Violations, http_status_for, invalid_argument, not_found
 from services.core.health import SERVING, health_status
 from services.core.logging import get_logger, request_id_var
@@ -192,6 +193,9 @@ class HttpGateway:
             if request.method == "GET" and path == "/openapi.json":
                 route = "GET /openapi.json"
                 return web.Response(body=self._document, content_type=JSON)
+            if request.method == "POST" and path == TELEGRAM_GATEWAY_REPORT_PATH:
+                route = f"POST {TELEGRAM_GATEWAY_REPORT_PATH}"
+                return await self._gateway_report(request)
             page = self._console.respond(request.method, path)
             if page is not None:
                 route = "GET /console"
@@ -226,6 +230,20 @@ class HttpGateway:
         finally:
             metrics.requests_total.labels(route, code).inc()
             log.debug("http_request", route=route, status=code, ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _gateway_report(self, request: web.Request) -> web.Response:
+        """Telegram's Gateway wants 200 for a report it may forget; anything else is retried."""
+        body = await request.content.read(self._settings.max_body_bytes + 1)
+        if len(body) > self._settings.max_body_bytes:
+            raise HttpStatusError(413, grpc.StatusCode.INVALID_ARGUMENT, "BODY_TOO_LARGE", "the body is too large")
+        with database_deadline(None, self._settings.timeout):
+            await self._api.gateway_report(
+                body,
+                request.headers.get("X-Request-Timestamp", ""),
+                request.headers.get("X-Request-Signature", ""),
+                self._settings.timeout,
+            )
+        return web.json_response({"ok": True})
 
     async def _healthz(self) -> web.Response:
         """Cheap: cached for 2 s; the edge database and each downstream's gRPC health, 1 s each."""

@@ -54,6 +54,7 @@ from services.verification.downstream import DownstreamError, call, duration, ti
 from services.verification.store import CANCELED, PENDING, PHONE_INDEX, Store
 
 log = get_logger(__name__)
+GATEWAY_MAX_CODE_LENGTH = 8
 
 MAX_REQUEST_ID = 128
 MAX_BOT_ID = 64
@@ -112,7 +113,7 @@ class Verifier:
         except InvalidPhoneError as exc:
             v.add("phone", str(exc))
         channel = request.channel or common_pb2.CHANNEL_AUTO
-        v.check(channel in common_pb2.Channel.values(), "channel", "must be AUTO, TELEGRAM or SMS")
+        v.check(channel in common_pb2.Channel.values(), "channel", "must be AUTO, TELEGRAM, SMS or TELEGRAM_GATEWAY")
         custom = normalize_typed_code(request.custom_code) if request.custom_code else ""
         if custom and not is_code_shaped(custom):
             v.add("custom_code", f"must be {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} digits")
@@ -121,6 +122,8 @@ class Verifier:
             v.add("code_length", f"must be {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH}")
         elif custom and is_code_shaped(custom) and len(custom) != code_length:
             v.add("code_length", "must equal the length of custom_code")
+        elif channel == common_pb2.CHANNEL_TELEGRAM_GATEWAY and code_length > GATEWAY_MAX_CODE_LENGTH:
+            v.add("code_length", f"must be at most {GATEWAY_MAX_CODE_LENGTH} for TELEGRAM_GATEWAY (Telegram's limit)")
         ttl = self.policy.default_ttl
         if request.HasField("ttl"):
             seconds = request.ttl.seconds + request.ttl.nanos / 1e9
@@ -358,6 +361,8 @@ class Verifier:
             client_id=start.client_id,
             phone=start.phone.e164,
             text=templates.verification_text(str(record["locale"]), code, remaining),
+            # The bare code too: the Telegram Gateway sends codes of 4 to 8 digits, not texts.
+            code=code if len(code) <= GATEWAY_MAX_CODE_LENGTH else "",
             channel=start.channel,  # type: ignore[arg-type]
             bot=start.bot or str(record.get("bot", "")),
             confirm_days=0,
@@ -431,6 +436,7 @@ class Verifier:
             if won:
                 metrics.verifications.labels("canceled").inc()
                 log.info("verification_canceled", verification_id=verification_id)
+                await self._withdraw(view)
                 return view
         view = await self.engine.settle_lapsed(view)
         if view.status == CANCELED:
@@ -440,6 +446,18 @@ class Verifier:
             f"the verification is {view.status.lower().replace('_', ' ')}",
             [("STATUS", "verification", "only a pending verification can be canceled")],
         )
+
+    async def _withdraw(self, view: View) -> None:
+        """The code's message is canceled too: one still queued is not sent, a Telegram Gateway code
+        not yet delivered is revoked. A message past that (a bot sent it, an SMS went out) stays."""
+        message_id = str((view.last_send or {}).get("message_id") or "")
+        if not message_id:
+            return
+        request = delivery_pb2.CancelMessageRequest(client_id=str(view.record["client_id"]), id=message_id)
+        try:
+            await call(lambda: self.delivery.CancelMessage(request))
+        except DownstreamError as err:
+            log.info("verification_message_not_canceled", verification_id=view.id, reason=err.reason)
 
     async def get(self, client_id: str, verification_id: str) -> View:
         return await self.engine.settle_lapsed(await self._owned(client_id, verification_id))

@@ -75,7 +75,10 @@ async def test_bodies_routes_and_sizes(
         assert _violations(body) == [
             ("phone", "must be a string"),
             ("text", "must be a string"),
-            ("channel", "must be one of CHANNEL_UNSPECIFIED, CHANNEL_AUTO, CHANNEL_TELEGRAM, CHANNEL_SMS"),
+            (
+                "channel",
+                "must be one of CHANNEL_UNSPECIFIED, CHANNEL_AUTO, CHANNEL_TELEGRAM, CHANNEL_SMS, CHANNEL_TELEGRAM_GATEWAY",
+            ),
             ("ttl", 'must be a duration in seconds such as "300s"'),
             ("confirm_days", "must be an integer"),
             ("to", "unknown field"),

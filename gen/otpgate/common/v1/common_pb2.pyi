@@ -34,6 +34,10 @@ class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.Value
     """Telegram only."""
     CHANNEL_SMS: _Channel.ValueType  # 3
     """SMS only."""
+    CHANNEL_TELEGRAM_GATEWAY: _Channel.ValueType  # 4
+    """Telegram's Gateway: a verification code from Telegram's "Verification Codes" chat, to any
+    Telegram account by its number, without a bot (paid; codes only).
+    """
 
 class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
     """The way a message reaches a person."""
@@ -45,6 +49,10 @@ CHANNEL_TELEGRAM: Channel.ValueType  # 2
 """Telegram only."""
 CHANNEL_SMS: Channel.ValueType  # 3
 """SMS only."""
+CHANNEL_TELEGRAM_GATEWAY: Channel.ValueType  # 4
+"""Telegram's Gateway: a verification code from Telegram's "Verification Codes" chat, to any
+Telegram account by its number, without a bot (paid; codes only).
+"""
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 class _BotLinkStatus:
@@ -94,6 +102,8 @@ class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Message
     """The ttl passed before it could be delivered."""
     MESSAGE_STATUS_CANCELED: _MessageStatus.ValueType  # 7
     """Canceled by the client."""
+    MESSAGE_STATUS_READ: _MessageStatus.ValueType  # 8
+    """Opened by the person (the Telegram Gateway reports it; bots and SMS do not)."""
 
 class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper):
     """Life cycle of a message."""
@@ -113,6 +123,8 @@ MESSAGE_STATUS_EXPIRED: MessageStatus.ValueType  # 6
 """The ttl passed before it could be delivered."""
 MESSAGE_STATUS_CANCELED: MessageStatus.ValueType  # 7
 """Canceled by the client."""
+MESSAGE_STATUS_READ: MessageStatus.ValueType  # 8
+"""Opened by the person (the Telegram Gateway reports it; bots and SMS do not)."""
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
 
 class _FailureReason:
@@ -140,6 +152,8 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """An SMS leg was refused by policy or the fraud guard after routing."""
     FAILURE_REASON_BOT_UNAVAILABLE: _FailureReason.ValueType  # 9
     """The bot could not send (session down, removed)."""
+    FAILURE_REASON_GATEWAY_FAILED: _FailureReason.ValueType  # 10
+    """The Telegram Gateway refused the code for good (no Telegram account, balance, token)."""
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why a message failed or expired."""
@@ -163,6 +177,8 @@ FAILURE_REASON_SMS_NOT_ALLOWED: FailureReason.ValueType  # 8
 """An SMS leg was refused by policy or the fraud guard after routing."""
 FAILURE_REASON_BOT_UNAVAILABLE: FailureReason.ValueType  # 9
 """The bot could not send (session down, removed)."""
+FAILURE_REASON_GATEWAY_FAILED: FailureReason.ValueType  # 10
+"""The Telegram Gateway refused the code for good (no Telegram account, balance, token)."""
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 class _VerificationStatus:
@@ -407,6 +423,8 @@ class Message(_message.Message):
     SENT_TIME_FIELD_NUMBER: _builtins.int
     DELIVERED_TIME_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     request_id: _builtins.str
@@ -427,6 +445,10 @@ class Message(_message.Message):
     callback_url: _builtins.str
     attempts: _builtins.int
     """Send attempts made so far."""
+    cost: _builtins.float
+    """What sending it cost, in the provider's currency (Telegram Gateway credits, the configured SMS
+    price per part); 0 for a bot, and after a Gateway refund.
+    """
     @_builtins.property
     def delete_after(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -439,6 +461,8 @@ class Message(_message.Message):
     def sent_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def delivered_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -460,10 +484,12 @@ class Message(_message.Message):
         sent_time: _timestamp_pb2.Timestamp | None = ...,
         delivered_time: _timestamp_pb2.Timestamp | None = ...,
         attempts: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_after", b"delete_after", "delivered_time", b"delivered_time", "expire_time", b"expire_time", "sent_time", b"sent_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_after", b"delete_after", "delivered_time", b"delivered_time", "expire_time", b"expire_time", "read_time", b"read_time", "sent_time", b"sent_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "bot_id", b"bot_id", "callback_url", b"callback_url", "channel", b"channel", "confirm_days", b"confirm_days", "create_time", b"create_time", "delete_after", b"delete_after", "delivered_time", b"delivered_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "id", b"id", "phone_masked", b"phone_masked", "protect_content", b"protect_content", "request_id", b"request_id", "requested_channel", b"requested_channel", "sent_time", b"sent_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "bot_id", b"bot_id", "callback_url", b"callback_url", "channel", b"channel", "confirm_days", b"confirm_days", "cost", b"cost", "create_time", b"create_time", "delete_after", b"delete_after", "delivered_time", b"delivered_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "id", b"id", "phone_masked", b"phone_masked", "protect_content", b"protect_content", "read_time", b"read_time", "request_id", b"request_id", "requested_channel", b"requested_channel", "sent_time", b"sent_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -669,6 +695,9 @@ class ClientPolicy(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     SMS_COUNTRIES_SOURCE_FIELD_NUMBER: _builtins.int
     SERVICE_SMS_COUNTRIES_FIELD_NUMBER: _builtins.int
+    LADDER_FIELD_NUMBER: _builtins.int
+    TELEGRAM_GATEWAY_TOKEN_FIELD_NUMBER: _builtins.int
+    TELEGRAM_GATEWAY_TOKEN_SET_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     sms_countries_any: _builtins.bool
     """SMS to any region. Cannot be set together with a non-empty sms_countries."""
@@ -688,6 +717,10 @@ class ClientPolicy(_message.Message):
     """Output only: whether a webhook secret is set."""
     sms_countries_source: Global___SmsCountriesSource.ValueType
     """Output only: who chose the SMS countries shown."""
+    telegram_gateway_token: _builtins.str
+    """Input only: the client's own Telegram Gateway API token (empty: the service's). Never returned."""
+    telegram_gateway_token_set: _builtins.bool
+    """Output only: whether the client has its own Telegram Gateway token."""
     @_builtins.property
     def allowed_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2 regions numbers may belong to; empty: any."""
@@ -706,6 +739,12 @@ class ClientPolicy(_message.Message):
     def service_sms_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only: the service-wide SMS allow-list (OTPGATE_DELIVERY_SMS_COUNTRIES); SMS go only to
         regions in both lists. Empty: the service has none.
+        """
+
+    @_builtins.property
+    def ladder(self) -> _containers.RepeatedCompositeFieldContainer[Global___LadderStep]:
+        """The channels CHANNEL_AUTO may use, in order (e.g. TELEGRAM, TELEGRAM_GATEWAY, SMS). Empty: a
+        bot, then SMS when sms_fallback is set.
         """
 
     def __init__(
@@ -727,10 +766,13 @@ class ClientPolicy(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         sms_countries_source: Global___SmsCountriesSource.ValueType = ...,
         service_sms_countries: _abc.Iterable[_builtins.str] | None = ...,
+        ladder: _abc.Iterable[Global___LadderStep] | None = ...,
+        telegram_gateway_token: _builtins.str = ...,
+        telegram_gateway_token_set: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limits", b"rate_limits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_code", b"allow_custom_code", "allowed_countries", b"allowed_countries", "captcha_rule", b"captcha_rule", "client_id", b"client_id", "daily_sms_cap", b"daily_sms_cap", "default_confirm_days", b"default_confirm_days", "fraud_mode", b"fraud_mode", "rate_limits", b"rate_limits", "service_sms_countries", b"service_sms_countries", "sms_countries", b"sms_countries", "sms_countries_any", b"sms_countries_any", "sms_countries_source", b"sms_countries_source", "sms_fallback", b"sms_fallback", "update_time", b"update_time", "webhook_secret", b"webhook_secret", "webhook_secret_set", b"webhook_secret_set"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_code", b"allow_custom_code", "allowed_countries", b"allowed_countries", "captcha_rule", b"captcha_rule", "client_id", b"client_id", "daily_sms_cap", b"daily_sms_cap", "default_confirm_days", b"default_confirm_days", "fraud_mode", b"fraud_mode", "ladder", b"ladder", "rate_limits", b"rate_limits", "service_sms_countries", b"service_sms_countries", "sms_countries", b"sms_countries", "sms_countries_any", b"sms_countries_any", "sms_countries_source", b"sms_countries_source", "sms_fallback", b"sms_fallback", "telegram_gateway_token", b"telegram_gateway_token", "telegram_gateway_token_set", b"telegram_gateway_token_set", "update_time", b"update_time", "webhook_secret", b"webhook_secret", "webhook_secret_set", b"webhook_secret_set"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -844,3 +886,35 @@ class FraudRule(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FraudRule: _TypeAlias = FraudRule  # noqa: Y015
+
+@_typing.final
+class LadderStep(_message.Message):
+    """One rung of a client's ladder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_FIELD_NUMBER: _builtins.int
+    channel: Global___Channel.ValueType
+    """TELEGRAM, TELEGRAM_GATEWAY or SMS."""
+    daily_cap: _builtins.int
+    """Messages this rung may carry per UTC day; 0: no cap."""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 regions this rung serves; empty: any (SMS also needs sms_countries)."""
+
+    def __init__(
+        self,
+        *,
+        channel: Global___Channel.ValueType = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        daily_cap: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "countries", b"countries", "daily_cap", b"daily_cap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LadderStep: _TypeAlias = LadderStep  # noqa: Y015

@@ -67,6 +67,7 @@ class SendMessageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     phone: _builtins.str
     """E.164."""
@@ -86,6 +87,10 @@ class SendMessageRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key (AIP-155), unique per client."""
     purpose: Global___MessagePurpose.ValueType
+    code: _builtins.str
+    """The bare code a verification message carries (4-8 digits): what the Telegram Gateway sends.
+    Required for channel TELEGRAM_GATEWAY; with AUTO it lets the ladder use the Gateway.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long to keep trying; unset: service default."""
@@ -113,10 +118,11 @@ class SendMessageRequest(_message.Message):
         request_id: _builtins.str = ...,
         origin: _common_pb2.Origin | None = ...,
         purpose: Global___MessagePurpose.ValueType = ...,
+        code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "origin", b"origin", "sms_fallback", b"sms_fallback", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "channel", b"channel", "client_id", b"client_id", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "origin", b"origin", "phone", b"phone", "protect_content", b"protect_content", "purpose", b"purpose", "request_id", b"request_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "channel", b"channel", "client_id", b"client_id", "code", b"code", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "origin", b"origin", "phone", b"phone", "protect_content", b"protect_content", "purpose", b"purpose", "request_id", b"request_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confirm_days: _TypeAlias = _typing.Literal["confirm_days"]  # noqa: Y015
     _WhichOneofArgType__confirm_days: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days"]  # noqa: Y015
@@ -607,6 +613,8 @@ class UsageRecord(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     BILLED_SMS_FIELD_NUMBER: _builtins.int
     SMS_PARTS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     channel: _common_pb2.Channel.ValueType
     messages: _builtins.int
@@ -614,6 +622,10 @@ class UsageRecord(_message.Message):
     """SMS billed to the client, in parts: a long text sent as N concatenated SMS counts N."""
     sms_parts: _builtins.int
     """SMS parts sent on this channel, billed to the client or not (what the SMS provider charges for)."""
+    cost: _builtins.float
+    """What the day's messages on this channel cost (refunds taken off), in the provider's currency."""
+    refunded: _builtins.int
+    """Telegram Gateway messages refunded (not delivered within their ttl)."""
     def __init__(
         self,
         *,
@@ -622,14 +634,58 @@ class UsageRecord(_message.Message):
         messages: _builtins.int = ...,
         billed_sms: _builtins.int = ...,
         sms_parts: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        refunded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "day", b"day", "messages", b"messages", "sms_parts", b"sms_parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "cost", b"cost", "day", b"day", "messages", b"messages", "refunded", b"refunded", "sms_parts", b"sms_parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
+
+@_typing.final
+class ApplyGatewayReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """The raw POST body (a RequestStatus object)."""
+    timestamp: _builtins.str
+    """X-Request-Timestamp and X-Request-Signature as received."""
+    signature: _builtins.str
+    def __init__(
+        self,
+        *,
+        body: _builtins.bytes = ...,
+        timestamp: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyGatewayReportRequest: _TypeAlias = ApplyGatewayReportRequest  # noqa: Y015
+
+@_typing.final
+class ApplyGatewayReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyGatewayReportResponse: _TypeAlias = ApplyGatewayReportResponse  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):

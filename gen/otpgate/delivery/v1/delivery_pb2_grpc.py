@@ -110,6 +110,11 @@ class DeliveryServiceStub:
                 request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.SerializeToString,
                 response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.FromString,
                 _registered_method=True)
+        self.ApplyGatewayReport = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/ApplyGatewayReport',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -222,6 +227,13 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyGatewayReport(self, request, context):
+        """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +311,11 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.DeleteFraudRule,
                     request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.FromString,
                     response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.SerializeToString,
+            ),
+            'ApplyGatewayReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGatewayReport,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -707,6 +724,33 @@ class DeliveryService:
             '/otpgate.delivery.v1.DeliveryService/DeleteFraudRule',
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleRequest.SerializeToString,
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.DeleteFraudRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGatewayReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/ApplyGatewayReport',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,8 @@ class DeliveryServiceStub:
     """Sets the rule for a prefix (and client), replacing the one there was."""
     DeleteFraudRule: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.DeleteFraudRuleRequest, _delivery_pb2.DeleteFraudRuleResponse]
     """Removes the rule for a prefix (and client)."""
+    ApplyGatewayReport: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ApplyGatewayReportRequest, _delivery_pb2.ApplyGatewayReportResponse]
+    """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -103,6 +105,8 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """Sets the rule for a prefix (and client), replacing the one there was."""
     DeleteFraudRule: _aio.UnaryUnaryMultiCallable[_delivery_pb2.DeleteFraudRuleRequest, _delivery_pb2.DeleteFraudRuleResponse]  # type: ignore[assignment]
     """Removes the rule for a prefix (and client)."""
+    ApplyGatewayReport: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ApplyGatewayReportRequest, _delivery_pb2.ApplyGatewayReportResponse]  # type: ignore[assignment]
+    """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only sender: policy, throttling, anti-fraud, routing, dispatch, webhooks."""
@@ -228,6 +232,14 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.DeleteFraudRuleResponse, _abc.Awaitable[_delivery_pb2.DeleteFraudRuleResponse]]:
         """Removes the rule for a prefix (and client)."""
+
+    @_abc_1.abstractmethod
+    def ApplyGatewayReport(
+        self,
+        request: _delivery_pb2.ApplyGatewayReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.ApplyGatewayReportResponse, _abc.Awaitable[_delivery_pb2.ApplyGatewayReportResponse]]:
+        """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

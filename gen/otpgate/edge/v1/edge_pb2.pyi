@@ -64,6 +64,7 @@ class SendMessageRequest(_message.Message):
     CAPTCHA_TOKEN_FIELD_NUMBER: _builtins.int
     END_USER_IP_FIELD_NUMBER: _builtins.int
     END_USER_AGENT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     phone: _builtins.str
     """E.164, e.g. "+79991234567"."""
     text: _builtins.str
@@ -100,6 +101,10 @@ class SendMessageRequest(_message.Message):
     (model and OS). At most 512 printable characters. The fraud guard counts how many numbers
     one device asks codes for.
     """
+    code: _builtins.str
+    """The bare code the text carries (4-8 digits), for channel TELEGRAM_GATEWAY (required there):
+    Telegram's Gateway sends codes, not texts. With AUTO it lets your ladder use the Gateway.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long to keep trying (unset: 10 minutes, at most 24 h)."""
@@ -126,10 +131,11 @@ class SendMessageRequest(_message.Message):
         captcha_token: _builtins.str = ...,
         end_user_ip: _builtins.str = ...,
         end_user_agent: _builtins.str = ...,
+        code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "sms_fallback", b"sms_fallback", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "captcha_token", b"captcha_token", "channel", b"channel", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "phone", b"phone", "protect_content", b"protect_content", "request_id", b"request_id", "session_id", b"session_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "captcha_token", b"captcha_token", "channel", b"channel", "code", b"code", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "phone", b"phone", "protect_content", b"protect_content", "request_id", b"request_id", "session_id", b"session_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confirm_days: _TypeAlias = _typing.Literal["confirm_days"]  # noqa: Y015
     _WhichOneofArgType__confirm_days: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days"]  # noqa: Y015
@@ -643,6 +649,8 @@ class UsageRecord(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     BILLED_SMS_FIELD_NUMBER: _builtins.int
     SMS_PARTS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     channel: _common_pb2.Channel.ValueType
     messages: _builtins.int
@@ -651,6 +659,12 @@ class UsageRecord(_message.Message):
     """SMS billed, in parts: a long text sent as N concatenated SMS counts N."""
     sms_parts: _builtins.int
     """SMS parts sent, billed or not."""
+    cost: _builtins.float
+    """What the day's messages on this channel cost, refunds taken off (Telegram Gateway credits,
+    the configured SMS price per part; bots are free).
+    """
+    refunded: _builtins.int
+    """Telegram Gateway messages refunded (not delivered within their ttl)."""
     def __init__(
         self,
         *,
@@ -659,10 +673,12 @@ class UsageRecord(_message.Message):
         messages: _builtins.int = ...,
         billed_sms: _builtins.int = ...,
         sms_parts: _builtins.int = ...,
+        cost: _builtins.float = ...,
+        refunded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "day", b"day", "messages", b"messages", "sms_parts", b"sms_parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_sms", b"billed_sms", "channel", b"channel", "cost", b"cost", "day", b"day", "messages", b"messages", "refunded", b"refunded", "sms_parts", b"sms_parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
