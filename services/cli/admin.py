@@ -51,6 +51,12 @@ FRAUD_MODES = {
     "off": common_pb2.FRAUD_MODE_OFF,
 }
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+LADDER_CHANNELS = {
+    "telegram": common_pb2.CHANNEL_TELEGRAM,
+    "telegram_gateway": common_pb2.CHANNEL_TELEGRAM_GATEWAY,
+    "sms": common_pb2.CHANNEL_SMS,
+}
+CHANNEL_WORDS: dict[int, str] = {int(v): k for k, v in LADDER_CHANNELS.items()}
 
 R = TypeVar("R", bound=Message)
 
@@ -175,6 +181,37 @@ def _regions(text: str) -> list[str]:
     return [part.strip().upper() for part in text.split(",") if part.strip()]
 
 
+def parse_ladder(text: str) -> list[common_pb2.LadderStep]:
+    """`telegram,telegram_gateway:RU+KZ:500,sms`: channels in order, each with optional countries
+    (joined by +) and a daily cap; '' clears the ladder."""
+    steps: list[common_pb2.LadderStep] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, rest = part.partition(":")
+        countries, _, cap = rest.partition(":")
+        if name.lower() not in LADDER_CHANNELS:
+            raise argparse.ArgumentTypeError(f"unknown channel {name!r}: use {', '.join(LADDER_CHANNELS)}")
+        if cap and not cap.isdigit():
+            raise argparse.ArgumentTypeError(f"daily cap {cap!r} of {name} is not a whole number")
+        steps.append(
+            common_pb2.LadderStep(
+                channel=LADDER_CHANNELS[name.lower()],
+                countries=[c.strip().upper() for c in countries.split("+") if c.strip()],
+                daily_cap=int(cap or 0),
+            )
+        )
+    return steps
+
+
+def describe_ladder(steps: Sequence[common_pb2.LadderStep]) -> str:
+    names = CHANNEL_WORDS
+    out = []
+    for step in steps:
+        where = "+".join(step.countries) or "any country"
+        cap = f", {step.daily_cap}/day" if step.daily_cap else ""
+        out.append(f"{names.get(int(step.channel), str(step.channel))} ({where}{cap})")
+    return " -> ".join(out) or "(bot, then SMS with sms_fallback)"
+
+
 def read_secret(source: str, what: str) -> str:
     """A secret from `-` (standard input), `env:NAME` or a file path; surrounding whitespace dropped."""
     if source == "-":
@@ -253,6 +290,8 @@ def describe_policy(policy: common_pb2.ClientPolicy) -> str:
         ("fraud_mode", _enum_name(common_pb2.FraudMode.Name(policy.fraud_mode), "FRAUD_MODE_")),
         ("allow_custom_code", str(policy.allow_custom_code).lower()),
         ("webhook_secret", "set" if policy.webhook_secret_set else "not set"),
+        ("ladder", describe_ladder(policy.ladder)),
+        ("gateway_token", "the client's own" if policy.telegram_gateway_token_set else "the service's"),
         ("rate_limits", " ".join(limits)),
         ("update_time", policy.update_time.ToJsonString() if policy.HasField("update_time") else "-"),
     ]
@@ -286,6 +325,7 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _register_policies(subparsers)
+    _register_usage(subparsers)
     _register_bots(subparsers)
 
 
@@ -359,8 +399,90 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="set the webhook signing secret from a file, '-' (stdin) or env:NAME (at least 16 characters)",
     )
     secret.add_argument("--clear-webhook-secret", action="store_true", help="remove the webhook signing secret")
+    put.add_argument(
+        "--ladder",
+        type=parse_ladder,
+        metavar="CH[:CC+CC[:CAP]],..",
+        help=(
+            "channels AUTO tries in order, e.g. telegram,telegram_gateway:RU+KZ:500,sms "
+            f"(channels: {', '.join(LADDER_CHANNELS)}; '' for the default: bot, then SMS with --sms-fallback)"
+        ),
+    )
+    token = put.add_mutually_exclusive_group()
+    token.add_argument(
+        "--telegram-gateway-token-from",
+        metavar="SOURCE",
+        help="the client's own Telegram Gateway API token from a file, '-' (stdin) or env:NAME",
+    )
+    token.add_argument(
+        "--clear-telegram-gateway-token",
+        action="store_true",
+        help="remove the client's own Gateway token (the service's is used)",
+    )
     connection_options(put)
     put.set_defaults(handler=_policies_set)
+
+
+def _register_usage(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    usage = subparsers.add_parser(
+        "usage",
+        help="a client's messages and what they cost, per UTC day and channel",
+        description=(
+            "A client's usage per UTC day and channel: messages sent, SMS parts (billed and sent), Telegram "
+            "Gateway refunds, and cost (Gateway credits as Telegram charged them, SMS at OTPGATE_SMS_PART_COST "
+            "per part, bots free), with totals per channel."
+        ),
+    )
+    usage.add_argument("client", help="client id or name")
+    usage.add_argument(
+        "--from", dest="start_day", default="", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)"
+    )
+    usage.add_argument("--to", dest="end_day", default="", metavar="YYYY-MM-DD", help="last day (default: today)")
+    connection_options(usage)
+    usage.set_defaults(handler=_usage)
+
+
+def describe_usage(records: Sequence[edge_pb2.UsageRecord]) -> str:
+    if not records:
+        return "no messages sent in these days"
+    names = CHANNEL_WORDS
+    rows = [
+        [
+            r.day,
+            names.get(int(r.channel), str(r.channel)),
+            str(r.messages),
+            str(r.sms_parts),
+            str(r.refunded),
+            f"{r.cost:.4f}",
+        ]
+        for r in records
+    ]
+    totals: dict[int, list[float]] = {}  # messages, parts, refunded, cost
+    for r in records:
+        total = totals.setdefault(int(r.channel), [0, 0, 0, 0.0])
+        for i, value in enumerate((r.messages, r.sms_parts, r.refunded, r.cost)):
+            total[i] += value
+    for channel, (messages, parts, refunded, cost) in sorted(totals.items()):
+        rows.append(
+            [
+                "total",
+                names.get(channel, str(channel)),
+                str(int(messages)),
+                str(int(parts)),
+                str(int(refunded)),
+                f"{cost:.4f}",
+            ]
+        )
+    rows.append(["total", "all", str(sum(r.messages for r in records)), "", "", f"{sum(r.cost for r in records):.4f}"])
+    return table(["day", "channel", "messages", "sms_parts", "refunded", "cost"], rows)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    request = edge_pb2.GetClientUsageRequest(client_id=args.client, start_day=args.start_day, end_day=args.end_day)
+    with AdminClient(edge_target(args)) as admin:
+        reply = admin.call(admin.stub.GetClientUsage, request)
+    emit(args, {"records": [to_dict(r) for r in reply.records]}, describe_usage(reply.records))
+    return 0
 
 
 def build_policy_update(args: argparse.Namespace) -> tuple[common_pb2.ClientPolicy, list[str]]:
@@ -394,6 +516,14 @@ def build_policy_update(args: argparse.Namespace) -> tuple[common_pb2.ClientPoli
         paths.append("webhook_secret")
     elif args.clear_webhook_secret:
         paths.append("webhook_secret")
+    if args.ladder is not None:
+        policy.ladder.extend(args.ladder)
+        paths.append("ladder")
+    if args.telegram_gateway_token_from:
+        policy.telegram_gateway_token = read_secret(args.telegram_gateway_token_from, "Telegram Gateway token")
+        paths.append("telegram_gateway_token")
+    elif args.clear_telegram_gateway_token:
+        paths.append("telegram_gateway_token")
     if not paths:
         raise CliError("nothing to change: give at least one option (see `otpgate policies set --help`)")
     return policy, paths

@@ -147,6 +147,7 @@ class AdminApi:
             "CreateApiKey": self.create_api_key,
             "ListApiKeys": self.list_api_keys,
             "RevokeApiKey": self.revoke_api_key,
+            "GetClientUsage": self.get_client_usage,
             "GetClientPolicy": self.get_client_policy,
             "UpdateClientPolicy": self.update_client_policy,
             "RegisterBot": self.register_bot,
@@ -208,6 +209,14 @@ class AdminApi:
         record = await self.admin.revoke_key(request.id)
         self._api.auth.forget(record.id)
         return edge_pb2.RevokeApiKeyResponse(api_key=api_key_message(record))
+
+    async def get_client_usage(
+        self, principal: Principal, caller: Caller, request: edge_pb2.GetClientUsageRequest
+    ) -> edge_pb2.GetClientUsageResponse:
+        _required(client_id=request.client_id)
+        client = await self.admin.client(request.client_id)
+        usage = await self._api.usage_of(client.id, request.start_day, request.end_day, caller.timeout)
+        return edge_pb2.GetClientUsageResponse(records=usage.records)
 
     async def get_client_policy(
         self, principal: Principal, caller: Caller, request: edge_pb2.GetClientPolicyRequest

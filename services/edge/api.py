@@ -339,12 +339,14 @@ class PublicApi:
     async def get_usage(
         self, principal: Principal, caller: Caller, request: edge_pb2.GetUsageRequest
     ) -> edge_pb2.GetUsageResponse:
+        return await self.usage_of(principal.client_id, request.start_day, request.end_day, caller.timeout)
+
+    async def usage_of(self, client_id: str, start_day: str, end_day: str, timeout: float) -> edge_pb2.GetUsageResponse:
+        """A client's usage per day and channel (its own through GetUsage, any through the admin API)."""
         reply = await forward(
             self.delivery.GetUsage,
-            delivery_pb2.GetUsageRequest(
-                client_id=principal.client_id, start_day=request.start_day, end_day=request.end_day
-            ),
-            caller.timeout,
+            delivery_pb2.GetUsageRequest(client_id=client_id, start_day=start_day, end_day=end_day),
+            timeout,
         )
         return edge_pb2.GetUsageResponse(
             records=[

@@ -154,6 +154,11 @@ class AdminServicer(edge_pb2_grpc.AdminServiceServicer):
     ) -> edge_pb2.RevokeApiKeyResponse:
         return await self._call("RevokeApiKey", request, context)  # type: ignore[no-any-return]
 
+    async def GetClientUsage(
+        self, request: edge_pb2.GetClientUsageRequest, context: Context
+    ) -> edge_pb2.GetClientUsageResponse:
+        return await self._call("GetClientUsage", request, context)  # type: ignore[no-any-return]
+
     async def GetClientPolicy(
         self, request: edge_pb2.GetClientPolicyRequest, context: Context
     ) -> edge_pb2.GetClientPolicyResponse:

@@ -138,3 +138,58 @@ async def test_policies_bots_and_status_through_the_admin_api(
 
         for secret in (admin_key, plain_key, "AAHsandboxsecret", "whsec-0123456789abcdef"):
             assert secret not in captured_logs.text()
+
+
+async def test_the_ladder_a_clients_gateway_token_and_usage_per_channel(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+
+    services = ["telegramsim", "directory", "botgateway", "delivery", "edge"]
+    async with running_stack(mongo_client, keyring, services) as stack:
+        edge = stack.app("edge")
+        acme = await edge.admin.create_client("Acme Shop")
+        _, admin_key = await edge.admin.create_key(acme.id, ["admin"])
+        for name, address in stack.addresses.items():
+            monkeypatch.setenv(f"OTPGATE_{name.upper()}_ADDR", address)
+        monkeypatch.setenv("OTPGATE_ADMIN_KEY", admin_key)
+        token_file = tmp_path / "token"
+        token_file.write_text("my-own-gateway-token-0123456789\n")
+        code, out, err = await _cli(
+            "--json", "policies", "set", acme.id, "--ladder", "telegram,telegram_gateway:RU+KZ:500,sms",
+            "--sms-fallback", "--telegram-gateway-token-from", str(token_file),
+        )  # fmt: skip
+        assert code == 0, err
+        policy = json.loads(out)["policy"]
+        assert [s["channel"] for s in policy["ladder"]] == [
+            "CHANNEL_TELEGRAM",
+            "CHANNEL_TELEGRAM_GATEWAY",
+            "CHANNEL_SMS",
+        ]
+        assert policy["ladder"][1] == {
+            "channel": "CHANNEL_TELEGRAM_GATEWAY",
+            "countries": ["KZ", "RU"],
+            "daily_cap": 500,
+        }
+        assert policy["telegram_gateway_token_set"] is True and "my-own-gateway-token" not in out
+        code, out, err = await _cli("policies", "get", acme.id)
+        assert (
+            "telegram (any country) -> telegram_gateway (KZ+RU, 500/day) -> sms (any country)" in out
+            and "the client's own" in out
+        )
+        with pytest.raises(SystemExit) as refused:  # argparse's usage error, exit code 2
+            await _cli("policies", "set", acme.id, "--ladder", "fax")
+        assert refused.value.code == 2
+        # Usage: the client's own token is not one the Gateway knows (ACCESS_TOKEN_INVALID), so the
+        # ladder goes on to SMS, at the sandbox's 0.05 a part.
+        delivery = delivery_pb2_grpc.DeliveryServiceStub(stack.channel("delivery"))
+        await delivery.SendMessage(
+            delivery_pb2.SendMessageRequest(client_id=acme.id, phone="+79990001122", text="Code 1234", code="1234")
+        )
+        code, out, err = await _cli("usage", "Acme Shop")
+        assert code == 0, err
+        lines = [line.split() for line in out.splitlines()]
+        assert ["total", "sms", "1", "1", "0", "0.0500"] in lines and ["total", "all", "1", "0.0500"] in lines
+        code, out, err = await _cli("--json", "usage", acme.id)
+        records = json.loads(out)["records"]
+        assert [(r["channel"], r["cost"]) for r in records] == [("CHANNEL_SMS", 0.05)]

@@ -669,6 +669,11 @@ class AdminServiceStub:
                 request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetClientUsage = channel.unary_unary(
+                '/otpgate.edge.v1.AdminService/GetClientUsage',
+                request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageRequest.SerializeToString,
+                response_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageResponse.FromString,
+                _registered_method=True)
         self.GetClientPolicy = channel.unary_unary(
                 '/otpgate.edge.v1.AdminService/GetClientPolicy',
                 request_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientPolicyRequest.SerializeToString,
@@ -757,6 +762,13 @@ class AdminServiceServicer:
 
     def RevokeApiKey(self, request, context):
         """Revokes an API key; every replica refuses it within the key cache lifetime.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClientUsage(self, request, context):
+        """A client's usage per UTC day and channel, with what it cost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -858,6 +870,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'GetClientUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClientUsage,
+                    request_deserializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageRequest.FromString,
+                    response_serializer=otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageResponse.SerializeToString,
             ),
             'GetClientPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClientPolicy,
@@ -1068,6 +1085,33 @@ class AdminService:
             '/otpgate.edge.v1.AdminService/RevokeApiKey',
             otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyRequest.SerializeToString,
             otpgate_dot_edge_dot_v1_dot_edge__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClientUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.edge.v1.AdminService/GetClientUsage',
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageRequest.SerializeToString,
+            otpgate_dot_edge_dot_v1_dot_edge__pb2.GetClientUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

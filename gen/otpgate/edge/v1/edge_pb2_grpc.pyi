@@ -220,6 +220,8 @@ class AdminServiceStub:
     """Lists a client's API keys (revoked ones too), without their secrets."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_edge_pb2.RevokeApiKeyRequest, _edge_pb2.RevokeApiKeyResponse]
     """Revokes an API key; every replica refuses it within the key cache lifetime."""
+    GetClientUsage: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetClientUsageRequest, _edge_pb2.GetClientUsageResponse]
+    """A client's usage per UTC day and channel, with what it cost."""
     GetClientPolicy: _grpc.UnaryUnaryMultiCallable[_edge_pb2.GetClientPolicyRequest, _edge_pb2.GetClientPolicyResponse]
     """Reads a client's delivery policy."""
     UpdateClientPolicy: _grpc.UnaryUnaryMultiCallable[_edge_pb2.UpdateClientPolicyRequest, _edge_pb2.UpdateClientPolicyResponse]
@@ -258,6 +260,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists a client's API keys (revoked ones too), without their secrets."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_edge_pb2.RevokeApiKeyRequest, _edge_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key; every replica refuses it within the key cache lifetime."""
+    GetClientUsage: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetClientUsageRequest, _edge_pb2.GetClientUsageResponse]  # type: ignore[assignment]
+    """A client's usage per UTC day and channel, with what it cost."""
     GetClientPolicy: _aio.UnaryUnaryMultiCallable[_edge_pb2.GetClientPolicyRequest, _edge_pb2.GetClientPolicyResponse]  # type: ignore[assignment]
     """Reads a client's delivery policy."""
     UpdateClientPolicy: _aio.UnaryUnaryMultiCallable[_edge_pb2.UpdateClientPolicyRequest, _edge_pb2.UpdateClientPolicyResponse]  # type: ignore[assignment]
@@ -329,6 +333,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_edge_pb2.RevokeApiKeyResponse, _abc.Awaitable[_edge_pb2.RevokeApiKeyResponse]]:
         """Revokes an API key; every replica refuses it within the key cache lifetime."""
+
+    @_abc_1.abstractmethod
+    def GetClientUsage(
+        self,
+        request: _edge_pb2.GetClientUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.GetClientUsageResponse, _abc.Awaitable[_edge_pb2.GetClientUsageResponse]]:
+        """A client's usage per UTC day and channel, with what it cost."""
 
     @_abc_1.abstractmethod
     def GetClientPolicy(
