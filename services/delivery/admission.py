@@ -183,6 +183,7 @@ class Admission:
                 text_sealed=self.crypto.seal_text(message_id, request.text),
                 code_sealed=self.crypto.seal_code(message_id, request.code) if request.code else None,
                 gateway_state=ADMITTED if gateway_leg else None,
+                gateway_code_length=request.gateway_code_length or None,
                 requested_channel=channel,
                 channel=SMS if channel == SMS else 0,
                 requested_bot=request.bot,
@@ -249,12 +250,20 @@ class Admission:
             phone = parse_phone(request.phone)
         except InvalidPhoneError as exc:
             problems.add("phone", str(exc))
-        check_text(problems, "text", request.text, MAX_TEXT)
+        generated = request.gateway_code_length != 0
+        if generated and request.channel != GATEWAY:
+            problems.add("gateway_code_length", "is for channel TELEGRAM_GATEWAY only")
+        elif generated and not 4 <= request.gateway_code_length <= 8:
+            problems.add("gateway_code_length", "must be 4 to 8 (Telegram's limit)")
+        elif generated and request.code:
+            problems.add("gateway_code_length", "must not be set with code (the Gateway makes the code)")
+        if not (generated and not request.text):
+            check_text(problems, "text", request.text, MAX_TEXT)
         check_origin(problems, request.origin)
         problems.check(request.channel in (0, AUTO, TELEGRAM, SMS, GATEWAY), "channel", "unknown channel")
         if request.code and not CODE.match(request.code):
             problems.add("code", "must be 4 to 8 digits (what the Telegram Gateway sends)")
-        if request.channel == GATEWAY and not request.code:
+        if request.channel == GATEWAY and not request.code and not generated:
             problems.add("code", "is required with channel TELEGRAM_GATEWAY (the Gateway sends codes, not texts)")
         problems.check(request.purpose in (0, P_MESSAGE, P_CONFIRMATION, P_VERIFICATION), "purpose", "unknown purpose")
         ttl = self.settings.default_ttl
@@ -301,6 +310,7 @@ class Admission:
                 e164,
                 request.text,
                 request.code,
+                str(request.gateway_code_length),
                 str(request.channel or AUTO),
                 request.bot,
                 str(request.confirm_days) if request.HasField("confirm_days") else "-",

@@ -154,6 +154,9 @@ class Engine:
     async def cancel_message(self, client_id: str, message_id: str) -> common_pb2.Message:
         return await self.messages.cancel(client_id, message_id)
 
+    async def check_gateway_code(self, client_id: str, message_id: str, code: str) -> str:
+        return await self.messages.check_gateway_code(client_id, message_id, code)
+
     async def apply_gateway_report(self, body: bytes, timestamp: str, signature: str) -> None:
         await self.gateway_reports.apply(body, timestamp, signature)
 

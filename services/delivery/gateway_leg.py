@@ -85,7 +85,7 @@ class GatewayLeg:
         if self.client is None:
             return GatewayTry(refused="GATEWAY_NOT_CONFIGURED")
         code = self.crypto.open_code(record)
-        if not code:
+        if not code and not record.gateway_code_length:
             return GatewayTry(refused="NO_CODE")
         token, own = await self.token_of(record.client_id)
         request_id = record.provider_id or ""
@@ -121,6 +121,7 @@ class GatewayLeg:
                 token,
                 e164,
                 code=code,
+                code_length=record.gateway_code_length or 0,
                 request_id=request_id,
                 ttl=self._ttl(record),
                 callback_url=self.settings.callback_url,
@@ -165,6 +166,15 @@ class GatewayLeg:
     def _ttl(self, record: MessageRecord) -> int:
         left = (record.expire_at - self.clock.now()) / timedelta(seconds=1)
         return int(min(TTL_MAX, max(TTL_MIN, left)))
+
+    async def check_code(self, record: MessageRecord, code: str) -> str:
+        """The Gateway's verification status of `code` for the code it generated for `record`
+        (code_valid, code_invalid, code_max_attempts_exceeded, expired). Raises GatewayFailure."""
+        if self.client is None or not record.provider_id:
+            raise GatewayFailure("GATEWAY_NOT_CONFIGURED", definite=True)
+        token = (await self.token_of(record.client_id))[0] if record.gateway_own_token else self.settings.token
+        status = await self.client.check_verification_status(token, record.provider_id, code)
+        return status.verification
 
     async def revoke(self, record: MessageRecord) -> bool:
         """Asks the Gateway to take back a sent code (it stays if the person already has it)."""

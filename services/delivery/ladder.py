@@ -29,7 +29,7 @@ def rungs(record: MessageRecord, policy: Policy, gateway_usable: bool) -> tuple[
     for rung in ladder:
         if rung.channel == SMS and not record.sms_fallback:
             continue
-        if rung.channel == GATEWAY and not (record.code_sealed and gateway_usable):
+        if rung.channel == GATEWAY and not ((record.code_sealed or record.gateway_code_length) and gateway_usable):
             continue
         usable.append(rung)
     return tuple(usable)

@@ -15,7 +15,7 @@ from datetime import timedelta
 from otpgate.common.v1 import common_pb2
 
 from services.core.clock import Clock
-from services.core.errors import ServiceError, aborted, failed_precondition, not_found
+from services.core.errors import ServiceError, aborted, failed_precondition, not_found, unavailable
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
 from services.delivery.gateway_leg import GatewayLeg
@@ -32,6 +32,7 @@ from services.delivery.record import (
 )
 from services.delivery.settings import EngineSettings
 from services.delivery.store import Store
+from services.delivery.tg_gateway import GatewayFailure
 
 
 class ClientMessages:
@@ -91,6 +92,18 @@ class ClientMessages:
         canceled = fresh.updated(changes)
         await self.notifier.changed(canceled)
         return canceled.to_proto(now)
+
+    async def check_gateway_code(self, client_id: str, message_id: str, code: str) -> str:
+        """The Gateway's verdict on a code it generated for this message (see gateway_leg.py)."""
+        record = await self._own(client_id, message_id)
+        if record.channel != GATEWAY or not record.gateway_code_length or not record.provider_id:
+            raise failed_precondition("NOT_A_GATEWAY_CODE", "this message did not carry a code the Gateway made")
+        try:
+            return await self.gateway.check_code(record, code)
+        except GatewayFailure as failure:
+            if failure.definite:
+                raise failed_precondition("GATEWAY_REFUSED", f"the Telegram Gateway answered {failure.error}") from None
+            raise unavailable("GATEWAY_UNAVAILABLE", "the Telegram Gateway did not answer; retry", 1.0) from None
 
     async def record_conversion(self, client_id: str, message_id: str) -> None:
         """The code this message carried was entered: feeds the fraud guard's conversion rates."""

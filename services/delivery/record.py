@@ -89,6 +89,7 @@ class MessageChanges(TypedDict, total=False):
     cost_micros: int | None
     refunded: bool | None
     read_at: datetime | None
+    gateway_code_length: int | None
 
 
 # Set once a leg has tried the message: absent from the document until then (None here).
@@ -108,6 +109,7 @@ _LATER = (
     "cost_micros",
     "refunded",
     "read_at",
+    "gateway_code_length",
 )
 
 
@@ -174,6 +176,7 @@ class MessageRecord:
     cost_micros: int | None = None  # what the leg cost (millionths of the provider's currency)
     refunded: bool | None = None
     read_at: datetime | None = None
+    gateway_code_length: int | None = None  # the Gateway makes the code (no code of ours)
     code_sealed: bytes | None = None  # the bare code, for the Gateway (sealed like the text)
 
     @classmethod
@@ -235,6 +238,7 @@ class MessageRecord:
             cost_micros=int(doc["cost_micros"]) if doc.get("cost_micros") is not None else None,
             refunded=bool(doc["refunded"]) if "refunded" in doc else None,
             read_at=_moment(doc.get("read_at")),
+            gateway_code_length=int(doc["gateway_code_length"]) if doc.get("gateway_code_length") else None,
             code_sealed=_bytes(doc.get("code")),
         )
 

@@ -198,6 +198,17 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         await self.engine.apply_gateway_report(request.body, request.timestamp, request.signature)
         return delivery_pb2.ApplyGatewayReportResponse()
 
+    async def CheckGatewayCode(
+        self, request: delivery_pb2.CheckGatewayCodeRequest, context: Context
+    ) -> delivery_pb2.CheckGatewayCodeResponse:
+        problems = Violations()
+        problems.check(bool(request.client_id), "client_id", "is required")
+        problems.check(bool(request.message_id), "message_id", "is required")
+        problems.check(request.code.isdigit() and 4 <= len(request.code) <= 8, "code", "must be 4 to 8 digits")
+        problems.raise_if_any()
+        status = await self.engine.check_gateway_code(request.client_id, request.message_id, request.code)
+        return delivery_pb2.CheckGatewayCodeResponse(valid=status == "code_valid", status=status)
+
 
 class SmsSandboxServicer(delivery_pb2_grpc.SmsSandboxServiceServicer):
     def __init__(self, provider: SandboxSmsProvider) -> None:

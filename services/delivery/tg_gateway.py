@@ -95,13 +95,18 @@ class TelegramGatewayClient:
         token: str,
         phone: str,
         *,
-        code: str,
+        code: str = "",
+        code_length: int = 0,
         request_id: str = "",
         ttl: int = 0,
         callback_url: str = "",
         payload: str = "",
     ) -> GatewayStatus:
-        params: dict[str, Any] = {"phone_number": phone, "code": code}
+        params: dict[str, Any] = {"phone_number": phone}
+        if code:
+            params["code"] = code
+        else:
+            params["code_length"] = code_length
         if request_id:
             params["request_id"] = request_id
         if ttl:

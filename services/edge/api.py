@@ -274,6 +274,7 @@ class PublicApi:
             request_id=request.request_id,
             origin=origin,
             custom_code=request.custom_code,
+            gateway_code=request.gateway_code,
         )
         if request.HasField("ttl"):
             downstream.ttl.CopyFrom(request.ttl)

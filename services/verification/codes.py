@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -308,8 +308,11 @@ class CodeEngine:
 
     # Checking ----------------------------------------------------------------------------
 
-    async def check(self, view: View, code: str) -> CheckResult:
-        """One check of a code. At most max_attempts comparisons ever happen per record."""
+    async def check(
+        self, view: View, code: str, matches: Callable[[str], Awaitable[bool]] | None = None
+    ) -> CheckResult:
+        """One check of a code. At most max_attempts comparisons ever happen per record. `matches`
+        compares elsewhere (a code the Telegram Gateway made); else the stored keyed hash does."""
         if view.record["status"] != PENDING:
             return CheckResult(CheckOutcome.FINAL, view)
         if self.is_lapsed(view.record):
@@ -323,7 +326,10 @@ class CodeEngine:
             if after.record["status"] == PENDING and not self.is_lapsed(after.record):
                 return CheckResult(CheckOutcome.EXHAUSTED, after)
             return self._classify_final(after)
-        if self.keyring.code_matches(str(view.record["code_hash"]), view.id, code):
+        right = (
+            await matches(code) if matches else self.keyring.code_matches(str(view.record["code_hash"]), view.id, code)
+        )
+        if right:
             if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
                 return await self._expired(view)
             won, decided = await self.decide(view.id, APPROVED)
@@ -339,16 +345,23 @@ class CodeEngine:
         after.attempts = max(after.attempts, number)
         return CheckResult(CheckOutcome.WRONG_CODE, after, counted_failure=True)
 
-    async def check_capped(self, view: View, code: str, failures: CappedCounter, key: str) -> CheckResult | Full:
+    async def check_capped(
+        self,
+        view: View,
+        code: str,
+        failures: CappedCounter,
+        key: str,
+        matches: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> CheckResult | Full:
         """A check whose wrong code counts against `key`'s cap of failed checks (Full: none left,
         nothing compared). Checks of a record no longer pending never count, so they take nothing."""
         if not view.pending:
-            return await self.check(view, code)
+            return await self.check(view, code, matches)
         reserved = await failures.reserve(key)
         if isinstance(reserved, Full):
             return reserved
         try:
-            result = await self.check(view, code)
+            result = await self.check(view, code, matches)
         except BaseException:
             await failures.give_back(reserved)
             raise

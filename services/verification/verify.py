@@ -9,6 +9,7 @@ and a refused start leaves no pending verification behind.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -83,6 +84,7 @@ class StartInput:
     request_id: str
     origin: common_pb2.Origin
     custom_code: str
+    gateway_code: bool = False  # the Telegram Gateway makes the code and checks it
 
 
 class Verifier:
@@ -124,6 +126,10 @@ class Verifier:
             v.add("code_length", "must equal the length of custom_code")
         elif channel == common_pb2.CHANNEL_TELEGRAM_GATEWAY and code_length > GATEWAY_MAX_CODE_LENGTH:
             v.add("code_length", f"must be at most {GATEWAY_MAX_CODE_LENGTH} for TELEGRAM_GATEWAY (Telegram's limit)")
+        if request.gateway_code and channel != common_pb2.CHANNEL_TELEGRAM_GATEWAY:
+            v.add("gateway_code", "needs channel TELEGRAM_GATEWAY (only the Gateway makes its own codes)")
+        if request.gateway_code and custom:
+            v.add("gateway_code", "must not be set with custom_code")
         ttl = self.policy.default_ttl
         if request.HasField("ttl"):
             seconds = request.ttl.seconds + request.ttl.nanos / 1e9
@@ -149,6 +155,7 @@ class Verifier:
             request_id=request.request_id,
             origin=request.origin,
             custom_code=custom,
+            gateway_code=request.gateway_code,
         )
 
     def fingerprint(self, start: StartInput) -> str:
@@ -161,6 +168,7 @@ class Verifier:
             start.locale,
             start.bot,
             start.custom_code,
+            str(start.gateway_code),
         ]
         return self.keyring.blind_index("verification/request", "\x1f".join(parts))
 
@@ -253,7 +261,8 @@ class Verifier:
         phone_bi, pending_key = self.keys(start)
         now = self.clock.now()
         record_id = new_id(int(now.timestamp() * 1000))
-        code = start.custom_code or generate_code(start.code_length)
+        # A Gateway-made code is Telegram's alone: nothing of it is stored here.
+        code = "" if start.gateway_code else start.custom_code or generate_code(start.code_length)
         record: Document = {
             "_id": record_id,
             "client_id": start.client_id,
@@ -270,7 +279,7 @@ class Verifier:
             "custom_code": bool(start.custom_code),
             "locale": start.locale,
             "ttl": start.ttl,
-            **self.engine.code_fields(record_id, code),
+            **({"gateway_code": True} if start.gateway_code else self.engine.code_fields(record_id, code)),
             "max_attempts": self.policy.max_checks,
             "max_sends": self.policy.max_sends,
             "created_at": now,
@@ -339,7 +348,8 @@ class Verifier:
         number = reservation.number
         record = reservation.view.record
         try:
-            code = self.engine.open_code(record)
+            # A Gateway-made code: each send is a new one, and the check asks about the latest.
+            code = "" if record.get("gateway_code") else self.engine.open_code(record)
             message = await self._send(record, code, start, number)
         except BaseException as exc:
             await self.engine.undo_send(view.id, number)
@@ -360,9 +370,10 @@ class Verifier:
         request = delivery_pb2.SendMessageRequest(
             client_id=start.client_id,
             phone=start.phone.e164,
-            text=templates.verification_text(str(record["locale"]), code, remaining),
+            text=templates.verification_text(str(record["locale"]), code, remaining) if code else "",
             # The bare code too: the Telegram Gateway sends codes of 4 to 8 digits, not texts.
             code=code if len(code) <= GATEWAY_MAX_CODE_LENGTH else "",
+            gateway_code_length=0 if code else int(record["code_length"]),
             channel=start.channel,  # type: ignore[arg-type]
             bot=start.bot or str(record.get("bot", "")),
             confirm_days=0,
@@ -392,7 +403,8 @@ class Verifier:
         if not is_code_shaped(code):
             raise invalid_argument([("code", f"must be {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} digits")])
         view = await self._owned(client_id, verification_id)
-        result = await self.engine.check_capped(view, code, self.failed_checks, str(view.record["phone_bi"]))
+        matcher = self._gateway_matcher(view) if view.record.get("gateway_code") else None
+        result = await self.engine.check_capped(view, code, self.failed_checks, str(view.record["phone_bi"]), matcher)
         if isinstance(result, Full):
             metrics.verifications.labels("too_many_failed_checks").inc()
             raise resource_exhausted(
@@ -416,6 +428,21 @@ class Verifier:
         if approved:
             await self._record_conversion(result.view)
         return result.view, approved
+
+    def _gateway_matcher(self, view: View) -> Callable[[str], Awaitable[bool]]:
+        """Asks the Telegram Gateway about a code it made (its latest send's message)."""
+        message_id = str((view.last_send or {}).get("message_id") or "")
+        client_id = str(view.record["client_id"])
+
+        async def matches(code: str) -> bool:
+            request = delivery_pb2.CheckGatewayCodeRequest(client_id=client_id, message_id=message_id, code=code)
+            try:
+                reply = await call(lambda: self.delivery.CheckGatewayCode(request))
+            except DownstreamError as err:  # UNAVAILABLE with retry guidance while the Gateway is away
+                raise err.service_error() from None
+            return reply.valid
+
+        return matches
 
     async def _record_conversion(self, view: View) -> None:
         message_id = str((view.last_send or {}).get("message_id") or "")

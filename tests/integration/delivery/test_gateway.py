@@ -407,3 +407,28 @@ async def test_without_a_callback_url_the_statuses_are_polled_until_read(world: 
     assert (await world.message(sent.id)).status == C.MESSAGE_STATUS_READ
     world.clock.advance(31)
     assert await engine.poll_sms_once() == 0  # read: nothing more to ask
+
+
+async def test_a_code_the_gateway_makes_is_checked_through_the_gateway(world: World) -> None:
+    user, phone = await world.person()
+    start = verification_pb2.StartVerificationRequest(
+        client_id="shop", phone=phone, channel=C.CHANNEL_TELEGRAM_GATEWAY, gateway_code=True, code_length=5
+    )
+    started = (await world.verification.StartVerification(start)).verification
+    texts = await world.codes(user)
+    code = re.search(r"\d{5}", texts[0])
+    assert code is not None
+    record = await world.stack.app("verification").database["verifications"].find_one({"_id": started.id})
+    assert record is not None and "code_hash" not in record and "code" not in record  # Telegram's alone
+    wrong = "00000" if code.group() != "00000" else "11111"
+    check = verification_pb2.CheckVerificationRequest(client_id="shop", id=started.id, code=wrong)
+    first = (await world.verification.CheckVerification(check)).verification
+    assert first.status == C.VERIFICATION_STATUS_PENDING and first.check_attempts_left == 4
+    check.code = code.group()
+    assert (await world.verification.CheckVerification(check)).verification.status == C.VERIFICATION_STATUS_APPROVED
+    refused_start = await refused(
+        world.verification.StartVerification(
+            verification_pb2.StartVerificationRequest(client_id="shop", phone=phone, gateway_code=True)
+        )
+    )
+    assert [v[0] for v in refused_start.field_violations] == ["gateway_code"]

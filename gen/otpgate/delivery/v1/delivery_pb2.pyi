@@ -68,6 +68,7 @@ class SendMessageRequest(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    GATEWAY_CODE_LENGTH_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     phone: _builtins.str
     """E.164."""
@@ -89,7 +90,12 @@ class SendMessageRequest(_message.Message):
     purpose: Global___MessagePurpose.ValueType
     code: _builtins.str
     """The bare code a verification message carries (4-8 digits): what the Telegram Gateway sends.
-    Required for channel TELEGRAM_GATEWAY; with AUTO it lets the ladder use the Gateway.
+    Required for channel TELEGRAM_GATEWAY (unless gateway_code_length); with AUTO it lets the
+    ladder use the Gateway.
+    """
+    gateway_code_length: _builtins.int
+    """Channel TELEGRAM_GATEWAY only, instead of code: the Gateway generates a code of this length
+    (4-8); CheckGatewayCode checks it. text may then be empty.
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -119,10 +125,11 @@ class SendMessageRequest(_message.Message):
         origin: _common_pb2.Origin | None = ...,
         purpose: Global___MessagePurpose.ValueType = ...,
         code: _builtins.str = ...,
+        gateway_code_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "origin", b"origin", "sms_fallback", b"sms_fallback", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "channel", b"channel", "client_id", b"client_id", "code", b"code", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "origin", b"origin", "phone", b"phone", "protect_content", b"protect_content", "purpose", b"purpose", "request_id", b"request_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days", "_sms_fallback", b"_sms_fallback", "bot", b"bot", "callback_url", b"callback_url", "channel", b"channel", "client_id", b"client_id", "code", b"code", "confirm_days", b"confirm_days", "delete_after", b"delete_after", "gateway_code_length", b"gateway_code_length", "origin", b"origin", "phone", b"phone", "protect_content", b"protect_content", "purpose", b"purpose", "request_id", b"request_id", "sms_fallback", b"sms_fallback", "text", b"text", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confirm_days: _TypeAlias = _typing.Literal["confirm_days"]  # noqa: Y015
     _WhichOneofArgType__confirm_days: _TypeAlias = _typing.Literal["_confirm_days", b"_confirm_days"]  # noqa: Y015
@@ -686,6 +693,55 @@ class ApplyGatewayReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplyGatewayReportResponse: _TypeAlias = ApplyGatewayReportResponse  # noqa: Y015
+
+@_typing.final
+class CheckGatewayCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    message_id: _builtins.str
+    """The message that carried the Gateway's code."""
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "code", b"code", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGatewayCodeRequest: _TypeAlias = CheckGatewayCodeRequest  # noqa: Y015
+
+@_typing.final
+class CheckGatewayCodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    valid: _builtins.bool
+    status: _builtins.str
+    """The Gateway's verification status: code_valid, code_invalid, code_max_attempts_exceeded or expired."""
+    def __init__(
+        self,
+        *,
+        valid: _builtins.bool = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckGatewayCodeResponse: _TypeAlias = CheckGatewayCodeResponse  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):

@@ -115,6 +115,11 @@ class DeliveryServiceStub:
                 request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.SerializeToString,
                 response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.FromString,
                 _registered_method=True)
+        self.CheckGatewayCode = channel.unary_unary(
+                '/otpgate.delivery.v1.DeliveryService/CheckGatewayCode',
+                request_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeRequest.SerializeToString,
+                response_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryServiceServicer:
@@ -234,6 +239,13 @@ class DeliveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckGatewayCode(self, request, context):
+        """Checks a code the Telegram Gateway generated for a message (checkVerificationStatus).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +328,11 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.ApplyGatewayReport,
                     request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.FromString,
                     response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.SerializeToString,
+            ),
+            'CheckGatewayCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckGatewayCode,
+                    request_deserializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeRequest.FromString,
+                    response_serializer=otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -751,6 +768,33 @@ class DeliveryService:
             '/otpgate.delivery.v1.DeliveryService/ApplyGatewayReport',
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportRequest.SerializeToString,
             otpgate_dot_delivery_dot_v1_dot_delivery__pb2.ApplyGatewayReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckGatewayCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/otpgate.delivery.v1.DeliveryService/CheckGatewayCode',
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeRequest.SerializeToString,
+            otpgate_dot_delivery_dot_v1_dot_delivery__pb2.CheckGatewayCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,8 @@ class DeliveryServiceStub:
     """Removes the rule for a prefix (and client)."""
     ApplyGatewayReport: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ApplyGatewayReportRequest, _delivery_pb2.ApplyGatewayReportResponse]
     """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
+    CheckGatewayCode: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.CheckGatewayCodeRequest, _delivery_pb2.CheckGatewayCodeResponse]
+    """Checks a code the Telegram Gateway generated for a message (checkVerificationStatus)."""
 
 @_typing.type_check_only
 class DeliveryServiceAsyncStub(DeliveryServiceStub):
@@ -107,6 +109,8 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     """Removes the rule for a prefix (and client)."""
     ApplyGatewayReport: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ApplyGatewayReportRequest, _delivery_pb2.ApplyGatewayReportResponse]  # type: ignore[assignment]
     """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
+    CheckGatewayCode: _aio.UnaryUnaryMultiCallable[_delivery_pb2.CheckGatewayCodeRequest, _delivery_pb2.CheckGatewayCodeResponse]  # type: ignore[assignment]
+    """Checks a code the Telegram Gateway generated for a message (checkVerificationStatus)."""
 
 class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only sender: policy, throttling, anti-fraud, routing, dispatch, webhooks."""
@@ -240,6 +244,14 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.ApplyGatewayReportResponse, _abc.Awaitable[_delivery_pb2.ApplyGatewayReportResponse]]:
         """A delivery report the Telegram Gateway posted to the edge (signed with the Gateway token)."""
+
+    @_abc_1.abstractmethod
+    def CheckGatewayCode(
+        self,
+        request: _delivery_pb2.CheckGatewayCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.CheckGatewayCodeResponse, _abc.Awaitable[_delivery_pb2.CheckGatewayCodeResponse]]:
+        """Checks a code the Telegram Gateway generated for a message (checkVerificationStatus)."""
 
 def add_DeliveryServiceServicer_to_server(servicer: DeliveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -366,6 +366,7 @@ class StartVerificationRequest(_message.Message):
     CUSTOM_CODE_FIELD_NUMBER: _builtins.int
     END_USER_IP_FIELD_NUMBER: _builtins.int
     END_USER_AGENT_FIELD_NUMBER: _builtins.int
+    GATEWAY_CODE_FIELD_NUMBER: _builtins.int
     phone: _builtins.str
     channel: _common_pb2.Channel.ValueType
     """Unspecified: AUTO."""
@@ -386,6 +387,10 @@ class StartVerificationRequest(_message.Message):
     """Your end user's IP address, as your server saw it (see SendMessageRequest.end_user_ip)."""
     end_user_agent: _builtins.str
     """Your end user's device (see SendMessageRequest.end_user_agent)."""
+    gateway_code: _builtins.bool
+    """Channel TELEGRAM_GATEWAY only: Telegram's Gateway makes the code (4 to 8 digits) and
+    CheckVerification asks the Gateway whether it is right.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """30 s to 1 h; unset: 5 min."""
@@ -405,10 +410,11 @@ class StartVerificationRequest(_message.Message):
         custom_code: _builtins.str = ...,
         end_user_ip: _builtins.str = ...,
         end_user_agent: _builtins.str = ...,
+        gateway_code: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "captcha_token", b"captcha_token", "channel", b"channel", "code_length", b"code_length", "custom_code", b"custom_code", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "locale", b"locale", "phone", b"phone", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "captcha_token", b"captcha_token", "channel", b"channel", "code_length", b"code_length", "custom_code", b"custom_code", "end_user_agent", b"end_user_agent", "end_user_ip", b"end_user_ip", "gateway_code", b"gateway_code", "locale", b"locale", "phone", b"phone", "request_id", b"request_id", "session_id", b"session_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

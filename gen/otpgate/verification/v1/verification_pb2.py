@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from otpgate.common.v1 import common_pb2 as otpgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*otpgate/verification/v1/verification.proto\x12\x17otpgate.verification.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eotpgate/common/v1/common.proto\"{\n\x1dStartPhoneConfirmationRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\t\"\x8d\x01\n\x1eStartPhoneConfirmationResponse\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x0e\n\x06reused\x18\x02 \x01(\x08\x12\x11\n\tcode_sent\x18\x03 \x01(\x08\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x1dSubmitConfirmationCodeRequest\x12\x18\n\x10telegram_user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x03 \x01(\t\"\xa2\x01\n\x1eSubmitConfirmationCodeResponse\x12=\n\x07outcome\x18\x01 \x01(\x0e\x32,.otpgate.verification.v1.ConfirmationOutcome\x12\x15\n\rattempts_left\x18\x02 \x01(\x05\x12\x14\n\x0cphone_masked\x18\x03 \x01(\tJ\x04\x08\x04\x10\x05R\x0ereleased_count\"\x97\x02\n\x18StartVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12+\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1a.otpgate.common.v1.Channel\x12\x13\n\x0b\x63ode_length\x18\x04 \x01(\x05\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06locale\x18\x06 \x01(\t\x12\x0b\n\x03\x62ot\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12)\n\x06origin\x18\t \x01(\x0b\x32\x19.otpgate.common.v1.Origin\x12\x13\n\x0b\x63ustom_code\x18\n \x01(\t\"R\n\x19StartVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"G\n\x18\x43heckVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"d\n\x19\x43heckVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\":\n\x19\x43\x61ncelVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"S\n\x1a\x43\x61ncelVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"7\n\x16GetVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"P\n\x17GetVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"d\n\x18ListVerificationsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"l\n\x19ListVerificationsResponse\x12\x36\n\rverifications\x18\x01 \x03(\x0b\x32\x1f.otpgate.common.v1.Verification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xf7\x01\n\x13\x43onfirmationOutcome\x12$\n CONFIRMATION_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43ONFIRMATION_OUTCOME_CONFIRMED\x10\x01\x12#\n\x1f\x43ONFIRMATION_OUTCOME_WRONG_CODE\x10\x02\x12 \n\x1c\x43ONFIRMATION_OUTCOME_EXPIRED\x10\x03\x12#\n\x1f\x43ONFIRMATION_OUTCOME_NO_PENDING\x10\x04\x12*\n&CONFIRMATION_OUTCOME_TOO_MANY_ATTEMPTS\x10\x05\x32\x96\x07\n\x13VerificationService\x12\x89\x01\n\x16StartPhoneConfirmation\x12\x36.otpgate.verification.v1.StartPhoneConfirmationRequest\x1a\x37.otpgate.verification.v1.StartPhoneConfirmationResponse\x12\x89\x01\n\x16SubmitConfirmationCode\x12\x36.otpgate.verification.v1.SubmitConfirmationCodeRequest\x1a\x37.otpgate.verification.v1.SubmitConfirmationCodeResponse\x12z\n\x11StartVerification\x12\x31.otpgate.verification.v1.StartVerificationRequest\x1a\x32.otpgate.verification.v1.StartVerificationResponse\x12z\n\x11\x43heckVerification\x12\x31.otpgate.verification.v1.CheckVerificationRequest\x1a\x32.otpgate.verification.v1.CheckVerificationResponse\x12}\n\x12\x43\x61ncelVerification\x12\x32.otpgate.verification.v1.CancelVerificationRequest\x1a\x33.otpgate.verification.v1.CancelVerificationResponse\x12t\n\x0fGetVerification\x12/.otpgate.verification.v1.GetVerificationRequest\x1a\x30.otpgate.verification.v1.GetVerificationResponse\x12z\n\x11ListVerifications\x12\x31.otpgate.verification.v1.ListVerificationsRequest\x1a\x32.otpgate.verification.v1.ListVerificationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*otpgate/verification/v1/verification.proto\x12\x17otpgate.verification.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eotpgate/common/v1/common.proto\"{\n\x1dStartPhoneConfirmationRequest\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0e\n\x06\x62ot_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\t\"\x8d\x01\n\x1eStartPhoneConfirmationResponse\x12\x17\n\x0f\x63onfirmation_id\x18\x01 \x01(\t\x12\x0e\n\x06reused\x18\x02 \x01(\x08\x12\x11\n\tcode_sent\x18\x03 \x01(\x08\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x1dSubmitConfirmationCodeRequest\x12\x18\n\x10telegram_user_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x03 \x01(\t\"\xa2\x01\n\x1eSubmitConfirmationCodeResponse\x12=\n\x07outcome\x18\x01 \x01(\x0e\x32,.otpgate.verification.v1.ConfirmationOutcome\x12\x15\n\rattempts_left\x18\x02 \x01(\x05\x12\x14\n\x0cphone_masked\x18\x03 \x01(\tJ\x04\x08\x04\x10\x05R\x0ereleased_count\"\xad\x02\n\x18StartVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12+\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x1a.otpgate.common.v1.Channel\x12\x13\n\x0b\x63ode_length\x18\x04 \x01(\x05\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06locale\x18\x06 \x01(\t\x12\x0b\n\x03\x62ot\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12)\n\x06origin\x18\t \x01(\x0b\x32\x19.otpgate.common.v1.Origin\x12\x13\n\x0b\x63ustom_code\x18\n \x01(\t\x12\x14\n\x0cgateway_code\x18\x0b \x01(\x08\"R\n\x19StartVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"G\n\x18\x43heckVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"d\n\x19\x43heckVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\":\n\x19\x43\x61ncelVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"S\n\x1a\x43\x61ncelVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"7\n\x16GetVerificationRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"P\n\x17GetVerificationResponse\x12\x35\n\x0cverification\x18\x01 \x01(\x0b\x32\x1f.otpgate.common.v1.Verification\"d\n\x18ListVerificationsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"l\n\x19ListVerificationsResponse\x12\x36\n\rverifications\x18\x01 \x03(\x0b\x32\x1f.otpgate.common.v1.Verification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xf7\x01\n\x13\x43onfirmationOutcome\x12$\n CONFIRMATION_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43ONFIRMATION_OUTCOME_CONFIRMED\x10\x01\x12#\n\x1f\x43ONFIRMATION_OUTCOME_WRONG_CODE\x10\x02\x12 \n\x1c\x43ONFIRMATION_OUTCOME_EXPIRED\x10\x03\x12#\n\x1f\x43ONFIRMATION_OUTCOME_NO_PENDING\x10\x04\x12*\n&CONFIRMATION_OUTCOME_TOO_MANY_ATTEMPTS\x10\x05\x32\x96\x07\n\x13VerificationService\x12\x89\x01\n\x16StartPhoneConfirmation\x12\x36.otpgate.verification.v1.StartPhoneConfirmationRequest\x1a\x37.otpgate.verification.v1.StartPhoneConfirmationResponse\x12\x89\x01\n\x16SubmitConfirmationCode\x12\x36.otpgate.verification.v1.SubmitConfirmationCodeRequest\x1a\x37.otpgate.verification.v1.SubmitConfirmationCodeResponse\x12z\n\x11StartVerification\x12\x31.otpgate.verification.v1.StartVerificationRequest\x1a\x32.otpgate.verification.v1.StartVerificationResponse\x12z\n\x11\x43heckVerification\x12\x31.otpgate.verification.v1.CheckVerificationRequest\x1a\x32.otpgate.verification.v1.CheckVerificationResponse\x12}\n\x12\x43\x61ncelVerification\x12\x32.otpgate.verification.v1.CancelVerificationRequest\x1a\x33.otpgate.verification.v1.CancelVerificationResponse\x12t\n\x0fGetVerification\x12/.otpgate.verification.v1.GetVerificationRequest\x1a\x30.otpgate.verification.v1.GetVerificationResponse\x12z\n\x11ListVerifications\x12\x31.otpgate.verification.v1.ListVerificationsRequest\x1a\x32.otpgate.verification.v1.ListVerificationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otpgate.verification.v1.verification_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONFIRMATIONOUTCOME']._serialized_start=1729
-  _globals['_CONFIRMATIONOUTCOME']._serialized_end=1976
+  _globals['_CONFIRMATIONOUTCOME']._serialized_start=1751
+  _globals['_CONFIRMATIONOUTCOME']._serialized_end=1998
   _globals['_STARTPHONECONFIRMATIONREQUEST']._serialized_start=168
   _globals['_STARTPHONECONFIRMATIONREQUEST']._serialized_end=291
   _globals['_STARTPHONECONFIRMATIONRESPONSE']._serialized_start=294
@@ -45,25 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITCONFIRMATIONCODERESPONSE']._serialized_start=527
   _globals['_SUBMITCONFIRMATIONCODERESPONSE']._serialized_end=689
   _globals['_STARTVERIFICATIONREQUEST']._serialized_start=692
-  _globals['_STARTVERIFICATIONREQUEST']._serialized_end=971
-  _globals['_STARTVERIFICATIONRESPONSE']._serialized_start=973
-  _globals['_STARTVERIFICATIONRESPONSE']._serialized_end=1055
-  _globals['_CHECKVERIFICATIONREQUEST']._serialized_start=1057
-  _globals['_CHECKVERIFICATIONREQUEST']._serialized_end=1128
-  _globals['_CHECKVERIFICATIONRESPONSE']._serialized_start=1130
-  _globals['_CHECKVERIFICATIONRESPONSE']._serialized_end=1230
-  _globals['_CANCELVERIFICATIONREQUEST']._serialized_start=1232
-  _globals['_CANCELVERIFICATIONREQUEST']._serialized_end=1290
-  _globals['_CANCELVERIFICATIONRESPONSE']._serialized_start=1292
-  _globals['_CANCELVERIFICATIONRESPONSE']._serialized_end=1375
-  _globals['_GETVERIFICATIONREQUEST']._serialized_start=1377
-  _globals['_GETVERIFICATIONREQUEST']._serialized_end=1432
-  _globals['_GETVERIFICATIONRESPONSE']._serialized_start=1434
-  _globals['_GETVERIFICATIONRESPONSE']._serialized_end=1514
-  _globals['_LISTVERIFICATIONSREQUEST']._serialized_start=1516
-  _globals['_LISTVERIFICATIONSREQUEST']._serialized_end=1616
-  _globals['_LISTVERIFICATIONSRESPONSE']._serialized_start=1618
-  _globals['_LISTVERIFICATIONSRESPONSE']._serialized_end=1726
-  _globals['_VERIFICATIONSERVICE']._serialized_start=1979
-  _globals['_VERIFICATIONSERVICE']._serialized_end=2897
+  _globals['_STARTVERIFICATIONREQUEST']._serialized_end=993
+  _globals['_STARTVERIFICATIONRESPONSE']._serialized_start=995
+  _globals['_STARTVERIFICATIONRESPONSE']._serialized_end=1077
+  _globals['_CHECKVERIFICATIONREQUEST']._serialized_start=1079
+  _globals['_CHECKVERIFICATIONREQUEST']._serialized_end=1150
+  _globals['_CHECKVERIFICATIONRESPONSE']._serialized_start=1152
+  _globals['_CHECKVERIFICATIONRESPONSE']._serialized_end=1252
+  _globals['_CANCELVERIFICATIONREQUEST']._serialized_start=1254
+  _globals['_CANCELVERIFICATIONREQUEST']._serialized_end=1312
+  _globals['_CANCELVERIFICATIONRESPONSE']._serialized_start=1314
+  _globals['_CANCELVERIFICATIONRESPONSE']._serialized_end=1397
+  _globals['_GETVERIFICATIONREQUEST']._serialized_start=1399
+  _globals['_GETVERIFICATIONREQUEST']._serialized_end=1454
+  _globals['_GETVERIFICATIONRESPONSE']._serialized_start=1456
+  _globals['_GETVERIFICATIONRESPONSE']._serialized_end=1536
+  _globals['_LISTVERIFICATIONSREQUEST']._serialized_start=1538
+  _globals['_LISTVERIFICATIONSREQUEST']._serialized_end=1638
+  _globals['_LISTVERIFICATIONSRESPONSE']._serialized_start=1640
+  _globals['_LISTVERIFICATIONSRESPONSE']._serialized_end=1748
+  _globals['_VERIFICATIONSERVICE']._serialized_start=2001
+  _globals['_VERIFICATIONSERVICE']._serialized_end=2919
 # @@protoc_insertion_point(module_scope)

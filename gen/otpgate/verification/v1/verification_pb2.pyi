@@ -178,6 +178,7 @@ class StartVerificationRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     CUSTOM_CODE_FIELD_NUMBER: _builtins.int
+    GATEWAY_CODE_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     phone: _builtins.str
     channel: _common_pb2.Channel.ValueType
@@ -191,6 +192,10 @@ class StartVerificationRequest(_message.Message):
     """Idempotency key (AIP-155)."""
     custom_code: _builtins.str
     """A client-supplied code, where the client's policy allows it."""
+    gateway_code: _builtins.bool
+    """Channel TELEGRAM_GATEWAY only: the Gateway generates the code (4 to 8 digits) and
+    CheckVerification checks it through the Gateway (checkVerificationStatus).
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """30 s to 1 h; unset: 5 min."""
@@ -210,10 +215,11 @@ class StartVerificationRequest(_message.Message):
         request_id: _builtins.str = ...,
         origin: _common_pb2.Origin | None = ...,
         custom_code: _builtins.str = ...,
+        gateway_code: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "channel", b"channel", "client_id", b"client_id", "code_length", b"code_length", "custom_code", b"custom_code", "locale", b"locale", "origin", b"origin", "phone", b"phone", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot", b"bot", "channel", b"channel", "client_id", b"client_id", "code_length", b"code_length", "custom_code", b"custom_code", "gateway_code", b"gateway_code", "locale", b"locale", "origin", b"origin", "phone", b"phone", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
