@@ -93,6 +93,7 @@ export function messageEvents(m) {
     { at: m.createTime, label: "Accepted", tone: "wait" },
     { at: m.sentTime, label: `Sent by ${channel}${m.botId ? ` (@${m.botId})` : ""}`, tone: "ok" },
     { at: m.deliveredTime, label: "Delivered", tone: "ok" },
+    { at: m.readTime, label: "Read", tone: "ok" },
     final ? { at: m.updateTime, label: final, tone: m.status.endsWith("HELD") ? "wait" : "bad" } : {},
   ];
 }

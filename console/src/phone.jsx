@@ -1,5 +1,6 @@
 // The sandbox phone (sandbox mode only): simulated Telegram users, their chats with each bot as a
-// Telegram client shows them, and the SMS inbox of their number. New messages arrive by polling
+// Telegram client shows them, Telegram's "Verification Codes" chat (codes of the Telegram Gateway;
+// opening it marks them read), and the SMS inbox of their number. New messages arrive by polling
 // every 1.5 s while the tab is visible (only what is newer than the last one seen).
 import { useEffect, useRef, useState } from "preact/hooks";
 import { get, post } from "./api.js";
@@ -114,15 +115,40 @@ function Device({ user }) {
   const [bots, setBots] = useState([]);
   const [bot, setBot] = useState("");
   const [tab, setTab] = useState("telegram");
+  const [codes, setCodes] = useState(false);
+  const [online, setOnline] = useState(true);
+  const [unread, setUnread] = useState(0);
   const [error, setError] = useState(null);
+  const codesBase = `/sandbox/v1/users/${user.userId}/verificationCodes`;
   useEffect(() => {
     get("/v1/bots", { pageSize: 100 }).then((r) => setBots(r.bots || []), setError);
   }, []);
+  usePoll(
+    async () => {
+      if (codes) return;
+      const reply = await get(codesBase);
+      setUnread((reply.messages || []).filter((m) => m.status === "delivered").length);
+    },
+    2000,
+    [codesBase, codes],
+  );
+  async function toggleOnline() {
+    setError(null);
+    try {
+      await post(`/sandbox/v1/users/${user.userId}:setDeviceOnline`, { online: !online });
+      setOnline(!online);
+    } catch (err) {
+      setError(err);
+    }
+  }
   return (
     <div class="device" aria-label={`${user.firstName}'s phone`} role="region">
       <div class="device-bar">
         <span>{user.firstName}</span>
         <span class="mono">{user.phone}</span>
+        <button type="button" class="quiet" onClick={toggleOnline} aria-pressed={!online}>
+          {online ? "Go offline" : "Go online"}
+        </button>
       </div>
       <div class="device-tabs" role="tablist">
         <button type="button" role="tab" aria-selected={tab === "telegram"} onClick={() => setTab("telegram")}>
@@ -135,10 +161,21 @@ function Device({ user }) {
       <ErrorBox error={error} />
       {tab === "sms" ? (
         <SmsInbox phone={user.phone} />
+      ) : codes ? (
+        <VerificationCodes base={codesBase} onBack={() => setCodes(false)} />
       ) : bot ? (
         <Chat user={user} bot={bots.find((b) => b.id === bot)} onBack={() => setBot("")} key={bot} />
       ) : (
         <ul class="chat-list" aria-label="Chats">
+          <li>
+            <button type="button" onClick={() => setCodes(true)}>
+              <strong>Verification Codes</strong>
+              <span class="muted">
+                {online ? "" : "offline: nothing arrives · "}
+                {unread ? `${unread} unread` : "codes from Telegram's Gateway"}
+              </span>
+            </button>
+          </li>
           {bots.map((b) => (
             <li key={b.id}>
               <button type="button" onClick={() => setBot(b.id)}>
@@ -282,6 +319,48 @@ function Chat({ user, bot, onBack }) {
           <button type="submit">Share contact</button>
         </form>
       </details>
+    </div>
+  );
+}
+
+function VerificationCodes({ base, onBack }) {
+  // Open means read: every poll while this chat is on screen reads what has arrived.
+  const [messages, setMessages] = useState([]);
+  const [error, setError] = useState(null);
+  usePoll(
+    async () => {
+      try {
+        const reply = await post(`${base}:open`, {});
+        setMessages(reply.messages || []);
+        setError(null);
+      } catch (err) {
+        setError(err);
+      }
+    },
+    1500,
+    [base],
+  );
+  return (
+    <div class="chat">
+      <div class="chat-head">
+        <button type="button" class="quiet" onClick={onBack} aria-label="Back to chats">
+          ←
+        </button>
+        <strong>Verification Codes</strong>
+        <span class="muted">Telegram</span>
+      </div>
+      <ErrorBox error={error} />
+      {messages.length === 0 && <p class="empty">No codes yet.</p>}
+      <ol class="bubbles" aria-live="polite" aria-label="Verification codes">
+        {messages.map((m) => (
+          <li key={m.messageId} class="bubble bot">
+            <p>{m.text}</p>
+            <small>
+              {m.status} · <time datetime={m.sendTime}>{when(m.sendTime)}</time>
+            </small>
+          </li>
+        ))}
+      </ol>
     </div>
   );
 }

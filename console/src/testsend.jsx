@@ -7,6 +7,7 @@ const CHANNELS = [
   ["CHANNEL_AUTO", "Auto (Telegram, else SMS where allowed)"],
   ["CHANNEL_TELEGRAM", "Telegram only"],
   ["CHANNEL_SMS", "SMS only"],
+  ["CHANNEL_TELEGRAM_GATEWAY", "Telegram Gateway only (a code, from Telegram's Verification Codes chat)"],
 ];
 
 function ChannelSelect({ attrs, value, onChange }) {
@@ -24,6 +25,7 @@ function ChannelSelect({ attrs, value, onChange }) {
 function MessageForm() {
   const [phone, setPhone] = useState("");
   const [text, setText] = useState("Your code is 4821");
+  const [code, setCode] = useState("4821");
   const [channel, setChannel] = useState("CHANNEL_AUTO");
   const [protect, setProtect] = useState(false);
   const [error, setError] = useState(null);
@@ -34,6 +36,7 @@ function MessageForm() {
     setSent(null);
     try {
       const body = { phone: phone.trim(), text, channel, protectContent: protect, requestId: crypto.randomUUID() };
+      if (code.trim()) body.code = code.trim();
       setSent((await post("/v1/messages", body)).message);
     } catch (err) {
       setError(err);
@@ -48,6 +51,14 @@ function MessageForm() {
       </Field>
       <Field id="message-text" label="Text" error={bad.text}>
         {(attrs) => <textarea {...attrs} required rows={3} value={text} onInput={(e) => setText(e.currentTarget.value)} />}
+      </Field>
+      <Field
+        id="message-code"
+        label="The code in it"
+        hint="4 to 8 digits: what the Telegram Gateway sends (it sends codes, not texts)"
+        error={bad.code}
+      >
+        {(attrs) => <input {...attrs} inputmode="numeric" value={code} onInput={(e) => setCode(e.currentTarget.value)} />}
       </Field>
       <Field id="message-channel" label="Channel" error={bad.channel}>
         {(attrs) => <ChannelSelect attrs={attrs} value={channel} onChange={setChannel} />}

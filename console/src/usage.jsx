@@ -1,10 +1,12 @@
-// Usage per UTC day and channel (GetUsage), as a stacked bar chart and the same numbers as a table.
+// Usage per UTC day and channel (GetUsage), as a stacked bar chart and the same numbers as a table,
+// with what each day cost per channel (Gateway credits as Telegram charged them, SMS per part).
 import { useEffect, useState } from "preact/hooks";
 import { get } from "./api.js";
 import { ErrorBox, Field } from "./ui.jsx";
 
 const SERIES = [
   ["CHANNEL_TELEGRAM", "Telegram", "series-telegram"],
+  ["CHANNEL_TELEGRAM_GATEWAY", "Telegram Gateway", "series-gateway"],
   ["CHANNEL_SMS", "SMS", "series-sms"],
   ["CHANNEL_UNSPECIFIED", "Not routed", "series-other"],
 ];
@@ -18,9 +20,11 @@ function day(offset) {
 export function byDay(records) {
   const days = {};
   for (const r of records) {
-    const row = (days[r.day] ||= { day: r.day, billed: 0 });
+    const row = (days[r.day] ||= { day: r.day, billed: 0, cost: {}, refunded: 0 });
     row[r.channel] = (row[r.channel] || 0) + Number(r.messages);
     row.billed += Number(r.billedSms || 0);
+    row.cost[r.channel] = (row.cost[r.channel] || 0) + Number(r.cost || 0);
+    row.refunded += Number(r.refunded || 0);
   }
   return Object.values(days).sort((a, b) => a.day.localeCompare(b.day));
 }
@@ -68,7 +72,7 @@ export function Usage() {
   return (
     <section>
       <h1>Usage</h1>
-      <p class="muted">Messages accepted per UTC day and the channel that carried them; billed SMS in the table.</p>
+      <p class="muted">Messages per UTC day and the channel that carried them; billed SMS, Gateway refunds and cost per channel in the table.</p>
       <form class="filters" onSubmit={(e) => e.preventDefault()}>
         <Field id="usage-start" label="From (UTC day)" error={bad.start_day}>
           {(attrs) => <input {...attrs} type="date" value={start} onChange={(e) => setStart(e.currentTarget.value)} />}
@@ -83,7 +87,7 @@ export function Usage() {
       ) : (
         <>
           <ul class="legend">
-            {SERIES.slice(0, 2).map(([, label, css]) => (
+            {SERIES.slice(0, 3).map(([, label, css]) => (
               <li key={css}>
                 <span class={`swatch ${css}`} /> {label}
               </li>
@@ -96,8 +100,12 @@ export function Usage() {
               <tr>
                 <th scope="col">Day</th>
                 <th scope="col">Telegram</th>
+                <th scope="col">Telegram Gateway</th>
                 <th scope="col">SMS</th>
                 <th scope="col">Billed SMS</th>
+                <th scope="col">Refunded</th>
+                <th scope="col">Cost: Gateway</th>
+                <th scope="col">Cost: SMS</th>
               </tr>
             </thead>
             <tbody>
@@ -105,8 +113,12 @@ export function Usage() {
                 <tr key={r.day}>
                   <th scope="row">{r.day}</th>
                   <td>{r.CHANNEL_TELEGRAM || 0}</td>
+                  <td>{r.CHANNEL_TELEGRAM_GATEWAY || 0}</td>
                   <td>{r.CHANNEL_SMS || 0}</td>
                   <td>{r.billed}</td>
+                  <td>{r.refunded}</td>
+                  <td>{(r.cost.CHANNEL_TELEGRAM_GATEWAY || 0).toFixed(4)}</td>
+                  <td>{(r.cost.CHANNEL_SMS || 0).toFixed(4)}</td>
                 </tr>
               ))}
             </tbody>

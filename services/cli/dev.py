@@ -43,6 +43,7 @@ from services.core.config import (
     DEFAULT_PORTS,
     DEFAULT_SHARED_BOTS,
     SIMULATOR,
+    SIMULATOR_GATEWAY_PORT,
     SIMULATOR_METRICS_PORT,
     SIMULATOR_PORT,
 )
@@ -420,15 +421,25 @@ def _print_addresses(as_json: bool, uri: str, stack: ProcessStack, http_port: in
     scheme = "https" if env.get("OTPGATE_EDGE_TLS_CERT") else "http"
     http = f"{scheme}://127.0.0.1:{http_port}"
     console = f"{http}/console/"
+    gateway = f"http://127.0.0.1:{env.get('OTPGATE_TELEGRAMSIM_GATEWAY_PORT') or SIMULATOR_GATEWAY_PORT}"
     if as_json:
         print(
-            json.dumps({"database": _safe_uri(uri), "edge_http": http, "console": console, "services": rows}),
+            json.dumps(
+                {
+                    "database": _safe_uri(uri),
+                    "edge_http": http,
+                    "console": console,
+                    "telegram_gateway": gateway,
+                    "services": rows,
+                }
+            ),
             flush=True,
         )
         return
     print(f"otpgate is up (sandbox mode). Database: {_safe_uri(uri)}", flush=True)
     print(f"  console        {console}   (sign in with a client's API key)")
     print(f"  edge HTTP      {http}   (OpenAPI: {http}/openapi.json)")
+    print(f"  tg gateway     {gateway}   (the local Telegram Gateway API, in the simulated Telegram)")
     for name, row in rows.items():
         print(f"  {name:<14} gRPC {row['grpc']:<18} metrics {row['metrics']}")
     print(

@@ -148,6 +148,8 @@ DEFAULT_METRICS_PORTS = {"edge": 9101, "delivery": 9102, "verification": 9103, "
 SIMULATOR = "telegramsim"
 SIMULATOR_PORT = 50056
 SIMULATOR_METRICS_PORT = 9106
+# Its local Telegram Gateway (HTTP, as gatewayapi.telegram.org): delivery's default in sandbox mode.
+SIMULATOR_GATEWAY_PORT = 50057
 
 
 def local_address(service: str, environ: Mapping[str, str]) -> str:

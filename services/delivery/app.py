@@ -15,8 +15,8 @@ from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
+from services.core.config import SIMULATOR_GATEWAY_PORT, CommonConfig, ConfigError, Env, read_mode
 from services.core.config import TELEGRAM_GATEWAY_REPORT_PATH as GATEWAY_REPORT_PATH
-from services.core.config import CommonConfig, ConfigError, Env, read_mode
 from services.core.grpc_client import make_channel
 from services.core.grpc_server import ServiceApp
 from services.core.logging import get_logger
@@ -91,7 +91,7 @@ def _rate(env: Env, name: str, default: str, help: str) -> Rate:
 def _gateway_settings(env: Env) -> GatewaySettings:
     """Telegram's Gateway in production (a token makes it usable); the local one in sandbox mode."""
     _, sandbox = read_mode(env)
-    local_port = env.raw("OTPGATE_TELEGRAMSIM_GATEWAY_PORT") or "50057"
+    local_port = env.raw("OTPGATE_TELEGRAMSIM_GATEWAY_PORT") or str(SIMULATOR_GATEWAY_PORT)
     edge_port = env.raw("OTPGATE_EDGE_HTTP_PORT") or "8080"
     return GatewaySettings(
         url=env.text(

@@ -11,6 +11,7 @@ from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from services.core.clock import Clock, SystemClock
+from services.core.config import SIMULATOR_GATEWAY_PORT as GATEWAY_PORT
 from services.core.config import CommonConfig, ConfigError, Env, read_mode
 from services.core.grpc_server import ServiceApp
 from services.core.mongo import Document
@@ -25,7 +26,6 @@ from services.telegramsim.store import TelegramStore
 from services.telegramsim.telegram import SimulatedTelegram
 
 SERVICES = telegramsim_pb2.DESCRIPTOR.services_by_name
-GATEWAY_PORT = 50057
 REFUSED = "the simulated Telegram runs in dev and sandbox mode only (OTPGATE_ENV=dev, OTPGATE_SANDBOX=true)"
 
 

@@ -53,6 +53,7 @@ async def system(system_database: str, tmp_path_factory: pytest.TempPathFactory)
         "OTPGATE_ENV": "dev",
         "OTPGATE_SANDBOX": "true",
         "OTPGATE_EDGE_HTTP_PORT": str(http_port),
+        "OTPGATE_TELEGRAMSIM_GATEWAY_PORT": str(free_port()),
     }
     logs: Path = tmp_path_factory.mktemp("logs")
     stack = ProcessStack(

@@ -1,7 +1,8 @@
 """The web console in a real browser (Debian's Chromium, driven by Playwright), on the live stack.
 
 A new client signs in with its key, plays a Telegram user on the sandbox phone (Start, share the
-number), sends a test message from the dashboard and sees it arrive in the phone; starts a
+number), sends a test message from the dashboard and sees it arrive in the phone; sends a code
+through the Telegram Gateway to a person with no bot and reads it in "Verification Codes"; starts a
 verification and checks it with the code read from the phone; a bad policy value shows the API's
 error next to its field. An operator sees the fraud guard's events and allows a prefix from one.
 Then the same console at 375 px wide, signed in with the keyboard only.
@@ -36,6 +37,7 @@ FLAGS = [
     "--disable-sync",
 ]
 PHONE = "+79995550123"
+GATEWAY_PHONE = "+79995550456"
 CODE = re.compile(r"(\d{6}) is your verification code")
 TIMEOUT = 15_000
 
@@ -136,6 +138,33 @@ async def test_console_first_message_first_verification_and_policy(system: Syste
     await expect(page.locator(".bubble.bot", has_text="Your code is 7342")).to_be_visible()
     await _shot(page, "05-message-in-phone")
 
+    # 3b. A code through the Telegram Gateway to someone with no bot: it lands in Telegram's
+    # "Verification Codes" chat, and opening the chat makes the message read.
+    await _nav(page, "Sandbox phone").click()
+    await page.get_by_label("First name").fill("Bob")
+    await page.get_by_label("Their phone number").fill(GATEWAY_PHONE)
+    await page.get_by_role("button", name="Create person").click()
+    await _nav(page, "Send a test").click()
+    form = page.locator("form", has=page.get_by_role("heading", name="Send a test message"))
+    await form.get_by_label("Phone number").fill(GATEWAY_PHONE)
+    await form.get_by_label("Text").fill("Your code is 5173")
+    await form.get_by_label("The code in it").fill("5173")
+    await form.get_by_label("Channel").select_option("CHANNEL_TELEGRAM_GATEWAY")
+    await form.get_by_role("button", name="Send message").click()
+    await expect(form.get_by_role("status")).to_contain_text("delivered")
+    gateway_message = await form.get_by_role("link", name=re.compile("message ")).get_attribute("href")
+    await _nav(page, "Sandbox phone").click()
+    await page.get_by_role("button", name=re.compile("Bob")).click()
+    codes = page.get_by_role("button", name=re.compile("Verification Codes"))
+    await expect(codes).to_contain_text("1 unread")
+    await codes.click()
+    await expect(page.locator(".bubble.bot", has_text="5173 is your verification code")).to_be_visible()
+    await expect(page.locator(".bubble.bot small")).to_contain_text("read")
+    await _shot(page, "05b-gateway-code-read")
+    await page.goto(f"{system.http}/console/{gateway_message}")
+    await expect(page.locator(".timeline")).to_contain_text("Read")
+    await expect(page.locator(".timeline")).to_contain_text("Sent by telegram gateway")
+
     # 4. A verification, checked with the code read from the phone.
     await _nav(page, "Send a test").click()
     form = page.locator("form", has=page.get_by_role("heading", name="Start a test verification"))
@@ -163,7 +192,7 @@ async def test_console_first_message_first_verification_and_policy(system: Syste
     await page.get_by_label("Status").select_option("APPROVED")
     await expect(page.locator(".rows li")).to_have_count(1)
     await _nav(page, "Messages").click()
-    await expect(page.locator(".rows li")).to_have_count(2)
+    await expect(page.locator(".rows li")).to_have_count(3)
     await page.locator(".rows a").last.click()
     await expect(page.locator(".timeline")).to_contain_text("Sent by telegram")
     await _shot(page, "08-message-timeline")
