@@ -139,6 +139,29 @@ SMS_PROVIDERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+GATEWAY_PREFIX = "OTPGATE_TELEGRAM_GATEWAY_"
+GATEWAY_INTRO = (
+    "Telegram's Gateway API (channel `CHANNEL_TELEGRAM_GATEWAY`, and the Gateway rung of a ladder):",
+    'a verification code from Telegram\'s "Verification Codes" chat to any Telegram account, by number.',
+    "Each message asks `checkSendAbility` (charged once; a number without Telegram is refused for free)",
+    "and sends with its `request_id`; a send without an answer is resolved with",
+    "`checkVerificationStatus` and never sent again, nor over another channel. A service-wide token",
+    "(`OTPGATE_TELEGRAM_GATEWAY_TOKEN`) serves every client; a client's own account is set with",
+    "`otpgate policies set CLIENT --telegram-gateway-token-from SOURCE` (sealed in its policy) and wins.",
+    "Delivery reports come to the edge's `POST /v1/telegramGateway/reports`: set",
+    "`OTPGATE_TELEGRAM_GATEWAY_CALLBACK_URL` to its public HTTPS address; each report's signature is",
+    "checked with the token it was sent with, and one stamped more than",
+    "`OTPGATE_TELEGRAM_GATEWAY_REPORT_MAX_AGE` from our clock is refused. Without a callback URL the",
+    "statuses are polled (`OTPGATE_SMS_STATUS_POLL`). In sandbox mode all of it points at the local",
+    "Gateway of the simulated Telegram (`OTPGATE_TELEGRAMSIM_GATEWAY_PORT`), with its own account.",
+)
+
+
+def _gateway(settings: list[Setting]) -> list[str]:
+    own = [s for s in settings if s.name.startswith(GATEWAY_PREFIX)]
+    return ["### Telegram Gateway", "", *GATEWAY_INTRO, "", *_table(own), ""]
+
+
 def _providers(settings: list[Setting]) -> list[str]:
     out = [
         "### SMS providers",
@@ -199,7 +222,8 @@ def render(settings: dict[str, Setting]) -> str:
         ]
     for name in SERVICES:
         port = SIMULATOR_PORT if name == SIMULATOR else DEFAULT_PORTS[name]
-        own = [s for s in by_service[name] if not any(s.name.startswith(p) for _, p, _ in SMS_PROVIDERS)]
+        prefixes = (*(p for _, p, _ in SMS_PROVIDERS), GATEWAY_PREFIX)
+        own = [s for s in by_service[name] if not s.name.startswith(prefixes)]
         only = (
             " Dev and sandbox mode only: the simulated Telegram; it refuses to start in production."
             if name == SIMULATOR
@@ -215,6 +239,7 @@ def render(settings: dict[str, Setting]) -> str:
         ]
         if name == "delivery":
             out += _providers(by_service[name])
+            out += _gateway(by_service[name])
     out += [
         "## Operator CLI (`otpgate`)",
         "",

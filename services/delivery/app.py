@@ -111,7 +111,7 @@ def _gateway_settings(env: Env) -> GatewaySettings:
             "OTPGATE_TELEGRAM_GATEWAY_CALLBACK_URL",
             f"http://127.0.0.1:{edge_port}{GATEWAY_REPORT_PATH}" if sandbox else "",
             f"public HTTPS URL of the edge's {GATEWAY_REPORT_PATH}, where the Gateway posts delivery reports "
-            "(production: empty until set, and then statuses are asked for with checkVerificationStatus; "
+            "(production: empty, and then the statuses are polled with checkVerificationStatus; "
             "sandbox: this host's edge)",
         ),
         timeout=env.number(
