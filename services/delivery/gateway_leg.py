@@ -78,6 +78,14 @@ class GatewayLeg:
         own = (await self.policies.get(client_id)).gateway_token(self.keyring)
         return (own, True) if own else (self.settings.token, False)
 
+    async def token_for(self, record: MessageRecord) -> str:
+        """The token a message went out with: its reports are signed, its status asked, with it."""
+        if record.gateway_own_token:
+            own = (await self.policies.get(record.client_id)).gateway_token(self.keyring)
+            if own:
+                return own
+        return self.settings.token
+
     async def available(self, client_id: str) -> bool:
         return self.client is not None and bool((await self.token_of(client_id))[0])
 
@@ -172,17 +180,15 @@ class GatewayLeg:
         (code_valid, code_invalid, code_max_attempts_exceeded, expired). Raises GatewayFailure."""
         if self.client is None or not record.provider_id:
             raise GatewayFailure("GATEWAY_NOT_CONFIGURED", definite=True)
-        token = (await self.token_of(record.client_id))[0] if record.gateway_own_token else self.settings.token
-        status = await self.client.check_verification_status(token, record.provider_id, code)
+        status = await self.client.check_verification_status(await self.token_for(record), record.provider_id, code)
         return status.verification
 
     async def revoke(self, record: MessageRecord) -> bool:
         """Asks the Gateway to take back a sent code (it stays if the person already has it)."""
         if self.client is None or not record.provider_id:
             return False
-        token, _ = await self.token_of(record.client_id) if record.gateway_own_token else (self.settings.token, False)
         try:
-            return await self.client.revoke_verification_message(token, record.provider_id)
+            return await self.client.revoke_verification_message(await self.token_for(record), record.provider_id)
         except GatewayFailure as failure:
             log.info("gateway_revoke_failed", message_id=record.id, error=failure.error)
             return False

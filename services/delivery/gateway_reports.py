@@ -65,10 +65,13 @@ class GatewayReports:
         if record is None:
             metrics.gateway_reports_total.labels("unknown").inc()
             raise not_found("Telegram Gateway request", "GATEWAY_REQUEST_NOT_FOUND")
-        token = (await self.gateway.token_of(record.client_id))[0] if record.gateway_own_token else ""
-        token = token or self.gateway.settings.token
         why = check_report(
-            token, timestamp, signature, body, self.clock.now().timestamp(), self.gateway.settings.report_max_age
+            await self.gateway.token_for(record),
+            timestamp,
+            signature,
+            body,
+            self.clock.now().timestamp(),
+            self.gateway.settings.report_max_age,
         )
         if why:
             metrics.gateway_reports_total.labels("refused").inc()
@@ -83,9 +86,8 @@ class GatewayReports:
         client = self.gateway.client
         if client is None or not record.provider_id:
             return
-        token = (await self.gateway.token_of(record.client_id))[0] if record.gateway_own_token else ""
         try:
-            status = await client.check_verification_status(token or self.gateway.settings.token, record.provider_id)
+            status = await client.check_verification_status(await self.gateway.token_for(record), record.provider_id)
         except GatewayFailure:
             status = None
         await self._apply(record, status, poll=True)

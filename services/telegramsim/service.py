@@ -266,22 +266,20 @@ class SandboxServicer(telegramsim_pb2_grpc.SandboxServiceServicer):
     async def ListVerificationCodes(
         self, request: P.ListVerificationCodesRequest, context: Context
     ) -> P.ListVerificationCodesResponse:
-        _user_id(request.user_id)
-        if request.after_message_id < 0:
-            raise invalid_argument([("after_message_id", "must not be negative")])
-        shown = await _sandbox_call(lambda: self.gateway.codes_chat(request.user_id, request.after_message_id))
-        return P.ListVerificationCodesResponse(messages=[code_message(r) for r in shown])
+        return P.ListVerificationCodesResponse(messages=await self._codes(request.user_id, request.after_message_id))
 
     async def OpenVerificationCodes(
         self, request: P.OpenVerificationCodesRequest, context: Context
     ) -> P.OpenVerificationCodesResponse:
-        _user_id(request.user_id)
-        if request.after_message_id < 0:
+        shown = await self._codes(request.user_id, request.after_message_id, open_chat=True)
+        return P.OpenVerificationCodesResponse(messages=shown)
+
+    async def _codes(self, user_id: int, after: int, open_chat: bool = False) -> list[P.VerificationCodeMessage]:
+        _user_id(user_id)
+        if after < 0:
             raise invalid_argument([("after_message_id", "must not be negative")])
-        shown = await _sandbox_call(
-            lambda: self.gateway.codes_chat(request.user_id, request.after_message_id, open_chat=True)
-        )
-        return P.OpenVerificationCodesResponse(messages=[code_message(r) for r in shown])
+        shown = await _sandbox_call(lambda: self.gateway.codes_chat(user_id, after, open_chat=open_chat))
+        return [code_message(r) for r in shown]
 
     async def ResetSandbox(self, request: P.ResetSandboxRequest, context: Context) -> P.ResetSandboxResponse:
         await self.gateway.reset()
