@@ -27,7 +27,6 @@ from pymongo import AsyncMongoClient
 from services.core.clock import ManualClock
 from services.core.config import TELEGRAM_GATEWAY_REPORT_PATH
 from services.core.crypto import Keyring
-from services.core.devdb import free_port
 from services.core.mongo import Document
 from services.core.sandbox import sandbox_gateway_token
 from services.delivery.tg_gateway import report_signature
@@ -161,23 +160,22 @@ class World:
 
 @pytest.fixture
 async def world(mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock) -> AsyncIterator[World]:
-    sim_port, proxy_port = free_port(), free_port()
-    lossy = LossyGateway(f"http://127.0.0.1:{sim_port}")
+    lossy = LossyGateway("")
     app = web.Application()
     app.router.add_post("/{method}", lossy.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", proxy_port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     overrides = {
         **QUIET,
         "OTPGATE_SHARED_BOTS": ",".join(SHARED),
-        "OTPGATE_TELEGRAMSIM_GATEWAY_PORT": str(sim_port),
-        "OTPGATE_TELEGRAM_GATEWAY_URL": f"http://127.0.0.1:{proxy_port}",
+        "OTPGATE_TELEGRAM_GATEWAY_URL": f"http://127.0.0.1:{runner.addresses[0][1]}",
         "OTPGATE_TELEGRAM_GATEWAY_TIMEOUT": "0.5",
         "OTPGATE_SANDBOX_GATEWAY_BALANCE": "5",
     }
     services = ["telegramsim", "directory", "verification", "delivery", "botgateway", "edge"]
     async with running_stack(mongo_client, keyring, services, overrides=overrides, clock=clock) as stack:
+        lossy.target = f"http://127.0.0.1:{stack.app('telegramsim').gateway_port}"
         d = stack.channel("delivery")
         yield World(
             stack,

@@ -40,6 +40,7 @@ def test_routes_come_from_the_annotations() -> None:
         ("POST", "/v1/clients/{client_id}/apiKeys"): "CreateApiKey",
         ("GET", "/v1/clients/{client_id}/apiKeys"): "ListApiKeys",
         ("POST", "/v1/apiKeys/{id}:revoke"): "RevokeApiKey",
+        ("GET", "/v1/clients/{client_id}/usage"): "GetClientUsage",
         ("GET", "/v1/clients/{client_id}/policy"): "GetClientPolicy",
         ("PATCH", "/v1/clients/{policy.client_id}/policy"): "UpdateClientPolicy",
         ("POST", "/v1/bots"): "RegisterBot",
