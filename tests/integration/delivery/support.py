@@ -17,7 +17,8 @@ from services.core.config import Env, load_common
 from services.core.errors import RpcFailure, parse_rpc_error
 from services.core.grpc_server import RunningService, start_service
 from services.core.mongo import Document
-from services.delivery.app import build_app, load_config
+from services.delivery.app import build_app
+from services.delivery.config import load_config
 from services.delivery.engine import Engine
 from tests.support.stack import Stack
 

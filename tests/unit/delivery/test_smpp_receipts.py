@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiosmpplib import DeliverSm, OptionalParam, PhoneNumber
 
 from services.core.config import Env
-from services.delivery.app import load_config
+from services.delivery.config import load_config
 from services.delivery.smpp import MessageIds, parse_receipt, submit_refusal
 from services.delivery.sms import DELIVERED, FAILED, PENDING
 
