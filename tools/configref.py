@@ -59,7 +59,7 @@ def collect() -> dict[str, Setting]:
 
 def cli_settings() -> list[tuple[str, str, str]]:
     """(name, default, help) of variables only the operator CLI reads."""
-    from services.cli.admin import CLI_ENVIRONMENT
+    from services.cli.edge_client import CLI_ENVIRONMENT
 
     return list(CLI_ENVIRONMENT)
 

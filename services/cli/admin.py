@@ -1,44 +1,26 @@
-"""`otpgate policies ...` and `otpgate bots ...`: operator tasks through the edge's AdminService.
-
-Every call goes over gRPC to the edge (OTPGATE_EDGE_ADDR, default 127.0.0.1:50051) with an API
-key that has the admin scope (OTPGATE_ADMIN_KEY, or --admin-key; the variable is preferred: a
-command-line argument is visible to other users of the machine). TLS: with OTPGATE_TLS_CA (or
---ca-file) the CLI verifies the edge against that CA and presents OTPGATE_TLS_CERT/KEY when set;
---tls uses the system's roots; otherwise plaintext (the dev setup). Secrets (bot tokens, webhook
-secrets) are read from a file, standard input or an environment variable, never from arguments.
-"""
+"""`otpgate policies get|set CLIENT`: a client's delivery policy (countries, SMS, re-confirmation,
+CAPTCHA, limits, fraud guard, the channel ladder), through the edge's AdminService
+(services/cli/edge_client.py: connection, admin key, TLS)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
-import grpc
-from google.protobuf import duration_pb2, field_mask_pb2, json_format
-from google.protobuf.message import Message
+from google.protobuf import duration_pb2, field_mask_pb2
 from otpgate.common.v1 import common_pb2
-from otpgate.edge.v1 import edge_pb2, edge_pb2_grpc
+from otpgate.edge.v1 import edge_pb2
 
-from services.core.config import local_address
-from services.core.errors import parse_rpc_error
-
-DEFAULT_EDGE_ADDR = "127.0.0.1:50051"
-# Variables only the operator CLI reads: (name, default, help). Listed in docs/configuration.md.
-CLI_ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
-    ("OTPGATE_ADMIN_KEY", "", "API key with the admin scope for `otpgate policies` and `otpgate bots` (secret)"),
-    (
-        "OTPGATE_EDGE_ADDR",
-        DEFAULT_EDGE_ADDR,
-        "edge gRPC address the admin commands call (default port: OTPGATE_EDGE_PORT)",
-    ),
-    ("OTPGATE_BOT_TOKEN", "", "bot token read by `otpgate bots register` by default (secret; unset it afterwards)"),
+from services.cli.edge_client import (
+    AdminClient,
+    CliError,
+    connection_options,
+    edge_target,
+    emit,
+    read_secret,
+    to_dict,
 )
+
 RATE_LIMIT_NAMES = tuple(f.name for f in common_pb2.RateLimits.DESCRIPTOR.fields)
 CAPTCHA_RULES = {
     "on_risk": common_pb2.CAPTCHA_RULE_ON_RISK,
@@ -57,88 +39,6 @@ LADDER_CHANNELS = {
     "sms": common_pb2.CHANNEL_SMS,
 }
 CHANNEL_WORDS: dict[int, str] = {int(v): k for k, v in LADDER_CHANNELS.items()}
-
-R = TypeVar("R", bound=Message)
-
-
-class CliError(Exception):
-    """A failure to show the operator as one line (exit code 1)."""
-
-
-@dataclass(frozen=True)
-class EdgeTarget:
-    address: str
-    admin_key: str
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls: bool = False
-    timeout: float = 10.0
-
-
-def edge_target(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> EdgeTarget:
-    env = os.environ if environ is None else environ
-    key = getattr(args, "admin_key", None) or env.get("OTPGATE_ADMIN_KEY", "")
-    if not key:
-        raise CliError("an admin API key is required: set OTPGATE_ADMIN_KEY (or pass --admin-key)")
-    return EdgeTarget(
-        address=getattr(args, "edge_addr", None) or env.get("OTPGATE_EDGE_ADDR", "") or local_address("edge", env),
-        admin_key=key,
-        ca_file=getattr(args, "ca_file", None) or env.get("OTPGATE_TLS_CA", ""),
-        cert_file=env.get("OTPGATE_TLS_CERT", ""),
-        key_file=env.get("OTPGATE_TLS_KEY", ""),
-        tls=bool(getattr(args, "tls", False)),
-        timeout=float(getattr(args, "timeout", 10.0)),
-    )
-
-
-def open_channel(target: EdgeTarget) -> grpc.Channel:
-    if target.ca_file or target.tls:
-        root = Path(target.ca_file).read_bytes() if target.ca_file else None
-        cert = Path(target.cert_file).read_bytes() if target.cert_file and target.key_file else None
-        key = Path(target.key_file).read_bytes() if target.cert_file and target.key_file else None
-        return grpc.secure_channel(
-            target.address,
-            grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert),
-        )
-    return grpc.insecure_channel(target.address)
-
-
-class AdminClient:
-    """A thin synchronous client of otpgate.edge.v1.AdminService."""
-
-    def __init__(self, target: EdgeTarget) -> None:
-        self._target = target
-        self._channel = open_channel(target)
-        self.stub = edge_pb2_grpc.AdminServiceStub(self._channel)
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._channel.close()
-
-    def call(self, method: Callable[..., R], request: Message) -> R:
-        try:
-            return method(
-                request,
-                timeout=self._target.timeout,
-                metadata=(("authorization", f"Bearer {self._target.admin_key}"),),
-            )
-        except grpc.RpcError as err:
-            raise CliError(describe_rpc_error(err)) from None
-
-
-def describe_rpc_error(err: grpc.RpcError) -> str:
-    failure = parse_rpc_error(err)
-    head = failure.code.name + (f" {failure.reason}" if failure.reason else "")
-    text = f"{head}: {failure.message}" if failure.message else head
-    if failure.field_violations:
-        text += " (" + "; ".join(f"{f}: {d}" for f, d in failure.field_violations) + ")"
-    if failure.retry_after:
-        text += f" (retry after {failure.retry_after:g} s)"
-    return text
-
 
 # --- parsing helpers ------------------------------------------------------------------------
 
@@ -212,32 +112,7 @@ def describe_ladder(steps: Sequence[common_pb2.LadderStep]) -> str:
     return " -> ".join(out) or "(bot, then SMS with sms_fallback)"
 
 
-def read_secret(source: str, what: str) -> str:
-    """A secret from `-` (standard input), `env:NAME` or a file path; surrounding whitespace dropped."""
-    if source == "-":
-        value = sys.stdin.readline()
-    elif source.startswith("env:"):
-        value = os.environ.get(source[4:], "")
-        if not value:
-            raise CliError(f"{what}: environment variable {source[4:]} is empty")
-    else:
-        try:
-            value = Path(source).read_text()
-        except OSError as exc:
-            raise CliError(f"{what}: cannot read {source}: {exc.strerror}") from None
-    value = value.strip()
-    if not value:
-        raise CliError(f"{what} is empty")
-    return value
-
-
 # --- output -----------------------------------------------------------------------------------
-
-
-def to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
 
 
 def _enum_name(value: str, prefix: str) -> str:
@@ -299,34 +174,11 @@ def describe_policy(policy: common_pb2.ClientPolicy) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    all_rows = [list(headers), *[list(r) for r in rows]]
-    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in all_rows)
-
-
-def emit(args: argparse.Namespace, data: Mapping[str, Any], text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
-
-
 # --- commands ---------------------------------------------------------------------------------
-
-
-def connection_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("connection")
-    group.add_argument("--edge-addr", help=f"edge gRPC address (default: $OTPGATE_EDGE_ADDR or {DEFAULT_EDGE_ADDR})")
-    group.add_argument(
-        "--admin-key", help="API key with the admin scope (default: $OTPGATE_ADMIN_KEY; prefer the variable)"
-    )
-    group.add_argument("--ca-file", help="PEM CA to verify the edge with (default: $OTPGATE_TLS_CA); enables TLS")
-    group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    group.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds (default 10)")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _register_policies(subparsers)
-    _register_usage(subparsers)
-    _register_bots(subparsers)
 
 
 def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -423,68 +275,6 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     put.set_defaults(handler=_policies_set)
 
 
-def _register_usage(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    usage = subparsers.add_parser(
-        "usage",
-        help="a client's messages and what they cost, per UTC day and channel",
-        description=(
-            "A client's usage per UTC day and channel: messages sent, SMS parts (billed and sent), Telegram "
-            "Gateway refunds, and cost (Gateway credits as Telegram charged them, SMS at OTPGATE_SMS_PART_COST "
-            "per part, bots free), with totals per channel."
-        ),
-    )
-    usage.add_argument("client", help="client id or name")
-    usage.add_argument(
-        "--from", dest="start_day", default="", metavar="YYYY-MM-DD", help="first day (default: 30 days ago)"
-    )
-    usage.add_argument("--to", dest="end_day", default="", metavar="YYYY-MM-DD", help="last day (default: today)")
-    connection_options(usage)
-    usage.set_defaults(handler=_usage)
-
-
-def describe_usage(records: Sequence[edge_pb2.UsageRecord]) -> str:
-    if not records:
-        return "no messages sent in these days"
-    names = CHANNEL_WORDS
-    rows = [
-        [
-            r.day,
-            names.get(int(r.channel), str(r.channel)),
-            str(r.messages),
-            str(r.sms_parts),
-            str(r.refunded),
-            f"{r.cost:.4f}",
-        ]
-        for r in records
-    ]
-    totals: dict[int, list[float]] = {}  # messages, parts, refunded, cost
-    for r in records:
-        total = totals.setdefault(int(r.channel), [0, 0, 0, 0.0])
-        for i, value in enumerate((r.messages, r.sms_parts, r.refunded, r.cost)):
-            total[i] += value
-    for channel, (messages, parts, refunded, cost) in sorted(totals.items()):
-        rows.append(
-            [
-                "total",
-                names.get(channel, str(channel)),
-                str(int(messages)),
-                str(int(parts)),
-                str(int(refunded)),
-                f"{cost:.4f}",
-            ]
-        )
-    rows.append(["total", "all", str(sum(r.messages for r in records)), "", "", f"{sum(r.cost for r in records):.4f}"])
-    return table(["day", "channel", "messages", "sms_parts", "refunded", "cost"], rows)
-
-
-def _usage(args: argparse.Namespace) -> int:
-    request = edge_pb2.GetClientUsageRequest(client_id=args.client, start_day=args.start_day, end_day=args.end_day)
-    with AdminClient(edge_target(args)) as admin:
-        reply = admin.call(admin.stub.GetClientUsage, request)
-    emit(args, {"records": [to_dict(r) for r in reply.records]}, describe_usage(reply.records))
-    return 0
-
-
 def build_policy_update(args: argparse.Namespace) -> tuple[common_pb2.ClientPolicy, list[str]]:
     """The policy message and update-mask paths for the options given on the command line."""
     policy = common_pb2.ClientPolicy(client_id=args.client)
@@ -546,107 +336,4 @@ def _policies_set(args: argparse.Namespace) -> int:
         {"policy": to_dict(reply.policy), "updated": paths},
         f"updated {', '.join(paths)}\n\n{describe_policy(reply.policy)}",
     )
-    return 0
-
-
-def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bots = subparsers.add_parser(
-        "bots",
-        help="Telegram bots: the shared pool and clients' own bots",
-        description="Register, list and remove Telegram bots through the edge's AdminService.",
-    )
-    actions = bots.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    register_bot = actions.add_parser(
-        "register",
-        help="register a bot by its token (from @BotFather)",
-        description=(
-            "Register a Telegram bot. The token is read from a file, from standard input ('-') or from an "
-            "environment variable (env:NAME; default env:OTPGATE_BOT_TOKEN), never from the command line; "
-            "otpgate stores it sealed."
-        ),
-    )
-    register_bot.add_argument(
-        "--token-from",
-        default="env:OTPGATE_BOT_TOKEN",
-        metavar="SOURCE",
-        help="file path, '-' for stdin, or env:NAME (default env:OTPGATE_BOT_TOKEN)",
-    )
-    owner = register_bot.add_mutually_exclusive_group(required=True)
-    owner.add_argument("--owner", metavar="CLIENT", help="the client (id or name) whose own bot this is")
-    owner.add_argument("--shared", action="store_true", help="add the bot to the shared pool")
-    connection_options(register_bot)
-    register_bot.set_defaults(handler=_bots_register)
-
-    listing = actions.add_parser(
-        "list",
-        help="list the shared bots, and a client's own bots with --owner",
-        description="List the shared pool, plus one client's own bots with --owner (every page is fetched).",
-    )
-    listing.add_argument("--owner", metavar="CLIENT", default="", help="also list this client's own bots (id or name)")
-    listing.add_argument("--page-size", type=int, default=100, help="bots per request (default 100)")
-    connection_options(listing)
-    listing.set_defaults(handler=_bots_list)
-
-    remove = actions.add_parser(
-        "remove",
-        help="remove a bot (stops its session; people linked to it are no longer reachable through it)",
-        description="Remove a bot. Its Telegram session stops on every botgateway replica.",
-    )
-    remove.add_argument("bot_id", help="bot id, e.g. acme_codes_bot")
-    remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    connection_options(remove)
-    remove.set_defaults(handler=_bots_remove)
-
-
-def _bot_row(bot: common_pb2.Bot) -> list[str]:
-    created = bot.create_time.ToJsonString() if bot.HasField("create_time") else "-"
-    return [
-        bot.id,
-        f"@{bot.username}" if bot.username else "-",
-        "shared" if bot.shared else "own",
-        bot.owner_client_id or "-",
-        created,
-    ]
-
-
-_BOT_HEADERS = ("ID", "USERNAME", "KIND", "OWNER", "CREATED")
-
-
-def _bots_register(args: argparse.Namespace) -> int:
-    token = read_secret(args.token_from, "bot token")
-    request = edge_pb2.RegisterBotRequest(token=token, owner_client_id=args.owner or "", shared=bool(args.shared))
-    with AdminClient(edge_target(args)) as admin:
-        reply = admin.call(admin.stub.RegisterBot, request)
-    emit(args, {"bot": to_dict(reply.bot)}, "registered\n" + table(_BOT_HEADERS, [_bot_row(reply.bot)]))
-    return 0
-
-
-def _bots_list(args: argparse.Namespace) -> int:
-    bots: list[common_pb2.Bot] = []
-    token = ""
-    with AdminClient(edge_target(args)) as admin:
-        while True:
-            reply = admin.call(
-                admin.stub.ListAllBots,
-                edge_pb2.ListAllBotsRequest(owner_client_id=args.owner, page_size=args.page_size, page_token=token),
-            )
-            bots.extend(reply.bots)
-            token = reply.next_page_token
-            if not token:
-                break
-    emit(args, {"bots": [to_dict(b) for b in bots]}, table(_BOT_HEADERS, [_bot_row(b) for b in bots]))
-    return 0
-
-
-def _bots_remove(args: argparse.Namespace) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise CliError("refusing to remove a bot without confirmation: pass --yes")
-        answer = input(f"Remove bot {args.bot_id}? People reach it no more. Type the bot id to confirm: ")
-        if answer.strip() != args.bot_id:
-            raise CliError("not confirmed; nothing removed")
-    with AdminClient(edge_target(args)) as admin:
-        admin.call(admin.stub.RemoveBot, edge_pb2.RemoveBotRequest(bot_id=args.bot_id))
-    emit(args, {"removed": args.bot_id}, f"removed {args.bot_id}")
     return 0

@@ -6,7 +6,7 @@
     otpgate fraud block +4915112 --reason "pumping"      refuse every SMS to a prefix
     otpgate fraud remove +4915112                        drop the rule again
 
-Through the edge's AdminService with an admin key, like `otpgate policies` (services/cli/admin.py).
+Through the edge's AdminService with an admin key, like `otpgate policies` (services/cli/edge_client.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from otpgate.common.v1 import common_pb2
 from otpgate.edge.v1 import edge_pb2
 
-from services.cli.admin import AdminClient, connection_options, edge_target, emit, table, to_dict
+from services.cli.edge_client import AdminClient, connection_options, edge_target, emit, table, to_dict
 
 STATES = {common_pb2.FRAUD_STATE_CAPTCHA: "captcha", common_pb2.FRAUD_STATE_BLOCK: "blocked"}
 KINDS = {

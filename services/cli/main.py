@@ -17,6 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.cli.clients",
     "services.cli.status",
     "services.cli.admin",
+    "services.cli.usage",
+    "services.cli.bots",
     "services.cli.fraud",
     "services.cli.sandbox",
 )

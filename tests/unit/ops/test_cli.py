@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from otpgate.common.v1 import common_pb2
 
-from services.cli import admin, status
+from services.cli import admin, edge_client, status
 from services.cli.main import build_parser, main
 from services.core.config import TlsConfig
 from services.core.devdb import free_port
@@ -177,7 +177,7 @@ def test_policy_set_sends_only_the_fields_given() -> None:
     assert policy.rate_limits.session.limit == 0
     _, paths = admin.build_policy_update(_policy_args("--no-sms-fallback", "--fraud-mode", "monitor"))
     assert paths == ["sms_fallback", "fraud_mode"]
-    with pytest.raises(admin.CliError, match="nothing to change"):
+    with pytest.raises(edge_client.CliError, match="nothing to change"):
         admin.build_policy_update(_policy_args())
 
 
@@ -218,13 +218,13 @@ def test_bad_rate_limits_are_refused_by_the_parser(bad: str) -> None:
 def test_secrets_come_from_files_or_variables_never_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "secret"
     path.write_text("  webhook-secret-0123456789\n")
-    assert admin.read_secret(str(path), "x") == "webhook-secret-0123456789"
+    assert edge_client.read_secret(str(path), "x") == "webhook-secret-0123456789"
     monkeypatch.setenv("SOME_TOKEN", "123:abc")
-    assert admin.read_secret("env:SOME_TOKEN", "x") == "123:abc"
-    with pytest.raises(admin.CliError, match="is empty"):
-        admin.read_secret("env:MISSING_TOKEN_VAR", "bot token")
-    with pytest.raises(admin.CliError, match="cannot read"):
-        admin.read_secret(str(tmp_path / "nope"), "bot token")
+    assert edge_client.read_secret("env:SOME_TOKEN", "x") == "123:abc"
+    with pytest.raises(edge_client.CliError, match="is empty"):
+        edge_client.read_secret("env:MISSING_TOKEN_VAR", "bot token")
+    with pytest.raises(edge_client.CliError, match="cannot read"):
+        edge_client.read_secret(str(tmp_path / "nope"), "bot token")
     options = {a.dest for a in build_parser()._actions}  # no --token anywhere on the command line
     assert "token" not in options
 
@@ -234,9 +234,9 @@ def test_admin_commands_need_an_admin_key(monkeypatch: pytest.MonkeyPatch, capsy
     assert main(["bots", "list"]) == 1
     assert "OTPGATE_ADMIN_KEY" in capsys.readouterr().err
     args = build_parser().parse_args(["bots", "list"])
-    target = admin.edge_target(args, {"OTPGATE_ADMIN_KEY": "k", "OTPGATE_EDGE_ADDR": "edge:50051"})
+    target = edge_client.edge_target(args, {"OTPGATE_ADMIN_KEY": "k", "OTPGATE_EDGE_ADDR": "edge:50051"})
     assert (target.address, target.admin_key, target.ca_file) == ("edge:50051", "k", "")
-    assert admin.edge_target(args, {"OTPGATE_ADMIN_KEY": "k"}).address == admin.DEFAULT_EDGE_ADDR
+    assert edge_client.edge_target(args, {"OTPGATE_ADMIN_KEY": "k"}).address == edge_client.DEFAULT_EDGE_ADDR
 
 
 def test_an_unreachable_edge_is_one_clear_line(

@@ -26,7 +26,7 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def known_variables() -> set[str]:
     """Every variable the code declares (tools/configref.py --json) plus those the CLI reads."""
-    from services.cli.admin import CLI_ENVIRONMENT
+    from services.cli.edge_client import CLI_ENVIRONMENT
 
     return set(declared_settings()) | {name for name, _, _ in CLI_ENVIRONMENT}
 
