@@ -17,6 +17,9 @@ What a submit can count on:
   connection raises NoAnswer and is never resent here.
 - Inbound deliver_sm (delivery receipts) go to `on_deliver` and are answered with the status it
   returns only after it returned: a receipt is stored before the SMSC lets go of it.
+
+One module, past the usual size, because the bind's state machine (connect, bind, window,
+enquire_link, unbind, reconnect) is one piece: split, its invariants would span files.
 """
 
 from __future__ import annotations
