@@ -141,6 +141,8 @@ class System:
             "OTPGATE_ENV": "dev",
             "OTPGATE_SANDBOX": "true",
             "OTPGATE_EDGE_HTTP_PORT": str(self.http_port),
+            # The simulated Telegram's local Gateway listens too: a port of its own, never the default.
+            "OTPGATE_TELEGRAMSIM_GATEWAY_PORT": str(free_port()),
             "OTPGATE_BENCH_COUNTS_DIR": str(self.counts_dir),
             **self.env,
         }
