@@ -37,6 +37,7 @@ from bench.scenarios import (
 )
 from bench.system import RAISED_OURS, RAISED_TELEGRAM, SHARED_BOTS, TELEGRAM_LIMITS, System, proc_sample, workdir
 from services.core.devdb import ROOT
+from services.core.logging import configure_logging
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -350,6 +351,8 @@ async def run(args: argparse.Namespace) -> int:
     if not args.skip_ceiling:
         report["ceiling"] = await ceiling(plan, args, work)
     if not args.skip_fraud:
+        # The guard runs the services in this process: their logs would bury the report.
+        configure_logging("bench", "error", stream=sys.stderr)
         seeds = [1] if args.tiny else [1, 2, 3]
         minutes, scale = (1.0, 0.5) if args.tiny else (30.0, 1.0)
         report["fraud"] = {
