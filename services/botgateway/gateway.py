@@ -24,6 +24,7 @@ from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
 from services.botgateway import metrics, texts
 from services.botgateway.conversation import Conversation
 from services.botgateway.limiter import FloodPaused, RateLimited, SendLimiter
+from services.botgateway.sends import SendRecord, Sent, send_random_id
 from services.botgateway.sessions import BotSessions
 from services.botgateway.store import GatewayStore
 from services.botgateway.transport import (
@@ -37,6 +38,7 @@ from services.botgateway.transport import (
     IncomingEvent,
     Keyboard,
     MessageTooLong,
+    OutcomeUnknown,
     OutgoingMessage,
     Peer,
     PeerFlood,
@@ -98,6 +100,18 @@ def bot_unavailable(bot_id: str) -> ServiceError:
     return unavailable("BOT_UNAVAILABLE", f"bot {bot_id} has no live session on this replica", retry_after=1.0)
 
 
+def outcome_unknown(why: str) -> ServiceError:
+    """The message may have reached the person: repeat the send with the same request_id and bot."""
+    return unavailable("SEND_OUTCOME_UNKNOWN", f"{why}; repeat with the same request_id", retry_after=1.0)
+
+
+def refused_by_telegram(reason: str, message: str) -> ServiceError:
+    """Telegram answered this send with a refusal: it made no message (its random_id check comes first)."""
+    error = failed_precondition(reason, message)
+    error.metadata["refused_by"] = "telegram"
+    return error
+
+
 class Gateway:
     def __init__(
         self,
@@ -119,6 +133,7 @@ class Gateway:
         self.directory = directory
         self.clock = clock
         self.rpc_timeout = rpc_timeout
+        self.sends = SendRecord()
         self._tasks: set[asyncio.Task[None]] = set()
         transport.set_handler(self.handle_event)
 
@@ -134,8 +149,10 @@ class Gateway:
         silent: bool = False,
         delete_after: timedelta | None = None,
         budget: float | None = None,
-    ) -> int:
-        """Send one message; raises ServiceError with the reasons of the contract."""
+        request_id: str = "",
+    ) -> Sent:
+        """Send one message, once per request_id (sends.py); raises ServiceError with the reasons of the
+        contract (SEND_OUTCOME_UNKNOWN: it may have been sent, repeat it)."""
         if bot_id not in self.sessions.bots and await self.store.get_bot(bot_id) is None:
             raise not_found(f"bot {bot_id}", "BOT_NOT_FOUND")
         if not await self.sessions.ensure_live(bot_id):
@@ -148,18 +165,26 @@ class Gateway:
         if peer is None or not peer.access_hash:
             metrics.bot_messages.labels(bot_id, "not_connected").inc()
             raise failed_precondition("NOT_CONNECTED", "the person has not started this bot")
-        message_id = await self._send(
-            bot_id,
-            Peer(user_id, peer.access_hash),
-            OutgoingMessage(text, protect_content=protect_content, silent=silent),
-            budget,
-        )
-        if delete_after is not None and delete_after.total_seconds() > 0:
+        random_id = send_random_id(bot_id, request_id) if request_id else 0
+        message = OutgoingMessage(text, protect_content=protect_content, silent=silent, random_id=random_id)
+        sent = await self._send(bot_id, Peer(user_id, peer.access_hash), message, budget)
+        if sent.message_id and delete_after is not None and delete_after.total_seconds() > 0:
             due = self.clock.now() + min(delete_after, MAX_DELETE_AFTER)
-            await self.store.schedule_deletion(bot_id, user_id, peer.access_hash, message_id, due)
-        return message_id
+            try:
+                await self.store.schedule_deletion(bot_id, user_id, peer.access_hash, sent.message_id, due)
+            except Exception:
+                # Sent, but its deletion is not kept: the repeat (answered with the same message) keeps it.
+                log.warning("bot_deletion_not_scheduled", bot=bot_id, message=sent.message_id)
+                raise outcome_unknown("the message was sent but its deletion could not be scheduled") from None
+        return sent
 
-    async def _send(self, bot_id: str, peer: Peer, message: OutgoingMessage, budget: float | None) -> int:
+    async def _send(self, bot_id: str, peer: Peer, message: OutgoingMessage, budget: float | None) -> Sent:
+        key = (bot_id, peer.user_id, message.random_id)
+        if message.random_id:
+            known = self.sends.finished(key)
+            if known is not None:  # a repeat of a send finished here: no second call, no rate spent
+                metrics.bot_messages.labels(bot_id, "already_sent").inc()
+                return Sent(known, already=True)
         try:
             waited = await self.limiter.acquire(bot_id, peer.user_id, budget)
         except FloodPaused as paused:
@@ -181,7 +206,10 @@ class Gateway:
             metrics.bot_messages.labels(bot_id, "unavailable").inc()
             raise bot_unavailable(bot_id)
         try:
-            message_id = await self.transport.send(bot_id, peer, message)
+            if message.random_id:
+                sent = await self.sends.once(key, lambda: self.transport.send(bot_id, peer, message))
+            else:
+                sent = Sent(await self.transport.send(bot_id, peer, message))
         except FloodWait as wait:
             self.limiter.pause(bot_id, wait.seconds)
             metrics.flood_waits.labels(bot_id).inc()
@@ -193,24 +221,24 @@ class Gateway:
         except UserBlocked:
             metrics.bot_messages.labels(bot_id, "blocked").inc()
             self._background(self._set_status(bot_id, peer.user_id, common_pb2.BOT_LINK_STATUS_BLOCKED))
-            raise failed_precondition("BLOCKED_BY_USER", "the person blocked this bot") from None
+            raise refused_by_telegram("BLOCKED_BY_USER", "the person blocked this bot") from None
         except UserDeactivated:
             metrics.bot_messages.labels(bot_id, "deactivated").inc()
-            raise failed_precondition("USER_DEACTIVATED", "the Telegram account was deleted") from None
+            raise refused_by_telegram("USER_DEACTIVATED", "the Telegram account was deleted") from None
         except PeerInvalid:
             metrics.bot_messages.labels(bot_id, "not_connected").inc()
-            raise failed_precondition("NOT_CONNECTED", "the bot cannot reach this person") from None
+            raise refused_by_telegram("NOT_CONNECTED", "the bot cannot reach this person") from None
         except RecipientIsBot:
             metrics.bot_messages.labels(bot_id, "recipient_is_bot").inc()
-            raise failed_precondition("RECIPIENT_IS_BOT", "the recipient is a bot; bots cannot message bots") from None
+            raise refused_by_telegram("RECIPIENT_IS_BOT", "the recipient is a bot; bots cannot message bots") from None
         except MessageTooLong:
             metrics.bot_messages.labels(bot_id, "too_long").inc()
-            raise failed_precondition(
+            raise refused_by_telegram(
                 "MESSAGE_TOO_LONG", "Telegram refused the text as too long (4096 UTF-16 units at most)"
             ) from None
         except ChatWriteForbidden:
             metrics.bot_messages.labels(bot_id, "write_forbidden").inc()
-            raise failed_precondition("CHAT_WRITE_FORBIDDEN", "the bot may not write to this person") from None
+            raise refused_by_telegram("CHAT_WRITE_FORBIDDEN", "the bot may not write to this person") from None
         except PeerFlood:
             self.limiter.pause(bot_id, PEER_FLOOD_PAUSE)
             metrics.bot_messages.labels(bot_id, "peer_flood").inc()
@@ -224,19 +252,24 @@ class Gateway:
         except BotDeactivated:
             metrics.bot_messages.labels(bot_id, "bot_banned").inc()
             log.error("bot_deactivated_by_telegram", bot=bot_id)
-            raise failed_precondition("BOT_BANNED", "Telegram deactivated this bot") from None
+            raise refused_by_telegram("BOT_BANNED", "Telegram deactivated this bot") from None
         except AlreadySent:
+            # Another send of this random_id is being made (elsewhere, or before a restart here): it is the message.
             metrics.bot_messages.labels(bot_id, "already_sent").inc()
-            return 0
+            return Sent(self.sends.finished(key) or 0, already=True)
         except (BotNotRunning, SessionInvalid):
             metrics.bot_messages.labels(bot_id, "unavailable").inc()
             raise bot_unavailable(bot_id) from None
+        except OutcomeUnknown as exc:
+            metrics.bot_messages.labels(bot_id, "outcome_unknown").inc()
+            log.warning("bot_send_outcome_unknown", bot=bot_id, error=str(exc) or type(exc).__name__)
+            raise outcome_unknown("Telegram may or may not have the message") from None
         except TransportError as exc:
             metrics.bot_messages.labels(bot_id, "error").inc()
             log.warning("bot_send_failed", bot=bot_id, error=str(exc) or type(exc).__name__)
             raise unavailable("BOT_UNAVAILABLE", "Telegram refused the message", retry_after=1.0) from None
-        metrics.bot_messages.labels(bot_id, "sent").inc()
-        return message_id
+        metrics.bot_messages.labels(bot_id, "already_sent" if sent.already else "sent").inc()
+        return sent
 
     def _background(self, work: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)  # type: ignore[arg-type]
@@ -286,7 +319,7 @@ class Gateway:
         for index, reply in enumerate(replies):
             reply = replace(reply, random_id=reply_random_id(event.bot_id, event.key, index))
             try:
-                sent.append(await self._send(event.bot_id, to, reply, REPLY_BUDGET))
+                sent.append((await self._send(event.bot_id, to, reply, REPLY_BUDGET)).message_id)
             except ServiceError as err:
                 log.warning("bot_reply_failed", bot=event.bot_id, reason=err.reason)
                 if err.code.name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):

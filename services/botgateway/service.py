@@ -12,6 +12,7 @@ from services.botgateway.registry import BotRegistry, bot_proto
 from services.core.errors import Violations
 
 MAX_TEXT = 4096
+MAX_REQUEST_ID = 64
 
 
 def _budget(context: grpc.aio.ServicerContext[object, object]) -> float | None:
@@ -42,8 +43,15 @@ class BotGatewayServicer(botgateway_pb2_grpc.BotGatewayServiceServicer):
             problems.check(
                 timedelta(0) < delete_after <= timedelta(hours=48), "delete_after", "must be between 1 s and 48 h"
             )
+        problems.check(
+            len(request.request_id) <= MAX_REQUEST_ID
+            and request.request_id.isascii()
+            and request.request_id.isprintable(),
+            "request_id",
+            f"at most {MAX_REQUEST_ID} printable ASCII characters",
+        )
         problems.raise_if_any()
-        message_id = await self.gateway.send_bot_message(
+        sent = await self.gateway.send_bot_message(
             request.bot_id.lower(),
             request.telegram_user_id,
             request.text,
@@ -51,8 +59,9 @@ class BotGatewayServicer(botgateway_pb2_grpc.BotGatewayServiceServicer):
             silent=request.silent,
             delete_after=delete_after,
             budget=_budget(context),
+            request_id=request.request_id,
         )
-        return botgateway_pb2.SendBotMessageResponse(telegram_message_id=message_id)
+        return botgateway_pb2.SendBotMessageResponse(telegram_message_id=sent.message_id, already_sent=sent.already)
 
     async def RegisterBot(
         self, request: botgateway_pb2.RegisterBotRequest, context: grpc.aio.ServicerContext[object, object]

@@ -3,6 +3,7 @@ leases, scheduled deletions, and the incoming updates handled (so none is handle
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from pymongo.errors import DuplicateKeyError
 from services.botgateway.updates import UpdateState
 from services.core.clock import as_utc
 from services.core.crypto import Keyring, SealContext
-from services.core.ids import new_id
 from services.core.mongo import Document, ensure_index, purge_before
 
 BOTS = "bots"
@@ -395,18 +395,20 @@ class GatewayStore:
     async def schedule_deletion(
         self, bot_id: str, user_id: int, access_hash: int, message_id: int, due: datetime
     ) -> None:
-        await self.deletions.insert_one(
-            {
-                "_id": new_id(),
-                "bot_id": bot_id,
-                "user_id": Int64(user_id),
-                "access_hash": Int64(access_hash),
-                "message_id": Int64(message_id),
-                "due_time": due,
-                "claim_until": due,
-                "attempts": 0,
-            }
-        )
+        """Once per message: a repeated send of it (the same request_id) schedules nothing more."""
+        with contextlib.suppress(DuplicateKeyError):
+            await self.deletions.insert_one(
+                {
+                    "_id": f"{bot_id}:{message_id}",
+                    "bot_id": bot_id,
+                    "user_id": Int64(user_id),
+                    "access_hash": Int64(access_hash),
+                    "message_id": Int64(message_id),
+                    "due_time": due,
+                    "claim_until": due,
+                    "attempts": 0,
+                }
+            )
 
     async def claim_deletion(self, bot_ids: list[str], now: datetime, hold: timedelta) -> Deletion | None:
         """Claim one due deletion of a bot this process runs (retried after `hold` if not completed)."""

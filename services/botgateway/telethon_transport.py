@@ -49,6 +49,7 @@ from services.botgateway.transport import (
     IncomingEvent,
     Keyboard,
     MessageTooLong,
+    OutcomeUnknown,
     OutgoingMessage,
     Peer,
     PeerFlood,
@@ -92,7 +93,7 @@ _MAPPED: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
         (errors.UserDeactivatedBanError, errors.UserDeactivatedError),
         lambda e: BotDeactivated("Telegram deactivated the bot's account"),
     ),
-    (errors.RandomIdDuplicateError, lambda e: AlreadySent("Telegram has this message already")),
+    (errors.RandomIdDuplicateError, lambda e: AlreadySent("Telegram is making this message already")),
     (errors.MessageDeleteForbiddenError, lambda e: DeleteForbidden("too late to delete the message")),
     (
         (errors.AccessTokenInvalidError, errors.AccessTokenExpiredError),
@@ -102,6 +103,8 @@ _MAPPED: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
         (errors.AuthKeyUnregisteredError, errors.SessionRevokedError, errors.AuthKeyDuplicatedError),
         lambda e: SessionInvalid(telegram_error_name(e)),
     ),
+    # A 500 after Telethon's own repeat: Telegram may have carried the request out before failing.
+    ((errors.ServerError, errors.TimedOutError), lambda e: OutcomeUnknown(telegram_error_name(e))),
 )
 
 
@@ -435,6 +438,8 @@ class TelethonTransport:
 
     async def _call(self, bot_id: str, request: Any) -> Any:
         client = self.client(bot_id)
+        if not client.is_connected():  # nothing goes out: Telethon refuses to send while disconnected
+            raise BotNotRunning(f"bot {bot_id} is reconnecting")
         try:
             return await client(request)
         except errors.RPCError as exc:
@@ -444,8 +449,10 @@ class TelethonTransport:
                 log.warning("bot_session_ended", bot=bot_id, error=telegram_error_name(exc))
                 await self._forget(bot_id, client)
             raise failure from None
-        except (OSError, TimeoutError) as exc:  # connection lost; Telethon reconnects on its own
-            raise TransportError(type(exc).__name__) from None
+        except (OSError, TimeoutError) as exc:
+            # The connection was lost with the request out (Telethon reconnects on its own): it may
+            # have been carried out.
+            raise OutcomeUnknown(type(exc).__name__) from None
 
     async def send(self, bot_id: str, peer: Peer, message: OutgoingMessage) -> int:
         random_id = message.random_id or random.randrange(-(2**63), 2**63)

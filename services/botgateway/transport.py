@@ -70,8 +70,9 @@ class OutgoingMessage:
     protect_content: bool = False
     silent: bool = False
     keyboard: Keyboard | None = None
-    # Telegram's idempotency key for a send (0: a random one). Replies use one derived from the
-    # update they answer, so a reply sent again after a crash is refused as RANDOM_ID_DUPLICATE.
+    # Telegram's idempotency key for a send (0: a random one). A send repeated with the same one is
+    # answered with the message the first made (sends.py): replies use one derived from the update
+    # they answer, requests one derived from their request_id.
     random_id: int = 0
 
 
@@ -198,7 +199,14 @@ class BotDeactivated(TransportError):
 
 
 class AlreadySent(TransportError):
-    """The send's random_id was used before: Telegram has this message already (RANDOM_ID_DUPLICATE)."""
+    """The send's random_id is being used by a send Telegram is still making (RANDOM_ID_DUPLICATE): that
+    one is the message. (A repeat of a finished send is answered with the message it made.)"""
+
+
+class OutcomeUnknown(TransportError):
+    """The request may have reached Telegram and been carried out, or not: the connection broke or
+    timed out while it was out, or Telegram failed internally (a 500 such as INTERNAL) after taking
+    it. A send repeated with the same random_id settles it."""
 
 
 class DeleteForbidden(TransportError):

@@ -64,7 +64,8 @@ class Snapshot:
     bots: dict[str, SimBot]
     chats: dict[tuple[int, int], SimChat]
     auth_keys: dict[int, AuthKeyRecord]
-    random_ids: dict[int, set[int]]
+    # Per bot: (person, random_id) -> the bot-side id of the message that random_id sent.
+    random_ids: dict[int, dict[tuple[int, int], int]]
 
 
 class TelegramStore:
@@ -101,7 +102,7 @@ class TelegramStore:
             async for doc in self.auth_keys.find({})
         }
         # One pass over the log (a sandbox's size) gives every counter back, and the random_ids used.
-        random_ids: dict[int, set[int]] = {}
+        random_ids: dict[int, dict[tuple[int, int], int]] = {}
         fields = {f: 1 for f in ("bot", "user", "kind", "pts", "qts", "seq", "date", "bot_message_id")}
         fields |= {"user_message_id": 1, "from_bot": 1, "random_id": 1}
         async for doc in self.updates.find({}, fields):
@@ -125,7 +126,8 @@ class TelegramStore:
                 chat = chats[(bot.telegram_id, user_id)] = SimChat(bot.telegram_id, user_id)
             chat.index.append((user_message_id, int(doc["pts"])))
             if doc.get("from_bot"):
-                random_ids.setdefault(bot.telegram_id, set()).add(int(doc["random_id"]))
+                sent = random_ids.setdefault(bot.telegram_id, {})
+                sent[(user_id, int(doc["random_id"]))] = int(doc["bot_message_id"])
         for chat in chats.values():
             chat.index.sort()
         return Snapshot(salt, users, bots, chats, keys, random_ids)

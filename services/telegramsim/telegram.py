@@ -11,8 +11,13 @@ calls here); people act through the sandbox API. The rules kept, as Telegram kee
   is too far behind (or asks from before a reset).
 - Message ids are per account (the bot and the person number the same message differently);
   access hashes are per bot and person. Sending needs a started, unblocked chat, the right access
-  hash and a live account; limits per bot and per chat answer FLOOD_WAIT_X; a random_id is used
-  once per bot (RANDOM_ID_DUPLICATE); bots delete their own messages for 48 hours.
+  hash and a live account; limits per bot and per chat answer FLOOD_WAIT_X; bots delete their own
+  messages for 48 hours.
+- A send's random_id deduplicates it, per bot and person, for ever (Telegram keeps the random_ids
+  used and they do not expire): a repeat of a finished send answers with the message that send
+  made instead of sending another; a repeat while the first is still being made is refused with
+  RANDOM_ID_DUPLICATE. The check comes once the chat is found, before a block or the text can
+  refuse the send, so a send refused for those made no message under its random_id.
 - Sessions, auth keys and pushes follow Telegram's rules too (services/telegramsim/sessions.py);
   a revoked token ends its sessions (SESSION_REVOKED).
 
@@ -83,7 +88,8 @@ class _BotRuntime:
     qts: Sequence
     send_bucket: Bucket
     login_bucket: Bucket
-    random_ids: set[int]
+    # (person, random_id) -> the bot-side message id it made; None while that send is being made.
+    random_ids: dict[tuple[int, int], int | None]
     person_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     messages: OrderedDict[int, SimMessage] = field(default_factory=OrderedDict)
 
@@ -121,13 +127,13 @@ class SimulatedTelegram:
         self.users = snapshot.users
         self.chats = snapshot.chats
         for bot in snapshot.bots.values():
-            self._adopt(bot, snapshot.random_ids.get(bot.telegram_id, set()))
+            self._adopt(bot, dict(snapshot.random_ids.get(bot.telegram_id, {})))
         self.sessions.load(snapshot.auth_keys, {bot.telegram_id: (bot.pts, bot.qts) for bot in snapshot.bots.values()})
         for name in shared_bots:
             if name.lower() not in self._bots:
                 await self.add_bot(name.lower(), sandbox_token(name))
 
-    def _adopt(self, bot: SimBot, random_ids: set[int]) -> None:
+    def _adopt(self, bot: SimBot, random_ids: dict[tuple[int, int], int | None]) -> None:
         self._bots[bot.bot_id] = bot
         self._by_telegram_id[bot.telegram_id] = bot
         limits = self.limits
@@ -191,7 +197,7 @@ class SimulatedTelegram:
             return existing
         bot = SimBot(int(match.group(1)), username, token, self._clock.now())
         await self.store.save_bot(bot)
-        self._adopt(bot, set())
+        self._adopt(bot, {})
         return bot
 
     def bot(self, bot_id: str) -> SimBot:
@@ -306,30 +312,44 @@ class SimulatedTelegram:
         chat = self.chats.get((bot.telegram_id, user_id))
         if chat is None or not chat.started or access_hash != self.access_hash(bot, user_id):
             raise bad_request("PEER_ID_INVALID")
+        runtime = self._runtime[bot.telegram_id]
+        key = (user_id, random_id)
+        if key in runtime.random_ids:
+            return await self._sent_before(bot, runtime.random_ids[key])
         if chat.blocked:
             raise bad_request("USER_IS_BLOCKED")
         if not text.strip():
             raise bad_request("MESSAGE_EMPTY")
         if utf16_length(text) > MAX_TEXT_UTF16:
             raise bad_request("MESSAGE_TOO_LONG")
-        runtime = self._runtime[bot.telegram_id]
-        if random_id in runtime.random_ids:
-            raise RpcError(500, "RANDOM_ID_DUPLICATE")
         self._admit(bot, user_id)
-        runtime.random_ids.add(random_id)
+        runtime.random_ids[key] = None  # being made: a repeat now is RANDOM_ID_DUPLICATE
         message = self._new_message(bot, chat, user, from_bot=True, text=text, random_id=random_id)
         message.protect_content, message.silent = protect_content, silent
         message.request_contact, message.remove_keyboard = request_contact, remove_keyboard
         message.session_id, message.accepted_at = session_id, self._monotonic()
+        # Made to the end even if the caller goes away meanwhile: the random_id then names it.
+        return await asyncio.shield(self._commit(bot, chat, key, message))
+
+    async def _commit(self, bot: SimBot, chat: SimChat, key: tuple[int, int], message: SimMessage) -> SimMessage:
+        runtime = self._runtime[bot.telegram_id]
         try:
             await self.store.add_message(message, seq=0)
         except Exception:
-            runtime.random_ids.discard(random_id)
+            del runtime.random_ids[key]
             raise RpcError(500, "INTERNAL") from None
         finally:
             runtime.pts.done(message.pts)
+        runtime.random_ids[key] = message.bot_message_id
         self._remember(bot, chat, message)
         self.sent_count += 1
+        return message
+
+    async def _sent_before(self, bot: SimBot, bot_message_id: int | None) -> SimMessage:
+        """A repeated random_id: the message its first send made, or a refusal while that is being made."""
+        message = None if bot_message_id is None else await self.bot_message(bot, bot_message_id)
+        if message is None:
+            raise RpcError(500, "RANDOM_ID_DUPLICATE")
         return message
 
     def _new_message(
@@ -534,6 +554,7 @@ class SimulatedTelegram:
         self._chat_buckets.clear()
         for runtime in self._runtime.values():
             runtime.messages.clear()
+            runtime.random_ids.clear()  # the people they were used with are gone
         return erased
 
 

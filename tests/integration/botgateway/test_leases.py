@@ -81,7 +81,7 @@ async def person(pair: Pair, bot_id: str) -> int:
 async def send(app: BotGatewayApp, bot_id: str, user_id: int) -> int | str:
     assert app.gateway is not None
     try:
-        return await app.gateway.send_bot_message(bot_id, user_id, "hello", budget=1.0)
+        return (await app.gateway.send_bot_message(bot_id, user_id, "hello", budget=1.0)).message_id
     except ServiceError as err:
         return err.reason
 

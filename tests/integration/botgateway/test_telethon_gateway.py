@@ -106,7 +106,9 @@ async def test_telethon_gateway_end_to_end(production: Production) -> None:
     assert peer is not None and peer.access_hash == access_hash and peer.language_code == "ru"
 
     # SendBotMessage: protected and silent, addressed with the stored access hash.
-    message_id = await app.gateway.send_bot_message(BOT, USER, "Code 246810", protect_content=True, silent=True)
+    message_id = (
+        await app.gateway.send_bot_message(BOT, USER, "Code 246810", protect_content=True, silent=True)
+    ).message_id
     sent = sends(wire)[-1]
     assert sent.noforwards and sent.silent and (sent.peer.user_id, sent.peer.access_hash) == (USER, access_hash)
     message = await telegram.bot_message(telegram.bot(BOT), message_id)
@@ -129,10 +131,14 @@ async def test_telethon_gateway_end_to_end(production: Production) -> None:
         (400, "MESSAGE_TOO_LONG"): ("FAILED_PRECONDITION", "MESSAGE_TOO_LONG"),
         (403, "CHAT_WRITE_FORBIDDEN"): ("FAILED_PRECONDITION", "CHAT_WRITE_FORBIDDEN"),
         (400, "SOMETHING_ELSE"): ("UNAVAILABLE", "BOT_UNAVAILABLE"),
+        # Telegram failed after taking it (and again on Telethon's own repeat): it may be sent.
+        (500, "INTERNAL"): ("UNAVAILABLE", "SEND_OUTCOME_UNKNOWN"),
     }
     for error, (code, reason) in outcomes.items():
         failure = await refusal(error)
         assert (failure.code.name, failure.reason) == (code, reason), error
+        # A refusal Telegram gave says it made no message; one of the gateway's own says nothing of it.
+        assert failure.metadata.get("refused_by") == ("telegram" if code == "FAILED_PRECONDITION" else None), error
 
     flood = await refusal((420, "FLOOD_WAIT_30"))
     assert flood.reason == "FLOOD_WAIT" and flood.code.name == "RESOURCE_EXHAUSTED"
@@ -165,3 +171,30 @@ async def test_peer_flood_pauses_the_bot_and_a_banned_bot_stops(production: Prod
             break
         await asyncio.sleep(0.01)
     assert not app.gateway.transport.running(BOT)  # the session ended; the next round logs in again
+
+
+async def test_a_send_repeated_with_its_request_id_reaches_the_person_once(production: Production) -> None:
+    """The answer to a send is lost after Telegram made the message: the caller hears that the outcome
+    is unknown, repeats it with the same request_id, and gets the message Telegram made (one in the
+    chat); a further repeat is answered from the gateway's record without asking Telegram."""
+    app, telegram, wire = production.app, production.telegram, production.wire
+    assert app.gateway is not None
+    await telegram.create_user(USER, "Ann", "en", "+79991234567")
+    await telegram.start_bot(USER, BOT)
+    wire.lose_answers(functions.messages.SendMessageRequest)
+    with pytest.raises(ServiceError) as unknown:
+        await app.gateway.send_bot_message(BOT, USER, "Code 1", budget=5, request_id="01MSG")
+    assert (unknown.value.code.name, unknown.value.reason) == ("UNAVAILABLE", "SEND_OUTCOME_UNKNOWN")
+    made = [m for m in await telegram.history(USER, BOT) if m.text.startswith("Code")]
+    assert [m.text for m in made] == ["Code 1"]
+
+    repeat = await app.gateway.send_bot_message(BOT, USER, "Code 1", budget=5, request_id="01MSG")
+    assert repeat.message_id == made[0].bot_message_id
+    sends_so_far = len(sends(wire))
+    again = await app.gateway.send_bot_message(BOT, USER, "Code 1", budget=5, request_id="01MSG")
+    assert again == type(again)(made[0].bot_message_id, already=True) and len(sends(wire)) == sends_so_far
+    # Every send carried one random_id; another request_id is another message.
+    assert len({request.random_id for request in sends(wire)}) == 1
+    other = await app.gateway.send_bot_message(BOT, USER, "Code 2", budget=5, request_id="01OTHER")
+    assert not other.already and other.message_id != made[0].bot_message_id
+    assert [m.text for m in await telegram.history(USER, BOT) if m.text.startswith("Code")] == ["Code 1", "Code 2"]

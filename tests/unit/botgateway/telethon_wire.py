@@ -10,7 +10,9 @@ getDifference with what was queued while the bot was away (slices, "too long").
 
 A test scripts Telegram's answer to a request type with `wire.script(RequestType, answer)`, where
 `answer(request)` returns a TL result, a (code, "ERROR_NAME") rpc_error, or None to let the simulated
-Telegram answer; `wire.cut()` drops the network (every call and stream fails until `wire.restore()`).
+Telegram answer; `wire.cut()` drops the network (every call and stream fails until `wire.restore()`);
+`wire.lose_answers(RequestType, n)` lets the next n such requests reach Telegram and be carried out,
+then loses the connection before their answers arrive.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LocalWire:
         self.endpoint = endpoint
         self.requests: list[Any] = []
         self._scripts: dict[type[TLObject], Answer] = {}
+        self._lost: dict[type[TLObject], int] = {}
         self._down = False
         self._cut = asyncio.Event()
 
@@ -53,6 +56,9 @@ class LocalWire:
             self._scripts.pop(kind, None)
         else:
             self._scripts[kind] = answer
+
+    def lose_answers(self, kind: type[TLObject], count: int = 1) -> None:
+        self._lost[kind] = self._lost.get(kind, 0) + count
 
     def sent(self, kind: type[TLObject]) -> list[Any]:
         return [r for r in self.requests if isinstance(r, kind)]
@@ -87,9 +93,13 @@ class LocalWire:
             self.endpoint.telegram.sessions.subscribe(key_id, session_id)
             return serialize(outcome)
         try:
-            return await self.endpoint.invoke(key_id, session_id, query)
+            result = await self.endpoint.invoke(key_id, session_id, query)
         except RpcError as error:
             return error.code, error.message
+        if self._lost.get(type(request)):
+            self._lost[type(request)] -= 1
+            raise LinkDown("connection lost before the answer")
+        return result
 
     async def updates(self, key_id: int, session_id: int) -> AsyncIterator[bytes]:
         if self._down:

@@ -4,6 +4,7 @@ keys, and its state kept in its own database across restarts."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from services.core.crypto import Keyring
 from services.core.mongo import Document
 from services.core.sandbox import sandbox_token
 from services.telegramsim.app import load_config
-from services.telegramsim.model import ChatNotStarted, RpcError, SandboxLimits, UnknownUser
+from services.telegramsim.model import ChatNotStarted, RpcError, SandboxLimits, SimMessage, UnknownUser
 from services.telegramsim.mtproto import MtprotoEndpoint
 from services.telegramsim.sessions import auth_key_id
 from services.telegramsim.store import TelegramStore
@@ -119,6 +120,50 @@ async def test_sending_rules(world: World) -> None:
         await telegram.start_bot(999, BOT)
 
 
+async def test_a_random_id_sends_once_per_bot_and_person(world: World) -> None:
+    """Telegram's deduplication: a repeat of a finished send answers with the message it made (in the
+    answer's own form), a repeat while the first is being made is RANDOM_ID_DUPLICATE, another person
+    is another scope, and a send refused for the chat's state made nothing under its random_id."""
+    telegram, transport = world.telegram, world.transport
+    bot = telegram.bot(BOT)
+    user = await telegram.create_user(phone="+79991234567")
+    other = await telegram.create_user(phone="+79991234568")
+    for person in (user, other):
+        await telegram.start_bot(person.user_id, BOT)
+    short = OutgoingMessage("code 1", random_id=41)
+    first = await transport.send(BOT, world.peer(user.user_id), short)
+    world.mono.t += 10  # past the chat's limit: a repeat is answered, not counted as a send
+    assert await transport.send(BOT, world.peer(user.user_id), short) == first
+    keyboard = OutgoingMessage("share", keyboard=Keyboard("Share"), random_id=42)
+    world.mono.t += 10
+    with_keyboard = await transport.send(BOT, world.peer(user.user_id), keyboard)
+    world.mono.t += 10
+    assert await transport.send(BOT, world.peer(user.user_id), keyboard) == with_keyboard
+    assert [m.text for m in await telegram.history(user.user_id, BOT)] == ["/start", "code 1", "share"]
+    # The same random_id towards another person is another message.
+    to_other = await transport.send(BOT, world.peer(other.user_id), short)
+    assert to_other not in (first, with_keyboard)
+    assert [m.text for m in await telegram.history(other.user_id, BOT)] == ["/start", "code 1"]
+    # While the first send is still being made, a repeat is refused.
+    world.mono.t += 10
+    hash_ = telegram.access_hash(bot, user.user_id)
+    made, repeat = await asyncio.gather(
+        telegram.send_message(bot, 1, user.user_id, hash_, "code 2", 43),
+        telegram.send_message(bot, 1, user.user_id, hash_, "code 2", 43),
+        return_exceptions=True,
+    )
+    assert isinstance(made, SimMessage) and isinstance(repeat, RpcError)
+    assert (repeat.code, repeat.message) == (500, "RANDOM_ID_DUPLICATE")
+    # Refused while blocked: nothing was made, so the same random_id sends once unblocked.
+    await telegram.set_blocked(user.user_id, BOT, True)
+    with pytest.raises(UserBlocked):
+        await transport.send(BOT, world.peer(user.user_id), OutgoingMessage("code 3", random_id=44))
+    await telegram.set_blocked(user.user_id, BOT, False)
+    world.mono.t += 10
+    await transport.send(BOT, world.peer(user.user_id), OutgoingMessage("code 3", random_id=44))
+    assert [m.text for m in await telegram.history(user.user_id, BOT)][-2:] == ["code 2", "code 3"]
+
+
 async def test_limits_are_enforced_with_flood_waits(world: World) -> None:
     telegram, transport = world.telegram, world.transport
     peers = []
@@ -197,10 +242,12 @@ async def test_state_survives_a_restart_of_the_simulated_telegram(
     assert again.chats[(bot.telegram_id, other.user_id)].blocked
     assert [m.text for m in await again.history(user.user_id, BOT)] == ["/start", "code 1"]
     assert again.access_hash(bot, user.user_id) == telegram.access_hash(telegram.bot(BOT), user.user_id)
-    # The random_ids used stay used, and the bot's key is still logged in.
-    with pytest.raises(RpcError) as duplicate:
-        await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "x", message.random_id)
-    assert duplicate.value.message == "RANDOM_ID_DUPLICATE"
+    # The random_ids used stay used (a repeat answers with the message it made), and the bot's key is
+    # still logged in.
+    repeat = await again.send_message(
+        bot, 1, user.user_id, again.access_hash(bot, user.user_id), "x", message.random_id
+    )
+    assert repeat.bot_message_id == sent and repeat.text == "code 1"
     assert {key.bot for key in again.sessions.keys.values()} == {bot.telegram_id}
     # Ids go on from where they were, on both sides.
     next_message = await again.send_message(bot, 1, user.user_id, again.access_hash(bot, user.user_id), "y", 99)

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from otpgate.common.v1 import common_pb2 as otpgate_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&otpgate/botgateway/v1/botgateway.proto\x12\x15otpgate.botgateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1eotpgate/common/v1/common.proto\"\xa9\x01\n\x15SendBotMessageRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fprotect_content\x18\x04 \x01(\x08\x12\x0e\n\x06silent\x18\x05 \x01(\x08\x12/\n\x0c\x64\x65lete_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x16SendBotMessageResponse\x12\x1b\n\x13telegram_message_id\x18\x01 \x01(\x03\"L\n\x12RegisterBotRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\x12\x0e\n\x06shared\x18\x03 \x01(\x08\":\n\x13RegisterBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\"Q\n\x0fListBotsRequest\x12\x17\n\x0fowner_client_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListBotsResponse\x12$\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x16.otpgate.common.v1.Bot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\"5\n\x0eGetBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\";\n\x10RemoveBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\"\x13\n\x11RemoveBotResponse2\xfc\x03\n\x11\x42otGatewayService\x12m\n\x0eSendBotMessage\x12,.otpgate.botgateway.v1.SendBotMessageRequest\x1a-.otpgate.botgateway.v1.SendBotMessageResponse\x12\x64\n\x0bRegisterBot\x12).otpgate.botgateway.v1.RegisterBotRequest\x1a*.otpgate.botgateway.v1.RegisterBotResponse\x12[\n\x08ListBots\x12&.otpgate.botgateway.v1.ListBotsRequest\x1a\'.otpgate.botgateway.v1.ListBotsResponse\x12U\n\x06GetBot\x12$.otpgate.botgateway.v1.GetBotRequest\x1a%.otpgate.botgateway.v1.GetBotResponse\x12^\n\tRemoveBot\x12\'.otpgate.botgateway.v1.RemoveBotRequest\x1a(.otpgate.botgateway.v1.RemoveBotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&otpgate/botgateway/v1/botgateway.proto\x12\x15otpgate.botgateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1eotpgate/common/v1/common.proto\"\xbd\x01\n\x15SendBotMessageRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x18\n\x10telegram_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0fprotect_content\x18\x04 \x01(\x08\x12\x0e\n\x06silent\x18\x05 \x01(\x08\x12/\n\x0c\x64\x65lete_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"K\n\x16SendBotMessageResponse\x12\x1b\n\x13telegram_message_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x61lready_sent\x18\x02 \x01(\x08\"L\n\x12RegisterBotRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\x12\x0e\n\x06shared\x18\x03 \x01(\x08\":\n\x13RegisterBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\"Q\n\x0fListBotsRequest\x12\x17\n\x0fowner_client_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListBotsResponse\x12$\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x16.otpgate.common.v1.Bot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rGetBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\"5\n\x0eGetBotResponse\x12#\n\x03\x62ot\x18\x01 \x01(\x0b\x32\x16.otpgate.common.v1.Bot\";\n\x10RemoveBotRequest\x12\x0e\n\x06\x62ot_id\x18\x01 \x01(\t\x12\x17\n\x0fowner_client_id\x18\x02 \x01(\t\"\x13\n\x11RemoveBotResponse2\xfc\x03\n\x11\x42otGatewayService\x12m\n\x0eSendBotMessage\x12,.otpgate.botgateway.v1.SendBotMessageRequest\x1a-.otpgate.botgateway.v1.SendBotMessageResponse\x12\x64\n\x0bRegisterBot\x12).otpgate.botgateway.v1.RegisterBotRequest\x1a*.otpgate.botgateway.v1.RegisterBotResponse\x12[\n\x08ListBots\x12&.otpgate.botgateway.v1.ListBotsRequest\x1a\'.otpgate.botgateway.v1.ListBotsResponse\x12U\n\x06GetBot\x12$.otpgate.botgateway.v1.GetBotRequest\x1a%.otpgate.botgateway.v1.GetBotResponse\x12^\n\tRemoveBot\x12\'.otpgate.botgateway.v1.RemoveBotRequest\x1a(.otpgate.botgateway.v1.RemoveBotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'otpgate.botgateway.v1.botga
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDBOTMESSAGEREQUEST']._serialized_start=130
-  _globals['_SENDBOTMESSAGEREQUEST']._serialized_end=299
-  _globals['_SENDBOTMESSAGERESPONSE']._serialized_start=301
-  _globals['_SENDBOTMESSAGERESPONSE']._serialized_end=354
-  _globals['_REGISTERBOTREQUEST']._serialized_start=356
-  _globals['_REGISTERBOTREQUEST']._serialized_end=432
-  _globals['_REGISTERBOTRESPONSE']._serialized_start=434
-  _globals['_REGISTERBOTRESPONSE']._serialized_end=492
-  _globals['_LISTBOTSREQUEST']._serialized_start=494
-  _globals['_LISTBOTSREQUEST']._serialized_end=575
-  _globals['_LISTBOTSRESPONSE']._serialized_start=577
-  _globals['_LISTBOTSRESPONSE']._serialized_end=658
-  _globals['_GETBOTREQUEST']._serialized_start=660
-  _globals['_GETBOTREQUEST']._serialized_end=691
-  _globals['_GETBOTRESPONSE']._serialized_start=693
-  _globals['_GETBOTRESPONSE']._serialized_end=746
-  _globals['_REMOVEBOTREQUEST']._serialized_start=748
-  _globals['_REMOVEBOTREQUEST']._serialized_end=807
-  _globals['_REMOVEBOTRESPONSE']._serialized_start=809
-  _globals['_REMOVEBOTRESPONSE']._serialized_end=828
-  _globals['_BOTGATEWAYSERVICE']._serialized_start=831
-  _globals['_BOTGATEWAYSERVICE']._serialized_end=1339
+  _globals['_SENDBOTMESSAGEREQUEST']._serialized_end=319
+  _globals['_SENDBOTMESSAGERESPONSE']._serialized_start=321
+  _globals['_SENDBOTMESSAGERESPONSE']._serialized_end=396
+  _globals['_REGISTERBOTREQUEST']._serialized_start=398
+  _globals['_REGISTERBOTREQUEST']._serialized_end=474
+  _globals['_REGISTERBOTRESPONSE']._serialized_start=476
+  _globals['_REGISTERBOTRESPONSE']._serialized_end=534
+  _globals['_LISTBOTSREQUEST']._serialized_start=536
+  _globals['_LISTBOTSREQUEST']._serialized_end=617
+  _globals['_LISTBOTSRESPONSE']._serialized_start=619
+  _globals['_LISTBOTSRESPONSE']._serialized_end=700
+  _globals['_GETBOTREQUEST']._serialized_start=702
+  _globals['_GETBOTREQUEST']._serialized_end=733
+  _globals['_GETBOTRESPONSE']._serialized_start=735
+  _globals['_GETBOTRESPONSE']._serialized_end=788
+  _globals['_REMOVEBOTREQUEST']._serialized_start=790
+  _globals['_REMOVEBOTREQUEST']._serialized_end=849
+  _globals['_REMOVEBOTRESPONSE']._serialized_start=851
+  _globals['_REMOVEBOTRESPONSE']._serialized_end=870
+  _globals['_BOTGATEWAYSERVICE']._serialized_start=873
+  _globals['_BOTGATEWAYSERVICE']._serialized_end=1381
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,7 @@ class SendBotMessageRequest(_message.Message):
     PROTECT_CONTENT_FIELD_NUMBER: _builtins.int
     SILENT_FIELD_NUMBER: _builtins.int
     DELETE_AFTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     bot_id: _builtins.str
     telegram_user_id: _builtins.int
     text: _builtins.str
@@ -38,6 +39,12 @@ class SendBotMessageRequest(_message.Message):
     """Forbid forwarding and saving."""
     silent: _builtins.bool
     """Send without sound."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), at most 64 printable ASCII characters: the sends of one request_id
+    through one bot to one person reach the person once, whatever is repeated (Telegram refuses or
+    answers a repeat of its random_id, which is derived from this and the bot). delivery passes
+    its message id. Empty: every call is a new message.
+    """
     @_builtins.property
     def delete_after(self) -> _duration_pb2.Duration:
         """Delete the message after this long (at most 48 h); unset: keep."""
@@ -51,10 +58,11 @@ class SendBotMessageRequest(_message.Message):
         protect_content: _builtins.bool = ...,
         silent: _builtins.bool = ...,
         delete_after: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delete_after", b"delete_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot_id", b"bot_id", "delete_after", b"delete_after", "protect_content", b"protect_content", "silent", b"silent", "telegram_user_id", b"telegram_user_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bot_id", b"bot_id", "delete_after", b"delete_after", "protect_content", b"protect_content", "request_id", b"request_id", "silent", b"silent", "telegram_user_id", b"telegram_user_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -65,16 +73,20 @@ class SendBotMessageResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TELEGRAM_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ALREADY_SENT_FIELD_NUMBER: _builtins.int
     telegram_message_id: _builtins.int
-    """The bot-side message id."""
+    """The bot-side message id; 0 when already_sent and the id is not known here."""
+    already_sent: _builtins.bool
+    """The request_id had sent this message before (a repeat): nothing new was sent."""
     def __init__(
         self,
         *,
         telegram_message_id: _builtins.int = ...,
+        already_sent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["telegram_message_id", b"telegram_message_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_sent", b"already_sent", "telegram_message_id", b"telegram_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
