@@ -152,7 +152,29 @@ class Gateway:
         request_id: str = "",
     ) -> Sent:
         """Send one message, once per request_id (sends.py); raises ServiceError with the reasons of the
-        contract (SEND_OUTCOME_UNKNOWN: it may have been sent, repeat it)."""
+        contract (SEND_OUTCOME_UNKNOWN: it may have been sent, repeat it). A repeat of a send made here
+        is answered first, whatever changed since (the person stopped the bot, the lease moved)."""
+        random_id = send_random_id(bot_id, request_id) if request_id else 0
+        sent = await self.sends.earlier((bot_id, user_id, random_id)) if random_id else None
+        if sent is not None:
+            metrics.bot_messages.labels(bot_id, "already_sent").inc()
+        else:
+            message = OutgoingMessage(text, protect_content=protect_content, silent=silent, random_id=random_id)
+            sent = await self._send(bot_id, Peer(user_id, await self._reachable(bot_id, user_id)), message, budget)
+        if sent.message_id and delete_after is not None and delete_after.total_seconds() > 0:
+            due = self.clock.now() + min(delete_after, MAX_DELETE_AFTER)
+            try:
+                peer = await self.store.get_peer(bot_id, user_id)
+                access_hash = peer.access_hash if peer is not None else 0
+                await self.store.schedule_deletion(bot_id, user_id, access_hash, sent.message_id, due)
+            except Exception:
+                # Sent, but its deletion is not kept: the repeat (answered with the same message) keeps it.
+                log.warning("bot_deletion_not_scheduled", bot=bot_id, message=sent.message_id)
+                raise outcome_unknown("the message was sent but its deletion could not be scheduled") from None
+        return sent
+
+    async def _reachable(self, bot_id: str, user_id: int) -> int:
+        """The person's access hash for this bot, if this replica can send to them through it now."""
         if bot_id not in self.sessions.bots and await self.store.get_bot(bot_id) is None:
             raise not_found(f"bot {bot_id}", "BOT_NOT_FOUND")
         if not await self.sessions.ensure_live(bot_id):
@@ -165,26 +187,10 @@ class Gateway:
         if peer is None or not peer.access_hash:
             metrics.bot_messages.labels(bot_id, "not_connected").inc()
             raise failed_precondition("NOT_CONNECTED", "the person has not started this bot")
-        random_id = send_random_id(bot_id, request_id) if request_id else 0
-        message = OutgoingMessage(text, protect_content=protect_content, silent=silent, random_id=random_id)
-        sent = await self._send(bot_id, Peer(user_id, peer.access_hash), message, budget)
-        if sent.message_id and delete_after is not None and delete_after.total_seconds() > 0:
-            due = self.clock.now() + min(delete_after, MAX_DELETE_AFTER)
-            try:
-                await self.store.schedule_deletion(bot_id, user_id, peer.access_hash, sent.message_id, due)
-            except Exception:
-                # Sent, but its deletion is not kept: the repeat (answered with the same message) keeps it.
-                log.warning("bot_deletion_not_scheduled", bot=bot_id, message=sent.message_id)
-                raise outcome_unknown("the message was sent but its deletion could not be scheduled") from None
-        return sent
+        return peer.access_hash
 
     async def _send(self, bot_id: str, peer: Peer, message: OutgoingMessage, budget: float | None) -> Sent:
         key = (bot_id, peer.user_id, message.random_id)
-        if message.random_id:
-            known = self.sends.finished(key)
-            if known is not None:  # a repeat of a send finished here: no second call, no rate spent
-                metrics.bot_messages.labels(bot_id, "already_sent").inc()
-                return Sent(known, already=True)
         try:
             waited = await self.limiter.acquire(bot_id, peer.user_id, budget)
         except FloodPaused as paused:

@@ -8,7 +8,7 @@ bot_messages = Counter(
     "otpgate_bot_messages_total",
     "Messages the bots tried to send, by outcome (sent, blocked, not_connected, deactivated, flood_wait, "
     "rate_limited, stopped, unavailable, recipient_is_bot, too_long, write_forbidden, peer_flood, bot_banned, "
-    "already_sent, error).",
+    "already_sent, outcome_unknown, error).",
     ("bot", "outcome"),
 )
 telegram_errors = Counter(

@@ -52,6 +52,20 @@ class SendRecord:
         """The message id a finished send of `key` made here, if it is remembered."""
         return self._done.get(key)
 
+    async def earlier(self, key: SendKey) -> Sent | None:
+        """The result of a send of `key` finished here, or of the one in flight (waited for); None when
+        there is none, or the one in flight failed."""
+        done = self._done.get(key)
+        if done is not None:
+            return Sent(done, already=True)
+        flying = self._flying.get(key)
+        if flying is None:
+            return None
+        try:
+            return Sent(await asyncio.shield(flying), already=True)
+        except Exception:
+            return None
+
     async def once(self, key: SendKey, send: Callable[[], Awaitable[int]]) -> Sent:
         """Run `send` for `key` unless a send of it is in flight here, whose result is then shared.
         Raises what the send raised."""

@@ -9,6 +9,12 @@ bot leg tries the candidates (legs.py). The Gateway rung (gateway_leg.py) and th
 paid: admitted now if they were not at acceptance (sms_admission.py). A rung that failed for good
 passes the message to the next; when none is left it fails with the first reason given.
 
+A bot send is made once (legs.py: the message id is its request id, a send whose outcome is
+unknown pins the message to that bot). When the outcome of a send cannot be written (the database
+went away between the send and the write), this process keeps it and the message's next attempt
+here writes it instead of trying again; on another replica, the repeat through the same bot is
+answered by Telegram with the message already made.
+
 With several replicas, each dispatcher claims due messages (QUEUED with next_attempt_at passed,
 or HELD with a confirmation to start again) whose lease has lapsed; a claim is exclusive, so two
 replicas never try one message at once, and a replica that dies leaves its leases to lapse.
@@ -33,12 +39,13 @@ from services.delivery.fraud import FraudGuard, SmsLeg
 from services.delivery.gateway_leg import ADMITTED, GatewayLeg
 from services.delivery.hold import ConfirmationHold, must_hold
 from services.delivery.ladder import rungs
-from services.delivery.legs import Legs, Outcome, retry
+from services.delivery.legs import BotTries, Legs, Outcome, retry
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.notify import StatusNotifier
 from services.delivery.policy import PolicyStore, Rung
 from services.delivery.record import (
     CHANNEL_NAMES,
+    DELIVERED,
     EPOCH,
     EXPIRED,
     FAILED,
@@ -61,6 +68,7 @@ from services.delivery.tg_gateway import UNREACHABLE
 
 log = get_logger(__name__)
 R = common_pb2  # failure reasons
+UNWRITTEN_KEPT = 10_000
 
 
 class Dispatcher:
@@ -93,6 +101,8 @@ class Dispatcher:
         self.crypto = crypto
         self.clock = clock
         self.settings = settings
+        # Outcomes of sends whose write failed (the database went away in between), by message id.
+        self._unwritten: dict[str, MessageChanges] = {}
 
     async def claim(self, record: MessageRecord) -> Claim | None:
         """The message's claim, unless another caller holds it (None)."""
@@ -122,8 +132,12 @@ class Dispatcher:
     ) -> MessageRecord:
         """One attempt under a held claim; writes the outcome and releases the claim."""
         started = record.status
+        unwritten = self._unwritten.pop(record.id, None)
         try:
-            outcome = await self._attempt(record, resolution)
+            if unwritten is not None and record.status in OPEN_STATUSES:
+                outcome = Outcome(unwritten)  # it happened already: only its write is owed
+            else:
+                outcome = await self._attempt(record, resolution)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -135,7 +149,11 @@ class Dispatcher:
         status = changes.get("status", record.status)
         if status in FINAL_STATUSES or status == SENT:
             changes.setdefault("purge_at", now + timedelta(seconds=self.settings.text_retention))
-        await self.store.write(record.id, changes)
+        try:
+            await self.store.write(record.id, changes)
+        except Exception:
+            self._owe(record.id, outcome.changes)
+            raise
         record = record.updated(changes)
         if outcome.start_confirmation:
             record = await self.hold.start(record)
@@ -144,6 +162,16 @@ class Dispatcher:
         if status != started:
             await self.notifier.changed(record)
         return record
+
+    def _owe(self, message_id: str, changes: MessageChanges) -> None:
+        """An attempt that sent (or may have sent) could not be written: keep it for this message's next
+        attempt here, which writes it instead of sending again."""
+        if changes.get("status") not in (SENT, DELIVERED) and not changes.get("bot_pinned"):
+            return
+        log.warning("dispatch_outcome_unwritten", message_id=message_id)
+        self._unwritten[message_id] = changes
+        while len(self._unwritten) > UNWRITTEN_KEPT:
+            self._unwritten.pop(next(iter(self._unwritten)))
 
     async def _attempt(self, record: MessageRecord, resolution: directory_pb2.ResolvePhoneResponse | None) -> Outcome:
         now = self.clock.now()
@@ -156,9 +184,21 @@ class Dispatcher:
             # Still waiting for the person: only (re)start the confirmation if that failed before.
             return Outcome(start_confirmation=not record.confirmation_started)
         e164 = self.crypto.open_phone(record)
+        unpinned = False
+        if record.bot_pinned:
+            pinned = await self.legs.try_pinned(record)
+            if pinned is not None:
+                return self._bot_outcome(record, pinned) or retry(
+                    record.updated({"attempts": pinned.attempts}), pinned.retry_after, self.clock.now(), self.settings
+                )
+            # Telegram refused the repeat, so it made no message: the ladder goes on as for any message.
+            record, resolution, unpinned = record.updated({"bot_pinned": False}), None, True
         policy = await self.policies.get(record.client_id)
         ladder = rungs(record, policy, await self.gateway.available(record.client_id))
-        return await self._climb(record, e164, ladder, resolution)
+        out = await self._climb(record, e164, ladder, resolution)
+        if unpinned:
+            out.changes.setdefault("bot_pinned", False)
+        return out
 
     async def _climb(
         self,
@@ -229,14 +269,32 @@ class Dispatcher:
             }
             return Outcome(held, start_confirmation=True), Outcome()
         tries = await self.legs.try_bots(record, resolution, candidates)
-        if tries.sent is not None:
-            return Outcome(tries.sent), Outcome()
+        decided = self._bot_outcome(record, tries)
+        if decided is not None:
+            return decided, Outcome()
         tried = record.updated({"attempts": tries.attempts})
         if tries.retry_after is not None:
             return retry(tried, tries.retry_after, self.clock.now(), self.settings), Outcome()
         return None, Outcome(
             {"attempts": tries.attempts, "failure_reason": tries.reason or R.FAILURE_REASON_NOT_CONNECTED}
         )
+
+    def _bot_outcome(self, record: MessageRecord, tries: BotTries) -> Outcome | None:
+        """What the bot leg settled on its own: sent, pinned to a bot whose send is unknown, or failed
+        for good with no fallback. None: the bots refused, the caller decides."""
+        if tries.sent is not None:
+            return Outcome(tries.sent)
+        if tries.final:
+            return Outcome(
+                {"status": FAILED, "failure_reason": tries.reason, "attempts": tries.attempts, "bot_pinned": False}
+            )
+        if tries.pin is not None:
+            out = retry(
+                record.updated({"attempts": tries.attempts}), tries.retry_after, self.clock.now(), self.settings
+            )
+            out.changes.update(tries.pin)
+            return out
+        return None
 
     async def _gateway_rung(self, record: MessageRecord, e164: str) -> tuple[Outcome | None, Outcome]:
         if record.gateway_state is None:  # a paid leg: the same admission as SMS, once

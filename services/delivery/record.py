@@ -90,6 +90,7 @@ class MessageChanges(TypedDict, total=False):
     refunded: bool | None
     read_at: datetime | None
     gateway_code_length: int | None
+    bot_pinned: bool
 
 
 # Set once a leg has tried the message: absent from the document until then (None here).
@@ -178,6 +179,9 @@ class MessageRecord:
     read_at: datetime | None = None
     gateway_code_length: int | None = None  # the Gateway makes the code (no code of ours)
     code_sealed: bytes | None = None  # the bare code, for the Gateway (sealed like the text)
+    # A bot send's outcome is unknown: every try goes through bot_id to telegram_user_id again, with the
+    # same request id, until Telegram settles it (legs.py). Absent from the document while False.
+    bot_pinned: bool = False
 
     @classmethod
     def from_doc(cls, doc: Document) -> MessageRecord:
@@ -240,6 +244,7 @@ class MessageRecord:
             read_at=_moment(doc.get("read_at")),
             gateway_code_length=int(doc["gateway_code_length"]) if doc.get("gateway_code_length") else None,
             code_sealed=_bytes(doc.get("code")),
+            bot_pinned=bool(doc.get("bot_pinned")),
         )
 
     def to_doc(self) -> Document:
@@ -294,6 +299,8 @@ class MessageRecord:
             value = getattr(self, name)
             if value is not None:
                 doc[name] = value
+        if self.bot_pinned:
+            doc["bot_pinned"] = True
         return doc
 
     def updated(self, changes: MessageChanges) -> MessageRecord:

@@ -16,6 +16,7 @@ from google.protobuf import field_mask_pb2
 from otpgate.botgateway.v1 import botgateway_pb2, botgateway_pb2_grpc
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from pymongo import AsyncMongoClient
 
@@ -437,3 +438,63 @@ async def test_a_rate_limited_bot_hands_the_message_to_another_shared_bot_of_the
         # Both exhausted: rescheduled, not failed.
         waiting = await world.send(phone, "Later", bot="smscodes_bot")
         assert waiting.status == common_pb2.MESSAGE_STATUS_QUEUED
+
+
+async def test_a_bot_send_of_unknown_outcome_is_repeated_through_the_same_bot_only(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    """Telegram is slow to make a message: delivery's call times out with the outcome unknown, so the
+    message is pinned to that bot and person. The person blocks that bot meanwhile (routing would now
+    pick their other bot), yet every retry goes to the same bot, and once Telegram has made the
+    message it is SENT through that bot: one copy, none through the other bot, none by SMS."""
+    extra = {"OTPGATE_DELIVERY_BOT_SEND_TIMEOUT": "0.5"}
+    async with running_stack(
+        mongo_client, keyring, ["directory", "botgateway", "delivery"], overrides=overrides(**extra), clock=clock
+    ) as stack:
+        world = world_of(stack)
+        telegram = stack.app("telegramsim").telegram
+        user, phone = await world.person("smscodes_bot", "smsccode_bot")
+        made = asyncio.Event()
+        add_message = telegram.store.add_message
+
+        async def slowly(message: Any, seq: int) -> None:
+            if message.text == "Code 1":
+                await made.wait()
+            await add_message(message, seq=seq)
+
+        telegram.store.add_message = slowly
+        sent = await world.send(phone, "Code 1", bot="smscodes_bot", sms_fallback=True)
+        assert sent.status == common_pb2.MESSAGE_STATUS_QUEUED
+        record = await world.engine.store.get(sent.id)
+        assert record is not None and record.bot_pinned and record.bot_id == "smscodes_bot"
+
+        await world.telegram.SetBotBlocked(
+            telegramsim_pb2.SetBotBlockedRequest(user_id=user, bot_id="smscodes_bot", blocked=True)
+        )
+        directory = directory_pb2_grpc.DirectoryServiceStub(stack.channel("directory"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (
+            "smscodes_bot"
+            not in (await directory.ResolvePhone(directory_pb2.ResolvePhoneRequest(phone=phone))).blocked_bot_ids
+        ):
+            assert loop.time() < deadline, "the block never reached the directory"
+            await asyncio.sleep(0.05)
+
+        clock.advance(5)
+        assert await world.engine.dispatch_due_once() == 1  # the repeat waits for the send in flight
+        record = await world.engine.store.get(sent.id)
+        assert record is not None and record.status == common_pb2.MESSAGE_STATUS_QUEUED and record.bot_pinned
+
+        made.set()
+        while "Code 1" not in await world.chat(user, "smscodes_bot"):
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        clock.advance(5)
+        assert await world.engine.dispatch_due_once() == 1
+        final = await world.delivery.GetMessage(delivery_pb2.GetMessageRequest(client_id="shop", id=sent.id))
+        assert final.message.status == common_pb2.MESSAGE_STATUS_SENT
+        assert (final.message.bot_id, final.message.channel) == ("smscodes_bot", common_pb2.CHANNEL_TELEGRAM)
+        assert (await world.chat(user, "smscodes_bot")).count("Code 1") == 1
+        assert "Code 1" not in await world.chat(user, "smsccode_bot")
+        assert not (await world.sms.ListSandboxSms(delivery_pb2.ListSandboxSmsRequest(phone=phone))).messages
