@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +45,20 @@ def system_database() -> Iterator[str]:
         yield database.uri
 
 
-@pytest.fixture(scope="session")
-async def system(system_database: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+@asynccontextmanager
+async def running_system(database_uri: str, logs: Path, **overrides: str) -> AsyncIterator[System]:
+    """Every service as a process of its own in sandbox mode on `database_uri`, up and running its
+    bots' sessions; stopped afterwards (with the tail of each log on stderr)."""
     http_port = free_port()
     env = {
-        "MONGODB_URI": system_database,
+        "MONGODB_URI": database_uri,
         "OTPGATE_KEYS": Keyring.generate_spec("e2e1"),
         "OTPGATE_ENV": "dev",
         "OTPGATE_SANDBOX": "true",
         "OTPGATE_EDGE_HTTP_PORT": str(http_port),
         "OTPGATE_TELEGRAMSIM_GATEWAY_PORT": str(free_port()),
+        **overrides,
     }
-    logs: Path = tmp_path_factory.mktemp("logs")
     stack = ProcessStack(
         env=env,
         log_dir=logs,
@@ -73,3 +76,9 @@ async def system(system_database: str, tmp_path_factory: pytest.TempPathFactory)
             log = logs / f"{name}.log"
             if log.exists():
                 sys.stderr.write(f"--- {name} log (tail) ---\n{log.read_text()[-3000:]}\n")
+
+
+@pytest.fixture(scope="session")
+async def system(system_database: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    async with running_system(system_database, tmp_path_factory.mktemp("logs")) as system:
+        yield system

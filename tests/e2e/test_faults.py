@@ -25,10 +25,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.cli.dev import SERVICES, ProcessStack
-from services.core.crypto import Keyring
 from services.core.devdb import DevDatabase, free_port
-from tests.e2e.conftest import System
+from tests.e2e.conftest import System, running_system
 
 BOT = "smscodes_bot"
 PEOPLE = 10
@@ -76,21 +74,15 @@ async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faul
     work: Path = tmp_path_factory.mktemp("faults")
     database = DevDatabase(data_dir=work / "db", port=free_port())
     database.start()
-    http_port = free_port()
-    env = {
-        "MONGODB_URI": database.uri,
-        "OTPGATE_KEYS": Keyring.generate_spec("faults1"),
-        "OTPGATE_ENV": "dev",
-        "OTPGATE_SANDBOX": "true",
-        "OTPGATE_EDGE_HTTP_PORT": str(http_port),
+    # Work left behind by a killed process is found within a second, and its claims and bot leases
+    # lapse in seconds (not 30): the tests wait for that, not for production's margins. Each person
+    # gets many messages, and retries come in bursts: limits are not what is tested.
+    overrides = {
         "OTPGATE_SHARED_BOTS": BOT,
-        # Work left behind by a killed process is found within a second, and its claims and bot leases
-        # lapse in seconds (not 30): the tests wait for that, not for production's margins.
         "OTPGATE_DELIVERY_IDLE_POLL_INTERVAL": "1",
         "OTPGATE_DELIVERY_LEASE": "5",
         "OTPGATE_BOTGATEWAY_LEASE_TTL": "9",
         "OTPGATE_BOTGATEWAY_LEASE_RENEW": "1",
-        # Each person gets many messages, and retries come in bursts: limits are not what is tested.
         "OTPGATE_DELIVERY_LIMIT_PHONE_SHORT": "100000/600",
         "OTPGATE_DELIVERY_LIMIT_PHONE_DAILY": "100000/86400",
         "OTPGATE_EDGE_IP_RATE": "100000",
@@ -98,24 +90,14 @@ async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faul
         "OTPGATE_EDGE_KEY_RATE": "100000",
         "OTPGATE_EDGE_KEY_BURST": "100000",
     }
-    stack = ProcessStack(
-        env=env,
-        log_dir=work / "logs",
-        ports={name: free_port() for name in SERVICES},
-        metrics_ports={name: free_port() for name in SERVICES},
-    )
-    stack.start()
     try:
-        await stack.wait_healthy(timeout=120)
-        assert await stack.wait_bots(timeout=120) == [], "botgateway's bot sessions did not start"
-        system = System(stack=stack, env=env, http=f"http://127.0.0.1:{http_port}")
-        created = system.cli("clients", "create", "faults-shop")
-        faulty = Faulty(system, database, str(created["key"]))
-        async with aiohttp.ClientSession() as session:
-            await asyncio.gather(*(_connect(session, system, person) for person in range(PEOPLE)))
-        yield faulty
+        async with running_system(database.uri, work / "logs", **overrides) as system:
+            created = system.cli("clients", "create", "faults-shop")
+            faulty = Faulty(system, database, str(created["key"]))
+            async with aiohttp.ClientSession() as session:
+                await asyncio.gather(*(_connect(session, system, person) for person in range(PEOPLE)))
+            yield faulty
     finally:
-        stack.stop()
         database.stop()
 
 
