@@ -24,6 +24,10 @@ expiry (decided with the clock at the moment of the decision) cannot approve aft
 Failed checks also count per number, across records and clients (`check_capped`): a check of a
 pending record first reserves one failure from the number's capped counter (core/counters.py)
 and gives it back unless the code was wrong, so the cap holds however many checks race.
+
+A check compared elsewhere (a code the Telegram Gateway made) that gets no verdict, because the
+Gateway or delivery is away, gives its attempt slot back as well: the person keeps the attempt,
+and the next check takes the lowest free slot.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class View:
     attempts: int
     send_count: int
     last_send: Document | None
+    # The lowest attempt slot not taken: attempts + 1, unless a check gave one back below that.
+    first_free_attempt: int = 1
 
     @property
     def id(self) -> str:
@@ -249,13 +255,15 @@ class CodeEngine:
         fence = next((doc for doc in slots if doc.get("kind") == "final"), None)
         if record["status"] == PENDING and fence is not None:
             record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record
-        attempts = sum(1 for doc in slots if doc.get("kind") == "attempt")
+        taken = {int(doc["n"]) for doc in slots if doc.get("kind") == "attempt"}
+        attempts = len(taken)
+        free = next(n for n in range(1, len(taken) + 2) if n not in taken)
         sends = [doc for doc in slots if doc.get("kind") == "send"]
         last_send = max(sends, key=lambda doc: int(doc["n"]), default=None)
         status = str(record["status"])
         if status == PENDING and self.is_lapsed(record):
             status = EXPIRED
-        return View(record, status, attempts, int(last_send["n"]) if last_send else 0, last_send)
+        return View(record, status, attempts, int(last_send["n"]) if last_send else 0, last_send, free)
 
     async def load(self, record_id: str, extra: dict[str, Any] | None = None) -> View | None:
         record = await self.collection.find_one({"_id": record_id, **(extra or {})})
@@ -318,7 +326,7 @@ class CodeEngine:
         if self.is_lapsed(view.record):
             return await self._expired(view)
         max_attempts = int(view.record["max_attempts"])
-        number = view.attempts + 1
+        number = view.first_free_attempt
         while number <= max_attempts and not await self._take_slot(view.id, "attempt", number, self.clock.now()):
             number += 1
         if number > max_attempts:
@@ -326,9 +334,15 @@ class CodeEngine:
             if after.record["status"] == PENDING and not self.is_lapsed(after.record):
                 return CheckResult(CheckOutcome.EXHAUSTED, after)
             return self._classify_final(after)
-        right = (
-            await matches(code) if matches else self.keyring.code_matches(str(view.record["code_hash"]), view.id, code)
-        )
+        if matches is None:
+            right = self.keyring.code_matches(str(view.record["code_hash"]), view.id, code)
+        else:
+            try:
+                right = await matches(code)
+            except BaseException:
+                # Nothing was compared (the Gateway did not answer): the attempt is given back.
+                await self.store.slots.delete_one({"_id": self.slot_id(view.id, "attempt", number)})
+                raise
         if right:
             if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
                 return await self._expired(view)

@@ -52,16 +52,21 @@ def new_phone() -> str:
 @dataclass
 class LossyGateway:
     """Between delivery and the local Gateway: passes every call on, and for the sends named in
-    `lose` holds the answer back past delivery's timeout (the send happened, its answer is lost)."""
+    `lose` holds the answer back past delivery's timeout (the send happened, its answer is lost).
+    While `down`, nothing reaches the Gateway and every call gets a 502 without a JSON body, as
+    from a load balancer in front of a Gateway that is away."""
 
     target: str
     lose: int = 0
     calls: list[str] = field(default_factory=list)
     url: str = ""
+    down: bool = False
 
     async def handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         self.calls.append(method)
+        if self.down:
+            return web.Response(text="502 Bad Gateway", status=502)
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{self.target}/{method}", data=await request.read(), headers=request.headers) as answer,
@@ -430,3 +435,26 @@ async def test_a_code_the_gateway_makes_is_checked_through_the_gateway(world: Wo
         )
     )
     assert [v[0] for v in refused_start.field_violations] == ["gateway_code"]
+
+
+async def test_a_gateway_code_check_during_an_outage_uses_up_no_attempt(world: World) -> None:
+    user, phone = await world.person()
+    start = verification_pb2.StartVerificationRequest(
+        client_id="shop", phone=phone, channel=C.CHANNEL_TELEGRAM_GATEWAY, gateway_code=True, code_length=5
+    )
+    started = (await world.verification.StartVerification(start)).verification
+    code = re.search(r"\d{5}", (await world.codes(user))[0])
+    assert code is not None
+    check = verification_pb2.CheckVerificationRequest(client_id="shop", id=started.id, code=code.group())
+    world.lossy.down = True
+    for _ in range(6):  # more than its five attempts: none of them is used up
+        failure = await refused(world.verification.CheckVerification(check))
+        assert failure.code.name == "UNAVAILABLE" and failure.retry_after
+    world.lossy.down = False
+    get = verification_pb2.GetVerificationRequest(client_id="shop", id=started.id)
+    pending = (await world.verification.GetVerification(get)).verification
+    assert pending.status == C.VERIFICATION_STATUS_PENDING and pending.check_attempts_left == 5
+    check.code = "00000" if code.group() != "00000" else "11111"
+    assert (await world.verification.CheckVerification(check)).verification.check_attempts_left == 4
+    check.code = code.group()
+    assert (await world.verification.CheckVerification(check)).verification.status == C.VERIFICATION_STATUS_APPROVED
