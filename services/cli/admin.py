@@ -82,23 +82,29 @@ def _regions(text: str) -> list[str]:
 
 
 def parse_ladder(text: str) -> list[common_pb2.LadderStep]:
-    """`telegram,telegram_gateway:RU+KZ:500,sms`: channels in order, each with optional countries
-    (joined by +) and a daily cap; '' clears the ladder."""
+    """`telegram,telegram_gateway:RU+KZ:500:60s,sms`: channels in order, each with optional
+    countries (joined by +), a daily cap and (the Gateway) the seconds after which a code not yet
+    delivered falls back to the next rung; '' clears the ladder."""
     steps: list[common_pb2.LadderStep] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, rest = part.partition(":")
-        countries, _, cap = rest.partition(":")
+        countries, _, rest = rest.partition(":")
+        cap, _, after = rest.partition(":")
         if name.lower() not in LADDER_CHANNELS:
             raise argparse.ArgumentTypeError(f"unknown channel {name!r}: use {', '.join(LADDER_CHANNELS)}")
         if cap and not cap.isdigit():
             raise argparse.ArgumentTypeError(f"daily cap {cap!r} of {name} is not a whole number")
-        steps.append(
-            common_pb2.LadderStep(
-                channel=LADDER_CHANNELS[name.lower()],
-                countries=[c.strip().upper() for c in countries.split("+") if c.strip()],
-                daily_cap=int(cap or 0),
-            )
+        seconds = after.strip().lower().removesuffix("s")
+        if after and not seconds.isdigit():
+            raise argparse.ArgumentTypeError(f"fallback time {after!r} of {name} is not a number of seconds, e.g. 60s")
+        step = common_pb2.LadderStep(
+            channel=LADDER_CHANNELS[name.lower()],
+            countries=[c.strip().upper() for c in countries.split("+") if c.strip()],
+            daily_cap=int(cap or 0),
         )
+        if after:
+            step.fallback_after.seconds = int(seconds)
+        steps.append(step)
     return steps
 
 
@@ -108,7 +114,9 @@ def describe_ladder(steps: Sequence[common_pb2.LadderStep]) -> str:
     for step in steps:
         where = "+".join(step.countries) or "any country"
         cap = f", {step.daily_cap}/day" if step.daily_cap else ""
-        out.append(f"{names.get(int(step.channel), str(step.channel))} ({where}{cap})")
+        after = step.fallback_after.seconds if step.HasField("fallback_after") else 0
+        falls = f", falls back after {after} s undelivered" if after else ""
+        out.append(f"{names.get(int(step.channel), str(step.channel))} ({where}{cap}{falls})")
     return " -> ".join(out) or "(bot, then SMS with sms_fallback)"
 
 
@@ -254,9 +262,10 @@ def _register_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     put.add_argument(
         "--ladder",
         type=parse_ladder,
-        metavar="CH[:CC+CC[:CAP]],..",
+        metavar="CH[:CC+CC[:CAP[:AFTER]]],..",
         help=(
-            "channels AUTO tries in order, e.g. telegram,telegram_gateway:RU+KZ:500,sms "
+            "channels AUTO tries in order, e.g. telegram,telegram_gateway:RU+KZ:500:60s,sms: a Gateway code "
+            "not delivered 60 s after it went out is revoked and, once Telegram says it is, sent by SMS "
             f"(channels: {', '.join(LADDER_CHANNELS)}; '' for the default: bot, then SMS with --sms-fallback)"
         ),
     )

@@ -3,9 +3,10 @@
 Every change to a message happens under its claim (claims.py); `run_claimed` is the one place an
 attempt's outcome is written, the claim released and the status change announced (notify.py).
 An attempt: an open message past its ttl expires; a HELD one only (re)starts its confirmation;
-otherwise it climbs its ladder (ladder.py) from the rung it is on. The bot rung: the directory
-names the person's bots (routing.py), a number due for re-confirmation is held (hold.py), and the
-bot leg tries the candidates (legs.py). The Gateway rung (gateway_leg.py) and the SMS rung are
+otherwise it climbs its ladder (ladder.py) from the rung it is on; a SENT Gateway code whose
+rung's fallback_after passed undelivered is revoked, and climbs only once the Gateway says it is
+revoked (`_fall_back`). The bot rung: the directory names the person's bots (routing.py), a
+number due for re-confirmation is held (hold.py), and the bot leg tries the candidates (legs.py). The Gateway rung (gateway_leg.py) and the SMS rung are
 paid: admitted now if they were not at acceptance (sms_admission.py). A rung that failed for good
 passes the message to the next; when none is left it fails with the first reason given.
 
@@ -23,7 +24,7 @@ replicas never try one message at once, and a replica that dies leaves its lease
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from otpgate.common.v1 import common_pb2
@@ -53,6 +54,8 @@ from services.delivery.record import (
     GATEWAY,
     HELD,
     OPEN_STATUSES,
+    QUEUED,
+    READ,
     REASON_NAMES,
     SENT,
     SMS,
@@ -112,18 +115,23 @@ class Dispatcher:
         """Claim due messages (QUEUED and due, or HELD whose confirmation must be started again)."""
         now = self.clock.now()
         batch = limit or self.settings.batch
-        due = [*await self.store.due(now, batch), *await self.store.held_needing_confirmation(now, batch)]
+        due = [
+            *await self.store.due(now, batch),
+            *await self.store.held_needing_confirmation(now, batch),
+            *await self.store.fallback_due(now, batch),
+        ]
         claimed: list[tuple[MessageRecord, Claim]] = []
         for record in due:
             claim = await self.claim(record)
             if claim is None:
                 continue
             fresh = await self.store.get(record.id)
-            if fresh is None or fresh.status not in OPEN_STATUSES:
+            if fresh is None or not (fresh.status in OPEN_STATUSES or _fallback_due(fresh)):
                 await self.claims.release(claim)
                 continue
             await self.store.write(record.id, {"lease_until": claim.lease_until, "claim_seq": claim.seq})
-            metrics.dispatch_lag_seconds.observe(max(0.0, (now - fresh.next_attempt_at).total_seconds()))
+            due_at = fresh.fallback_at if _fallback_due(fresh) else fresh.next_attempt_at
+            metrics.dispatch_lag_seconds.observe(max(0.0, (now - (due_at or now)).total_seconds()))
             claimed.append((fresh, claim))
         return claimed
 
@@ -159,7 +167,7 @@ class Dispatcher:
             record = await self.hold.start(record)
             status = record.status
         await self.claims.release(claim)
-        if status != started:
+        if status != started or "revoked_request_id" in changes:  # a fallback may go SENT -> SENT
             await self.notifier.changed(record)
         return record
 
@@ -178,6 +186,8 @@ class Dispatcher:
         status, reason = record.status_at(now)
         if status == EXPIRED:
             return Outcome({"status": EXPIRED, "failure_reason": reason})
+        if _fallback_due(record):
+            return await self._fall_back(record)
         if status not in OPEN_STATUSES:
             return Outcome()
         if status == HELD:
@@ -229,6 +239,8 @@ class Dispatcher:
                 out, failed = await self._bot_rung(record, e164, resolution)
             elif rung.channel == GATEWAY:
                 out, failed = await self._gateway_rung(record, e164)
+                if out is not None and out.changes.get("status") == SENT:
+                    out.changes["fallback_at"] = self._fallback_at(record, ladder, index)
             else:
                 out, failed = await self._sms_rung(record, e164)
             if out is not None:
@@ -240,6 +252,68 @@ class Dispatcher:
             metrics.ladder_fallbacks_total.labels(CHANNEL_NAMES[rung.channel], REASON_NAMES.get(reason, "")).inc()
         progress.pop("failure_reason", None)
         return Outcome({**progress, "status": FAILED, "failure_reason": reason or R.FAILURE_REASON_NOT_CONNECTED})
+
+    def _fallback_at(self, record: MessageRecord, ladder: tuple[Rung, ...], index: int) -> datetime | None:
+        """When a code the Gateway accepted, not yet delivered, is revoked to climb: its rung's
+        fallback_after from now, if a rung after it serves the number and the ttl lasts till then."""
+        after = ladder[index].fallback_after
+        if not after or not any(rung.serves(record.region) for rung in ladder[index + 1 :]):
+            return None
+        at = self.clock.now() + timedelta(seconds=after)
+        return at if at < record.expire_at else None
+
+    async def _fall_back(self, record: MessageRecord) -> Outcome:
+        """A Gateway code still undelivered at its fallback time: revoke it, ask where it is, and
+        climb only if the Gateway says it did not reach the person (revoked, or expired there).
+        Delivered or read first: the revoke lost the race, the message is DELIVERED or READ. Still
+        "sent", or no answer: the revoke may not have applied yet, so ask again later."""
+        now = self.clock.now()
+        if now >= record.expire_at:
+            return Outcome({"fallback_at": None})  # its ttl is over: the Gateway's expiry ends it
+        checked = await self.gateway.revoke_and_check(record)
+        delivery = checked.delivery if checked is not None else ""
+        if checked is None or delivery == "sent":
+            wait = self.settings.backoff(0) if checked is None else self.gateway.poll_interval
+            return Outcome({"fallback_at": now + timedelta(seconds=wait)})
+        if delivery in ("delivered", "read"):
+            log.info("ladder_fallback_too_late", message_id=record.id, delivery=delivery)
+            reached: MessageChanges = {"fallback_at": None, "status": READ if delivery == "read" else DELIVERED}
+            at = datetime.fromtimestamp(checked.delivery_time, UTC) if checked.delivery_time else now
+            reached["delivered_at"] = record.delivered_at or at
+            if delivery == "read":
+                reached["read_at"] = now
+            return Outcome(reached)
+        if delivery not in ("revoked", "expired"):
+            return Outcome({"fallback_at": None})  # nothing Telegram documents: leave it to its ttl
+        refunded = checked.is_refunded or bool(record.refunded)
+        if checked.is_refunded and not record.refunded:
+            await self.store.refund_usage(record.id)
+        climbing: MessageChanges = {
+            "status": QUEUED,
+            "rung": record.rung + 1,
+            "fallback_at": None,
+            "revoked_request_id": record.provider_id,
+            "revoked_cost_micros": 0 if refunded else record.cost_micros,
+            "refunded": refunded,
+            "gateway_state": "revoked",
+            "provider_id": None,
+            "cost_micros": None,
+            "sent_at": None,
+            "sms_poll_at": None,
+            "sms_poll_until": None,
+            "next_attempt_at": now,
+        }
+        waited = (now - record.sent_at).total_seconds() if record.sent_at else 0.0
+        log.info("ladder_fallback_on_timeout", message_id=record.id, delivery=delivery, waited_s=round(waited, 1))
+        metrics.ladder_fallbacks_total.labels(CHANNEL_NAMES[GATEWAY], "NOT_DELIVERED").inc()
+        record = record.updated(climbing)
+        # The ladder as it was when the code went out (the Gateway rung in it), so `rung` points on.
+        ladder = rungs(record, await self.policies.get(record.client_id), gateway_usable=True)
+        out = await self._climb(record, self.crypto.open_phone(record), ladder, None)
+        changes: MessageChanges = {**climbing, **out.changes}
+        if changes.get("status") in OPEN_STATUSES:
+            changes["purge_at"] = None  # open again: the text stays until it is sent
+        return Outcome(changes, start_confirmation=out.start_confirmation)
 
     async def _bot_rung(
         self, record: MessageRecord, e164: str, resolution: directory_pb2.ResolvePhoneResponse | None
@@ -348,3 +422,7 @@ class Dispatcher:
             return Outcome({"failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED})
         await self.fraud.record_sms(record.id, leg, record.phone_index, admitted)
         return None
+
+
+def _fallback_due(record: MessageRecord) -> bool:
+    return record.status == SENT and record.channel == GATEWAY and record.fallback_at is not None

@@ -183,6 +183,22 @@ class GatewayLeg:
         status = await self.client.check_verification_status(await self.token_for(record), record.provider_id, code)
         return status.verification
 
+    async def revoke_and_check(self, record: MessageRecord) -> GatewayStatus | None:
+        """Revokes a sent code, then asks where it is (None: no answer). Telegram takes a revoke
+        as a request, not a promise: a code delivered or read before it arrived stays, so only the
+        status after it says whether the person can still get the code."""
+        if self.client is None or not record.provider_id:
+            return None
+        await self.revoke(record)
+        try:
+            status = await self.client.check_verification_status(await self.token_for(record), record.provider_id)
+        except GatewayFailure as failure:
+            metrics.gateway_calls_total.labels("checkVerificationStatus", failure.error).inc()
+            log.info("gateway_status_unknown", message_id=record.id, error=failure.error)
+            return None
+        metrics.gateway_calls_total.labels("checkVerificationStatus", "ok").inc()
+        return status
+
     async def revoke(self, record: MessageRecord) -> bool:
         """Asks the Gateway to take back a sent code (it stays if the person already has it)."""
         if self.client is None or not record.provider_id:

@@ -8,7 +8,10 @@ report stamped more than report_max_age from our clock is refused (tg_gateway.py
 
     sent -> delivered -> read     SENT -> DELIVERED -> READ (delivered_at, read_at)
     expired (not delivered)       SENT -> EXPIRED (TTL_EXPIRED); its fee refunded
-    revoked                       nothing more (CancelMessage already made it CANCELED)
+    revoked                       nothing more (CancelMessage made it CANCELED, or it climbed)
+
+A message that climbed past its revoked code (dispatch.py `_fall_back`) is still found by that
+request id (`revoked_request_id`); its reports then only bring a refund, if Telegram makes one.
 
 A refund (`is_refunded`) sets the message's cost and its usage record's to 0, once.
 
@@ -100,17 +103,30 @@ class GatewayReports:
         changes: MessageChanges = {"lease_until": EPOCH, "claim_seq": claim.seq}
         if status is None:
             status = GatewayStatus(request_id=record.provider_id or "", cost=0.0)
+        if status.request_id and status.request_id == fresh.revoked_request_id:
+            # The code revoked when the message climbed: only a refund of it still matters.
+            if status.is_refunded and not fresh.refunded:
+                changes.update({"refunded": True, "revoked_cost_micros": 0})
+                await self.store.refund_usage(record.id)
+            await self.store.write(record.id, changes)
+            await self.dispatcher.claims.release(claim)
+            return True
         at = datetime.fromtimestamp(status.delivery_time, UTC) if status.delivery_time else self.clock.now()
         target = {"delivered": DELIVERED, "read": READ}.get(status.delivery)
         if target is not None and _RANK.get(fresh.status, 9) < _RANK[target]:
-            changes.update({"status": target, "updated_at": self.clock.now()})
+            changes.update({"status": target, "updated_at": self.clock.now(), "fallback_at": None})
             if fresh.delivered_at is None:
                 changes["delivered_at"] = at
             if target == READ:
                 changes["read_at"] = at
         elif status.delivery == "expired" and fresh.status == SENT:
             changes.update(
-                {"status": EXPIRED, "failure_reason": common_pb2.FAILURE_REASON_TTL_EXPIRED, "updated_at": at}
+                {
+                    "status": EXPIRED,
+                    "failure_reason": common_pb2.FAILURE_REASON_TTL_EXPIRED,
+                    "updated_at": at,
+                    "fallback_at": None,
+                }
             )
         if status.is_refunded and not fresh.refunded:
             changes.update({"refunded": True, "cost_micros": 0})

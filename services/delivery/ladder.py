@@ -11,7 +11,8 @@ good: no bot will take it, the Gateway or SMS admission refused it, its daily ca
 Gateway said the number cannot be reached, or its check got no answer (nothing reached the person).
 An outcome that is not known (a bot or Gateway send without an answer, a temporary SMS error)
 keeps the message on its rung for the next try, so a code never goes out over two channels for
-one message. A rung's daily cap is counted once per message, when the message first reaches it
+one message. The one timeout: a Gateway rung's `fallback_after` (dispatch.py `_fall_back`) revokes
+a code still undelivered and climbs only once the Gateway says it is revoked, never delivered. A rung's daily cap is counted once per message, when the message first reaches it
 (`caps_taken`).
 """
 

@@ -2,7 +2,9 @@
 
 Called after the change is written and its claim released. The usage record (one per message,
 keyed by the message id, with the channel that delivered it and what that cost) is written when
-the message is first SENT, DELIVERED or READ; a repeat is refused by its `_id`. A webhook event
+the message is first SENT, DELIVERED or READ; a repeat is refused by its `_id`. A message whose
+Gateway code was revoked on a timeout and that climbed (dispatch.py `_fall_back`) keeps the
+Gateway's record and gets one more, `<message id>:<channel>`, for the leg that carried it. A webhook event
 (`<message id>:<STATUS>`) is queued in the outbox (webhooks.py) for SENT, DELIVERED, READ, FAILED,
 EXPIRED and CANCELED when the message has a callback_url.
 """
@@ -18,6 +20,7 @@ from services.delivery.record import (
     DELIVERED,
     EXPIRED,
     FAILED,
+    GATEWAY,
     READ,
     SENT,
     SMS,
@@ -48,8 +51,10 @@ class StatusNotifier:
                 metrics.accept_to_sent_seconds.observe(max(0.0, (record.sent_at - record.created_at).total_seconds()))
             day = record.sent_at.strftime("%Y-%m-%d")
             cost = record.cost_micros or 0
+            # A message that climbed past a revoked Gateway code has a second record, of its next leg.
+            usage_id = f"{record.id}:{channel}" if record.revoked_request_id and channel != GATEWAY else record.id
             if await self.store.count_usage(
-                record.id,
+                usage_id,
                 record.client_id,
                 day,
                 channel,

@@ -30,14 +30,28 @@ LADDER_CHANNELS = (common_pb2.CHANNEL_TELEGRAM, common_pb2.CHANNEL_TELEGRAM_GATE
 
 @dataclass(frozen=True)
 class Rung:
-    """One rung of a client's ladder: a channel, the regions it serves (empty: any), a daily cap."""
+    """One rung of a client's ladder: a channel, the regions it serves (empty: any), a daily cap,
+    and (the Gateway rung) how long a code may stay undelivered before the message climbs."""
 
     channel: int
     countries: tuple[str, ...] = ()
     daily_cap: int = 0
+    fallback_after: float = 0.0  # seconds; 0: wait for the ttl
 
     def serves(self, region: str) -> bool:
         return not self.countries or region in self.countries
+
+
+# A Gateway rung's fallback_after, s: Telegram's shortest ttl is 30 s and its longest 3600 s; a
+# code is usually delivered within seconds when the person's device is online.
+FALLBACK_AFTER = (15.0, 3600.0)
+
+
+def _step(rung: Rung) -> common_pb2.LadderStep:
+    step = common_pb2.LadderStep(channel=rung.channel, countries=list(rung.countries), daily_cap=rung.daily_cap)  # type: ignore[arg-type]
+    if rung.fallback_after:
+        step.fallback_after.FromNanoseconds(round(rung.fallback_after * 1e9))
+    return step
 
 
 RATE_LIMIT_FIELDS = ("client", "phone_short", "phone_daily", "ip_sms", "session", "reachability")
@@ -104,10 +118,7 @@ class Policy:
             fraud_mode=self.fraud_mode,  # type: ignore[arg-type]
             allow_custom_code=self.allow_custom_code,
             webhook_secret_set=bool(self.webhook_secret_sealed),
-            ladder=[
-                common_pb2.LadderStep(channel=r.channel, countries=list(r.countries), daily_cap=r.daily_cap)  # type: ignore[arg-type]
-                for r in self.ladder
-            ],
+            ladder=[_step(r) for r in self.ladder],
             telegram_gateway_token_set=bool(self.gateway_token_sealed),
         )
         if self.update_time is not None:
@@ -143,7 +154,12 @@ def _from_doc(doc: Document) -> Policy:
         update_time=as_utc(doc["update_time"]) if doc.get("update_time") else None,
         stored=True,
         ladder=tuple(
-            Rung(int(r["channel"]), tuple(r.get("countries", ())), int(r.get("daily_cap", 0)))
+            Rung(
+                int(r["channel"]),
+                tuple(r.get("countries", ())),
+                int(r.get("daily_cap", 0)),
+                float(r.get("fallback_after", 0.0)),
+            )
             for r in doc.get("ladder") or ()
         ),
         gateway_token_sealed=bytes(doc["telegram_gateway_token"]) if doc.get("telegram_gateway_token") else None,
@@ -167,7 +183,13 @@ def _to_doc(policy: Policy) -> Document:
         "webhook_secret": policy.webhook_secret_sealed,
         "update_time": policy.update_time,
         "ladder": [
-            {"channel": r.channel, "countries": list(r.countries), "daily_cap": r.daily_cap} for r in policy.ladder
+            {
+                "channel": r.channel,
+                "countries": list(r.countries),
+                "daily_cap": r.daily_cap,
+                **({"fallback_after": r.fallback_after} if r.fallback_after else {}),
+            }
+            for r in policy.ladder
         ],
         "telegram_gateway_token": policy.gateway_token_sealed,
     }
@@ -227,6 +249,18 @@ def _validate(proto: common_pb2.ClientPolicy, paths: set[str]) -> None:
             seen.add(step.channel)
             if step.daily_cap < 0:
                 problems.add(f"policy.ladder[{i}].daily_cap", "must be >= 0")
+            if step.HasField("fallback_after"):
+                after = step.fallback_after.seconds + step.fallback_after.nanos / 1e9
+                if step.channel != common_pb2.CHANNEL_TELEGRAM_GATEWAY:
+                    problems.add(
+                        f"policy.ladder[{i}].fallback_after",
+                        "only the TELEGRAM_GATEWAY rung can fall back on a timeout (it alone says a message "
+                        "was not delivered, and can revoke it)",
+                    )
+                elif i == len(proto.ladder) - 1:
+                    problems.add(f"policy.ladder[{i}].fallback_after", "needs a rung after it to fall back to")
+                elif not FALLBACK_AFTER[0] <= after <= FALLBACK_AFTER[1]:
+                    problems.add(f"policy.ladder[{i}].fallback_after", "must be between 15 seconds and 1 hour")
             for j, region in enumerate(step.countries):
                 if not _REGION.match(region.upper()):
                     problems.add(f"policy.ladder[{i}].countries[{j}]", "must be an ISO 3166-1 alpha-2 region, e.g. DE")
@@ -296,7 +330,12 @@ def apply_update(
         updated = replace(updated, gateway_token_sealed=keyring.seal(token, context) if token else None)
     if "ladder" in paths:
         ladder = tuple(
-            Rung(int(step.channel), tuple(sorted({r.upper() for r in step.countries})), int(step.daily_cap))
+            Rung(
+                int(step.channel),
+                tuple(sorted({r.upper() for r in step.countries})),
+                int(step.daily_cap),
+                step.fallback_after.seconds + step.fallback_after.nanos / 1e9,
+            )
             for step in proto.ladder
         )
         updated = replace(updated, ladder=ladder)

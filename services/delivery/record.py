@@ -91,6 +91,9 @@ class MessageChanges(TypedDict, total=False):
     read_at: datetime | None
     gateway_code_length: int | None
     bot_pinned: bool
+    fallback_at: datetime | None
+    revoked_request_id: str | None
+    revoked_cost_micros: int | None
 
 
 # Set once a leg has tried the message: absent from the document until then (None here).
@@ -111,6 +114,9 @@ _LATER = (
     "refunded",
     "read_at",
     "gateway_code_length",
+    "fallback_at",
+    "revoked_request_id",
+    "revoked_cost_micros",
 )
 
 
@@ -182,6 +188,12 @@ class MessageRecord:
     # A bot send's outcome is unknown: every try goes through bot_id to telegram_user_id again, with the
     # same request id, until Telegram settles it (legs.py). Absent from the document while False.
     bot_pinned: bool = False
+    # Fallback on timeout (dispatch.py `_fall_back`): when a SENT Gateway code not yet delivered is
+    # revoked so the message may climb; once it did, the revoked request and what it cost (0 once
+    # refunded), while `provider_id`, `channel` and `cost_micros` are the next rung's.
+    fallback_at: datetime | None = None
+    revoked_request_id: str | None = None
+    revoked_cost_micros: int | None = None
 
     @classmethod
     def from_doc(cls, doc: Document) -> MessageRecord:
@@ -245,6 +257,9 @@ class MessageRecord:
             gateway_code_length=int(doc["gateway_code_length"]) if doc.get("gateway_code_length") else None,
             code_sealed=_bytes(doc.get("code")),
             bot_pinned=bool(doc.get("bot_pinned")),
+            fallback_at=_moment(doc.get("fallback_at")),
+            revoked_request_id=_text(doc.get("revoked_request_id")),
+            revoked_cost_micros=int(doc["revoked_cost_micros"]) if doc.get("revoked_cost_micros") is not None else None,
         )
 
     def to_doc(self) -> Document:
@@ -335,7 +350,7 @@ class MessageRecord:
             protect_content=self.protect_content,
             callback_url=self.callback_url,
             attempts=self.attempts,
-            cost=(self.cost_micros or 0) / 1_000_000,
+            cost=((self.cost_micros or 0) + (self.revoked_cost_micros or 0)) / 1_000_000,
         )
         if self.delete_after:
             message.delete_after.CopyFrom(duration_pb2.Duration(seconds=self.delete_after))

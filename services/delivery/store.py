@@ -75,6 +75,8 @@ class Store:
         await ensure_index(m, [("sms_poll_at", 1)])
         await ensure_index(m, [("provider_id", 1)])  # pushed delivery reports (SMPP receipts)
         await ensure_index(m, [("purge_at", 1)])
+        await ensure_index(m, [("fallback_at", 1)])  # Gateway codes to revoke so they may climb
+        await ensure_index(m, [("revoked_request_id", 1)])  # reports of a revoked Gateway request
         await ensure_index(self.usage, [("c", 1), ("d", 1)])
         await ensure_index(self.usage, [("d", 1)])  # the purge
 
@@ -122,13 +124,15 @@ class Store:
         return _record(await self.messages.find_one({"provider_id": provider_id, "status": SENT}))
 
     async def gateway_message(self, request_id: str) -> MessageRecord | None:
-        """The message the Telegram Gateway knows by `request_id` (its reports name only that)."""
-        return _record(await self.messages.find_one({"provider_id": request_id, "channel": GATEWAY}))
+        """The message the Telegram Gateway knows by `request_id` (its reports name only that): the
+        one it went out as, or the one whose code was revoked there and climbed to another rung."""
+        query = {"$or": [{"provider_id": request_id, "channel": GATEWAY}, {"revoked_request_id": request_id}]}
+        return _record(await self.messages.find_one(query))
 
     async def write(self, message_id: str, changes: MessageChanges) -> None:
         """Write under the message's claim (see claims.py)."""
         await self.messages.update_one({"_id": message_id}, {"$set": changes})
-        for moment in (changes.get("next_attempt_at"), changes.get("sms_poll_at")):
+        for moment in (changes.get("next_attempt_at"), changes.get("sms_poll_at"), changes.get("fallback_at")):
             if moment is not None:
                 self.wakeup.at(moment)
 
@@ -170,6 +174,11 @@ class Store:
         query = {"status": QUEUED, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}}
         cursor = self.messages.find(query).sort("next_attempt_at", 1).limit(limit)
         return [MessageRecord.from_doc(doc) async for doc in cursor]
+
+    async def fallback_due(self, now: datetime, limit: int) -> list[MessageRecord]:
+        """SENT Gateway codes whose rung's fallback_after has passed (dispatch.py `_fall_back`)."""
+        query = {"status": SENT, "fallback_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        return await self._find(query, limit)
 
     async def held_needing_confirmation(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {

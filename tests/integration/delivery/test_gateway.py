@@ -10,7 +10,7 @@ import itertools
 import json
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
 from otpgate.verification.v1 import verification_pb2, verification_pb2_grpc
+from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 
 from services.core.clock import ManualClock
@@ -41,6 +42,9 @@ LADDER = [
     C.LadderStep(channel=C.CHANNEL_TELEGRAM_GATEWAY),
     C.LadderStep(channel=C.CHANNEL_SMS),
 ]
+# The Gateway rung falls back when its code is not delivered within a minute.
+FALLBACK = [LADDER[0], C.LadderStep(channel=C.CHANNEL_TELEGRAM_GATEWAY, fallback_after=ttl(60)), LADDER[2]]
+FELL_BACK = {"channel": "TELEGRAM_GATEWAY", "reason": "NOT_DELIVERED"}
 _ids = itertools.count(random.randrange(10**8, 9 * 10**8), 17)
 _numbers = itertools.count(random.randrange(10**6, 9 * 10**6))
 
@@ -54,19 +58,23 @@ class LossyGateway:
     """Between delivery and the local Gateway: passes every call on, and for the sends named in
     `lose` holds the answer back past delivery's timeout (the send happened, its answer is lost).
     While `down`, nothing reaches the Gateway and every call gets a 502 without a JSON body, as
-    from a load balancer in front of a Gateway that is away."""
+    from a load balancer in front of a Gateway that is away. `before` runs something on the
+    person's side just before a call of that method reaches the Gateway (a race, made certain)."""
 
     target: str
     lose: int = 0
     calls: list[str] = field(default_factory=list)
     url: str = ""
     down: bool = False
+    before: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
 
     async def handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         self.calls.append(method)
         if self.down:
             return web.Response(text="502 Bad Gateway", status=502)
+        if method in self.before:
+            await self.before.pop(method)()
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{self.target}/{method}", data=await request.read(), headers=request.headers) as answer,
@@ -157,6 +165,9 @@ class World:
     async def reports(self) -> None:
         """The local Gateway posts its due reports to the edge now (its loop would within 0.5 s)."""
         await self.gateway.post_due_reports()
+
+    async def online(self, user_id: int, online: bool = True) -> None:
+        await self.telegram.SetDeviceOnline(telegramsim_pb2.SetDeviceOnlineRequest(user_id=user_id, online=online))
 
     async def usage(self) -> dict[int, delivery_pb2.UsageRecord]:
         reply = await self.delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop"))
@@ -435,6 +446,117 @@ async def test_a_code_the_gateway_makes_is_checked_through_the_gateway(world: Wo
         )
     )
     assert [v[0] for v in refused_start.field_violations] == ["gateway_code"]
+
+
+async def test_a_code_not_delivered_in_time_is_revoked_and_only_then_goes_by_sms(world: World) -> None:
+    await world.policy(ladder=FALLBACK, sms_fallback=True, sms_countries_any=True)
+    engine = engine_of(world.stack)
+    user, phone = await world.person()
+    await world.online(user, False)  # the person's Telegram is offline
+    fell_back_before = REGISTRY.get_sample_value("otpgate_ladder_fallbacks_total", FELL_BACK) or 0
+    sent = await world.send(phone, "246810")
+    assert sent.status == C.MESSAGE_STATUS_SENT and sent.channel == C.CHANNEL_TELEGRAM_GATEWAY
+    world.clock.advance(59)
+    assert await engine.dispatch_due_once() == 0  # not yet
+    world.clock.advance(2)
+    world.lossy.down = True  # neither the revoke nor the status check is answered: it stays put
+    assert await engine.dispatch_due_once() == 1
+    waiting = await world.message(sent.id)
+    assert waiting.status == C.MESSAGE_STATUS_SENT and waiting.channel == C.CHANNEL_TELEGRAM_GATEWAY
+    assert await world.inbox(phone) == []
+    world.lossy.down = False
+    world.clock.advance(5)
+    assert await engine.dispatch_due_once() == 1
+    assert world.lossy.calls[-2:] == ["revokeVerificationMessage", "checkVerificationStatus"]
+    fell = await world.message(sent.id)
+    assert fell.channel == C.CHANNEL_SMS and fell.status == C.MESSAGE_STATUS_DELIVERED
+    assert await world.inbox(phone) == ["Your code: 246810"]
+    # Telegram refunds a code not delivered within its ttl; a revoked one keeps its fee.
+    assert fell.cost == pytest.approx(0.06) and await world.balance() == pytest.approx(4.99)
+    usage = await world.usage()
+    assert {ch: (u.messages, round(u.cost, 2)) for ch, u in usage.items()} == {
+        C.CHANNEL_TELEGRAM_GATEWAY: (1, 0.01),
+        C.CHANNEL_SMS: (1, 0.05),
+    }
+    assert REGISTRY.get_sample_value("otpgate_ladder_fallbacks_total", FELL_BACK) == fell_back_before + 1
+    await world.online(user)
+    assert await world.codes(user) == []  # revoked before it reached the device: one code in all
+    await world.reports()  # the Gateway's "revoked" report finds the message and changes nothing
+    after = await world.message(sent.id)
+    assert after.channel == C.CHANNEL_SMS and after.status == C.MESSAGE_STATUS_DELIVERED
+    world.clock.advance(3600)
+    assert await engine.dispatch_due_once() == 0
+
+
+async def test_a_code_delivered_as_its_revoke_leaves_is_not_sent_again(world: World) -> None:
+    await world.policy(ladder=FALLBACK, sms_fallback=True, sms_countries_any=True)
+    engine = engine_of(world.stack)
+    user, phone = await world.person()
+    await world.online(user, False)
+    sent = await world.send(phone, "135790")
+    world.clock.advance(61)
+
+    async def device_back() -> None:
+        await world.online(user)
+
+    world.lossy.before["revokeVerificationMessage"] = device_back  # the code lands first
+    assert await engine.dispatch_due_once() == 1
+    kept = await world.message(sent.id)
+    assert kept.status == C.MESSAGE_STATUS_DELIVERED and kept.channel == C.CHANNEL_TELEGRAM_GATEWAY
+    assert await world.inbox(phone) == [] and len(await world.codes(user)) == 1
+    assert {ch: u.messages for ch, u in (await world.usage()).items()} == {C.CHANNEL_TELEGRAM_GATEWAY: 1}
+    world.clock.advance(60)
+    assert await engine.dispatch_due_once() == 0
+
+
+async def test_no_fallback_without_a_rung_after_that_can_take_the_message(world: World) -> None:
+    await world.policy(ladder=FALLBACK, sms_fallback=False)  # the SMS rung needs sms_fallback
+    engine = engine_of(world.stack)
+    user, phone = await world.person()
+    await world.online(user, False)
+    sent = await world.send(phone, "975310")
+    world.clock.advance(61)
+    assert await engine.dispatch_due_once() == 0
+    assert (await world.message(sent.id)).status == C.MESSAGE_STATUS_SENT
+    assert "revokeVerificationMessage" not in world.lossy.calls
+
+
+async def test_fallback_after_is_for_a_gateway_rung_with_a_rung_after_it(world: World) -> None:
+    gateway, bot, sms = FALLBACK[1], LADDER[0], LADDER[2]
+    on_bot = C.LadderStep(channel=C.CHANNEL_TELEGRAM, fallback_after=ttl(60))
+    cases = {
+        "only the TELEGRAM_GATEWAY rung can fall back": [on_bot, sms],
+        "needs a rung after it to fall back to": [bot, gateway],
+        "must be between 15 seconds and 1 hour": [
+            C.LadderStep(channel=C.CHANNEL_TELEGRAM_GATEWAY, fallback_after=ttl(5)),
+            sms,
+        ],
+    }
+    for why, ladder in cases.items():
+        failure = await refused(world.policy(ladder=ladder))
+        assert failure.code.name == "INVALID_ARGUMENT"
+        assert [(f, m[: len(why)]) for f, m in failure.field_violations] == [
+            (f"policy.ladder[{0 if ladder[0].HasField('fallback_after') else 1}].fallback_after", why)
+        ]
+    await world.policy(ladder=FALLBACK)
+    policy = await world.delivery.GetClientPolicy(delivery_pb2.GetClientPolicyRequest(client_id="shop"))
+    assert policy.policy.ladder[1].fallback_after.seconds == 60
+
+
+async def test_the_local_gateway_lets_a_revoke_or_a_delivery_win_never_both(world: World) -> None:
+    token = sandbox_gateway_token()
+    for _ in range(4):
+        user, phone = await world.person()
+        await world.online(user, False)
+        sent = await world.gateway.send_verification_message(token, {"phone_number": phone, "code": "8642"})
+        request = {"request_id": sent["request_id"]}
+        revoked, _ = await asyncio.gather(
+            world.gateway.revoke_verification_message(token, request), world.gateway.set_device_online(user, True)
+        )
+        assert revoked is True  # "received", whatever came of it, as Telegram answers
+        status = (await world.gateway.check_verification_status(token, request))["delivery_status"]["status"]
+        shown = await world.codes(user)
+        assert (status, len(shown)) in (("revoked", 0), ("delivered", 1))
 
 
 async def test_a_gateway_code_check_during_an_outage_uses_up_no_attempt(world: World) -> None:

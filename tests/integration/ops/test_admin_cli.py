@@ -156,7 +156,7 @@ async def test_the_ladder_a_clients_gateway_token_and_usage_per_channel(
         token_file = tmp_path / "token"
         token_file.write_text("my-own-gateway-token-0123456789\n")
         code, out, err = await _cli(
-            "--json", "policies", "set", acme.id, "--ladder", "telegram,telegram_gateway:RU+KZ:500,sms",
+            "--json", "policies", "set", acme.id, "--ladder", "telegram,telegram_gateway:RU+KZ:500:90s,sms",
             "--sms-fallback", "--telegram-gateway-token-from", str(token_file),
         )  # fmt: skip
         assert code == 0, err
@@ -170,16 +170,20 @@ async def test_the_ladder_a_clients_gateway_token_and_usage_per_channel(
             "channel": "CHANNEL_TELEGRAM_GATEWAY",
             "countries": ["KZ", "RU"],
             "daily_cap": 500,
+            "fallback_after": "90s",
         }
         assert policy["telegram_gateway_token_set"] is True and "my-own-gateway-token" not in out
         code, out, err = await _cli("policies", "get", acme.id)
         assert (
-            "telegram (any country) -> telegram_gateway (KZ+RU, 500/day) -> sms (any country)" in out
+            "telegram (any country) -> telegram_gateway (KZ+RU, 500/day, falls back after 90 s undelivered) -> sms (any country)"
+            in out
             and "the client's own" in out
         )
         with pytest.raises(SystemExit) as refused:  # argparse's usage error, exit code 2
             await _cli("policies", "set", acme.id, "--ladder", "fax")
         assert refused.value.code == 2
+        code, out, err = await _cli("policies", "set", acme.id, "--ladder", "telegram:::60,sms")
+        assert code != 0 and "only the TELEGRAM_GATEWAY rung can fall back" in err + out
         # Usage: the client's own token is not one the Gateway knows (ACCESS_TOKEN_INVALID), so the
         # ladder goes on to SMS, at the sandbox's 0.05 a part.
         delivery = delivery_pb2_grpc.DeliveryServiceStub(stack.channel("delivery"))

@@ -896,6 +896,7 @@ class LadderStep(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     COUNTRIES_FIELD_NUMBER: _builtins.int
     DAILY_CAP_FIELD_NUMBER: _builtins.int
+    FALLBACK_AFTER_FIELD_NUMBER: _builtins.int
     channel: Global___Channel.ValueType
     """TELEGRAM, TELEGRAM_GATEWAY or SMS."""
     daily_cap: _builtins.int
@@ -904,16 +905,25 @@ class LadderStep(_message.Message):
     def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ISO 3166-1 alpha-2 regions this rung serves; empty: any (SMS also needs sms_countries)."""
 
+    @_builtins.property
+    def fallback_after(self) -> _duration_pb2.Duration:
+        """TELEGRAM_GATEWAY only, and only with a rung after it: a code not yet delivered this long
+        after the Gateway accepted it is revoked, and the message climbs once the Gateway reports it
+        revoked (never when it may have reached the person). 15 s to 1 hour; unset: it waits for
+        its ttl.
+        """
+
     def __init__(
         self,
         *,
         channel: Global___Channel.ValueType = ...,
         countries: _abc.Iterable[_builtins.str] | None = ...,
         daily_cap: _builtins.int = ...,
+        fallback_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fallback_after", b"fallback_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "countries", b"countries", "daily_cap", b"daily_cap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "countries", b"countries", "daily_cap", b"daily_cap", "fallback_after", b"fallback_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
