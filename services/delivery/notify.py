@@ -2,11 +2,13 @@
 
 Called after the change is written and its claim released. The usage record (one per message,
 keyed by the message id, with the channel that delivered it and what that cost) is written when
-the message is first SENT, DELIVERED or READ; a repeat is refused by its `_id`. A message whose
-Gateway code was revoked on a timeout and that climbed (dispatch.py `_fall_back`) keeps the
-Gateway's record and gets one more, `<message id>:<channel>`, for the leg that carried it. A webhook event
+the message is first SENT, DELIVERED or READ; a repeat is refused by its `_id`. A webhook event
 (`<message id>:<STATUS>`) is queued in the outbox (webhooks.py) for SENT, DELIVERED, READ, FAILED,
 EXPIRED and CANCELED when the message has a callback_url.
+
+A message whose Gateway code was revoked on a timeout and that climbed (dispatch.py `_fall_back`)
+keeps the Gateway's usage record and gets one more, `<message id>:<channel>`, for the leg that
+carried it; that leg's events end in `:<CHANNEL>`, so its SENT reaches the client as well.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ class StatusNotifier:
         channel = record.channel or record.requested_channel
         metrics.messages_total.labels(STATUS_NAMES[status], CHANNEL_NAMES.get(channel, ""), record.bot_id).inc()
         now = self.clock.now()
+        next_leg = bool(record.revoked_request_id) and channel != GATEWAY
         if status in (SENT, DELIVERED, READ) and record.sent_at and record.attempts:
             if status == SENT or record.sms_provider == "sandbox":
                 metrics.accept_to_sent_seconds.observe(max(0.0, (record.sent_at - record.created_at).total_seconds()))
             day = record.sent_at.strftime("%Y-%m-%d")
             cost = record.cost_micros or 0
             # A message that climbed past a revoked Gateway code has a second record, of its next leg.
-            usage_id = f"{record.id}:{channel}" if record.revoked_request_id and channel != GATEWAY else record.id
+            usage_id = f"{record.id}:{channel}" if next_leg else record.id
             if await self.store.count_usage(
                 usage_id,
                 record.client_id,
@@ -68,7 +71,7 @@ class StatusNotifier:
             await self.webhooks.enqueue(
                 record.client_id,
                 record.callback_url,
-                f"{record.id}:{STATUS_NAMES[status]}",
+                f"{record.id}:{STATUS_NAMES[status]}" + (f":{CHANNEL_NAMES[channel]}" if next_leg else ""),
                 event_payload(message, record.client_id, now),
             )
         log.info(

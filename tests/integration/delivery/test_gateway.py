@@ -449,12 +449,12 @@ async def test_a_code_the_gateway_makes_is_checked_through_the_gateway(world: Wo
 
 
 async def test_a_code_not_delivered_in_time_is_revoked_and_only_then_goes_by_sms(world: World) -> None:
-    await world.policy(ladder=FALLBACK, sms_fallback=True, sms_countries_any=True)
+    await world.policy(ladder=FALLBACK, sms_fallback=True, sms_countries_any=True, webhook_secret="s" * 16)
     engine = engine_of(world.stack)
     user, phone = await world.person()
     await world.online(user, False)  # the person's Telegram is offline
     fell_back_before = REGISTRY.get_sample_value("otpgate_ladder_fallbacks_total", FELL_BACK) or 0
-    sent = await world.send(phone, "246810")
+    sent = await world.send(phone, "246810", callback_url="http://127.0.0.1:9/otp-status")
     assert sent.status == C.MESSAGE_STATUS_SENT and sent.channel == C.CHANNEL_TELEGRAM_GATEWAY
     world.clock.advance(59)
     assert await engine.dispatch_due_once() == 0  # not yet
@@ -479,6 +479,9 @@ async def test_a_code_not_delivered_in_time_is_revoked_and_only_then_goes_by_sms
         C.CHANNEL_SMS: (1, 0.05),
     }
     assert REGISTRY.get_sample_value("otpgate_ladder_fallbacks_total", FELL_BACK) == fell_back_before + 1
+    events = world.stack.app("delivery").database["webhooks"].find({"_id": {"$regex": f"^{sent.id}:"}})
+    # The client hears of the Gateway's send, then of the SMS's (the sandbox delivers it at once).
+    assert sorted([doc["_id"].removeprefix(sent.id) async for doc in events]) == [":DELIVERED:SMS", ":SENT"]
     await world.online(user)
     assert await world.codes(user) == []  # revoked before it reached the device: one code in all
     await world.reports()  # the Gateway's "revoked" report finds the message and changes nothing
