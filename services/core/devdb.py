@@ -3,7 +3,8 @@
 Used by `otpgate dev` and the tests when MONGODB_URI is not set. The binary is built once
 into .cache/bin (ignored by git); later runs reuse it. tools/devdb/patches.json lists small
 patches to FerretDB, applied to a copy of the module: writes to one document are atomic as in
-MongoDB, duplicate keys on update are reported as such, and queries use the collection's indexes.
+MongoDB, duplicate keys on update are reported as such, and queries use the collection's indexes
+for their filters and, where an index gives their order, for their sorts.
 """
 
 from __future__ import annotations

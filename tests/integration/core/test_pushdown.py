@@ -11,15 +11,26 @@ answers to find (sorted, limited, skipped), count, distinct, update_many, find_o
 delete_many, and leave identical collections. MongoDB has no pushdown to switch off, so with
 MONGODB_URI set only that part is skipped.
 
+Sorted queries may walk an index instead of being sorted (sqlite/index_walk.go), when the values
+at the sort's fields are of one kind each. A second differential test holds that to the same
+standard: documents whose indexed fields hold one kind each (strings, dates, ObjectIDs, ints,
+bools; with nulls, missing fields and many ties) next to fields of mixed kinds, one that turns
+mixed halfway and one indexed only once it is mixed; sorted, skipped and limited finds and
+find_one_and_update, in both directions of compound indexes, with equality prefixes, ranges and
+page-token $or filters, must answer as with pushdown off. MongoDB leaves the order of ties open,
+so where a sort does not end in _id the sort keys of the answer are compared, not the documents.
+
 The other tests run on MongoDB too: a lookup by an indexed field reads about as many documents
-as it matches (serverStatus metrics.queryExecutor.scannedObjects, documents examined), and
-queries still match array elements once an indexed field holds arrays (a multikey index).
+as it matches (serverStatus metrics.queryExecutor.scannedObjects, documents examined), a sorted
+page through an index reads about its own documents, and queries still match array elements
+once an indexed field holds arrays (a multikey index).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -389,7 +400,143 @@ async def _deleted(result: Any) -> int:
     return int((await result).deleted_count)
 
 
-# The differential test -----------------------------------------------------------------------------
+# Sorted reads ---------------------------------------------------------------------------------------
+#
+# A collection with string ids whose indexed fields mostly hold one kind each, so that sorted
+# queries walk indexes: st (s, t desc, _id desc) as delivery lists messages, ti (t, i), o desc,
+# ks (k, s); g holds dates until updates store strings there; x and f (doubles) are mixed from the
+# start, and h gets its index once it is mixed.
+
+WALKED: list[list[tuple[str, int]]] = [
+    [("s", ASCENDING), ("t", DESCENDING), ("_id", DESCENDING)],
+    [("t", ASCENDING), ("i", ASCENDING)],
+    [("o", DESCENDING)],
+    [("k", ASCENDING), ("s", ASCENDING)],
+    [("g", ASCENDING), ("_id", ASCENDING)],
+    [("x", ASCENDING), ("t", ASCENDING)],
+    [("f", DESCENDING)],
+]
+KINDS: dict[str, list[Any]] = {
+    "s": ["", "a", "ab", "ab!", "b", "B", "é", "😀", "<&>", 'q"uote', "nul\x00x", "5", str(OIDS[0])],
+    "t": DATES,
+    "o": [*OIDS, ObjectId("ff" * 12), ObjectId("00" * 12)],
+    "i": [*INTS, *LONGS, Int64(7), 7],
+    "k": [True, False],
+    "g": DATES[1:4],
+    "f": [0.5, 2.0**60, 1.2345678901234568e-250, 8.530285511201364e278, 5.0, -2.5],  # FerretDB refuses NaN
+}
+
+
+def _kind_value(rng: random.Random, field: str) -> Any:
+    return rng.choice(KINDS[field]) if field in KINDS else _value(rng)
+
+
+def _ordered_document(rng: random.Random, i: int) -> Document:
+    doc: Document = {"_id": f"{rng.choice('abc')}{i:05d}"}
+    for field in ("s", "t", "o", "i", "k", "g", "x", "f", "h"):
+        roll = rng.random()
+        if roll < 0.85:
+            doc[field] = _kind_value(rng, field)
+        elif roll < 0.93:
+            doc[field] = None
+    return doc
+
+
+def _sort_key(value: Any) -> Any:
+    """A sort key as MongoDB compares it: null and missing alike, numbers by value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", Fraction(value))
+    return value
+
+
+async def _sorted(coll: AsyncCollection[Any], flt: Document, sort: list[tuple[str, int]], limit: int, skip: int) -> Any:
+    cursor = coll.find(flt, sort=sort, limit=limit, skip=skip)
+    if "_id" in dict(sort):
+        return await _rows(cursor)
+    # Ties have no order: the sort keys in order, and the documents as a set when all are read.
+    docs = [bson.decode(doc.raw) async for doc in cursor]
+    keys = [[_sort_key(doc.get(field)) for field, _ in sort] for doc in docs]
+    return keys, sorted(bson.encode(doc) for doc in docs) if not limit and not skip else len(docs)
+
+
+def _sorted_query(rng: random.Random, docs: list[Document]) -> tuple[Document, list[tuple[str, int]]]:
+    """A filter and a sort shaped to walk an index: an equality prefix of its keys, then keys to
+    sort by in its directions or reversed; sometimes bent so that no index fits."""
+    keys = rng.choice(WALKED)
+    prefix = rng.randrange(len(keys))
+    flt: Document = {}
+    for field, _ in keys[:prefix]:
+        flt[field] = rng.choice(docs).get(field, rng.choice(KINDS.get(field, ["a"])))
+    rest = keys[prefix:]
+    flip = rng.choice([1, 1, -1])
+    sort = [(field, direction * flip) for field, direction in rest[: rng.randint(1, len(rest))]]
+    bend = rng.randrange(10)
+    if bend == 0 and len(sort) > 1:
+        sort[-1] = (sort[-1][0], -sort[-1][1])  # directions that no walk gives
+    elif bend == 1:
+        sort.insert(0, (rng.choice(["s", "t", "i", "o", "k", "x", "h", "f"]), rng.choice([1, -1])))
+        sort = list(dict(reversed(sort)).items())[::-1]
+    if "_id" not in dict(sort) and rng.random() < 0.6:
+        sort.append(("_id", rng.choice([1, -1])))
+    first, direction = sort[0]
+    shape = rng.randrange(6)
+    after = rng.choice(docs)
+    if shape == 0 and first in KINDS:
+        flt[first] = {rng.choice(["$gt", "$gte", "$lt", "$lte"]): _kind_value(rng, first)}
+    elif shape == 1 and len(sort) > 1 and first != "_id":
+        # The next page after a document, as delivery's page tokens ask for it.
+        second, op = sort[1][0], "$lt" if direction < 0 else "$gt"
+        here = after.get(first)
+        flt["$or"] = [{first: {op: here}}, {first: here, second: {op: after.get(second)}}]
+    elif shape == 2:
+        field = rng.choice(["s", "t", "i", "k", "x", "_id"])
+        flt[field] = _field_filter(rng, field)
+    elif shape == 3:
+        flt["$or"] = [{first: _kind_value(rng, first)}, {first: {"$gte": _kind_value(rng, first)}, "k": True}]
+    return flt, sort
+
+
+async def _sorted_step(pair: Pair, rng: random.Random, docs: list[Document], step: int, read: list[int]) -> None:
+    """One sorted find (and every fifth, with a total order, a find_one_and_update); adds the
+    documents each server read to `read`."""
+    flt, sort = _sorted_query(rng, docs)
+    limit, skip = rng.choice([0, 1, 3, 21]), rng.choice([0, 0, 0, 2, 7])
+    what = f"step {step}: find({flt!r}, sort={sort!r}, limit={limit}, skip={skip})"
+    before = await _scanned(pair.reference.database), await _scanned(pair.subject.database)
+    await pair.same(what, lambda c: _sorted(c, flt, sort, limit, skip))
+    read[0] += await _scanned(pair.reference.database) - before[0]
+    read[1] += await _scanned(pair.subject.database) - before[1]
+    if step % 5 == 0 and "_id" in dict(sort):
+        await pair.same(
+            f"find_one_and_update {what}",
+            lambda c: c.find_one_and_update(
+                flt, {"$inc": {"claims": 1}}, sort=sort, return_document=ReturnDocument.AFTER
+            ),
+        )
+
+
+async def _exercise_sorted(pair: Pair, rng: random.Random, queries: int) -> tuple[int, int]:
+    """Returns the documents the reference and the dev database read for the sorted finds."""
+    for number, keys in enumerate(WALKED):
+        await pair.both(lambda c, keys=keys, number=number: c.create_index(keys, name=f"w{number}"))
+    docs = [_ordered_document(rng, i) for i in range(300)]
+    await pair.both(lambda c: c.insert_many(docs))
+    await pair.both(lambda c: c.create_index([("h", ASCENDING)], name="h"))
+    read = [0, 0]
+    for step in range(queries):
+        await _sorted_step(pair, rng, docs, step, read)
+        if step == queries // 2:
+            # g turns mixed: its index's order no longer holds.
+            await pair.both(lambda c: c.update_many({"_id": {"$gte": "b"}}, {"$set": {"g": "late"}}))
+        if step % 50 == 49:
+            extra = [_ordered_document(rng, 1000 + step * 10 + i) for i in range(5)]
+            await pair.both(lambda c, extra=extra: c.insert_many(extra))
+            await pair.both(lambda c: c.update_many({"k": False}, {"$unset": {"t": ""}, "$set": {"s": None}}))
+    await pair.same_contents("the sorted run")
+    return read[0], read[1]
+
+
+# The differential tests ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +558,21 @@ async def test_pushdown_answers_as_without_it(
         pair = Pair(reference.items, database.items)
         await _exercise(pair, random.Random(seed), filters=160)
         assert pair.operations > 1000
+    finally:
+        await without_pushdown.drop_database(database.name)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_sorted_reads_answer_as_without_pushdown(
+    seed: int, without_pushdown: AsyncMongoClient[Document], database: AsyncDatabase[Document]
+) -> None:
+    reference = without_pushdown[database.name]
+    try:
+        pair = Pair(reference.ordered, database.ordered)
+        without, walked = await _exercise_sorted(pair, random.Random(seed), queries=400)
+        assert pair.operations > 450
+        # Walks did happen: the dev database read a fraction of what the reference read.
+        assert walked < without / 2, f"sorted finds read {walked} documents with pushdown, {without} without"
     finally:
         await without_pushdown.drop_database(database.name)
 
@@ -467,6 +629,17 @@ async def test_lookups_by_indexed_fields_read_only_their_matches(database: Async
         ({"key": "k4321"}, 1, "key_1"),
         ({"key": {"$in": ["k1", "k2", "k3"]}, "status": "sent"}, 2, "key_1"),
         ({"$and": [{"status": "queued"}, {"client": "c8"}]}, 100, "_1"),
+        # The page after (5007, "m05007"), newest first: $or narrows by at <= 5007.
+        (
+            {"client": "c7", "$or": [{"at": {"$lt": 5007}}, {"at": 5007, "_id": {"$lt": "m05007"}}]},
+            50,
+            "client_1_at_-1",
+        ),
+        (
+            {"$or": [{"client": "c70", "at": {"$gte": 9_000}}, {"client": "c71", "at": {"$gte": 9_500}}]},
+            15,
+            "client_1_at_-1",
+        ),
         ({"_id": {"$in": ["m00005", "m00006"]}}, 2, "_id_"),
     ]
     dev = await _is_dev_database(database)
@@ -478,7 +651,67 @@ async def test_lookups_by_indexed_fields_read_only_their_matches(database: Async
             plan = await _plan(coll, flt)
             assert "USING INDEX" in plan and index in plan, f"{flt}: {plan}"
     # A shape that is not pushed down still reads everything (so the counter counts).
-    assert await _scanned_by(database, lambda: coll.find({"$or": [{"client": "c7"}]}).to_list()) >= 10_000
+    assert await _scanned_by(database, lambda: coll.find({"$nor": [{"client": "c7"}]}).to_list()) >= 10_000
+
+
+async def _sort_plan(coll: AsyncCollection[Document], flt: Document, sort: Document) -> str:
+    explained = await coll.database.command("explain", {"find": coll.name, "filter": flt, "sort": sort, "limit": 5})
+    return " ".join(explained["queryPlanner"]["Plan"])
+
+
+async def test_sorted_pages_read_only_their_documents(database: AsyncDatabase[Document]) -> None:
+    """Among 10,000 documents, a sorted page reads about its own documents, first and deep pages
+    alike, in both directions; once a sort field holds a second kind of value, the answer is
+    still MongoDB's (on the dev database: the handler sorts again)."""
+    coll = database.messages
+    await coll.create_index([("client", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)])
+    await coll.create_index([("status", ASCENDING), ("due", ASCENDING)])
+    start = _date(2026, 1, 1)
+    docs: list[Document] = [
+        {
+            "_id": f"m{i:05d}",
+            "client": f"c{i % 10}",
+            "at": datetime.fromtimestamp(start.timestamp() + i // 30, UTC),  # ties of 3 a client
+            "status": ["queued", "sent", "sent", "sent"][i // 10 % 4],
+            "due": datetime.fromtimestamp(start.timestamp() + (i * 7919) % 10_000, UTC),
+        }
+        for i in range(10_000)
+    ]
+    await coll.insert_many([dict(doc) for doc in docs])
+    mine = sorted((d for d in docs if d["client"] == "c3"), key=lambda d: (d["at"], d["_id"]), reverse=True)
+    newest = [d["_id"] for d in mine]
+    after = mine[499]
+    page_after = {"$or": [{"at": {"$lt": after["at"]}}, {"at": after["at"], "_id": {"$lt": after["_id"]}}]}
+    order = [("at", DESCENDING), ("_id", DESCENDING)]
+    since = [d["_id"] for d in reversed(mine) if d["at"] >= after["at"]]
+    pages: list[tuple[Document, list[tuple[str, int]], list[str]]] = [
+        ({"client": "c3"}, order, newest[:50]),
+        ({"client": "c3", **page_after}, order, newest[500:550]),
+        ({"client": "c3", "at": {"$gte": after["at"]}}, [("at", ASCENDING), ("_id", ASCENDING)], since[:50]),
+        ({"client": "c3", "status": "queued"}, order, [d["_id"] for d in mine if d["status"] == "queued"][:50]),
+    ]
+    dev = await _is_dev_database(database)
+    for flt, sort, expected in pages:
+        assert [d["_id"] async for d in coll.find(flt).sort(sort).limit(50)] == expected, flt
+        scanned = await _scanned_by(database, lambda flt=flt, sort=sort: coll.find(flt).sort(sort).limit(50).to_list())
+        assert scanned <= 2 * 50 + 10, f"{flt} read {scanned} documents for a page of 50"
+        if dev:
+            plan = await _sort_plan(coll, flt, dict(sort))
+            assert "client_1_at_-1__id_-1" in plan and "TEMP B-TREE" not in plan, f"{flt}: {plan}"
+
+    due = {"status": "queued", "due": {"$lte": datetime.fromtimestamp(start.timestamp() + 5_000, UTC)}}
+    first = await coll.find(due).sort("due", ASCENDING).limit(20).to_list()
+    assert [d["due"] for d in first] == sorted(d["due"] for d in await coll.find(due).to_list())[:20]
+    assert await _scanned_by(database, lambda: coll.find(due).sort("due", ASCENDING).limit(20).to_list()) <= 50
+
+    # A string among the dates: MongoDB sorts strings before dates, SQLite's values after them.
+    await coll.insert_one({"_id": "m99999", "client": "c3", "at": "yesterday", "status": "sent"})
+    ascending = [
+        d["_id"] async for d in coll.find({"client": "c3"}).sort([("at", ASCENDING), ("_id", ASCENDING)]).limit(3)
+    ]
+    assert ascending == ["m99999", *newest[::-1][:2]]
+    descending = [d["_id"] async for d in coll.find({"client": "c3"}).sort(order)]
+    assert descending == [*newest, "m99999"]
 
 
 # Multikey indexes ------------------------------------------------------------------------------------
@@ -523,7 +756,7 @@ async def test_multikey_flags_survive_a_restart_and_old_data_directories_get_the
         pytest.skip("a property of the dev database's files")
     data = tmp_path / "data"
 
-    async def answers() -> tuple[set[Any], set[Any], str, set[str]]:
+    async def answers() -> tuple[set[Any], set[Any], str, set[str], str]:
         with DevDatabase(data_dir=data) as devdb:
             client = connect(devdb.uri, "restart")
             things = client.db.things
@@ -536,6 +769,7 @@ async def test_multikey_flags_survive_a_restart_and_old_data_directories_get_the
                     await _ids(things, {"size": 5}),
                     await _plan(things, {"size": 5}),
                     names,
+                    await _sort_plan(things, {}, {"size": -1}),
                 )
             finally:
                 await client.close()
@@ -550,21 +784,25 @@ async def test_multikey_flags_survive_a_restart_and_old_data_directories_get_the
         await client.close()
 
     expected_colors = {i for i in range(40) if i % 4 == 1} | {"many"}
-    colors, sizes, plan, names = await answers()
+    colors, sizes, plan, names, sorted_plan = await answers()
     assert (colors, sizes, names) == (expected_colors, {5}, {"_id_", "color_1", "size_1"})
     assert "USING INDEX" in plan and "size_1" in plan
+    assert "size_1" in sorted_plan and "TEMP B-TREE" not in sorted_plan
 
-    # A data directory written before multikey flags existed, when non-unique indexes were not
-    # built in SQLite: opening it computes the flags and builds the indexes.
+    # A data directory written before multikey flags and kinds existed, when non-unique indexes
+    # were not built in SQLite: opening it computes them and builds the indexes.
     with sqlite3.connect(data / "db.sqlite") as files:
         ((settings,),) = files.execute("SELECT settings FROM _ferretdb_collections WHERE name = 'things'")
         assert '"multikey":true' in settings and '"multikey":false' in settings
+        assert '"kinds":{"size":"int"}' in settings and '"kinds":{"color":"mixed"}' in settings
         old = settings.replace(',"multikey":true', "").replace(',"multikey":false', "")
+        old = re.sub(r',"kinds":\{[^}]*\}', "", old)
         files.execute("UPDATE _ferretdb_collections SET settings = ? WHERE name = 'things'", (old,))
         for (index,) in files.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '%->>%'"
         ).fetchall():
             files.execute(f'DROP INDEX "{index}"')
-    colors, sizes, plan, names = await answers()
+    colors, sizes, plan, names, sorted_plan = await answers()
     assert (colors, sizes, names) == (expected_colors, {5}, {"_id_", "color_1", "size_1"})
     assert "USING INDEX" in plan and "size_1" in plan
+    assert "size_1" in sorted_plan and "TEMP B-TREE" not in sorted_plan
