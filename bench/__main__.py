@@ -1,7 +1,9 @@
-"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling, the fraud guard.
+"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling, the fraud guard,
+the request-path calls at 100,000 messages.
 
-    python -m bench [--quick] [--tiny] [--skip-ceiling] [--skip-fraud] [--profile SERVICES] [--out FILE]
+    python -m bench [--quick] [--tiny] [--skip-ceiling] [--skip-fraud] [--skip-calls] [--profile SERVICES] [--out FILE]
     python -m bench fraud [--seeds 1,2,3,4,5] [--minutes 30]     the fraud guard alone (bench/fraud.py)
+    python -m bench.calls [--messages N] [--reps N]               the request-path calls alone (bench/calls.py)
 
 See bench/README.md for the scenarios and how to read the output.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from bench import fraud, scenarios
+from bench import calls, fraud, scenarios
 from bench.scenarios import (
     Floor,
     LoadResult,
@@ -67,6 +69,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="smoke-test size: seconds, not minutes")
     parser.add_argument("--skip-ceiling", action="store_true", help="leave out the Telegram ceiling (scenario 4)")
     parser.add_argument("--skip-fraud", action="store_true", help="leave out the fraud guard (scenario 5)")
+    parser.add_argument("--skip-calls", action="store_true", help="leave out the request-path calls (scenario 6)")
     parser.add_argument("--levels", help="concurrency levels, e.g. 1,8,32")
     parser.add_argument("--runs", type=int, help="runs per level (median reported)")
     parser.add_argument("--duration", type=float, help="measured seconds per run")
@@ -350,6 +353,7 @@ async def run(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))  # partial: the ceiling is long
     if not args.skip_ceiling:
         report["ceiling"] = await ceiling(plan, args, work)
+        out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     if not args.skip_fraud:
         # The guard runs the services in this process: their logs would bury the report.
         configure_logging("bench", "error", stream=sys.stderr)
@@ -360,6 +364,9 @@ async def run(args: argparse.Namespace) -> int:
             "scale": scale,
             "runs": await fraud.run(seeds, minutes, scale, os.environ.get("MONGODB_URI", "")),
         }
+        out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if not args.skip_calls:
+        report["calls"] = await calls.run(calls.TINY if args.tiny else calls.FULL, os.environ.get("MONGODB_URI", ""))
     report["summary"] = summary_line(report)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     print(table(report))
