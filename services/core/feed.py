@@ -1,8 +1,9 @@
 """Per-owner feeds: the ids of an owner's records, newest first, paged without a query that scans.
 
-A listing such as "this client's verifications, newest first" would be a sorted query on
-(client_id, created_at), which on the dev database reads the whole collection (only `_id`
-lookups use an index there; see the README). A feed numbers instead: each record appended to
+A listing such as "this client's verifications, newest first" is a sorted query on
+(client_id, created_at) that MongoDB (and now the dev database, README) answers from an index; a
+feed does the same with lookups by `_id` alone, so its cost is the same on any server and at any
+size, filters included (at most `max_candidates` entries read per page). A feed numbers: each record appended to
 its owner's feed takes the next number with a plain insert of `_id = "<owner>|<n>"`, so the
 unique `_id` makes numbers exact however many replicas append at once (a collision means
 another writer took it: take the next). A page is one `_id $in` lookup of the numbers below a

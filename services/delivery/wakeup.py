@@ -1,7 +1,8 @@
 """When this replica's dispatcher should look for work next.
 
-Finding due work is a query over the outbox, and on the dev database such a query reads the
-whole collection; polling it twice a second costs more than the messages themselves. So the
+Finding due work is a query over the outbox (answered from the `status, next_attempt_at` index on
+MongoDB and on the dev database alike), yet polling it twice a second on every replica is work
+for nothing most of the time. So the
 dispatcher polls often only while it is finding work or knows of work coming due (a retry it
 scheduled, an SMS report to ask for, a webhook to post), and otherwise every idle interval,
 which bounds how late it notices what other replicas left behind and messages that expire.

@@ -11,7 +11,7 @@ Collections (database owned by this service only):
 - verification_feed: each client's verifications numbered newest first (services/core/feed.py),
   so ListVerifications pages by `_id` lookups instead of a sorted query on client_id.
 - pending_pointers: pending_key -> id of the record (verification or confirmation; their keys
-  never look alike) that held it when it was created, so a start finds the pending one by `_id` (on the dev database only `_id` lookups use an index). A
+  never look alike) that held it when it was created, so a start finds the pending one by `_id` (the cheapest lookup on any server). A
   pointer is a hint: the record is read with the key as a condition, and a new record's insert,
   refused by the unique pending_key index, is what proves one is pending when no pointer says so.
 
