@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -90,10 +91,38 @@ def replace_once(text: str, old: str, new: str, where: str) -> str:
     return text.replace(old, new)
 
 
+# Ports handed out by free_port in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port to listen on that is free now. Chosen below the kernel's ephemeral range: a port the
+    kernel hands out for bind(0) is also what it gives the next outgoing connection as its local
+    port (database pools open many), so between this call and the server's bind it could be taken;
+    ports below that range are only ever taken by someone binding them on purpose."""
+    low, _ = _ephemeral_range()
+    start, end = (20000, low) if low > 21000 else (low, low + 1)
+    for _ in range(200):
+        port = random.randrange(start, end) if end > start + 1 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            chosen = int(sock.getsockname()[1])
+        _HANDED_OUT.add(chosen)
+        return chosen
+    raise DevDatabaseError("no free port to listen on")
 
 
 def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> None:

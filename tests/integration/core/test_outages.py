@@ -141,7 +141,9 @@ async def test_a_killed_database_answers_unavailable_at_once(stack: Stack, captu
     stack.devdb.process.kill()
     stack.devdb.process.wait()
     for _ in range(3):
-        assert await expect_unavailable(stack, timeout=10.0) < REQUEST_TIMEOUT + 0.5
+        assert (
+            await expect_unavailable(stack, timeout=10.0) < REQUEST_TIMEOUT + 1.0
+        )  # "within a second or two", not the driver's 30 s
     await stack.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     assert [event["msg"] for event in events(captured_logs)].count("database_unavailable") == 1
 
