@@ -97,6 +97,13 @@ def stack_dir(edge_port: int) -> Path:
     return CACHE if edge_port == PORTS["edge"] else CACHE / f"dev-{edge_port}"
 
 
+@dataclass(frozen=True)
+class Replica:
+    service: str
+    port: int
+    metrics_port: int
+
+
 @dataclass
 class ProcessStack:
     """The services as child processes, sharing one environment."""
@@ -108,31 +115,60 @@ class ProcessStack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Services stopped on purpose (`otpgate dev stop`): not a crash.
     stopped: set[str] = field(default_factory=set)
+    # Further processes of a service, each on ports of its own, by process name (`delivery-2`).
+    replicas: dict[str, Replica] = field(default_factory=dict)
 
     def service_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
         for name in SERVICES:
             env[f"OTPGATE_{name.upper()}_PORT"] = str(self.ports[name])
-            env[f"OTPGATE_{name.upper()}_ADDR"] = f"127.0.0.1:{self.ports[name]}"
+            env[f"OTPGATE_{name.upper()}_ADDR"] = self.target(name)
             env[f"OTPGATE_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         return env
 
-    def command(self, name: str, env: dict[str, str]) -> list[str]:
-        """How one service runs (the bench runs them instrumented)."""
+    def target(self, name: str) -> str:
+        """The gRPC target callers of a service use: all of its processes (channels balance round robin)."""
+        ports = [self.ports[name], *(r.port for r in self.replicas.values() if r.service == name)]
+        addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+        return f"ipv4:{addresses}" if len(ports) > 1 else addresses
+
+    def command(self, name: str, env: dict[str, str], process: str) -> list[str]:
+        """How one process of service `name` runs (the bench runs them instrumented)."""
         return [sys.executable, "-m", f"services.{name}"]
 
+    def add_replica(self, process: str, service: str, port: int, metrics_port: int) -> None:
+        """Run one more process of `service` on its own ports, named `process` (before start())."""
+        if process in SERVICES or service not in SERVICES:
+            raise ValueError(f"{process!r} cannot be a replica of {service!r}")
+        self.replicas[process] = Replica(service, port, metrics_port)
+
     def start(self) -> None:
-        for name in SERVICES:
+        for name in (*SERVICES, *self.replicas):
             self.start_service(name)
 
-    def start_service(self, name: str) -> None:
+    def start_service(self, name: str, extra_env: Mapping[str, str] | None = None) -> None:
+        """Start a service (or a replica, by its process name), with `extra_env` over the stack's."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self.service_env()
+        service = name
+        if (replica := self.replicas.get(name)) is not None:
+            service = replica.service
+            env[f"OTPGATE_{service.upper()}_PORT"] = str(replica.port)
+            env[f"OTPGATE_{service.upper()}_METRICS_PORT"] = str(replica.metrics_port)
+        env.update(extra_env or {})
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.processes[name] = subprocess.Popen(  # noqa: S603 - our own modules
-            self.command(name, env), env=env, stdout=log, stderr=log, cwd=ROOT
+            self.command(service, env, name), env=env, stdout=log, stderr=log, cwd=ROOT
         )
         self.stopped.discard(name)
+
+    def grpc_port(self, process: str) -> int:
+        replica = self.replicas.get(process)
+        return replica.port if replica is not None else self.ports[process]
+
+    def metrics_port(self, process: str) -> int:
+        replica = self.replicas.get(process)
+        return replica.metrics_port if replica is not None else self.metrics_ports[process]
 
     def stop_service(self, name: str, grace: float = 10.0) -> None:
         self.stopped.add(name)
@@ -148,14 +184,15 @@ class ProcessStack:
     def crashed(self) -> list[str]:
         return [name for name, proc in self.processes.items() if proc.poll() is not None and name not in self.stopped]
 
-    async def wait_healthy(self, timeout: float = 90.0, names: tuple[str, ...] = SERVICES) -> None:
+    async def wait_healthy(self, timeout: float = 90.0, names: tuple[str, ...] = ()) -> None:
+        """Until every named process (default: all of them, replicas too) serves."""
         deadline = time.monotonic() + timeout
-        pending = set(names)
+        pending = set(names or (*SERVICES, *self.replicas))
         while pending:
             if dead := [name for name in self.crashed() if name in pending]:
                 raise RuntimeError(f"{', '.join(dead)} exited during start-up; see {self.log_dir}/<service>.log")
             for name in list(pending):
-                if await is_serving(f"127.0.0.1:{self.ports[name]}") and _metrics_up(self.metrics_ports[name]):
+                if await is_serving(f"127.0.0.1:{self.grpc_port(name)}") and _metrics_up(self.metrics_port(name)):
                     pending.discard(name)
             if pending and time.monotonic() > deadline:
                 raise RuntimeError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")

@@ -38,7 +38,8 @@ def service_config(services: Iterable[ServiceDescriptor], timeout: float, extra_
         safe = set(idempotent_methods(service, extra & {m.name for m in service.methods}))
         for method in service.methods:
             (retried if method.name in safe else other).append({"service": service.full_name, "method": method.name})
-    config: dict[str, Any] = {"methodConfig": []}
+    # A target naming several processes (a DNS name of replicas, an ipv4: list) gets calls spread over all.
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": []}
     if retried:
         config["methodConfig"].append(
             {
