@@ -122,6 +122,13 @@ def load_config(env: Env) -> DeliveryConfig:
         max_ttl=env.number("OTPGATE_DELIVERY_MAX_TTL", 7 * 86400.0, "largest ttl a request may set, s", min=1),
         lease=env.number("OTPGATE_DELIVERY_LEASE", 30.0, "dispatch lease, s (longer than any send)", min=1),
         batch=env.integer("OTPGATE_DELIVERY_BATCH", 50, "messages a dispatcher claims per pass", min=1, max=1000),
+        dispatch_concurrency=env.integer(
+            "OTPGATE_DELIVERY_DISPATCH_CONCURRENCY",
+            16,
+            "claimed messages a dispatcher pass claims and tries at once",
+            min=1,
+            max=256,
+        ),
         backoff_base=env.number("OTPGATE_DELIVERY_BACKOFF_BASE", 2.0, "first retry delay, s", min=0.01),
         backoff_max=env.number("OTPGATE_DELIVERY_BACKOFF_MAX", 120.0, "longest retry delay, s", min=0.01),
         bot_send_timeout=env.number(

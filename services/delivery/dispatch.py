@@ -24,7 +24,9 @@ replicas never try one message at once, and a replica that dies leaves its lease
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar, cast
 
 import grpc
 from otpgate.common.v1 import common_pb2
@@ -72,6 +74,7 @@ from services.delivery.tg_gateway import UNREACHABLE
 log = get_logger(__name__)
 R = common_pb2  # failure reasons
 UNWRITTEN_KEPT = 10_000
+T = TypeVar("T")
 
 
 class Dispatcher:
@@ -120,20 +123,22 @@ class Dispatcher:
             *await self.store.held_needing_confirmation(now, batch),
             *await self.store.fallback_due(now, batch),
         ]
-        claimed: list[tuple[MessageRecord, Claim]] = []
-        for record in due:
-            claim = await self.claim(record)
-            if claim is None:
-                continue
-            fresh = await self.store.get(record.id)
-            if fresh is None or not (fresh.status in OPEN_STATUSES or _fallback_due(fresh)):
-                await self.claims.release(claim)
-                continue
-            await self.store.write(record.id, {"lease_until": claim.lease_until, "claim_seq": claim.seq})
-            due_at = fresh.fallback_at if _fallback_due(fresh) else fresh.next_attempt_at
-            metrics.dispatch_lag_seconds.observe(max(0.0, (now - (due_at or now)).total_seconds()))
-            claimed.append((fresh, claim))
-        return claimed
+        # Each claim is a few round trips of its own: taken side by side, not one after the other.
+        claimed = await at_most(self.settings.dispatch_concurrency, [self._claim_due(r, now) for r in due])
+        return [pair for pair in claimed if pair is not None]
+
+    async def _claim_due(self, record: MessageRecord, now: datetime) -> tuple[MessageRecord, Claim] | None:
+        claim = await self.claim(record)
+        if claim is None:
+            return None
+        fresh = await self.store.get(record.id)
+        if fresh is None or not (fresh.status in OPEN_STATUSES or _fallback_due(fresh)):
+            await self.claims.release(claim)
+            return None
+        await self.store.write(record.id, {"lease_until": claim.lease_until, "claim_seq": claim.seq})
+        due_at = fresh.fallback_at if _fallback_due(fresh) else fresh.next_attempt_at
+        metrics.dispatch_lag_seconds.observe(max(0.0, (now - (due_at or now)).total_seconds()))
+        return fresh, claim
 
     async def run_claimed(
         self, record: MessageRecord, claim: Claim, resolution: directory_pb2.ResolvePhoneResponse | None = None
@@ -422,6 +427,23 @@ class Dispatcher:
             return Outcome({"failure_reason": R.FAILURE_REASON_SMS_NOT_ALLOWED})
         await self.fraud.record_sms(record.id, leg, record.phone_index, admitted)
         return None
+
+
+async def at_most(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Await `calls` with at most `limit` running at once; their results in order. Every call runs
+    to its end even when one fails (each holds a claim it must write and release); the first
+    failure is raised after."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Awaitable[T]) -> T:
+        async with gate:
+            return await call
+
+    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
 
 
 def _fallback_due(record: MessageRecord) -> bool:

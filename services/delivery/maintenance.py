@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from services.core.clock import Clock
 from services.delivery.claims import Claims
-from services.delivery.dispatch import Dispatcher
+from services.delivery.dispatch import Dispatcher, at_most
 from services.delivery.fraud import FraudGuard
 from services.delivery.limits import Limiter
 from services.delivery.reports import SmsReports
@@ -51,8 +51,8 @@ class Maintenance:
     async def dispatch_due_once(self) -> int:
         """One pass of the dispatcher: due messages, expiries, SMS reports, webhooks. Returns messages tried."""
         claimed = await self.dispatcher.claim_due()
-        for record, claim in claimed:
-            await self.dispatcher.run_claimed(record, claim)
+        # Attempts wait on the database, the directory and the bots: several at once, as inline sends are.
+        await at_most(self.settings.dispatch_concurrency, [self.dispatcher.run_claimed(r, c) for r, c in claimed])
         await self.expire_due_once()
         await self.reports.poll_once()
         await self.webhooks.deliver_due_once()

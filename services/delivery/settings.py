@@ -15,6 +15,8 @@ class EngineSettings:
     max_ttl: float = 7 * 86400.0
     lease: float = 30.0
     batch: int = 50
+    # Claimed messages one dispatcher pass tries at once (each waits on the database, directory, bots).
+    dispatch_concurrency: int = 16
     backoff_base: float = 2.0
     backoff_max: float = 120.0
     inline_dispatch: bool = True
