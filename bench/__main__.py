@@ -1,7 +1,8 @@
-"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling, the fraud guard,
-the request-path calls at 100,000 messages.
+"""`make bench`: send throughput against the database floor, Verify pairs, Telegram's ceiling, background
+dispatch on two replicas, the fraud guard, the request-path calls at 100,000 messages.
 
-    python -m bench [--quick] [--tiny] [--skip-ceiling] [--skip-fraud] [--skip-calls] [--profile SERVICES] [--out FILE]
+    python -m bench [--quick] [--tiny] [--skip-ceiling] [--skip-dispatch] [--skip-fraud] [--skip-calls] [--profile SERVICES]
+    python -m bench dispatch [--tiny] [--rate 20] [--backlog 2400]   background dispatch alone (bench/dispatch.py)
     python -m bench fraud [--seeds 1,2,3,4,5] [--minutes 30]     the fraud guard alone (bench/fraud.py)
     python -m bench.calls [--messages N] [--reps N]               the request-path calls alone (bench/calls.py)
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from bench import calls, fraud, scenarios
+from bench import calls, dispatch, fraud, scenarios
 from bench.scenarios import (
     Floor,
     LoadResult,
@@ -70,6 +71,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-ceiling", action="store_true", help="leave out the Telegram ceiling (scenario 4)")
     parser.add_argument("--skip-fraud", action="store_true", help="leave out the fraud guard (scenario 5)")
     parser.add_argument("--skip-calls", action="store_true", help="leave out the request-path calls (scenario 6)")
+    parser.add_argument(
+        "--skip-dispatch", action="store_true", help="leave out background dispatch on two replicas (scenario 7)"
+    )
     parser.add_argument("--levels", help="concurrency levels, e.g. 1,8,32")
     parser.add_argument("--runs", type=int, help="runs per level (median reported)")
     parser.add_argument("--duration", type=float, help="measured seconds per run")
@@ -354,6 +358,10 @@ async def run(args: argparse.Namespace) -> int:
     if not args.skip_ceiling:
         report["ceiling"] = await ceiling(plan, args, work)
         out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if not args.skip_dispatch:
+        report["dispatch"] = await dispatch.run(dispatch.TINY if args.tiny else dispatch.FULL, work)
+        report["dispatch"]["summary"] = dispatch.summary_line(report["dispatch"])
+        out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     if not args.skip_fraud:
         # The guard runs the services in this process: their logs would bury the report.
         configure_logging("bench", "error", stream=sys.stderr)
@@ -370,12 +378,16 @@ async def run(args: argparse.Namespace) -> int:
     report["summary"] = summary_line(report)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     print(table(report))
+    if "dispatch" in report:
+        print(dispatch.table(report["dispatch"]))
     if "fraud" in report:
         print(fraud.table(report["fraud"]["runs"]))
     print(f"JSON: {out}" + (f"; logs/profiles: {work}" if args.keep or args.profile else ""))
     if not (args.keep or args.profile):
         shutil.rmtree(work, ignore_errors=True)
     print(report["summary"], flush=True)
+    if "dispatch" in report:
+        print(report["dispatch"]["summary"], flush=True)
     if "fraud" in report:
         report["fraud"]["summary"] = fraud.summary_line(report["fraud"]["runs"])
         out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["fraud"]:
         return fraud.main(args[1:])
+    if args[:1] == ["dispatch"]:
+        return dispatch.main(args[1:])
     return asyncio.run(run(parse(args)))
 
 

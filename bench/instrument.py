@@ -1,9 +1,10 @@
 """Run one service as `python -m services.<name>` would, counting its database commands.
 
-    python -m bench.instrument <name>
+    python -m bench.instrument <name> [<process>]
 
 A PyMongo command listener counts every command the service sends, by collection and
-command name; a thread writes the counts to $OTPGATE_BENCH_COUNTS_DIR/<name>.json every
+command name; a thread writes the counts to $OTPGATE_BENCH_COUNTS_DIR/<process>.json (a
+replica's process name, `delivery-2`; the service's name by default) every
 quarter second, so the benchmark can take the difference over a measured run. With
 OTPGATE_BENCH_PROFILE=<file.html> the whole process runs under pyinstrument (async mode)
 and the report is written when the service stops (SIGTERM).
@@ -119,11 +120,12 @@ def main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGUSR1, _dump_tasks)
     name = argv[0]
+    process = argv[1] if len(argv) > 1 else name  # a replica's counts go to a file of its own
     counter = CommandCounter()
     monitoring.register(counter)
     counts_dir = os.environ.get("OTPGATE_BENCH_COUNTS_DIR", "")
     if counts_dir:
-        path = Path(counts_dir) / f"{name}.json"
+        path = Path(counts_dir) / f"{process}.json"
         threading.Thread(target=_writer, args=(counter, path), daemon=True, name="bench-counts").start()
     profile_to = os.environ.get("OTPGATE_BENCH_PROFILE", "")
     if not profile_to:

@@ -76,13 +76,13 @@ class InstrumentedStack(ProcessStack):
     """ProcessStack whose services run under bench.instrument (profiled: OTPGATE_BENCH_PROFILE_DIR
     and the comma-separated service names in OTPGATE_BENCH_PROFILE_SERVICES)."""
 
-    def command(self, name: str, env: dict[str, str]) -> list[str]:
+    def command(self, name: str, env: dict[str, str], process: str) -> list[str]:
         if name == SIMULATOR:  # Telegram's work is not ours: its database commands are not counted
-            return super().command(name, env)
+            return super().command(name, env, process)
         profiled = {s for s in self.env.get("OTPGATE_BENCH_PROFILE_SERVICES", "").split(",") if s}
         if name in profiled:
-            env["OTPGATE_BENCH_PROFILE"] = str(Path(self.env["OTPGATE_BENCH_PROFILE_DIR"]) / f"{name}.html")
-        return [sys.executable, "-m", "bench.instrument", name]
+            env["OTPGATE_BENCH_PROFILE"] = str(Path(self.env["OTPGATE_BENCH_PROFILE_DIR"]) / f"{process}.html")
+        return [sys.executable, "-m", "bench.instrument", name, process]
 
 
 @dataclass
@@ -122,6 +122,8 @@ class System:
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     setup_retries: int = 0
     _last_seen: dict[tuple[int, str], int] = field(default_factory=dict)
+    # Delivery processes: more than one runs delivery-2, delivery-3… on ports of their own.
+    delivery_replicas: int = 1
 
     @property
     def counts_dir(self) -> Path:
@@ -156,6 +158,8 @@ class System:
             ports={name: free_port() for name in SERVICES},
             metrics_ports={name: free_port() for name in SERVICES},
         )
+        for index in range(2, self.delivery_replicas + 1):
+            self.stack.add_replica(f"delivery-{index}", "delivery", free_port(), free_port())
         self.stack.start()
         await self.stack.wait_healthy(timeout=120)
         await self._create_client()
@@ -315,8 +319,9 @@ class System:
 
     def db_counts(self) -> dict[str, dict[str, int]]:
         """Database commands each service has sent so far, by 'db.collection:command'."""
+        assert self.stack is not None
         counts: dict[str, dict[str, int]] = {}
-        for name in SERVICES:
+        for name in (*SERVICES, *self.stack.replicas):
             path = self.counts_dir / f"{name}.json"
             try:
                 counts[name] = json.loads(path.read_text())
@@ -327,7 +332,7 @@ class System:
     def metric(self, service: str, name: str, labels: Mapping[str, str] | None = None) -> float:
         """Sum of a Prometheus sample of one service (over series matching `labels`)."""
         assert self.stack is not None
-        url = f"http://127.0.0.1:{self.stack.metrics_ports[service]}/metrics"
+        url = f"http://127.0.0.1:{self.stack.metrics_port(service)}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
             text = reply.read().decode()
         total = 0.0

@@ -5,15 +5,12 @@ tests); `make bench` runs the real sizes."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from services.core.devdb import ROOT
+from tests.integration.bench.conftest import RunBench
 
 pytestmark = pytest.mark.e2e
 
@@ -26,18 +23,9 @@ FRAUD = re.compile(
 )
 
 
-def test_bench_runs_on_a_tiny_load(mongo_uri: str, tmp_path: Path) -> None:
+def test_bench_runs_on_a_tiny_load(run_bench: RunBench, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--skip-ceiling", "--out", str(out)],
-        env={**os.environ, "MONGODB_URI": mongo_uri},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_bench("--tiny", "--skip-ceiling", "--skip-dispatch", "--out", str(out))
     lines = result.stdout.strip().splitlines()
     assert SUMMARY.match(lines[-2]), lines[-2]
     assert FRAUD.match(lines[-1]), lines[-1]
