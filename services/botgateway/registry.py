@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import re
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from otpgate.common.v1 import common_pb2
 from services.botgateway.sessions import BotSessions
 from services.botgateway.store import BotAlreadyRegistered, BotRecord, GatewayStore
 from services.botgateway.transport import FloodWait, TokenInvalid, Transport, TransportError
+from services.core import page_tokens
 from services.core.clock import Clock
 from services.core.errors import (
     Violations,
@@ -58,14 +57,13 @@ def bot_proto(bot: BotRecord) -> common_pb2.Bot:
 
 
 def encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+    return page_tokens.encode(last_id)
 
 
 def decode_page_token(token: str) -> str:
     try:
-        padded = token + "=" * (-len(token) % 4)
-        value = base64.urlsafe_b64decode(padded.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        value = page_tokens.decode(token)
+    except ValueError:
         raise invalid_argument([("page_token", "not a token this service issued")]) from None
     if not BOT_ID_RE.match(value):
         raise invalid_argument([("page_token", "not a token this service issued")])

@@ -28,7 +28,6 @@ were made with (`encode_token`/`decode_token`).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Generic, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 
+from services.core import page_tokens
 from services.core.batching import InsertBatcher
 from services.core.errors import invalid_argument
 from services.core.mongo import Document, ensure_index, purge_before, put_by_id
@@ -196,14 +196,13 @@ def _fingerprint(text: str) -> str:
 
 
 def encode_token(before: int, filter_text: str) -> str:
-    raw = json.dumps([before, _fingerprint(filter_text)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return page_tokens.encode(json.dumps([before, _fingerprint(filter_text)]))
 
 
 def decode_token(token: str, filter_text: str) -> int:
     """The feed number the next page starts below; the token is bound to the filter it was made with."""
     try:
-        before, fingerprint = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        before, fingerprint = json.loads(page_tokens.decode(token))
         valid = isinstance(before, int) and before > 0 and isinstance(fingerprint, str)
     except (ValueError, TypeError):
         valid = False

@@ -17,8 +17,6 @@ last seen. A replica writes an event when its state changes and at most every
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import phonenumbers
 from otpgate.common.v1 import common_pb2
 from pymongo.asynchronous.collection import AsyncCollection
 
+from services.core import page_tokens
 from services.core.clock import Clock, as_utc
 from services.core.errors import Violations
 from services.core.logging import get_logger
@@ -255,15 +254,15 @@ MAX_REASON = 200
 
 
 def encode_offset(offset: int, filter_text: str) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}:{filter_text}".encode()).decode().rstrip("=")
+    return page_tokens.encode(f"o:{offset}:{filter_text}")
 
 
 def decode_offset(token: str, filter_text: str) -> int:
     """The offset a token from encode_offset carries; ValueError for anything else, or for a token
     made with another filter (its offset would skip or repeat events of this one)."""
     try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        text = page_tokens.decode(token)
+    except ValueError:
         raise ValueError("is not a token from a previous page") from None
     kind, _, rest = text.partition(":")
     number, _, made_for = rest.partition(":")

@@ -8,7 +8,6 @@ show the rest).
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +17,7 @@ from bson.int64 import Int64
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.core import page_tokens
 from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.mongo import Document, ensure_index
@@ -37,13 +37,11 @@ from services.delivery.wakeup import Wakeup
 
 
 def encode_page_token(created_at: datetime, message_id: str) -> str:
-    raw = json.dumps([as_utc(created_at).isoformat(), message_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return page_tokens.encode(json.dumps([as_utc(created_at).isoformat(), message_id]))
 
 
 def decode_page_token(token: str) -> tuple[datetime, str]:
-    padded = token + "=" * (-len(token) % 4)
-    created, message_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    created, message_id = json.loads(page_tokens.decode(token))
     return datetime.fromisoformat(created), str(message_id)
 
 

@@ -3,8 +3,6 @@ and `otpgate clients/apikeys`). Every AdminService call needs an admin-scope key
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -15,6 +13,7 @@ from otpgate.botgateway.v1 import botgateway_pb2
 from otpgate.delivery.v1 import delivery_pb2
 from otpgate.edge.v1 import edge_pb2
 
+from services.core import page_tokens
 from services.core.clock import Clock
 from services.core.crypto import Keyring
 from services.core.errors import Violations, already_exists, invalid_argument, not_found
@@ -54,15 +53,15 @@ def api_key_message(record: ApiKeyRecord) -> edge_pb2.ApiKey:
 
 
 def page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+    return page_tokens.encode(last_id)
 
 
 def after_id(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return page_tokens.decode(token)
+    except ValueError:
         raise invalid_argument([("page_token", "is not a token from a previous page")]) from None
 
 
