@@ -109,9 +109,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     port (database pools open many), so between this call and the server's bind it could be taken;
     ports below that range are only ever taken by someone binding them on purpose."""
     low, _ = _ephemeral_range()
-    start, end = (20000, low) if low > 21000 else (low, low + 1)
     for _ in range(200):
-        port = random.randrange(start, end) if end > start + 1 else 0
+        # 0 (the kernel's choice) only where the ephemeral range leaves nothing below it.
+        port = random.randrange(20000, low) if low > 21000 else 0
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -81,7 +81,8 @@ class HeldRelease:
             await self.fraud.record_confirmed_phone(self.crypto.phone_index(parse_phone(phone_raw).e164))
         except InvalidPhoneError as exc:
             raise invalid_argument([("phone", str(exc))]) from None
-        released, busy = 0, list[str]()
+        released = 0
+        busy: list[str] = []
         async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
             now = self.clock.now()
             changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
@@ -99,7 +100,8 @@ class HeldRelease:
 
     async def fail(self, telegram_user_id: int, phone_raw: str) -> int:
         """How many held messages failed: the confirmation they waited for ended with wrong codes."""
-        failed, busy = 0, list[str]()
+        failed = 0
+        busy: list[str] = []
         async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
             now = self.clock.now()
             changes: MessageChanges = {

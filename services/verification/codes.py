@@ -107,6 +107,11 @@ class View:
     def last_send_at(self) -> datetime:
         return as_utc((self.last_send or self.record)["at" if self.last_send else "created_at"])
 
+    @property
+    def last_message_id(self) -> str:
+        """Delivery's message that carried the latest send ("" before one went out)."""
+        return str((self.last_send or {}).get("message_id") or "")
+
 
 class CheckOutcome(enum.Enum):
     APPROVED = "approved"

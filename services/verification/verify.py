@@ -431,7 +431,7 @@ class Verifier:
 
     def _gateway_matcher(self, view: View) -> Callable[[str], Awaitable[bool]]:
         """Asks the Telegram Gateway about a code it made (its latest send's message)."""
-        message_id = str((view.last_send or {}).get("message_id") or "")
+        message_id = view.last_message_id
         client_id = str(view.record["client_id"])
 
         async def matches(code: str) -> bool:
@@ -445,7 +445,7 @@ class Verifier:
         return matches
 
     async def _record_conversion(self, view: View) -> None:
-        message_id = str((view.last_send or {}).get("message_id") or "")
+        message_id = view.last_message_id
         if not message_id:
             return
         request = delivery_pb2.RecordConversionRequest(client_id=str(view.record["client_id"]), message_id=message_id)
@@ -477,7 +477,7 @@ class Verifier:
     async def _withdraw(self, view: View) -> None:
         """The code's message is canceled too: one still queued is not sent, a Telegram Gateway code
         not yet delivered is revoked. A message past that (a bot sent it, an SMS went out) stays."""
-        message_id = str((view.last_send or {}).get("message_id") or "")
+        message_id = view.last_message_id
         if not message_id:
             return
         request = delivery_pb2.CancelMessageRequest(client_id=str(view.record["client_id"]), id=message_id)
