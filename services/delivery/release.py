@@ -21,7 +21,7 @@ from otpgate.common.v1 import common_pb2
 from services.core.clock import Clock
 from services.core.errors import aborted, invalid_argument
 from services.core.logging import get_logger
-from services.core.phone import InvalidPhoneError, parse_phone
+from services.core.phone import InvalidPhoneError, Phone, parse_phone
 from services.delivery.claims import Claim
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import FraudGuard
@@ -49,16 +49,19 @@ class HeldRelease:
         self.crypto = crypto
         self.clock = clock
 
+    @staticmethod
+    def _phone(phone_raw: str) -> Phone:
+        try:
+            return parse_phone(phone_raw)
+        except InvalidPhoneError as exc:
+            raise invalid_argument([("phone", str(exc))]) from None
+
     async def _held(
-        self, telegram_user_id: int, phone_raw: str, busy: list[str]
+        self, telegram_user_id: int, phone: Phone, busy: list[str]
     ) -> AsyncIterator[tuple[MessageRecord, Claim]]:
         """Each message still held for this number and Telegram user, fresh and under its claim (the
         caller writes it and releases the claim); one that ran out meanwhile is written EXPIRED; the
         ids of those another caller holds are added to `busy`."""
-        try:
-            phone = parse_phone(phone_raw)
-        except InvalidPhoneError as exc:
-            raise invalid_argument([("phone", str(exc))]) from None
         for record in await self.store.held_for_phone(self.crypto.phone_indexes(phone.e164)):
             if record.telegram_user_id != telegram_user_id:
                 continue
@@ -77,13 +80,11 @@ class HeldRelease:
 
     async def release(self, telegram_user_id: int, phone_raw: str) -> int:
         """How many held messages were released (and dispatched)."""
-        try:
-            await self.fraud.record_confirmed_phone(self.crypto.phone_index(parse_phone(phone_raw).e164))
-        except InvalidPhoneError as exc:
-            raise invalid_argument([("phone", str(exc))]) from None
+        phone = self._phone(phone_raw)
+        await self.fraud.record_confirmed_phone(self.crypto.phone_index(phone.e164))
         released = 0
         busy: list[str] = []
-        async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
+        async for fresh, claim in self._held(telegram_user_id, phone, busy):
             now = self.clock.now()
             changes: MessageChanges = {"status": QUEUED, "released_at": now, "next_attempt_at": now}
             await self.store.write(fresh.id, changes)
@@ -102,7 +103,7 @@ class HeldRelease:
         """How many held messages failed: the confirmation they waited for ended with wrong codes."""
         failed = 0
         busy: list[str] = []
-        async for fresh, claim in self._held(telegram_user_id, phone_raw, busy):
+        async for fresh, claim in self._held(telegram_user_id, self._phone(phone_raw), busy):
             now = self.clock.now()
             changes: MessageChanges = {
                 "status": FAILED,
