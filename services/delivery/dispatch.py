@@ -19,6 +19,8 @@ answered by Telegram with the message already made.
 With several replicas, each dispatcher claims due messages (QUEUED with next_attempt_at passed,
 or HELD with a confirmation to start again) whose lease has lapsed; a claim is exclusive, so two
 replicas never try one message at once, and a replica that dies leaves its leases to lapse.
+Replicas polling together read the same oldest candidates: each passes over the ones the other
+won for the next ones (`claim_due`), so both work through the pass.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ from services.delivery.sms_admission import SmsAdmission
 from services.delivery.store import Store
 from services.delivery.tg_gateway import UNREACHABLE
 
+# Rounds of claim_due: the first, and two to look past candidates other replicas took first.
+_CLAIM_ROUNDS = 3
+
 log = get_logger(__name__)
 R = common_pb2  # failure reasons
 UNWRITTEN_KEPT = 10_000
@@ -115,17 +120,30 @@ class Dispatcher:
         return await self.claims.acquire("message", record.id, record.claim_seq, lease_until=record.lease_until)
 
     async def claim_due(self, limit: int | None = None) -> list[tuple[MessageRecord, Claim]]:
-        """Claim due messages (QUEUED and due, or HELD whose confirmation must be started again)."""
+        """Claim due messages (QUEUED and due, or HELD whose confirmation must be started again).
+
+        Replicas that read the queue at the same moment see the same oldest candidates; the ones
+        another replica claimed first are passed over for as many of the next ones, so the replicas
+        split the queue instead of one of them idling through its pass."""
         now = self.clock.now()
-        batch = limit or self.settings.batch
-        due = [
-            *await self.store.due(now, batch),
-            *await self.store.held_needing_confirmation(now, batch),
-            *await self.store.fallback_due(now, batch),
-        ]
-        # Each claim is a few round trips of its own: taken side by side, not one after the other.
-        claimed = await at_most(self.settings.dispatch_concurrency, [self._claim_due(r, now) for r in due])
-        return [pair for pair in claimed if pair is not None]
+        want = limit or self.settings.batch
+        tried: set[str] = set()
+        claimed: list[tuple[MessageRecord, Claim]] = []
+        for _ in range(_CLAIM_ROUNDS):
+            due = [
+                *await self.store.due(now, want, tried),
+                *await self.store.held_needing_confirmation(now, want, tried),
+                *await self.store.fallback_due(now, want, tried),
+            ]
+            tried.update(record.id for record in due)
+            # Each claim is a few round trips of its own: taken side by side, not one after the other.
+            results = await at_most(self.settings.dispatch_concurrency, [self._claim_due(r, now) for r in due])
+            won = [pair for pair in results if pair is not None]
+            claimed.extend(won)
+            want = len(results) - len(won)  # taken by others: look past them, as many again
+            if want == 0:
+                break
+        return claimed
 
     async def _claim_due(self, record: MessageRecord, now: datetime) -> tuple[MessageRecord, Claim] | None:
         claim = await self.claim(record)

@@ -9,6 +9,7 @@ show the rest).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -168,24 +169,26 @@ class Store:
         cursor = self.messages.find(query).sort([("created_at", -1), ("_id", -1)]).limit(page_size + 1)
         return [MessageRecord.from_doc(doc) async for doc in cursor]
 
-    async def due(self, now: datetime, limit: int) -> list[MessageRecord]:
-        query = {"status": QUEUED, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}}
+    async def due(self, now: datetime, limit: int, skip: Collection[str] = ()) -> list[MessageRecord]:
+        query = _skipping({"status": QUEUED, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}}, skip)
         cursor = self.messages.find(query).sort("next_attempt_at", 1).limit(limit)
         return [MessageRecord.from_doc(doc) async for doc in cursor]
 
-    async def fallback_due(self, now: datetime, limit: int) -> list[MessageRecord]:
+    async def fallback_due(self, now: datetime, limit: int, skip: Collection[str] = ()) -> list[MessageRecord]:
         """SENT Gateway codes whose rung's fallback_after has passed (dispatch.py `_fall_back`)."""
         query = {"status": SENT, "fallback_at": {"$lte": now}, "lease_until": {"$lte": now}}
-        return await self._find(query, limit)
+        return await self._find(_skipping(query, skip), limit)
 
-    async def held_needing_confirmation(self, now: datetime, limit: int) -> list[MessageRecord]:
+    async def held_needing_confirmation(
+        self, now: datetime, limit: int, skip: Collection[str] = ()
+    ) -> list[MessageRecord]:
         query = {
             "status": HELD,
             "confirmation_started": False,
             "next_attempt_at": {"$lte": now},
             "lease_until": {"$lte": now},
         }
-        return await self._find(query, limit)
+        return await self._find(_skipping(query, skip), limit)
 
     async def expired_open(self, now: datetime, limit: int) -> list[MessageRecord]:
         query = {"status": {"$in": list(OPEN_STATUSES)}, "expire_at": {"$lte": now}, "lease_until": {"$lte": now}}
@@ -282,3 +285,8 @@ class UsageTotal:
 
 def _record(doc: Document | None) -> MessageRecord | None:
     return MessageRecord.from_doc(doc) if doc is not None else None
+
+
+def _skipping(query: Document, skip: Collection[str]) -> Document:
+    """`query` without the messages in `skip` (candidates a dispatcher has already tried)."""
+    return {**query, "_id": {"$nin": list(skip)}} if skip else query

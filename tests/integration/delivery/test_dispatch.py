@@ -63,6 +63,21 @@ async def test_two_dispatchers_never_send_the_same_message_twice(
             assert got.message.status == common_pb2.MESSAGE_STATUS_DELIVERED and got.message.attempts == 1
 
 
+async def test_replicas_claiming_at_the_same_moment_split_the_queue(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=QUEUE_ONLY, clock=clock) as stack:
+        delivery, _ = stubs(stack)
+        for phone in _phones(24):
+            await delivery.SendMessage(sms_request(phone))
+        async with delivery_replica(mongo_client, stack, clock) as second:
+            # Both read the same seven oldest candidates; whichever loses some looks past them.
+            first, other = await asyncio.gather(engine_of(stack).claim_due(), replica_engine(second).claim_due())
+            mine, theirs = {r.id for r, _ in first}, {r.id for r, _ in other}
+            assert mine and theirs and not mine & theirs
+            assert len(mine | theirs) >= 7
+
+
 async def test_a_dispatcher_killed_mid_dispatch_loses_nothing_and_the_survivor_finishes(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
