@@ -35,7 +35,7 @@ from services.delivery.claims import Claims
 from services.delivery.dispatch import Dispatcher
 from services.delivery.fraud import Decision, FraudGuard, SmsLeg
 from services.delivery.gateway_leg import ADMITTED, GatewayLeg
-from services.delivery.limits import Hit, Limiter, RateLimited
+from services.delivery.limits import Hit, Limiter, RateLimited, throughput_lease
 from services.delivery.message_crypto import MessageCrypto
 from services.delivery.policy import Policy, PolicyStore
 from services.delivery.record import (
@@ -333,9 +333,10 @@ class Admission:
     ) -> None:
         rate = self.settings.rate
         key = self.crypto.limit_key
+        client_rate, global_rate = rate(policy, "client"), self.settings.limits["global"]
         hits = [
-            Hit("client", key(request.client_id), rate(policy, "client"), subject="client"),
-            Hit("global", "all", self.settings.limits["global"], subject="global"),
+            Hit("client", key(request.client_id), client_rate, subject="client", lease=throughput_lease(client_rate)),
+            Hit("global", "all", global_rate, subject="global", lease=throughput_lease(global_rate)),
         ]
         # The bot prompt of a re-confirmation is ours, not the client's traffic.
         if not (purpose == P_CONFIRMATION and channel != SMS):

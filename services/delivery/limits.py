@@ -1,28 +1,37 @@
 """Rate limits shared by every replica, kept in MongoDB.
 
-Each admitted event owns one numbered slot document in its window
-(`_id = limit|key|window|slot`, slots 1..limit). Slots are taken with plain inserts,
-so the unique `_id` makes admission exact under concurrency across replicas, no two
-requests ever write one document, and concurrent requests' slots share one insert
-command (services/core/batching.py).
+Every limited key (a client, a number, a session, an address: keyed, never in clear) has one
+counter document, `_id = key`, holding the count of each limit's recent windows as fields
+`<limit>|<window seconds>|<window index>`. Counting a request against every limit on one key is
+one `find_one_and_update`: `$inc` on their current windows, upserted, returning the document as
+it is after, which also holds each limit's previous window, so a sliding window costs no second
+read. MongoDB applies the increment to the one document atomically, so racing requests see
+distinct counts; one whose count lands past a limit takes its increments back (`$inc` -1) and is
+refused. No request is ever admitted past a limit; racing at the very edge of one, a request may
+be refused that would have fitted once the others' give-backs landed (the safe side).
 
-Nothing is counted with a query: how far a window is filled is found by probing slot ids
-(1, 2, 4, 8, … then bisecting), so every read is an `_id` lookup; a process remembers the
-last slot it took per window, so its next event is usually one insert.
+Throughput limits (the client's, the service's: thousands a minute on one key) lease their
+units (`Hit.lease`): a replica takes that many in one increment and spends them in memory within
+that window, so such a key costs one round trip per `lease` requests, not a write by every
+request to one hot document. Units leased and not spent when their window ends still count:
+they may refuse up to `lease` requests per replica early, never admit one past the limit. Caps
+that must be exact both ways (a number's limits, daily SMS caps) lease nothing.
 
-Windows are fixed (aligned to the epoch) or sliding (the previous fixed window
-weighted by how much of it still overlaps, plus the current one).
+Windows are fixed (aligned to the epoch) or sliding (the previous fixed window weighted by how
+much of it still overlaps, plus the current one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
 
-from services.core.batching import InsertBatcher
 from services.core.clock import Clock
 from services.core.errors import ServiceError, resource_exhausted
 from services.core.mongo import Document, ensure_index
@@ -72,24 +81,41 @@ class Hit:
     sliding: bool = True
     # Shown in QuotaFailure.subject.
     subject: str = ""
+    # Units a replica takes from the shared count at once (see the module docstring); 1: exact.
+    lease: int = 1
+
+
+def throughput_lease(rate: Rate) -> int:
+    """The lease of a throughput limit: a hundredth of it, from 1 to 50 units."""
+    return max(1, min(50, rate.limit // 100))
 
 
 @dataclass
 class _Window:
-    """Where one hit is counted now: its open window and the weight carried from the previous one."""
+    """Where one hit is counted now: the field of its open window and of the previous one."""
 
     hit: Hit
     start: float
     epoch: float
     current: str
     previous: str
+    stale: tuple[str, ...]  # fields of windows that no longer weigh: dropped as the count is written
     expires: datetime
-    carried_count: int = 0  # events in the previous window; stays 0 for a fixed window
+    units: int = 1  # taken from the shared count by this request (a lease when more than 1)
+    granted: int = 0  # of those, how many fitted under the limit
 
     @property
-    def carried(self) -> float:
-        """The previous window's events still weighing (none for a fixed window)."""
-        return self.carried_count * (1.0 - (self.epoch - self.start) / self.hit.rate.window)
+    def weight(self) -> float:
+        """How much of the previous window still weighs (none for a fixed window)."""
+        return 1.0 - (self.epoch - self.start) / self.hit.rate.window if self.hit.sliding else 0.0
+
+
+@dataclass
+class _Lease:
+    """Units leased by this process for one limit's window, not spent yet."""
+
+    window: str
+    left: int
 
 
 class RateLimited(Exception):
@@ -109,160 +135,138 @@ class RateLimited(Exception):
 
 
 class Limiter:
-    def __init__(self, collection: AsyncCollection[Document], clock: Clock, max_probe: int = 64) -> None:
+    def __init__(self, collection: AsyncCollection[Document], clock: Clock) -> None:
         self._coll = collection
-        self._slots = InsertBatcher(collection)  # concurrent requests' slots share one insert
         self._clock = clock
-        self._max_probe = max_probe
-        # Closed windows never change: their counts are cached (key|window -> count).
-        self._closed: dict[str, int] = {}
-        # The last slot this process took per open window: the next try starts above it without
-        # probing; a collision (another replica took it) probes for the next free one.
-        self._hints: dict[str, int] = {}
+        self._leases: dict[str, _Lease] = {}  # limit|key -> this process's lease of its open window
+        self._refills: dict[str, asyncio.Event] = {}  # limit|key -> set once its lease in flight is in
 
     async def create_indexes(self) -> None:
         await ensure_index(self._coll, [("exp", 1)])
 
     async def acquire(self, hits: list[Hit]) -> None:
-        """Count every hit or none: raises RateLimited for the first limit that is full
-        (slots already taken for other limits are given back). Usually two commands for all
-        the hits together: one lookup of the previous windows, one insert of every slot."""
+        """Count every hit or none: raises RateLimited for the first limit that is full (what
+        was taken for the others is given back). One round trip per key whose limits are not
+        served from a lease, all keys at once."""
         windows = [self._window(hit) for hit in hits if hit.rate.limit > 0]
-        if not windows:
-            return
-        taken: list[str] = []
+        from_lease: list[_Window] = []
+        refilling: list[str] = []
+        admitted = False
         try:
-            await self._weigh_previous(windows)
-            first: list[tuple[_Window, int]] = []
-            try:
-                for window in windows:
-                    first.append((window, await self._candidate(window)))
-            except RateLimited:
-                for window, slot in first:
-                    self._give_back(window.current, slot)
-                raise
-            for window, slot in await self._insert(first, taken):
-                await self._skip_past(window.current, slot)
-                taken.append(await self._take(window))
-        except RateLimited as exc:
-            for slot_id in taken:  # one by one: an `_id` lookup each, never a scan
-                await self._coll.delete_one({"_id": slot_id})
-            metrics.limiter_rejections_total.labels(exc.hit.limit_name).inc()
-            raise
+            by_key: dict[str, list[_Window]] = {}
+            for window in windows:
+                if await self._spend_leased(window, refilling):
+                    from_lease.append(window)
+                else:
+                    by_key.setdefault(window.hit.key, []).append(window)
+            groups = list(by_key.items())
+            docs = await asyncio.gather(*(self._count(key, group) for key, group in groups))
+            refused: tuple[_Window, Document] | None = None
+            for (_, group), doc in zip(groups, docs, strict=True):
+                for window in group:
+                    window.granted = self._fitting(window, doc)
+                    if window.granted == 0 and refused is None:
+                        refused = (window, doc)
+            admitted = refused is None
+            # A lease's units that fitted stay counted and leased; an admitted request spends one.
+            for _, group in groups:
+                for window in group:
+                    if window.units > 1:
+                        self._keep_lease(window, window.granted - (1 if admitted else 0))
+            unused = {
+                key: [(w, w.units - w.granted if w.units > 1 or admitted else w.units) for w in group]
+                for key, group in groups
+            }
+            await self._give_back(unused)
+            if refused is not None:
+                window, doc = refused
+                metrics.limiter_rejections_total.labels(window.hit.limit_name).inc()
+                previous = int(doc.get(window.previous, 0)) if window.hit.sliding else 0
+                before = int(doc.get(window.current, 0)) - window.units
+                retry_after = self._retry_after(window.hit, window.start, window.epoch, previous, before)
+                raise RateLimited(window.hit, retry_after)
+        finally:
+            for lease_key in refilling:
+                self._refills.pop(lease_key).set()  # those waiting for this lease go on
+            if not admitted:
+                for window in from_lease:
+                    self._return_leased(window)
 
     def _window(self, hit: Hit) -> _Window:
         now = self._clock.now()
         epoch = now.timestamp()
         index = math.floor(epoch / hit.rate.window)
         start = index * hit.rate.window
-        base = f"{hit.limit_name}|{hit.key}"
+        base = f"{hit.limit_name}|{hit.rate.window:g}|".replace(".", "_")  # a dot would nest the field
         expires = datetime.fromtimestamp(start + 2 * hit.rate.window, tz=now.tzinfo) + timedelta(seconds=1)
-        return _Window(hit, start, epoch, f"{base}|{index}", f"{base}|{index - 1}", expires)
+        stale = (f"{base}{index - 2}", f"{base}{index - 3}")
+        return _Window(hit, start, epoch, f"{base}{index}", f"{base}{index - 1}", stale, expires, units=hit.lease)
 
-    async def _weigh_previous(self, windows: list[_Window]) -> None:
-        """How many events each sliding hit's previous window holds: cached once it is closed,
-        otherwise probed, all windows together, at slots 1, 2, 4, … (then bisected when needed)."""
-        unknown = [w for w in windows if w.hit.sliding and w.previous not in self._closed]
-        probes = {w.previous: _powers(w.hit.rate.limit + 1) for w in unknown}
-        ids = [f"{window_id}|{slot}" for window_id, slots in probes.items() for slot in slots]
-        present = {doc["_id"] async for doc in self._coll.find({"_id": {"$in": ids}}, {"_id": 1})} if ids else set()
-        for window_id, slots in probes.items():
-            low = 0
-            for slot in slots:
-                if f"{window_id}|{slot}" not in present:
-                    self._remember_closed(window_id, await self._bisect(window_id, low, slot) - 1)
-                    break
-                low = slot
-            else:
-                self._remember_closed(window_id, await self._first_free(window_id, low) - 1)
-        for window in windows:
-            if window.hit.sliding:
-                window.carried_count = self._closed[window.previous]
+    async def _spend_leased(self, window: _Window, refilling: list[str]) -> bool:
+        """Spend one unit this process leased for the window. When none is left, one request
+        takes the next lease (its key joins `refilling`) and the others wait for it, so a burst
+        takes one lease, not one each."""
+        if window.units == 1:
+            return False
+        lease_key = f"{window.hit.limit_name}|{window.hit.key}"
+        while True:
+            lease = self._leases.get(lease_key)
+            if lease is not None and lease.window == window.current and lease.left > 0:
+                lease.left -= 1
+                return True
+            pending = self._refills.get(lease_key)
+            if pending is None:
+                break
+            await pending.wait()
+        self._refills[lease_key] = asyncio.Event()
+        refilling.append(lease_key)
+        return False
 
-    async def _candidate(self, window: _Window) -> int:
-        """The slot to try first: above the last one this process took, or RateLimited."""
+    def _return_leased(self, window: _Window) -> None:
+        lease = self._leases.get(f"{window.hit.limit_name}|{window.hit.key}")
+        if lease is not None and lease.window == window.current:
+            lease.left += 1
+
+    def _keep_lease(self, window: _Window, left: int) -> None:
+        if len(self._leases) > 50_000:
+            self._leases.clear()
+        self._leases[f"{window.hit.limit_name}|{window.hit.key}"] = _Lease(window.current, max(0, left))
+
+    async def _count(self, key: str, windows: list[_Window]) -> Document:
+        """Add the windows' units to the key's document; the document as it is after."""
+        update: Document = {
+            "$inc": {window.current: window.units for window in windows},
+            "$max": {"exp": max(window.expires for window in windows)},
+            "$unset": {name: "" for window in windows for name in window.stale},
+        }
+        for _ in range(2):
+            try:
+                doc = await self._coll.find_one_and_update(
+                    {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER
+                )
+                return doc or {}
+            except DuplicateKeyError:
+                continue  # another request created the document first: now it is an update
+        raise RuntimeError("the limit document was created and removed under us twice")
+
+    @staticmethod
+    def _fitting(window: _Window, doc: Document) -> int:
+        """How many of the window's units fit: the limit, less the previous window's weight, less
+        what others counted before these units."""
         limit = window.hit.rate.limit
-        slot = self._reserve(window.current)
-        if window.carried + slot <= limit:
-            return slot
-        self._give_back(window.current, slot)
-        # The hint may be stale (slots given back, or none taken here yet): look before refusing.
-        self._hints[window.current] = await self._first_free(window.current, 0) - 1
-        slot = self._reserve(window.current)
-        if window.carried + slot <= limit:
-            return slot
-        self._give_back(window.current, slot)
-        raise self._refusal(window, slot - 1)
+        carried = int(doc.get(window.previous, 0)) * window.weight
+        before = int(doc.get(window.current, 0)) - window.units
+        room = math.floor(limit - carried + 1e-9) - before
+        return max(0, min(window.units, room))
 
-    async def _insert(self, slots: list[tuple[_Window, int]], taken: list[str]) -> list[tuple[_Window, int]]:
-        """Insert every slot in one command; returns those another replica took first."""
-        ids = [f"{window.current}|{slot}" for window, slot in slots]
-        docs = [{"_id": slot_id, "exp": window.expires} for slot_id, (window, _) in zip(ids, slots, strict=True)]
-        inserted = await self._slots.insert(docs)
-        taken.extend(slot_id for slot_id, ok in zip(ids, inserted, strict=True) if ok)
-        return [slot for slot, ok in zip(slots, inserted, strict=True) if not ok]
-
-    async def _take(self, window: _Window) -> str:
-        """Take the next free slot of a window another replica is also filling."""
-        for _ in range(self._max_probe):
-            slot = await self._candidate(window)
-            slot_id = f"{window.current}|{slot}"
-            if await self._slots.insert_one({"_id": slot_id, "exp": window.expires}):
-                return slot_id
-            await self._skip_past(window.current, slot)
-        raise RateLimited(window.hit, 1.0)
-
-    async def _skip_past(self, window_id: str, collided: int) -> None:
-        """Another replica took `collided`: continue above its last slot in this window."""
-        self._raise_hint(window_id, await self._first_free(window_id, collided) - 1)
-
-    def _refusal(self, window: _Window, current: int) -> RateLimited:
-        retry_after = self._retry_after(window.hit, window.start, window.epoch, window.carried_count, current)
-        return RateLimited(window.hit, retry_after)
-
-    async def _first_free(self, window_id: str, taken: int) -> int:
-        """A free slot number above `taken` (known taken, or 0) whose predecessor is taken: doubling
-        steps until a free slot, then bisection, each probe an `_id` lookup. Slots fill from 1 up,
-        so this is the next free slot; a slot given back below it is simply not reused."""
-        low, step = taken, 1
-        high = low + step
-        while await self._is_taken(window_id, high):
-            low, step = high, step * 2
-            high = low + step
-        return await self._bisect(window_id, low, high)
-
-    async def _bisect(self, window_id: str, low: int, high: int) -> int:
-        """The first free slot in (low, high], given `low` taken (or 0) and `high` free."""
-        while high - low > 1:
-            middle = (low + high) // 2
-            if await self._is_taken(window_id, middle):
-                low = middle
-            else:
-                high = middle
-        return high
-
-    async def _is_taken(self, window_id: str, slot: int) -> bool:
-        return await self._coll.find_one({"_id": f"{window_id}|{slot}"}, {"_id": 1}) is not None
-
-    def _raise_hint(self, window_id: str, count: int) -> None:
-        if len(self._hints) > 50_000:
-            self._hints.clear()
-        self._hints[window_id] = max(self._hints.get(window_id, 0), count)
-
-    def _reserve(self, window_id: str) -> int:
-        """The next slot number for this process, above everything reserved here."""
-        slot = self._hints.get(window_id, 0) + 1
-        self._hints[window_id] = slot
-        return slot
-
-    def _give_back(self, window_id: str, slot: int) -> None:
-        if self._hints.get(window_id) == slot:
-            self._hints[window_id] = slot - 1
-
-    def _remember_closed(self, window_id: str, count: int) -> None:
-        if len(self._closed) > 50_000:
-            self._closed.clear()
-        self._closed[window_id] = count
+    async def _give_back(self, returns: dict[str, list[tuple[_Window, int]]]) -> None:
+        """Take back units counted and not used, one update per key that has any."""
+        updates = []
+        for key, items in returns.items():
+            inc = {window.current: -units for window, units in items if units > 0}
+            if inc:
+                updates.append(self._coll.update_one({"_id": key}, {"$inc": inc}))
+        await asyncio.gather(*updates)
 
     @staticmethod
     def _retry_after(hit: Hit, start: float, epoch: float, previous: int, current: int) -> float:
@@ -277,13 +281,6 @@ class Limiter:
         return max(1.0, moment - epoch)
 
     async def purge(self) -> int:
+        """Documents whose every window has stopped weighing."""
         result = await self._coll.delete_many({"exp": {"$lt": self._clock.now()}})
         return int(result.deleted_count)
-
-
-def _powers(upto: int) -> list[int]:
-    """1, 2, 4, … up to the first power of two at or above `upto`."""
-    powers = [1]
-    while powers[-1] < upto:
-        powers.append(powers[-1] * 2)
-    return powers

@@ -42,9 +42,10 @@ async def test_many_limits_at_once_from_two_replicas_admit_exactly_the_tightest(
     ]
     results = await asyncio.gather(*[_admitted(a if i % 3 else b, hits) for i in range(30)])
     assert sum(results) == 7
-    # Every admitted request holds one slot per limit; refused ones gave theirs back.
-    for name in ("client|c|", "phone_short|p|", "global|all|"):
-        assert await database["limits"].count_documents({"_id": {"$regex": f"^{name.replace('|', '[|]')}"}}) == 7
+    # Each key's document counts the admitted requests only: refused ones took their units back.
+    for key, limit in (("c", "client"), ("p", "phone_short"), ("all", "global")):
+        doc = await database["limits"].find_one({"_id": key})
+        assert doc is not None and [v for f, v in doc.items() if f.startswith(f"{limit}|")] == [7]
 
 
 async def test_fixed_window_rolls_over_and_says_when_to_retry(
@@ -82,7 +83,7 @@ async def test_a_fresh_replica_weighs_the_previous_window_another_filled(
     busy, fresh = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
     hit = Hit("phone_short", "p", Rate(20, 100))
     clock.set(clock.now().replace(minute=0, second=0))
-    for _ in range(13):  # found by probing slot ids: 1, 2, 4, 8, 16 free, then bisecting to 14
+    for _ in range(13):
         assert await _admitted(busy, [hit])
     clock.advance(150)  # the previous window weighs 13 * 0.5 = 6.5: 13 more fit, not 14
     results = [await _admitted(fresh, [hit]) for _ in range(15)]
@@ -132,18 +133,63 @@ async def test_a_lapsed_lease_can_be_taken_over_and_a_released_claim_at_once(
     assert third is not None and third.seq == 3
 
 
-async def test_a_replica_with_a_stale_slot_hint_still_counts_exactly(
+async def test_the_limits_of_one_key_share_one_document(database: AsyncDatabase[Document], clock: ManualClock) -> None:
+    limiter = Limiter(database["limits"], clock)
+    short, daily = Hit("phone_short", "p", Rate(5, 600)), Hit("phone_daily", "p", Rate(20, 86400))
+    for _ in range(3):
+        assert await _admitted(limiter, [short, daily])
+    docs = await database["limits"].find({}).to_list()
+    assert len(docs) == 1 and docs[0]["_id"] == "p"
+    assert sorted(v for f, v in docs[0].items() if "|" in f) == [3, 3]
+
+
+async def test_a_leased_limit_counts_in_leases_and_one_burst_takes_one_at_a_time(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    hit = Hit("client", "c", Rate(1000, 60), sliding=False, lease=10)
+    clock.set(clock.now().replace(second=0))
+    for _ in range(25):
+        assert await _admitted(limiter, [hit])
+    assert await _count(database, "c", "client") == 30  # three leases of 10; five units left here
+    assert all(await asyncio.gather(*[_admitted(limiter, [hit]) for _ in range(64)]))
+    assert await _count(database, "c", "client") == 90  # 89 spent: six more leases, one after the other
+    clock.advance(60)  # a new window: what is left of the old lease is not spent in it
+    assert await _admitted(limiter, [hit])
+    doc = await database["limits"].find_one({"_id": "c"})
+    assert doc is not None and sorted(v for f, v in doc.items() if f.startswith("client|")) == [10, 90]
+
+
+async def test_leases_of_two_replicas_never_admit_past_the_limit(
     database: AsyncDatabase[Document], clock: ManualClock
 ) -> None:
     a, b = Limiter(database["limits"], clock), Limiter(database["limits"], clock)
-    hit = Hit("client", "c", Rate(6, 60), sliding=False)
-    for _ in range(3):
-        assert await _admitted(a, [hit])
-    for _ in range(2):
-        assert await _admitted(b, [hit])
-    assert await _admitted(a, [hit])  # its hint says 3; slots 4 and 5 are taken: it counts, takes 6
-    assert not await _admitted(a, [hit]) and not await _admitted(b, [hit])
-    assert await database["limits"].count_documents({}) == 6
+    hit = Hit("client", "c", Rate(25, 60), sliding=False, lease=10)
+    clock.set(clock.now().replace(second=0))
+    results = await asyncio.gather(*[_admitted(a if i % 2 else b, [hit]) for i in range(60)])
+    # The last lease is cut to what is left (5 of 10): every unit counted is spent.
+    assert sum(results) == 25 and await _count(database, "c", "client") == 25
+    with pytest.raises(RateLimited) as refused:
+        await a.acquire([hit])
+    assert refused.value.retry_after == 60
+
+
+async def test_purge_removes_documents_whose_windows_no_longer_weigh(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    await limiter.acquire([Hit("phone_short", "old", Rate(5, 600))])
+    clock.advance(900)
+    await limiter.acquire([Hit("phone_short", "new", Rate(5, 600))])
+    clock.advance(400)  # "old": its window ended 1,300 s ago, beyond what weighs (two windows)
+    assert await limiter.purge() == 1
+    assert [doc["_id"] async for doc in database["limits"].find({})] == ["new"]
+
+
+async def _count(database: AsyncDatabase[Document], key: str, limit: str) -> int:
+    doc = await database["limits"].find_one({"_id": key})
+    assert doc is not None
+    return sum(int(v) for f, v in doc.items() if f.startswith(f"{limit}|"))
 
 
 async def test_an_implicit_claim_keeps_others_away_until_its_lease_on_the_document_lapses(
