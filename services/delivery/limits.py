@@ -8,7 +8,9 @@ it is after, which also holds each limit's previous window, so a sliding window 
 read. MongoDB applies the increment to the one document atomically, so racing requests see
 distinct counts; one whose count lands past a limit takes its increments back (`$inc` -1) and is
 refused. No request is ever admitted past a limit; racing at the very edge of one, a request may
-be refused that would have fitted once the others' give-backs landed (the safe side).
+be refused that would have fitted once the others' give-backs landed (the safe side). Admitted
+counts never shrink, so a process that found a window full refuses again without a round trip
+until a unit may free up (the retry-after it gave): a number under attack costs one write.
 
 Throughput limits (the client's, the service's: thousands a minute on one key) lease their
 units (`Hit.lease`): a replica takes that many in one increment and spends them in memory within
@@ -140,6 +142,9 @@ class Limiter:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}  # limit|key -> this process's lease of its open window
         self._refills: dict[str, asyncio.Event] = {}  # limit|key -> set once its lease in flight is in
+        # key|window -> until when it was found full: a repeat is refused without a round trip (a
+        # hammered number costs the database nothing more); admitted counts are never given back.
+        self._full_until: dict[str, float] = {}
 
     async def create_indexes(self) -> None:
         await ensure_index(self._coll, [("exp", 1)])
@@ -149,6 +154,12 @@ class Limiter:
         was taken for the others is given back). One round trip per key whose limits are not
         served from a lease, all keys at once."""
         windows = [self._window(hit) for hit in hits if hit.rate.limit > 0]
+        for window in windows:
+            # Refused here before: counts only grow until then, so the answer stands without a write.
+            until = self._full_until.get(f"{window.hit.key}|{window.current}", 0.0)
+            if until > window.epoch:
+                metrics.limiter_rejections_total.labels(window.hit.limit_name).inc()
+                raise RateLimited(window.hit, max(1.0, until - window.epoch))
         from_lease: list[_Window] = []
         refilling: list[str] = []
         admitted = False
@@ -184,6 +195,7 @@ class Limiter:
                 previous = int(doc.get(window.previous, 0)) if window.hit.sliding else 0
                 before = int(doc.get(window.current, 0)) - window.units
                 retry_after = self._retry_after(window.hit, window.start, window.epoch, previous, before)
+                self._remember_full(window, retry_after)
                 raise RateLimited(window.hit, retry_after)
         finally:
             for lease_key in refilling:
@@ -226,6 +238,11 @@ class Limiter:
         lease = self._leases.get(f"{window.hit.limit_name}|{window.hit.key}")
         if lease is not None and lease.window == window.current:
             lease.left += 1
+
+    def _remember_full(self, window: _Window, retry_after: float) -> None:
+        if len(self._full_until) > 50_000:
+            self._full_until.clear()
+        self._full_until[f"{window.hit.key}|{window.current}"] = window.epoch + retry_after
 
     def _keep_lease(self, window: _Window, left: int) -> None:
         if len(self._leases) > 50_000:

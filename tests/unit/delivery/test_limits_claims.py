@@ -204,3 +204,21 @@ async def test_an_implicit_claim_keeps_others_away_until_its_lease_on_the_docume
     assert taken is not None and taken.seq == 2
     await creator.release(held)  # a no-op: there is no claim record
     assert await database["claims"].count_documents({}) == 1
+
+
+async def test_a_key_found_full_is_refused_again_without_a_round_trip_until_it_may_free_up(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    hit = Hit("phone_short", "p", Rate(2, 60), sliding=False)
+    clock.set(clock.now().replace(second=0))
+    assert await _admitted(limiter, [hit]) and await _admitted(limiter, [hit])
+    assert not await _admitted(limiter, [hit])
+    await database["limits"].delete_many({})  # were it asked, the database would now admit
+    clock.advance(30)
+    with pytest.raises(RateLimited) as again:
+        await limiter.acquire([hit])
+    assert again.value.retry_after == 30
+    assert await database["limits"].count_documents({}) == 0
+    clock.advance(30)  # the next window: asked again
+    assert await _admitted(limiter, [hit])
