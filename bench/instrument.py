@@ -141,6 +141,8 @@ def main(argv: list[str]) -> None:
         profiler.stop()
         Path(profile_to).with_suffix(".txt").write_text(profiler.output_text(unicode=False, show_all=False))
         Path(profile_to).write_text(profiler.output_html())
+        # The whole session, to render again another way: pyinstrument --load <file> -r text --show-all
+        profiler.last_session.save(str(Path(profile_to).with_suffix(".pyisession")))
 
 
 if __name__ == "__main__":

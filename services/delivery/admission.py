@@ -10,7 +10,8 @@ paid leg admission when the message is one (channel SMS or TELEGRAM_GATEWAY, or 
 policy ladder, with sms_fallback and the directory naming no bot that can carry it;
 sms_admission.py; a ladder's paid rungs are admitted when the message reaches them) -> the
 message stored, its text, code and number sealed -> dispatched inline under the claim its insert holds (dispatch.py),
-or left QUEUED for the dispatcher.
+or left QUEUED for the dispatcher. The directory lookup of a bot rung sent inline runs alongside,
+from the policy check on (`_early_lookup`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class Admission:
         policy = await self.policies.get(client_id)
         self._check_policy(request, policy, phone, purpose)
         bot_owner = await self.router.bot_owner(request.bot, client_id) if request.bot else ""
+        lookup = self._early_lookup(request, channel, policy, phone.e164)
         # Idempotent repeat: answered before any limit counts it again. The key is taken with one
         # insert before anything is counted, and given back if this request stores no message.
         idem = f"{client_id}\x1f{request.request_id}" if request.request_id else ""
@@ -120,6 +122,7 @@ class Admission:
                     retry_after=1.0,
                 ) from None
             if existing is not None:
+                _drop(lookup)
                 return self._replay(existing, fingerprint)
         try:
             await self._limits(request, policy, phone, purpose, channel)
@@ -136,7 +139,7 @@ class Admission:
             if channel == AUTO and sms_fallback and not policy.ladder:
                 # Decide now whether this is an SMS leg, so a refusal is an error, not a stored message.
                 try:
-                    resolution = await self.router.resolve(phone.e164, request.bot)
+                    resolution = await (lookup or self.router.resolve(phone.e164, request.bot))
                     sms_leg = not await self.router.candidates(resolution, request.bot, bot_owner, client_id)
                 except grpc.aio.AioRpcError:
                     resolution = None  # the dispatcher routes it later
@@ -215,10 +218,12 @@ class Admission:
             )
             existing = await self.store.insert(record)
         except BaseException:
+            _drop(lookup)
             if idem:
                 await asyncio.shield(self.store.release_idem(idem, message_id))
             raise
         if existing is not None:  # stored before its key had a pointer: found by the unique idem index
+            _drop(lookup)
             await self.claims.release(claim)
             if idem:
                 await self.store.release_idem(idem, message_id)
@@ -234,12 +239,27 @@ class Admission:
             purpose=purpose,
         )
         if self.settings.inline_dispatch:
+            if resolution is None and lookup is not None:
+                resolution = await _looked_up(lookup)
             record = await self.dispatcher.run_claimed(record, claim, resolution)
         else:
             await self.store.write(message_id, {"lease_until": EPOCH, "next_attempt_at": now})
             await self.claims.release(claim)
             record = record.updated({"lease_until": EPOCH})
         return delivery_pb2.SendMessageResponse(message=record.to_proto(self.clock.now()))
+
+    def _early_lookup(
+        self, request: delivery_pb2.SendMessageRequest, channel: int, policy: Policy, e164: str
+    ) -> asyncio.Task[directory_pb2.ResolvePhoneResponse] | None:
+        """The directory's answer for a message sent inline whose first rung is a bot, asked now:
+        it is a read, so it runs while the message is admitted and stored, one hop off its
+        latency; a request refused meanwhile only wasted it."""
+        first_is_bot = channel == TELEGRAM or (
+            channel == AUTO and (not policy.ladder or policy.ladder[0].channel == TELEGRAM)
+        )
+        if not (self.settings.inline_dispatch and first_is_bot):
+            return None
+        return asyncio.create_task(self.router.resolve(e164, request.bot))
 
     def _validate(self, request: delivery_pb2.SendMessageRequest) -> tuple[Phone, float]:
         """The number and the ttl in seconds; raises INVALID_ARGUMENT with every violation."""
@@ -351,3 +371,24 @@ class Admission:
         except RateLimited as exc:
             log.info("rate_limited", limit=exc.hit.limit_name, client_id=request.client_id, retry_after=exc.retry_after)
             raise exc.to_error() from None
+
+
+async def _looked_up(
+    lookup: asyncio.Task[directory_pb2.ResolvePhoneResponse],
+) -> directory_pb2.ResolvePhoneResponse | None:
+    """The early lookup's answer; None when it failed in any way: the attempt then asks again and
+    handles that failure as its own (the message is stored by now, so it must not fail the call)."""
+    try:
+        return await lookup
+    except Exception:
+        return None
+
+
+def _drop(lookup: asyncio.Task[directory_pb2.ResolvePhoneResponse] | None) -> None:
+    """An early lookup no longer wanted: cancelled, or its error consumed if it already failed."""
+    if lookup is None:
+        return
+    if not lookup.done():
+        lookup.cancel()
+    elif not lookup.cancelled():
+        lookup.exception()

@@ -10,7 +10,7 @@ distinct counts; one whose count lands past a limit takes its increments back (`
 refused. No request is ever admitted past a limit; racing at the very edge of one, a request may
 be refused that would have fitted once the others' give-backs landed (the safe side). Admitted
 counts never shrink, so a process that found a window full refuses again without a round trip
-until a unit may free up (the retry-after it gave): a number under attack costs one write.
+until a unit may free up (the retry-after it gave): a number under attack costs no more writes.
 
 Throughput limits (the client's, the service's: thousands a minute on one key) lease their
 units (`Hit.lease`): a replica takes that many in one increment and spends them in memory within

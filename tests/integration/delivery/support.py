@@ -52,7 +52,11 @@ def stubs(
 
 def sms_request(phone: str, text: str = "Your code is 123456", **fields: Any) -> delivery_pb2.SendMessageRequest:
     request = delivery_pb2.SendMessageRequest(
-        client_id=fields.pop("client_id", "shop"), phone=phone, text=text, channel=common_pb2.CHANNEL_SMS, **fields
+        client_id=fields.pop("client_id", "shop"),
+        phone=phone,
+        text=text,
+        channel=fields.pop("channel", common_pb2.CHANNEL_SMS),
+        **fields,
     )
     return request
 

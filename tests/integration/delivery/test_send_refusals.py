@@ -377,3 +377,19 @@ async def test_usage_counts_a_long_sms_as_its_parts(
         await delivery.SendMessage(sms_request("+79991234569", text="x" * 400))  # 3 GSM-7 parts
         usage = await delivery.GetUsage(delivery_pb2.GetUsageRequest(client_id="shop", start_day="2026-01-01"))
         assert [(r.messages, r.billed_sms, r.sms_parts) for r in usage.records] == [(3, 6, 6)]
+
+
+async def test_the_early_directory_lookup_neither_fails_an_accepted_message_nor_outlives_a_refused_one(
+    mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
+) -> None:
+    # Delivery alone: the directory is unreachable, so the lookup asked at admission fails.
+    overrides = {**QUIET, "OTPGATE_DELIVERY_LIMIT_PHONE_SHORT": "1/600"}
+    async with running_stack(mongo_client, keyring, ["delivery"], overrides=overrides, clock=clock) as stack:
+        delivery, _ = stubs(stack)
+        accepted = await delivery.SendMessage(sms_request("+79991234567", "A", channel=common_pb2.CHANNEL_AUTO))
+        # Stored: the attempt asked the directory again and left it for the dispatcher, as with no lookup.
+        assert accepted.message.status == common_pb2.MESSAGE_STATUS_QUEUED
+        limited = await refused(delivery.SendMessage(sms_request("+79991234567", "B", channel=common_pb2.CHANNEL_AUTO)))
+        assert limited.reason == "RATE_LIMITED"
+        database = mongo_client[stack.commons["delivery"].database]
+        assert await database.messages.count_documents({}) == 1
