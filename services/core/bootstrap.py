@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -17,6 +18,14 @@ from services.core.mongo import Document, connect
 
 C = TypeVar("C")
 Build = Callable[[CommonConfig, C, AsyncMongoClient[Document], Clock], Awaitable[ServiceApp]]
+
+
+def freeze_startup() -> None:
+    """What start-up made (modules, protobuf descriptors, number metadata: some 60k objects) lives
+    as long as the process: kept out of the collector's full passes, which would otherwise walk it
+    all each time (about 25 ms on two cores, a pause every request in flight waits out)."""
+    gc.collect()
+    gc.freeze()
 
 
 def service_main(name: str, load: Callable[[Env], C], build: Build[C]) -> None:
@@ -38,6 +47,7 @@ async def _run(name: str, common: CommonConfig, specific: C, build: Build[C]) ->
     client = connect(common.mongodb_uri, name)
     try:
         app = await build(common, specific, client, SystemClock())
+        freeze_startup()
         await run_service(app, common)
     except Exception:
         get_logger(__name__).exception("service_crashed", service=name)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import sys
 
+from services.core.bootstrap import freeze_startup
 from services.core.config import ConfigError, Env, TlsConfig, load_common
 from services.core.grpc_server import run_service
 from services.core.logging import configure_logging, get_logger
@@ -25,6 +26,7 @@ async def _run(common_env: Env) -> None:
     client = connect(common.mongodb_uri, "edge")
     try:
         app = await build_app(common, config, client)
+        freeze_startup()
         public = dataclasses.replace(common, tls=TlsConfig(config.tls_cert, config.tls_key, ""))
         await run_service(app, public)
     except Exception:
