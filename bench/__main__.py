@@ -36,6 +36,7 @@ from bench.scenarios import (
     median_of,
     op_mix,
     send_run,
+    verify_mix,
     verify_run,
 )
 from bench.system import RAISED_OURS, RAISED_TELEGRAM, SHARED_BOTS, TELEGRAM_LIMITS, System, proc_sample, workdir
@@ -53,15 +54,16 @@ class Plan:
     duration: float
     users: int
     mix_messages: int
+    mix_pairs: int
     verify_levels: tuple[int, ...]
     ceiling_users: int
     ceiling_messages: int
     ceiling_concurrency: int
 
 
-FULL = Plan((1, 4, 16, 64), 3, 2.0, 6.0, 300, 200, (4, 16), 1000, 3000, 32)
-QUICK = Plan((1, 4, 16, 64), 1, 1.0, 4.0, 150, 100, (16,), 1000, 3000, 32)
-TINY = Plan((2,), 1, 0.3, 1.0, 6, 10, (2,), 12, 36, 8)
+FULL = Plan((1, 4, 16, 64), 3, 2.0, 6.0, 300, 200, 200, (4, 16), 1000, 3000, 32)
+QUICK = Plan((1, 4, 16, 64), 1, 1.0, 4.0, 150, 100, 100, (16,), 1000, 3000, 32)
+TINY = Plan((2,), 1, 0.3, 1.0, 6, 10, 10, (2,), 12, 36, 8)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -170,6 +172,12 @@ async def pipeline(plan: Plan, args: argparse.Namespace, work: Path) -> dict[str
         report["send"] = send
         report["floor"] = floors
 
+        vmix = await verify_mix(system, users, plan.mix_pairs)
+        report["verify_mix"] = vmix
+        say(
+            f"bench: one verify pair costs {vmix['total_per_operation']} database operations and "
+            f"{vmix['rpc_total_per_operation']} gRPC calls"
+        )
         verify: list[dict[str, Any]] = []
         for level in plan.verify_levels:
             vruns = [
@@ -230,8 +238,8 @@ OUR_SERVICES = ("edge", "delivery", "directory", "botgateway", "verification")
 
 
 def cpu_ms_per_message(row: dict[str, Any]) -> dict[str, float]:
-    """CPU milliseconds per sent message of each of our services and their total, at one level
-    (CPU % of one core ÷ msg/s × 10)."""
+    """CPU milliseconds per sent message (or Verify pair) of each of our services and their total,
+    at one level (CPU % of one core ÷ operations/s × 10)."""
     rate = float(row.get("rate") or 0.0)
     cpu = row.get("service_cpu_pct", {})
     per = {name: (float(cpu.get(name, 0.0)) * 10 / rate if rate else 0.0) for name in OUR_SERVICES}
@@ -291,11 +299,18 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{row['concurrency']:>5}  {parts} = {per['total']:.2f}")
     if pipe.get("verify"):
         lines.append("Verify pairs (StartVerification with a client-supplied code + CheckVerification)")
-        lines.append(f"{'conc':>5} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}")
+        lines.append(
+            f"{'conc':>5} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>8}  cpu ms per pair "
+            + "/".join(OUR_SERVICES)
+            + " = total"
+        )
         for row in pipe["verify"]:
+            per = cpu_ms_per_message(row)
             lines.append(
                 f"{row['concurrency']:>5} {row['rate']:>8.1f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
-                f"{sum(row['errors'].values()):>8}"
+                f"{sum(row['errors'].values()):>8}  cpu ms per pair "
+                + "/".join(f"{per[name]:.2f}" for name in OUR_SERVICES)
+                + f" = {per['total']:.2f}"
             )
     if pipe.get("peak_rss_mb"):
         lines.append("Peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in pipe["peak_rss_mb"].items()))
@@ -306,8 +321,14 @@ def table(report: dict[str, Any]) -> str:
             f"(~{mix.get('ms_per_message', 0)} ms of database round trips at concurrency 4)"
         )
         lines.append(f"    {'count':>6}  {'ms each':>7}  service|database.collection:command:shape")
-        for key, value in mix["per_message"].items():
-            lines.append(f"    {value:>6.2f}  {mix.get('mean_ms', {}).get(key, 0):>7.1f}  {key}")
+        lines.extend(mix_lines(mix))
+    if pipe.get("verify_mix"):
+        mix = pipe["verify_mix"]
+        lines.append(
+            f"DB operations (commands; inserts by document) per Verify pair: {mix['total_per_operation']} "
+            f"(~{mix.get('ms_per_operation', 0)} ms of database round trips at concurrency 4)"
+        )
+        lines.extend(mix_lines(mix))
     ceil = report.get("ceiling", {})
     for name, limit in (("one_bot", 30), ("pool", 90)):
         if name in ceil:
@@ -320,6 +341,18 @@ def table(report: dict[str, Any]) -> str:
                 + "/".join(fmt(row.get("service_cpu_pct", {}).get(k, 0.0)) for k in CPU_COLUMNS)
             )
     return "\n".join(lines)
+
+
+def mix_lines(mix: dict[str, Any]) -> list[str]:
+    """A command mix's rows (count, mean round trip, key), then the gRPC calls it made."""
+    lines = [f"    {'count':>6}  {'ms each':>7}  service|database.collection:command:shape"]
+    for key, value in mix.get("per_operation", mix.get("per_message", {})).items():
+        lines.append(f"    {value:>6.2f}  {mix.get('mean_ms', {}).get(key, 0):>7.1f}  {key}")
+    rpcs = mix.get("rpc_per_operation", {})
+    if rpcs:
+        lines.append(f"    gRPC calls served: {mix.get('rpc_total_per_operation', 0)}")
+        lines.extend(f"    {value:>6.2f}           {key}" for key, value in rpcs.items())
+    return lines
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -185,60 +185,86 @@ async def send_run(
     return result
 
 
-async def op_mix(system: System, users: Sequence[User], messages: int = 200, concurrency: int = 4) -> dict[str, Any]:
-    """Database commands one accepted and sent message costs, counted on the code path: every
-    service's commands during `messages` sends, less what the background loops send when idle."""
-    stub, metadata = public_stub(system)
-    tag = "mix" + os.urandom(2).hex()
+async def command_mix(system: System, op: Op, operations: int, concurrency: int = 4) -> dict[str, Any]:
+    """Database commands and calls between services one operation costs, counted on the code path:
+    every service's database commands and the gRPC calls each service served during `operations`
+    runs of `op` (`concurrency` at a time), less what the background loops send when idle."""
+
+    def counts() -> dict[str, dict[str, int]]:
+        return {**system.db_counts(), "rpc": system.rpc_counts()}
 
     async def idle_counts(seconds: float) -> dict[str, int]:
         await asyncio.sleep(0.6)
-        before = system.db_counts()
+        before = counts()
         await asyncio.sleep(seconds)
         await asyncio.sleep(0.3)
-        return counts_delta(system.db_counts(), before)
+        return counts_delta(counts(), before)
 
     idle_seconds = 3.0
     idle = await idle_counts(idle_seconds)
     await asyncio.sleep(0.6)
-    before = system.db_counts()
+    before = counts()
     started = time.monotonic()
-    gate = asyncio.Semaphore(concurrency)
 
-    async def one(i: int) -> None:
-        user = users[i % len(users)]
-        async with gate:
-            await stub.SendMessage(
-                edge_pb2.SendMessageRequest(
-                    phone=user.phone, text=f"{tag} {i}", bot=user.bots[0], request_id=rid(f"{tag}{i}")
-                ),
-                metadata=metadata,
-                timeout=30,
-            )
+    async def worker(index: int) -> None:  # each worker one operation after the other, as in a run
+        for seq in range(index, operations, concurrency):
+            await op(index, seq)
 
-    await asyncio.gather(*(one(i) for i in range(messages)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     busy_seconds = time.monotonic() - started
     await asyncio.sleep(0.6)
-    busy = counts_delta(system.db_counts(), before)
+    busy = counts_delta(counts(), before)
     scale = (busy_seconds + 0.6) / idle_seconds
-    per_message: dict[str, float] = {}
+    per_op: dict[str, float] = {}
+    rpcs: dict[str, float] = {}
     server_ms: dict[str, float] = {}
     for key, count in busy.items():
         if key.endswith("#us"):
             continue
-        value = (count - idle.get(key, 0) * scale) / messages
-        if value > 0.005:
-            per_message[key] = round(value, 3)
-            # Mean time per command as the driver saw it (round trip, under this load).
-            server_ms[key] = round(busy.get(f"{key}#us", 0) / count / 1000, 2)
+        value = (count - idle.get(key, 0) * scale) / operations
+        if value <= 0.005:
+            continue
+        if key.startswith("rpc|"):
+            rpcs[key.removeprefix("rpc|")] = round(value, 3)
+            continue
+        per_op[key] = round(value, 3)
+        # Mean time per command as the driver saw it (round trip, under this load).
+        server_ms[key] = round(busy.get(f"{key}#us", 0) / count / 1000, 2)
     return {
-        "messages": messages,
+        "operations": operations,
         "seconds": round(busy_seconds, 2),
-        "per_message": dict(sorted(per_message.items())),
-        "total_per_message": round(sum(per_message.values()), 2),
+        "per_operation": dict(sorted(per_op.items())),
+        "total_per_operation": round(sum(per_op.values()), 2),
+        "rpc_per_operation": dict(sorted(rpcs.items())),
+        "rpc_total_per_operation": round(sum(rpcs.values()), 2),
         "mean_ms": dict(sorted(server_ms.items())),
-        "ms_per_message": round(sum(per_message[k] * server_ms[k] for k in per_message), 1),
+        "ms_per_operation": round(sum(per_op[k] * server_ms[k] for k in per_op), 1),
         "idle_per_second": {k: round(v / idle_seconds, 2) for k, v in sorted(idle.items()) if not k.endswith("#us")},
+    }
+
+
+async def op_mix(system: System, users: Sequence[User], messages: int = 200, concurrency: int = 4) -> dict[str, Any]:
+    """The command mix of one accepted and sent message (edge SendMessage), keyed as the floor reads it."""
+    stub, metadata = public_stub(system)
+    tag = "mix" + os.urandom(2).hex()
+
+    async def send(worker: int, i: int) -> None:
+        user = users[i % len(users)]
+        await stub.SendMessage(
+            edge_pb2.SendMessageRequest(
+                phone=user.phone, text=f"{tag} {i}", bot=user.bots[0], request_id=rid(f"{tag}{i}")
+            ),
+            metadata=metadata,
+            timeout=30,
+        )
+
+    mix = await command_mix(system, send, messages, concurrency)
+    return {
+        **mix,
+        "messages": messages,
+        "per_message": mix["per_operation"],
+        "total_per_message": mix["total_per_operation"],
+        "ms_per_message": mix["ms_per_operation"],
     }
 
 
@@ -374,11 +400,10 @@ async def floor_run(
 # Scenario 3: verify pairs --------------------------------------------------------------------
 
 
-async def verify_run(
-    system: System, users: Sequence[User], concurrency: int, warmup: float, duration: float, tag: str
-) -> LoadResult:
+def verify_pair(system: System, users: Sequence[User], concurrency: int, tag: str) -> Op:
     """StartVerification with a client-supplied code (policy allow_custom_code), then
-    CheckVerification with that code; one pair is one operation. Each worker owns its numbers."""
+    CheckVerification with that code; one pair is one operation. Each worker owns its numbers
+    (one pending verification per number)."""
     stub, metadata = public_stub(system)
 
     async def op(worker: int, seq: int) -> None:
@@ -402,8 +427,21 @@ async def verify_run(
         if not checked.approved:
             raise RuntimeError("verification not approved")
 
+    return op
+
+
+async def verify_run(
+    system: System, users: Sequence[User], concurrency: int, warmup: float, duration: float, tag: str
+) -> LoadResult:
+    op = verify_pair(system, users, concurrency, tag)
     result, _ = await closed_loop(op, concurrency, warmup, duration, system.pids())
     return result
+
+
+async def verify_mix(system: System, users: Sequence[User], pairs: int = 100, concurrency: int = 4) -> dict[str, Any]:
+    """The command mix of one Verify pair (start with a client-supplied code, then check)."""
+    op = verify_pair(system, users, concurrency, "vmix" + os.urandom(2).hex())
+    return await command_mix(system, op, pairs, concurrency)
 
 
 # Scenario 4: Telegram ceiling ----------------------------------------------------------------

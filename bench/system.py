@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -329,24 +330,45 @@ class System:
                 counts[name] = {}
         return counts
 
-    def metric(self, service: str, name: str, labels: Mapping[str, str] | None = None) -> float:
-        """Sum of a Prometheus sample of one service (over series matching `labels`)."""
+    def rpc_counts(self) -> dict[str, int]:
+        """gRPC calls each of our services has served so far, by '<service>.<Method>' (health
+        checks left out): what one operation costs in calls between services."""
+        assert self.stack is not None
+        counts: dict[str, int] = {}
+        for service in SERVICES:
+            if service == SIMULATOR:
+                continue
+            for labels, value in prometheus_samples(self._metrics_text(service), "grpc_server_started_total"):
+                if labels.get("grpc_service", "").startswith("grpc.health"):
+                    continue
+                key = f"{service}.{labels.get('grpc_method', '')}"
+                counts[key] = counts.get(key, 0) + int(value)
+        return counts
+
+    def _metrics_text(self, service: str) -> str:
         assert self.stack is not None
         url = f"http://127.0.0.1:{self.stack.metrics_port(service)}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, rest = head.partition("{")
-            if metric != name:
-                continue
-            if labels and not all(f'{k}="{v}"' in rest for k, v in labels.items()):
-                continue
-            total += float(value)
-        return total
+            return str(reply.read().decode())
+
+    def metric(self, service: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+        """Sum of a Prometheus sample of one service (over series matching `labels`)."""
+        samples = prometheus_samples(self._metrics_text(service), name)
+        wanted = dict(labels or {})
+        return sum(value for found, value in samples if all(found.get(k) == v for k, v in wanted.items()))
+
+
+def prometheus_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric `name` in a Prometheus text exposition."""
+    samples: list[tuple[dict[str, str], float]] = []
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        samples.append((labels, float(value)))
+    return samples
 
 
 def counts_delta(after: Mapping[str, Mapping[str, int]], before: Mapping[str, Mapping[str, int]]) -> dict[str, int]:

@@ -8,7 +8,7 @@ from collections import Counter
 from bench.__main__ import cpu_ms_per_message, summary_line, table
 from bench.instrument import shape
 from bench.scenarios import ceiling_plans, ceiling_sends, percentile
-from bench.system import SHARED_BOTS, User, counts_delta
+from bench.system import SHARED_BOTS, User, counts_delta, prometheus_samples
 
 SUMMARY = re.compile(
     r"^bench: pipeline/floor=\d+\.\d\d pipeline/floor_min=\d+\.\d\d cpu_ms_per_msg=\d+\.\d\d "
@@ -81,3 +81,32 @@ def test_summary_line_is_well_formed_with_and_without_results() -> None:
         "total": 10.0,
     }
     assert isinstance(table({}), str)
+
+
+def test_prometheus_samples_read_labels_and_the_table_prints_the_verify_pair_mix() -> None:
+    text = (
+        "# HELP grpc_server_started_total RPCs started on the server.\n"
+        'grpc_server_started_total{grpc_method="SendMessage",grpc_service="otpgate.delivery.v1.DeliveryService",'
+        'grpc_type="unary"} 12.0\n'
+        'grpc_server_started_created{grpc_method="SendMessage"} 1.7e9\n'
+        "otpgate_bot_flood_waits_total 2.0\n"
+    )
+    assert prometheus_samples(text, "grpc_server_started_total") == [
+        (
+            {"grpc_method": "SendMessage", "grpc_service": "otpgate.delivery.v1.DeliveryService", "grpc_type": "unary"},
+            12.0,
+        )
+    ]
+    assert prometheus_samples(text, "otpgate_bot_flood_waits_total") == [({}, 2.0)]
+    mix = {
+        "per_operation": {"verification|db.code_slots:insert:-": 3.0},
+        "total_per_operation": 3.0,
+        "rpc_per_operation": {"delivery.SendMessage": 1.0},
+        "rpc_total_per_operation": 1.0,
+        "mean_ms": {"verification|db.code_slots:insert:-": 1.5},
+        "ms_per_operation": 4.5,
+    }
+    printed = table({"pipeline": {"verify_mix": mix}})
+    assert "per Verify pair: 3.0 (~4.5 ms" in printed
+    assert "  3.00      1.5  verification|db.code_slots:insert:-" in printed
+    assert "gRPC calls served: 1.0" in printed and "1.00           delivery.SendMessage" in printed
