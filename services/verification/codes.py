@@ -35,10 +35,11 @@ from __future__ import annotations
 import enum
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
@@ -277,10 +278,17 @@ class CodeEngine:
     async def reload(self, view: View) -> View:
         return await self.load(view.id) or view
 
+    def issued(self, record: Document, first_send: Document) -> View:
+        """A record just inserted, with its first send: what a read would find, without reading."""
+        status = EXPIRED if self.is_lapsed(record) else PENDING
+        return View(record, status, 0, int(first_send["n"]), first_send)
+
     # Final states ------------------------------------------------------------------------
 
-    async def decide(self, record_id: str, status: str) -> tuple[bool, View | None]:
-        """Try to move a pending record to a final status. (won, view after). Once per record."""
+    async def decide(self, record_id: str, status: str, before: View | None = None) -> tuple[bool, View | None]:
+        """Try to move a pending record to a final status. (won, view after). Once per record.
+        With `before` (the record's slots as the caller knows them), the winner's view is the
+        record its final write returned with those slots, not read again."""
         assert status in FINAL_STATUSES
         now = self.clock.now()
         try:
@@ -297,7 +305,9 @@ class CodeEngine:
         except DuplicateKeyError:
             won = False
         if won:
-            await self._materialize(record_id, status, now)
+            record = await self._materialize(record_id, status, now)
+            if record is not None and before is not None:
+                return True, replace(before, record=record, status=status)
         return won, await self.load(record_id)
 
     async def _materialize(self, record_id: str, status: str, at: datetime) -> Document | None:
@@ -316,7 +326,7 @@ class CodeEngine:
         """Write EXPIRED for a lapsed pending record (read-time expiry made durable)."""
         if view.record["status"] != PENDING or not self.is_lapsed(view.record):
             return view
-        _, after = await self.decide(view.id, EXPIRED)
+        _, after = await self.decide(view.id, EXPIRED, view)
         return after or view
 
     # Checking ----------------------------------------------------------------------------
@@ -351,12 +361,13 @@ class CodeEngine:
         if right:
             if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
                 return await self._expired(view)
-            won, decided = await self.decide(view.id, APPROVED)
+            taken = replace(view, attempts=max(view.attempts, number))
+            won, decided = await self.decide(view.id, APPROVED, taken)
             if won:
                 return CheckResult(CheckOutcome.APPROVED, decided or view)
             return self._classify_final(decided or view)
         if number >= max_attempts:
-            _, decided = await self.decide(view.id, MAX_ATTEMPTS_REACHED)
+            _, decided = await self.decide(view.id, MAX_ATTEMPTS_REACHED, replace(view, attempts=number))
             final = decided or view
             outcome = CheckOutcome.EXHAUSTED if final.status == MAX_ATTEMPTS_REACHED else CheckOutcome.FINAL
             return CheckResult(outcome, final, counted_failure=True)
@@ -433,9 +444,11 @@ class CodeEngine:
         """Give back a reserved send that was refused downstream (the earlier code stays valid)."""
         await self.store.slots.delete_one({"_id": self.slot_id(record_id, "send", number)})
 
-    async def record_send(self, record_id: str, number: int, fields: dict[str, Any]) -> None:
-        """What delivery answered for one send (message id, channel): kept on its slot."""
-        await self.store.slots.update_one({"_id": self.slot_id(record_id, "send", number)}, {"$set": fields})
+    async def record_send(self, record_id: str, number: int, fields: dict[str, Any]) -> Document | None:
+        """What delivery answered for one send (message id, channel): kept on its slot (returned)."""
+        return await self.store.slots.find_one_and_update(
+            {"_id": self.slot_id(record_id, "send", number)}, {"$set": fields}, return_document=ReturnDocument.AFTER
+        )
 
     # Housekeeping ------------------------------------------------------------------------
 

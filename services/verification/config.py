@@ -18,6 +18,8 @@ class VerifyPolicy:
     max_sends: int = 5
     resend_cooldown: float = 30.0
     failed_checks_per_hour: int = 100
+    # How long a client's policy allowing custom codes is trusted without asking delivery again.
+    custom_code_policy_ttl: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ def load_config(env: Env) -> VerificationConfig:
         ),
         failed_checks_per_hour=env.integer(
             f"{p}FAILED_CHECKS_PER_HOUR", 100, "failed checks per phone and hour across verifications", min=1
+        ),
+        custom_code_policy_ttl=env.number(
+            f"{p}CUSTOM_CODE_POLICY_TTL",
+            2.0,
+            "how long a replica trusts a client policy that allows custom codes, s: withdrawing the permission"
+            " applies within it, granting it at once (0: ask delivery on every start with a custom code)",
+            min=0,
         ),
     )
     confirmation = ConfirmationPolicy(

@@ -10,10 +10,11 @@ Collections (database owned by this service only):
   `_id = failed|<phone blind index>|<part of the hour>`, `n`, `at` (when the part stops counting).
 - verification_feed: each client's verifications numbered newest first (services/core/feed.py),
   so ListVerifications pages by `_id` lookups instead of a sorted query on client_id.
-- pending_pointers: pending_key -> id of the record (verification or confirmation; their keys
-  never look alike) that held it when it was created, so a start finds the pending one by `_id` (the cheapest lookup on any server). A
-  pointer is a hint: the record is read with the key as a condition, and a new record's insert,
-  refused by the unique pending_key index, is what proves one is pending when no pointer says so.
+- pending_pointers: pending_key -> id of the confirmation that held it when it was created, so
+  a re-confirmation start finds the pending one by `_id`. A pointer is a hint: the record is read
+  with the key as a condition, and a new record's insert, refused by the unique pending_key index,
+  is what proves one is pending when no pointer says so. A Verify start needs none: it inserts
+  first and, refused, finds the pending verification by that index.
 
 `pending_key` carries a unique index. While a record is pending it holds the key that must be
 unique among pending records; every final state sets it to the record's own id. This gives

@@ -72,6 +72,11 @@ def verification_not_found() -> ServiceError:
     return not_found("verification", reason="VERIFICATION_NOT_FOUND")
 
 
+def requested_channel(view: View) -> int:
+    """The channel the latest send asked for (a re-send may ask for another than the start)."""
+    return int((view.last_send or {}).get("requested_channel") or view.record["requested_channel"])
+
+
 @dataclass(frozen=True)
 class StartInput:
     client_id: str
@@ -103,6 +108,8 @@ class Verifier:
         self.delivery = delivery
         self.engine = CodeEngine(store, store.verifications, keyring, clock)
         self.failed_checks = store.failed_check_counter(clock, policy.failed_checks_per_hour)
+        # Clients whose policy allowed custom codes, and when delivery said so.
+        self._custom_code_allowed: dict[str, float] = {}
 
     # Validation --------------------------------------------------------------------------
 
@@ -215,6 +222,12 @@ class Verifier:
         return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
 
     async def _require_custom_code_allowed(self, client_id: str) -> None:
+        """A permission is trusted for `custom_code_policy_ttl` seconds; a refusal is asked again
+        every time, so a permission just granted applies at once."""
+        now = self.clock.now().timestamp()
+        allowed_at = self._custom_code_allowed.get(client_id)
+        if allowed_at is not None and now - allowed_at < self.policy.custom_code_policy_ttl:
+            return
         try:
             reply = await call(
                 lambda: self.delivery.GetClientPolicy(delivery_pb2.GetClientPolicyRequest(client_id=client_id))
@@ -222,7 +235,11 @@ class Verifier:
         except DownstreamError as err:
             raise err.service_error() from None
         if not reply.policy.allow_custom_code:
+            self._custom_code_allowed.pop(client_id, None)
             raise permission_denied("CUSTOM_CODE_NOT_ALLOWED", "the client's policy does not allow custom codes")
+        if len(self._custom_code_allowed) > 10_000:
+            self._custom_code_allowed.clear()
+        self._custom_code_allowed[client_id] = now
 
     def keys(self, start: StartInput) -> tuple[str, str]:
         """(phone blind index, pending key): one pending verification per client and number."""
@@ -231,29 +248,30 @@ class Verifier:
 
     async def _start_or_resend(self, start: StartInput) -> View:
         _, pending_key = self.keys(start)
-        for attempt in range(5):
-            # The pointer first; after a refused insert (one is pending), the unique index too.
-            existing = await self.store.pending_by_key(self.store.verifications, pending_key, search=attempt > 0)
-            if existing is not None:
-                view = await self.engine.view(existing)
-                if view.record["status"] == PENDING and self.engine.is_lapsed(view.record):
-                    view = await self.engine.settle_lapsed(view)
-                if view.pending:
-                    if start.custom_code and not self.keyring.code_matches(
-                        str(view.record["code_hash"]), view.id, start.custom_code
-                    ):
-                        raise failed_precondition(
-                            "VERIFICATION_PENDING",
-                            "a verification for this number is pending with another code; cancel it first",
-                            [("VERIFICATION", "custom_code", "another code is pending for this number")],
-                        )
-                    resent = await self._resend(view, start)
-                    if resent is not None:
-                        return resent
-                continue
+        for _ in range(5):
+            # A new verification first: the unique pending_key index refuses it while one is
+            # pending for the number, and only then is that one looked up, by the same index.
             created = await self._create(start)
             if created is not None:
                 return created
+            existing = await self.store.verifications.find_one({"pending_key": pending_key})
+            if existing is None:
+                continue  # it ended between the refused insert and the lookup: create again
+            view = await self.engine.view(existing)
+            if view.record["status"] == PENDING and self.engine.is_lapsed(view.record):
+                view = await self.engine.settle_lapsed(view)
+            if view.pending:
+                if start.custom_code and not self.keyring.code_matches(
+                    str(view.record["code_hash"]), view.id, start.custom_code
+                ):
+                    raise failed_precondition(
+                        "VERIFICATION_PENDING",
+                        "a verification for this number is pending with another code; cancel it first",
+                        [("VERIFICATION", "custom_code", "another code is pending for this number")],
+                    )
+                resent = await self._resend(view, start)
+                if resent is not None:
+                    return resent
         raise aborted("the verification changed concurrently; retry", reason="CONFLICT")
 
     async def issue(self, start: StartInput) -> tuple[Document, str] | None:
@@ -290,8 +308,7 @@ class Verifier:
         try:
             await self.engine.insert(record)
         except DuplicateKeyError:
-            return None  # a concurrent start created the pending one: re-send that instead
-        await self.store.point_pending(str(record["pending_key"]), str(record["_id"]), now)
+            return None  # one is pending for the number: re-send that instead
         return record, code
 
     async def _create(self, start: StartInput) -> View | None:
@@ -309,7 +326,8 @@ class Verifier:
                 log.info("verification_refused", verification_id=record_id, reason=exc.reason)
                 raise exc.service_error() from None
             raise
-        await self.engine.record_send(record_id, 1, {"message_id": message.id, "channel": message.channel})
+        sent = {"message_id": message.id, "channel": message.channel}
+        first_send = await self.engine.record_send(record_id, 1, sent)
         metrics.verifications.labels("started").inc()
         log.info(
             "verification_started",
@@ -318,7 +336,7 @@ class Verifier:
             channel=common_pb2.Channel.Name(message.channel),
             message_id=message.id,
         )
-        return await self.engine.load(record_id)
+        return self.engine.issued(record, first_send or {"n": 1, "at": record["created_at"], **sent})
 
     async def _discard(self, record: Document) -> None:
         """A start that delivery refused leaves nothing behind."""
@@ -446,7 +464,9 @@ class Verifier:
 
     async def _record_conversion(self, view: View) -> None:
         message_id = view.last_message_id
-        if not message_id:
+        # A code sent by a bot alone (channel TELEGRAM: no other rung, nothing paid) is no
+        # sample for the fraud guard, which counts the codes of SMS and Gateway legs.
+        if not message_id or requested_channel(view) == common_pb2.CHANNEL_TELEGRAM:
             return
         request = delivery_pb2.RecordConversionRequest(client_id=str(view.record["client_id"]), message_id=message_id)
         try:
@@ -458,7 +478,7 @@ class Verifier:
     async def cancel(self, client_id: str, verification_id: str) -> View:
         view = await self._owned(client_id, verification_id)
         if view.pending:
-            won, after = await self.engine.decide(verification_id, CANCELED)
+            won, after = await self.engine.decide(verification_id, CANCELED, view)
             view = after or view
             if won:
                 metrics.verifications.labels("canceled").inc()
@@ -498,7 +518,7 @@ class Verifier:
             id=view.id,
             request_id=str(record.get("request_id", "")),
             phone_masked=str(record["phone_masked"]),
-            requested_channel=int(send.get("requested_channel") or record["requested_channel"]),  # type: ignore[arg-type]
+            requested_channel=requested_channel(view),  # type: ignore[arg-type]
             channel=int(send.get("channel", 0)),  # type: ignore[arg-type]
             status=_STATUS[view.status],
             code_length=int(record["code_length"]),

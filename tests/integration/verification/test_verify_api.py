@@ -21,6 +21,15 @@ PENDING = common_pb2.VERIFICATION_STATUS_PENDING
 APPROVED = common_pb2.VERIFICATION_STATUS_APPROVED
 
 
+def conversions_recorded() -> float:
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "otpgate.delivery.v1.DeliveryService",
+        "grpc_method": "RecordConversion",
+    }
+    return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
+
+
 def start(phone: str, client_id: str = "shop", **fields: object) -> V.StartVerificationRequest:
     return V.StartVerificationRequest(client_id=client_id, phone=phone, channel=fields.pop("channel", SMS), **fields)  # type: ignore[arg-type]
 
@@ -49,6 +58,7 @@ async def test_sms_code_wrong_then_right(env: Env, captured_logs: object) -> Non
     delivery_db = env.database.client[env.stack.env["OTPGATE_DELIVERY_DATABASE"]]
     counted = await delivery_db["fraud_sms"].find_one({"_id": started.message_id})
     assert counted is not None and counted["converted"] is True
+    assert conversions_recorded() > 0
     again = await env.verification.CheckVerification(
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=code)
     )
@@ -109,22 +119,24 @@ async def test_expired_verification_is_refused_and_a_new_start_issues_a_new_code
     assert second.id != first.id
 
 
-async def test_a_start_finds_the_pending_verification_without_its_pointer(env: Env) -> None:
-    """The pointer from a pending key to its verification is a hint: lost (a crash between the
-    two writes) or stale, the unique pending index still keeps one pending per number."""
+async def test_a_start_finds_the_pending_verification_through_the_unique_pending_index(env: Env) -> None:
+    """A start inserts a new verification first; the unique pending index refuses it while one is
+    pending for the number, and the pending one, found by that index, is re-sent instead."""
     phone = new_phone()
-    pointers = env.database["pending_pointers"]
     first = (await env.verification.StartVerification(start(phone))).verification
-    assert await pointers.count_documents({"record_id": first.id}) == 1
-    await pointers.delete_many({})
     env.clock.advance(30)
     again = (await env.verification.StartVerification(start(phone))).verification
     assert again.id == first.id and again.send_count == 2
-    assert await pointers.count_documents({"record_id": first.id}) == 1  # written again
+    record = await env.database["verifications"].find_one({"_id": first.id})
+    assert record is not None
+    assert await env.database["verifications"].count_documents({"phone_bi": record["phone_bi"]}) == 1
     await env.verification.CancelVerification(V.CancelVerificationRequest(client_id="shop", id=first.id))
-    fresh = (await env.verification.StartVerification(start(phone))).verification  # the pointer is stale now
+    fresh = (await env.verification.StartVerification(start(phone))).verification
     assert fresh.id != first.id and fresh.status == PENDING and fresh.send_count == 1
-    assert await pointers.count_documents({"record_id": fresh.id}) == 1
+    pending = {"phone_bi": record["phone_bi"], "status": "PENDING"}
+    assert await env.database["verifications"].count_documents(pending) == 1
+    # The Verify API keeps no pointers (re-confirmations do).
+    assert await env.database["pending_pointers"].count_documents({"record_id": {"$in": [first.id, fresh.id]}}) == 0
 
 
 async def test_request_id_idempotency(env: Env) -> None:
@@ -173,6 +185,20 @@ async def test_custom_code_needs_the_policy(env: Env) -> None:
         V.CheckVerificationRequest(client_id="bank", id=started.id, code="424242")
     )
     assert ok.approved
+    # Withdrawn, the permission still holds for the seconds a replica trusts it, then not.
+    await env.delivery.UpdateClientPolicy(
+        delivery_pb2.UpdateClientPolicyRequest(
+            policy=common_pb2.ClientPolicy(client_id="bank", allow_custom_code=False, sms_countries_any=True)
+        )
+    )
+    env.clock.advance(1)
+    trusted = await env.verification.StartVerification(start(new_phone(), client_id="bank", custom_code="5151"))
+    assert trusted.verification.code_length == 4
+    env.clock.advance(1)
+    withdrawn = await refused(
+        env.verification.StartVerification(start(new_phone(), client_id="bank", custom_code="5151"))
+    )
+    assert (withdrawn.code, withdrawn.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CUSTOM_CODE_NOT_ALLOWED")
 
 
 async def test_telegram_channel_delivers_the_code_in_the_bot_chat(env: Env) -> None:
@@ -186,10 +212,13 @@ async def test_telegram_channel_delivers_the_code_in_the_bot_chat(env: Env) -> N
     codes = [m.group(0) for text in chat if "verification code" in text and (m := re.search(r"\d{8}", text))]
     assert len(codes) == 1
     assert await env.inbox(user.phone) == []  # no SMS for a person reachable in Telegram
+    conversions = conversions_recorded()
     ok = await env.verification.CheckVerification(
         V.CheckVerificationRequest(client_id="shop", id=started.id, code=codes[0])
     )
-    assert ok.approved
+    assert ok.approved and ok.verification.message_id == started.message_id
+    # A code a bot alone carried is no sample for the fraud guard: delivery is not asked.
+    assert conversions_recorded() == conversions
 
 
 async def test_cancel_and_scoping(env: Env) -> None:
