@@ -5,18 +5,17 @@ A code comes from `secrets`, is stored as a keyed HMAC bound to the record id
 kept sealed only while it may be re-sent and erased at every final state. Expiry is decided
 at read time with the injected clock; the sweeper only tidies up.
 
-Every decision that must happen once is an insert with a unique `_id` into `code_slots`,
-so the unique index decides between racing callers, with nothing read first:
+Every decision that must happen once is made by one atomic write that racing callers cannot
+both win, with nothing read first:
 
-- attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts: a check must take one first,
-  so no more than max_attempts codes are ever compared, however many checks race;
-- send slots `<coll>:<id>:send:<n>`, n = 1..max_sends: a re-send takes the next one, so two
-  racing re-sends never both go out, and the cooldown is measured from the latest one;
-- the final fence `<coll>:<id>:final`: the first of APPROVED / EXPIRED / CANCELED /
-  MAX_ATTEMPTS_REACHED to insert it wins; only the winner writes the final state into the
-  record (find_one_and_update conditioned on status PENDING), erasing the sealed code.
-  A reader that finds a record still PENDING consults the fence, so a crash between the two
-  writes cannot resurrect a finished code.
+- attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts, inserted into `code_slots`
+  (the unique `_id` decides): a check must take one first, so no more than max_attempts codes
+  are ever compared, however many checks race;
+- send slots `<coll>:<id>:send:<n>`, n = 1..max_sends, likewise: a re-send takes the next one,
+  so two racing re-sends never both go out, and the cooldown is measured from the latest one;
+- the final state: the first of APPROVED / EXPIRED / CANCELED / MAX_ATTEMPTS_REACHED to write
+  it wins, with one find_one_and_update of the record conditioned on status PENDING (atomic on
+  one document), which erases the sealed code in the same write.
 
 So 100 concurrent correct checks approve exactly once, and a check that loses the race with
 expiry (decided with the clock at the moment of the decision) cannot approve after it.
@@ -85,7 +84,7 @@ class View:
     """A record with what lives beside it: attempts used, sends made, the latest send."""
 
     record: Document
-    status: str  # effective status: the fence wins over the record; lapsed PENDING reads EXPIRED
+    status: str  # effective status: the record's, but a lapsed PENDING reads EXPIRED
     attempts: int
     send_count: int
     last_send: Document | None
@@ -203,9 +202,6 @@ class CodeEngine:
     def slot_id(self, record_id: str, kind: str, number: int) -> str:
         return f"{self.owner(record_id)}:{kind}:{number}"
 
-    def fence_id(self, record_id: str) -> str:
-        return f"{self.owner(record_id)}:final"
-
     async def insert(self, record: Document) -> None:
         """Insert a new pending record and its first send slot (DuplicateKeyError if one is pending)."""
         await self.collection.insert_one(record)
@@ -233,14 +229,13 @@ class CodeEngine:
         return expire_at(record) <= (now or self.clock.now())
 
     def slot_ids(self, record: Document) -> list[str]:
-        """Every slot a record can ever have: its attempts, its sends and its fence."""
+        """Every slot a record can ever have: its attempts and its sends."""
         record_id = str(record["_id"])
         attempts = range(1, int(record["max_attempts"]) + 1)
         sends = range(1, int(record["max_sends"]) + 1)
         return [
             *(self.slot_id(record_id, "attempt", n) for n in attempts),
             *(self.slot_id(record_id, "send", n) for n in sends),
-            self.fence_id(record_id),
         ]
 
     async def view(self, record: Document) -> View:
@@ -254,13 +249,9 @@ class CodeEngine:
         if wanted:
             async for doc in self.store.slots.find({"_id": {"$in": list(wanted)}}):
                 found[wanted[str(doc["_id"])]].append(doc)
-        return [await self._view(record, slots) for record, slots in zip(records, found, strict=True)]
+        return [self._view(record, slots) for record, slots in zip(records, found, strict=True)]
 
-    async def _view(self, record: Document, slots: list[Document]) -> View:
-        record_id = str(record["_id"])
-        fence = next((doc for doc in slots if doc.get("kind") == "final"), None)
-        if record["status"] == PENDING and fence is not None:
-            record = await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"])) or record
+    def _view(self, record: Document, slots: list[Document]) -> View:
         taken = {int(doc["n"]) for doc in slots if doc.get("kind") == "attempt"}
         attempts = len(taken)
         free = next(n for n in range(1, len(taken) + 2) if n not in taken)
@@ -286,32 +277,12 @@ class CodeEngine:
     # Final states ------------------------------------------------------------------------
 
     async def decide(self, record_id: str, status: str, before: View | None = None) -> tuple[bool, View | None]:
-        """Try to move a pending record to a final status. (won, view after). Once per record.
-        With `before` (the record's slots as the caller knows them), the winner's view is the
-        record its final write returned with those slots, not read again."""
+        """Try to move a pending record to a final status. (won, view after). Once per record:
+        the write matches only while the record is PENDING. With `before` (the record's slots as
+        the caller knows them), the winner's view is the record its write returned with those
+        slots, not read again."""
         assert status in FINAL_STATUSES
-        now = self.clock.now()
-        try:
-            await self.store.slots.insert_one(
-                {
-                    "_id": self.fence_id(record_id),
-                    "owner": self.owner(record_id),
-                    "kind": "final",
-                    "status": status,
-                    "at": now,
-                }
-            )
-            won = True
-        except DuplicateKeyError:
-            won = False
-        if won:
-            record = await self._materialize(record_id, status, now)
-            if record is not None and before is not None:
-                return True, replace(before, record=record, status=status)
-        return won, await self.load(record_id)
-
-    async def _materialize(self, record_id: str, status: str, at: datetime) -> Document | None:
-        """Write the fence's decision into the record (idempotent; only while it says PENDING)."""
+        at = self.clock.now()
         update: dict[str, Any] = {
             "$set": {"status": status, "final_at": at, "updated_at": at, "pending_key": record_id},
         }
@@ -320,7 +291,12 @@ class CodeEngine:
             update["$set"].update(self._approve_set)
         if unset:
             update["$unset"] = unset
-        return await self.store.update(self.collection, {"_id": record_id, "status": PENDING}, update)
+        record = await self.store.update(self.collection, {"_id": record_id, "status": PENDING}, update)
+        if record is None:
+            return False, await self.load(record_id)
+        if before is not None:
+            return True, replace(before, record=record, status=status)
+        return True, await self.view(record)
 
     async def settle_lapsed(self, view: View) -> View:
         """Write EXPIRED for a lapsed pending record (read-time expiry made durable)."""
@@ -459,10 +435,6 @@ class CodeEngine:
         cursor = self.collection.find({"status": PENDING, "expire_at": {"$lte": now}}, {"_id": 1}).limit(limit)
         async for doc in cursor:
             record_id = str(doc["_id"])
-            won, _ = await self.decide(record_id, EXPIRED)
-            if not won:  # decided earlier (crash between fence and record): just materialise it
-                fence = await self.store.slots.find_one({"_id": self.fence_id(record_id)})
-                if fence is not None:
-                    await self._materialize(record_id, str(fence["status"]), as_utc(fence["at"]))
+            await self.decide(record_id, EXPIRED)
             done += 1
         return done

@@ -4,7 +4,7 @@ Collections (database owned by this service only):
 - verifications: Verify API codes (one pending per client and phone through `pending_key`).
 - confirmations: phone re-confirmations (one pending per phone through `pending_key`).
 - verification_requests: request_id claims for StartVerification idempotency (AIP-155).
-- code_slots: attempt and send slots and final fences of the codes above (see codes.py), always
+- code_slots: attempt and send slots of the codes above (see codes.py), always
   found by `_id`: a record's slots are numbered within its own limits.
 - failed_checks: failed code checks per number, a capped counter (services/core/counters.py):
   `_id = failed|<phone blind index>|<part of the hour>`, `n`, `at` (when the part stops counting).

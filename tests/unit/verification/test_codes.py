@@ -149,21 +149,18 @@ async def test_a_check_read_before_expiry_cannot_approve_after_it(verifier: Veri
     assert (await load(verifier, view)).status == EXPIRED
 
 
-async def test_a_decision_survives_a_crash_before_the_record_was_written(verifier: Verifier) -> None:
+async def test_racing_final_states_have_one_winner_whose_state_the_record_keeps(verifier: Verifier) -> None:
     view, code = await issue(verifier)
-    # The fence was inserted (the decision), but the process died before writing the record.
-    await verifier.store.slots.insert_one(
-        {
-            "_id": verifier.engine.fence_id(view.id),
-            "owner": verifier.engine.owner(view.id),
-            "kind": "final",
-            "status": CANCELED,
-            "at": verifier.clock.now(),
-        }
-    )
-    assert (await verifier.engine.check(view, code)).outcome is CheckOutcome.FINAL
-    after = await load(verifier, view)
-    assert after.status == CANCELED and after.record["status"] == CANCELED and "code" not in after.record
+    statuses = [APPROVED, CANCELED, EXPIRED, MAX_ATTEMPTS_REACHED] * 10
+    decisions = await asyncio.gather(*(verifier.engine.decide(view.id, status, view) for status in statuses))
+    winners = [(status, after) for status, (won, after) in zip(statuses, decisions, strict=True) if won]
+    assert len(winners) == 1
+    (status, answered), stored = winners[0], await load(verifier, view)
+    assert answered is not None and answered.status == status and answered.record["status"] == status
+    assert stored.status == status and stored.record["pending_key"] == view.id and "code" not in stored.record
+    # The losers read what the winner wrote.
+    assert all(after is not None and after.status == status for won, after in decisions if not won)
+    assert (await verifier.engine.check(stored, code)).outcome is not CheckOutcome.APPROVED or status == APPROVED
 
 
 async def test_raw_collections_hold_no_plaintext_code_and_final_states_erase_the_sealed_code(

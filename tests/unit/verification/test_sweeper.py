@@ -32,10 +32,10 @@ async def test_sweep_expires_then_purges_after_retention(
     await sweeper.sweep_once()
     assert await store.verifications.find_one({"_id": record["_id"]}) is not None
     assert [d async for d in store.failed_checks.find({})] == []  # failed checks only live for the window
-    clock.advance(timedelta(days=2))
+    clock.advance(timedelta(days=1, seconds=1))  # 30 days after its final state
     await sweeper.sweep_once()
     assert await store.verifications.find_one({"_id": record["_id"]}) is None
-    # Its slots (sends, attempts, the final fence) follow a day later, a margin for late finals.
+    # Its slots (sends, attempts) follow a day later, a margin for late finals.
     owner = verifier.engine.owner(record["_id"])
     assert await store.slots.find_one({"owner": owner}) is not None
     clock.advance(timedelta(days=1))
