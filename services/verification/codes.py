@@ -11,8 +11,10 @@ both win, with nothing read first:
 - attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts, inserted into `code_slots`
   (the unique `_id` decides): a check must take one first, so no more than max_attempts codes
   are ever compared, however many checks race;
-- send slots `<coll>:<id>:send:<n>`, n = 1..max_sends, likewise: a re-send takes the next one,
-  so two racing re-sends never both go out, and the cooldown is measured from the latest one;
+- send slots `<coll>:<id>:send:<n>`, n = 2..max_sends, likewise: a re-send takes the next one,
+  so two racing re-sends never both go out, and the cooldown is measured from the latest one.
+  The first send is the record's own (its insert decides it): its slot `…:send:1` is written
+  once it went out, holding what delivery answered;
 - the final state: the first of APPROVED / EXPIRED / CANCELED / MAX_ATTEMPTS_REACHED to write
   it wins, with one find_one_and_update of the record conditioned on status PENDING (atomic on
   one document), which erases the sealed code in the same write.
@@ -203,9 +205,8 @@ class CodeEngine:
         return f"{self.owner(record_id)}:{kind}:{number}"
 
     async def insert(self, record: Document) -> None:
-        """Insert a new pending record and its first send slot (DuplicateKeyError if one is pending)."""
+        """Insert a new pending record, whose first send it is (DuplicateKeyError if one is pending)."""
         await self.collection.insert_one(record)
-        await self._take_slot(str(record["_id"]), "send", 1, as_utc(record["created_at"]))
 
     async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime, **extra: Any) -> bool:
         try:
@@ -260,7 +261,8 @@ class CodeEngine:
         status = str(record["status"])
         if status == PENDING and self.is_lapsed(record):
             status = EXPIRED
-        return View(record, status, attempts, int(last_send["n"]) if last_send else 0, last_send, free)
+        # The first send belongs to the record; its slot appears once it went out.
+        return View(record, status, attempts, int(last_send["n"]) if last_send else 1, last_send, free)
 
     async def load(self, record_id: str, extra: dict[str, Any] | None = None) -> View | None:
         record = await self.collection.find_one({"_id": record_id, **(extra or {})})
@@ -420,11 +422,26 @@ class CodeEngine:
         """Give back a reserved send that was refused downstream (the earlier code stays valid)."""
         await self.store.slots.delete_one({"_id": self.slot_id(record_id, "send", number)})
 
-    async def record_send(self, record_id: str, number: int, fields: dict[str, Any]) -> Document | None:
-        """What delivery answered for one send (message id, channel): kept on its slot (returned)."""
-        return await self.store.slots.find_one_and_update(
-            {"_id": self.slot_id(record_id, "send", number)}, {"$set": fields}, return_document=ReturnDocument.AFTER
+    async def record_send(self, record: Document, number: int, fields: dict[str, Any]) -> Document:
+        """What delivery answered for one send (message id, channel), kept on its slot: the slot
+        a re-send reserved, or the first send's, written now (dated from the record). Returned."""
+        record_id = str(record["_id"])
+        slot = await self.store.slots.find_one_and_update(
+            {"_id": self.slot_id(record_id, "send", number)},
+            {
+                "$set": fields,
+                "$setOnInsert": {
+                    "owner": self.owner(record_id),
+                    "kind": "send",
+                    "n": number,
+                    "at": record["created_at"],
+                },
+            },
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
         )
+        assert slot is not None  # an upsert returning the document after it always has one
+        return slot
 
     # Housekeeping ------------------------------------------------------------------------
 

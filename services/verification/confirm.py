@@ -206,7 +206,7 @@ class Confirmer:
                 raise exc.service_error() from None
             raise
         prompt_id = await self._send_prompt(record, start, 1)
-        await self.engine.record_send(record_id, 1, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        await self.engine.record_send(record, 1, {"message_id": sms.id, "prompt_message_id": prompt_id})
         metrics.confirmations.labels("started").inc()
         log.info(
             "confirmation_started",
@@ -237,7 +237,7 @@ class Confirmer:
             await self.engine.undo_send(view.id, number)
             raise
         prompt_id = await self._send_prompt(record, start, number)
-        await self.engine.record_send(view.id, number, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        await self.engine.record_send(record, number, {"message_id": sms.id, "prompt_message_id": prompt_id})
         metrics.confirmations.labels("resent").inc()
         log.info("confirmation_reused", confirmation_id=view.id, resent=True, send_count=number)
         return self._start_response(record, reused=True, code_sent=True)

@@ -326,8 +326,7 @@ class Verifier:
                 log.info("verification_refused", verification_id=record_id, reason=exc.reason)
                 raise exc.service_error() from None
             raise
-        sent = {"message_id": message.id, "channel": message.channel}
-        first_send = await self.engine.record_send(record_id, 1, sent)
+        first_send = await self.engine.record_send(record, 1, {"message_id": message.id, "channel": message.channel})
         metrics.verifications.labels("started").inc()
         log.info(
             "verification_started",
@@ -336,7 +335,7 @@ class Verifier:
             channel=common_pb2.Channel.Name(message.channel),
             message_id=message.id,
         )
-        return self.engine.issued(record, first_send or {"n": 1, "at": record["created_at"], **sent})
+        return self.engine.issued(record, first_send)
 
     async def _discard(self, record: Document) -> None:
         """A start that delivery refused leaves nothing behind."""
@@ -377,7 +376,7 @@ class Verifier:
                 raise exc.service_error() from None
             raise
         await self.engine.record_send(
-            view.id, number, {"message_id": message.id, "channel": message.channel, "requested_channel": start.channel}
+            record, number, {"message_id": message.id, "channel": message.channel, "requested_channel": start.channel}
         )
         metrics.verifications.labels("resent").inc()
         log.info("verification_resent", verification_id=view.id, send_count=number, message_id=message.id)

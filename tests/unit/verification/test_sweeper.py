@@ -20,6 +20,7 @@ async def test_sweep_expires_then_purges_after_retention(
     issued = await verifier.issue(verifier.validate_start(start_request(ttl={"seconds": 60})))
     assert issued is not None
     record, _ = issued
+    await verifier.engine.record_send(record, 1, {"message_id": "m1", "channel": 2})  # its first send went out
     assert not isinstance(await store.failed_check_counter(clock, 5).reserve("bi"), Full)
     assert (await sweeper.sweep_once())["verifications_expired"] == 0
     clock.advance(61)
