@@ -132,8 +132,12 @@ def main(argv: list[str]) -> None:
         runpy.run_module(f"services.{name}", run_name="__main__", alter_sys=True)
         return
     from pyinstrument import Profiler
+    from pyinstrument.stack_sampler import get_stack_sampler
 
-    profiler: Any = Profiler(async_mode="disabled", interval=0.002)
+    # Samples weigh the main thread's CPU time, not wall time: on a shared machine a process waiting
+    # for a core (or blocked in a system call) would otherwise show that wait as work in the frame.
+    get_stack_sampler().timer_func = time.thread_time
+    profiler: Any = Profiler(async_mode="disabled", interval=0.001)
     profiler.start()
     try:
         runpy.run_module(f"services.{name}", run_name="__main__", alter_sys=True)

@@ -59,43 +59,123 @@ def service_config(services: Iterable[ServiceDescriptor], timeout: float, extra_
     return json.dumps(config)
 
 
-class _ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, default_timeout: float) -> None:
-        self._timeout = default_timeout
+class _CountedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
+    """One method of a channel: its calls carry the request id and the served request's deadline, and
+    are counted. Built once per method (when a stub is made), so a call only reads two context
+    variables; a grpc.aio interceptor would run a task and rebuild the call's details for every call."""
 
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    def __init__(self, inner: grpc.aio.UnaryUnaryMultiCallable[Any, Any], method: str, default_timeout: float) -> None:
+        self._inner = inner
+        self._timeout = default_timeout
         service, name = metrics.split_method(method)
-        labels = ("unary", service, name)
-        md = list(details.metadata or [])
+        self._labels = ("unary", service, name)
+        self._started = metrics.client_started.labels(*self._labels)
+        self._sent = metrics.client_msg_sent.labels(*self._labels)
+        self._received = metrics.client_msg_received.labels(*self._labels)
+        self._handling = metrics.client_handling.labels(*self._labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:  # an awaitable of the response, as a call is
+        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression)
+
+    async def _call(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
+        md = tuple(metadata or ())
         rid = request_id_var.get()
-        if rid and not any(k == "x-request-id" for k, _ in md):
-            md.append(("x-request-id", rid))
-        new_details = grpc.aio.ClientCallDetails(
-            method=details.method,
-            timeout=call_timeout(details.timeout if details.timeout is not None else self._timeout),
-            metadata=grpc.aio.Metadata(*md),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-        )
-        metrics.client_started.labels(*labels).inc()
-        metrics.client_msg_sent.labels(*labels).inc()
+        if rid and not any(key == "x-request-id" for key, _ in md):
+            md = (*md, ("x-request-id", rid))
+        self._started.inc()
+        self._sent.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
-            call = await continuation(new_details, request)
-            response = await call
+            response = await self._inner(
+                request,
+                timeout=call_timeout(self._timeout if timeout is None else timeout),
+                metadata=md,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
             code = grpc.StatusCode.OK
-            metrics.client_msg_received.labels(*labels).inc()
+            self._received.inc()
             return response
         except grpc.aio.AioRpcError as error:
             code = error.code()
             raise
         finally:
-            metrics.client_handled.labels(*labels, metrics.code_label(code)).inc()
-            metrics.client_handling.labels(*labels).observe(time.perf_counter() - started)
+            self._handled_counter(code).inc()
+            self._handling.observe(time.perf_counter() - started)
+
+    def _handled_counter(self, code: grpc.StatusCode) -> Any:
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = self._handled[code] = metrics.client_handled.labels(*self._labels, metrics.code_label(code))
+        return counter
+
+
+class _Channel(grpc.aio.Channel):
+    """A channel whose unary methods are counted and carry request ids and deadlines (_CountedUnaryUnary);
+    streams pass through as they are."""
+
+    def __init__(self, inner: grpc.aio.Channel, default_timeout: float) -> None:
+        self._inner = inner
+        self._timeout = default_timeout
+
+    def unary_unary(  # the generated stubs pass _registered_method, as to grpc's own channel
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+        inner = self._inner.unary_unary(  # type: ignore[call-arg]
+            method, request_serializer, response_deserializer, _registered_method
+        )
+        return _CountedUnaryUnary(inner, method, self._timeout)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
+        return self._inner.unary_stream(*args, **kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
+        return self._inner.stream_unary(*args, **kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
+        return self._inner.stream_stream(*args, **kwargs)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._inner.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._inner.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._inner.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._inner.channel_ready()
+
+    async def __aenter__(self) -> _Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
@@ -125,7 +205,6 @@ def make_channel(
     ]
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
-    interceptors = [_ClientInterceptor(timeout)]
     if tls is not None and tls.enabled:
-        return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return _Channel(grpc.aio.secure_channel(target, channel_credentials(tls), options=options), timeout)
+    return _Channel(grpc.aio.insecure_channel(target, options=options), timeout)

@@ -45,8 +45,8 @@ class ServiceApp:
     """What a service contributes; the bootstrap does the rest."""
 
     name: str
-    # (add_XxxServicer_to_server, servicer, full service name)
-    servicers: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]]
+    # (add_XxxServicer_to_server, servicer, full service name); the add function is given a _Registrar
+    servicers: Sequence[tuple[Callable[[Any, Any], None], Any, str]]
     database: AsyncDatabase[Document] | None = None
     # Long-running loops (dispatchers, purgers); cancelled on stop.
     background: Sequence[Callable[[], Awaitable[None]]] = ()
@@ -90,71 +90,120 @@ def _request_type_name(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
     return str(getattr(descriptor, "full_name", "the method's request message"))
 
 
-class _ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, request_timeout: float, outages: OutageLog) -> None:
-        # The longest a request's database operations may take (the deadline shortens it).
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)[:64]
+    return _new_request_id()
+
+
+def _serving(
+    method: str, handler: grpc.RpcMethodHandler[Any, Any], request_timeout: float, outages: OutageLog
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary method's handler with what every request gets: its request id bound to the logs, its
+    deadline carried on, its database operations bounded by it, its metrics, and its errors answered as
+    statuses. Built once per method at registration, so a request pays only for its own work."""
+    if handler.unary_unary is None:
+        return handler
+    service, name = metrics.split_method(method)
+    labels = ("unary", service, name)
+    started_total = metrics.server_started.labels(*labels)
+    received_total = metrics.server_msg_received.labels(*labels)
+    sent_total = metrics.server_msg_sent.labels(*labels)
+    handling = metrics.server_handling.labels(*labels)
+    handled: dict[grpc.StatusCode, Any] = {}
+    inner = handler.unary_unary
+
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = request_id_var.set(_request_id(context))
+        remaining = context.time_remaining()
+        answer_by = deadline.serve_until(remaining)
+        started_total.inc()
+        received_total.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(request, _Undecodable):
+                raise invalid_argument(
+                    [("", f"the request body is not a valid {request.type_name}")], "MALFORMED_REQUEST"
+                )
+            with database_deadline(remaining, request_timeout):
+                response = await inner(request, context)  # type: ignore[arg-type]  # aio handlers take aio contexts
+            sent_total.inc()
+            return response
+        except ServiceError as err:
+            code = err.code
+            log.info("rpc_refused", method=name, status=err.code.name, reason=err.reason)
+            await context.abort_with_status(err.to_grpc_status())
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if context.code() not in (None, grpc.StatusCode.OK):  # aborted by the servicer itself
+                code = context.code()
+                raise
+            if (outage := outages.answer(exc)) is not None:
+                code = outage.code
+                await context.abort_with_status(outage.to_grpc_status())
+            code = grpc.StatusCode.INTERNAL
+            log.exception("rpc_failed", method=name, error=type(exc).__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = metrics.server_handled.labels(*labels, metrics.code_label(code))
+            counter.inc()
+            handling.observe(time.perf_counter() - started)
+            deadline.reset(answer_by)
+            request_id_var.reset(token)
+
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=_tolerant(handler.request_deserializer, _request_type_name(handler)),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _Registrar:
+    """The server as a generated add_XxxServicer_to_server sees it: every method handler it registers
+    reaches the real server wrapped by _serving, once per method. (A grpc.aio server interceptor would
+    run a coroutine and build the wrapper again for every request.)"""
+
+    def __init__(self, server: grpc.aio.Server, request_timeout: float, outages: OutageLog) -> None:
+        self._server = server
         self._request_timeout = request_timeout
         self._outages = outages
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc."):
-            return handler
-        service, method = metrics.split_method(details.method)
-        labels = ("unary", service, method)
-        incoming = dict(details.invocation_metadata or ())
-        inner = handler.unary_unary
-        request_timeout, outages = self._request_timeout, self._outages
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = _serving(method, handler, self._request_timeout, self._outages)
+        return wrapped
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            rid = str(incoming.get("x-request-id") or _new_request_id())[:64]
-            token = request_id_var.set(rid)
-            answer_by = deadline.serve_until(context.time_remaining())
-            metrics.server_started.labels(*labels).inc()
-            metrics.server_msg_received.labels(*labels).inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                if isinstance(request, _Undecodable):
-                    raise invalid_argument(
-                        [("", f"the request body is not a valid {request.type_name}")], "MALFORMED_REQUEST"
-                    )
-                with database_deadline(context.time_remaining(), request_timeout):
-                    response = await inner(request, context)  # type: ignore[arg-type]  # aio handlers take aio contexts
-                metrics.server_msg_sent.labels(*labels).inc()
-                return response
-            except ServiceError as err:
-                code = err.code
-                log.info("rpc_refused", method=method, status=err.code.name, reason=err.reason)
-                await context.abort_with_status(err.to_grpc_status())
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                if context.code() not in (None, grpc.StatusCode.OK):  # aborted by the servicer itself
-                    code = context.code()
-                    raise
-                if (outage := outages.answer(exc)) is not None:
-                    code = outage.code
-                    await context.abort_with_status(outage.to_grpc_status())
-                code = grpc.StatusCode.INTERNAL
-                log.exception("rpc_failed", method=method, error=type(exc).__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                metrics.server_handled.labels(*labels, metrics.code_label(code)).inc()
-                metrics.server_handling.labels(*labels).observe(time.perf_counter() - started)
-                deadline.reset(answer_by)
-                request_id_var.reset(token)
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_WrappedGeneric(handler, self) for handler in generic_rpc_handlers])
 
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=_tolerant(handler.request_deserializer, _request_type_name(handler)),
-            response_serializer=handler.response_serializer,
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name,
+            {name: self.wrap(f"/{service_name}/{name}", handler) for name, handler in method_handlers.items()},
         )
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped (the server asks it for every request whose
+    method was not registered by name)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, registrar: _Registrar) -> None:
+        self._inner = inner
+        self._registrar = registrar
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else self._registrar.wrap(handler_call_details.method, handler)
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -242,7 +291,6 @@ async def start_service(
     request_timeout: float = 5.0,
 ) -> RunningService:
     server = grpc.aio.server(
-        interceptors=[_ServerInterceptor(request_timeout, app.outages)],
         options=[
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -252,8 +300,9 @@ async def start_service(
             ("grpc.so_reuseport", 0),
         ],
     )
+    registrar = _Registrar(server, request_timeout, app.outages)
     for add, servicer, _ in app.servicers:
-        add(servicer, server)
+        add(servicer, registrar)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [full for _, _, full in app.servicers]

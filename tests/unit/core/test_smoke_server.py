@@ -56,3 +56,42 @@ async def test_rich_errors_health_and_request_id() -> None:
         await channel.close()
     finally:
         await running.stop(0)
+
+
+def _add_by_generic_handler_only(servicer: _Directory, server: grpc.aio.Server) -> None:
+    """A registration that gives the server only a generic handler (no methods registered by name)."""
+    method = grpc.unary_unary_rpc_method_handler(
+        servicer.GetSubscriber,
+        request_deserializer=directory_pb2.GetSubscriberRequest.FromString,
+        response_serializer=directory_pb2.GetSubscriberResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("otpgate.directory.v1.DirectoryService", {"GetSubscriber": method}),)
+    )
+
+
+async def test_a_generic_handler_is_served_like_a_registered_method() -> None:
+    servicer = _Directory()
+    app = ServiceApp(
+        name="directory",
+        servicers=[(_add_by_generic_handler_only, servicer, "otpgate.directory.v1.DirectoryService")],
+    )
+    running = await start_service(app, "127.0.0.1", 0)
+    channel = make_channel(running.address, [directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"]])
+    try:
+        stub = directory_pb2_grpc.DirectoryServiceStub(channel)
+        token = request_id_var.set("rid-generic")
+        try:
+            for _ in range(2):  # the second call takes the wrapped handler kept from the first
+                try:
+                    await stub.GetSubscriber(directory_pb2.GetSubscriberRequest(phone="x"))
+                    raise AssertionError("expected INVALID_ARGUMENT")
+                except grpc.aio.AioRpcError as error:
+                    failure = errors.parse_rpc_error(error)
+                assert failure.field_violations == [("phone", "must be E.164")]
+        finally:
+            request_id_var.reset(token)
+        assert servicer.seen_request_ids == ["rid-generic", "rid-generic"]
+    finally:
+        await channel.close()
+        await running.stop(0)
