@@ -89,10 +89,13 @@ def parse_phone(raw: str, *, plus_optional: bool = False) -> Phone:
         number = phonenumbers.parse(text, None)
     except NumberParseException:
         raise InvalidPhoneError("phone is not a valid international number") from None
-    if not phonenumbers.is_valid_number(number):
+    # A number is valid exactly when its country's patterns give it a type (is_valid_number is that
+    # test too): one match of the patterns answers both, where asking each would match them twice.
+    kind = phonenumbers.number_type(number)
+    if kind == PhoneNumberType.UNKNOWN:
         raise InvalidPhoneError("phone is not a valid number for its country")
     region = phonenumbers.region_code_for_number(number) or "ZZ"
-    line_type = _LINE_TYPES.get(phonenumbers.number_type(number), LineType.UNKNOWN)
+    line_type = _LINE_TYPES.get(kind, LineType.UNKNOWN)
     return Phone(
         e164=phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
         region=region,

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import phonenumbers
 import pytest
+from phonenumbers import PhoneNumberType
 
 from services.core.phone import InvalidPhoneError, LineType, mask_phone, parse_phone
 
@@ -55,3 +57,30 @@ def test_premium_rate_numbers_are_not_for_sms() -> None:
 )
 def test_masking_keeps_only_country_code_and_last_four(e164: str, masked: str) -> None:
     assert mask_phone(e164) == masked
+
+
+def _numbers_of_every_region() -> list[str]:
+    """An example number of every region and line type, and each of them one digit short and one long."""
+    numbers = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE, PhoneNumberType.PREMIUM_RATE):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is not None:
+                e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+                numbers += [e164, e164[:-1], e164 + "5"]
+    return numbers
+
+
+def test_valid_exactly_when_the_library_says_so() -> None:
+    """parse_phone reads validity from the number's type; it must agree with is_valid_number everywhere."""
+    numbers = _numbers_of_every_region()
+    assert len(numbers) > 1000
+    for raw in numbers:
+        expected = phonenumbers.is_valid_number(phonenumbers.parse(raw, None))
+        try:
+            parsed = parse_phone(raw)
+        except InvalidPhoneError:
+            assert not expected, raw
+            continue
+        assert expected, raw
+        assert parsed.region == phonenumbers.region_code_for_number(phonenumbers.parse(raw, None))
