@@ -2,8 +2,8 @@
 
 A caller's deadline covers everything its request causes: when edge gives delivery 5 s and
 delivery has used 2 of them, delivery's call to directory gets the 3 s that are left, not a fresh
-OTPGATE_RPC_TIMEOUT. The server interceptor (grpc_server.py) records the moment a request must be
-answered by; the client interceptor (grpc_client.py) gives each outgoing call the smaller of its
+OTPGATE_RPC_TIMEOUT. The server side (grpc_server.py) records the moment a request must be
+answered by; the channel (grpc_client.py) gives each outgoing call the smaller of its
 own timeout and what is left, less a moment to answer in. Work started in a fresh context
 (background loops, batched inserts, releases after an answer) has no such deadline.
 """

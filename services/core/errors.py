@@ -1,7 +1,7 @@
 """The rich gRPC error model: google.rpc.Status with typed details and ErrorInfo.
 
-Domain code raises ServiceError (or uses the helpers below); the server interceptor turns
-it into a status. Callers read statuses back with parse_rpc_error.
+Domain code raises ServiceError (or uses the helpers below); the server wrapping (grpc_server.py)
+turns it into a status. Callers read statuses back with parse_rpc_error.
 """
 
 from __future__ import annotations
