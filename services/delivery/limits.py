@@ -142,8 +142,9 @@ class Limiter:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}  # limit|key -> this process's lease of its open window
         self._refills: dict[str, asyncio.Event] = {}  # limit|key -> set once its lease in flight is in
-        # key|window -> until when it was found full: a repeat is refused without a round trip (a
-        # hammered number costs the database nothing more); admitted counts are never given back.
+        # key|window|limit -> until when it was found full: a repeat is refused without a round trip (a
+        # hammered number costs the database nothing more); admitted counts are never given back. A
+        # limit raised since (a policy change) is another entry, so it is asked at once.
         self._full_until: dict[str, float] = {}
 
     async def create_indexes(self) -> None:
@@ -156,7 +157,7 @@ class Limiter:
         windows = [self._window(hit) for hit in hits if hit.rate.limit > 0]
         for window in windows:
             # Refused here before: counts only grow until then, so the answer stands without a write.
-            until = self._full_until.get(f"{window.hit.key}|{window.current}", 0.0)
+            until = self._full_until.get(_full_key(window), 0.0)
             if until > window.epoch:
                 metrics.limiter_rejections_total.labels(window.hit.limit_name).inc()
                 raise RateLimited(window.hit, max(1.0, until - window.epoch))
@@ -242,7 +243,7 @@ class Limiter:
     def _remember_full(self, window: _Window, retry_after: float) -> None:
         if len(self._full_until) > 50_000:
             self._full_until.clear()
-        self._full_until[f"{window.hit.key}|{window.current}"] = window.epoch + retry_after
+        self._full_until[_full_key(window)] = window.epoch + retry_after
 
     def _keep_lease(self, window: _Window, left: int) -> None:
         if len(self._leases) > 50_000:
@@ -301,3 +302,7 @@ class Limiter:
         """Documents whose every window has stopped weighing."""
         result = await self._coll.delete_many({"exp": {"$lt": self._clock.now()}})
         return int(result.deleted_count)
+
+
+def _full_key(window: _Window) -> str:
+    return f"{window.hit.key}|{window.current}|{window.hit.rate.limit}"

@@ -222,3 +222,13 @@ async def test_a_key_found_full_is_refused_again_without_a_round_trip_until_it_m
     assert await database["limits"].count_documents({}) == 0
     clock.advance(30)  # the next window: asked again
     assert await _admitted(limiter, [hit])
+
+
+async def test_a_limit_raised_after_a_refusal_is_asked_again_at_once(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    limiter = Limiter(database["limits"], clock)
+    clock.set(clock.now().replace(second=0))
+    assert await _admitted(limiter, [Hit("phone_short", "p", Rate(1, 60), sliding=False)])
+    assert not await _admitted(limiter, [Hit("phone_short", "p", Rate(1, 60), sliding=False)])
+    assert await _admitted(limiter, [Hit("phone_short", "p", Rate(2, 60), sliding=False)])  # the policy now allows 2
