@@ -81,7 +81,7 @@ class Maintenance:
         await self.store.purge_messages(now - timedelta(seconds=self.settings.message_retention))
         oldest_day = (now - timedelta(days=self.settings.usage_retention_days)).date().isoformat()
         await self.store.purge_usage(oldest_day)  # usage records of days before the retention
-        await self.limiter.purge()  # rate-limit slots of windows that no longer count
+        await self.limiter.purge()  # rate-limit counters whose windows no longer count
         await self.fraud.purge()  # the guard's counters, cases and events past their time
         await self.claims.purge(now - timedelta(days=1))  # released claims after a day, any after two
         await self.webhooks.purge(now - timedelta(days=30))  # finished webhook events

@@ -4,7 +4,7 @@ The number and the text are sealed (AES-256-GCM) bound to the message: SealConte
 <message id>, "phone" | "text"), so a sealed value copied into another document does not open.
 Blind indexes (HMAC-SHA256, one derived key per purpose) stand in for values that must be matched
 but never stored in clear: "phone" (the held messages of a number are found by it), "limit-key"
-(rate-limit slot ids carry no number, IP, session or client id) and "message-request" (the
+(rate-limit counter ids carry no number, IP, session or client id) and "message-request" (the
 fingerprint that tells a repeat of a request_id from a different message under the same id).
 """
 

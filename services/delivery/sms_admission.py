@@ -4,9 +4,9 @@ before it is stored or sent.
 In order: for SMS the service's SMS countries and the client's SMS countries (not for the
 re-confirmation SMS, which is ours); then for both the client's CAPTCHA rule SMS (a paid send), the
 fraud guard (fraud.py: line type, rules, the scored signals; a pumping attack costs on either leg;
-its refusals name the deciding signal in ErrorInfo metadata), then one insert of rate-limit slots
-for the end user's IP and, for SMS, the client's daily SMS cap (billed SMS only; the limiter takes
-both slots or neither). A refusal is a ServiceError for the caller to answer (SendMessage) or to
+its refusals name the deciding signal in ErrorInfo metadata), then the rate limits of the end
+user's IP and, for SMS, the client's daily SMS cap (billed SMS only; the limiter counts both or
+neither). A refusal is a ServiceError for the caller to answer (SendMessage) or to
 record on the message (a leg decided at dispatch). A ladder rung's own daily cap is `take_rung_cap`.
 """
 
