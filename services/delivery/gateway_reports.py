@@ -15,12 +15,17 @@ request id (`revoked_request_id`); its reports then only bring a refund, if Tele
 
 A refund (`is_refunded`) sets the message's cost and its usage record's to 0, once.
 
+A report is applied under the message's claim. The Gateway reports a delivery at once, while the
+attempt that sent the code may still hold it: a busy message is waited for (up to 1 s) before the
+answer is ABORTED MESSAGE_BUSY (HTTP 409), which Telegram posts again later.
+
 Without a callback_url (none configured) the same statuses are asked for: a SENT or DELIVERED
 Gateway message is polled with checkVerificationStatus on the SMS report schedule (`poll`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +43,10 @@ from services.delivery.store import Store
 from services.delivery.tg_gateway import GatewayFailure, GatewayStatus, check_report
 
 log = get_logger(__name__)
+
+# A report that finds its message's claim held tries again this often, this far apart (1 s in all).
+_BUSY_TRIES = 10
+_BUSY_WAIT = 0.1
 _RANK: dict[int, int] = {SENT: 1, DELIVERED: 2, READ: 3}
 
 
@@ -80,9 +89,16 @@ class GatewayReports:
             metrics.gateway_reports_total.labels("refused").inc()
             log.warning("gateway_report_refused", message_id=record.id, reason=why)
             raise permission_denied("GATEWAY_REPORT_REFUSED", f"the report is refused: {why}")
-        if not await self._apply(record, status):
-            raise aborted("the message is being changed right now; send the report again", reason="MESSAGE_BUSY")
-        metrics.gateway_reports_total.labels("applied").inc()
+        for _ in range(_BUSY_TRIES):
+            if await self._apply(record, status):
+                metrics.gateway_reports_total.labels("applied").inc()
+                return
+            # Held by the attempt that sent the code (the Gateway reports at once, while that attempt
+            # still writes its outcome) or by another report: released within moments, so waited for
+            # here rather than answered busy and posted again seconds later.
+            await asyncio.sleep(_BUSY_WAIT)
+            record = await self.store.get(record.id) or record
+        raise aborted("the message is being changed right now; send the report again", reason="MESSAGE_BUSY")
 
     async def poll(self, record: MessageRecord) -> None:
         """Asks the Gateway for the status a report would have brought (no callback_url)."""

@@ -337,6 +337,29 @@ async def test_reports_are_checked_signature_and_age(world: World) -> None:
     assert (await world.message(sent.id)).status == C.MESSAGE_STATUS_READ
 
 
+async def test_a_report_that_finds_its_message_busy_waits_for_it_and_applies(world: World) -> None:
+    user, phone = await world.person()
+    await world.online(user, online=False)
+    sent = await world.send(phone, channel=C.CHANNEL_TELEGRAM_GATEWAY)
+    engine = engine_of(world.stack)
+    record = await engine.store.get(sent.id)
+    assert record is not None and sent.status == C.MESSAGE_STATUS_SENT
+    held = await engine.dispatcher.claim(record)  # as the attempt that sent it holds it
+    assert held is not None
+    await world.online(user)
+    await world.codes(user, open_chat=True)  # delivered and read: the local Gateway queues its reports
+
+    async def finish_the_attempt() -> None:
+        await asyncio.sleep(0.2)  # the holder writes its outcome a moment later
+        await engine.dispatcher.claims.release(held)
+
+    releasing = asyncio.create_task(finish_the_attempt())
+    posted = await world.gateway.post_due_reports()  # counts those answered 200, not MESSAGE_BUSY
+    assert posted >= 2
+    await releasing
+    assert (await world.message(sent.id)).status == C.MESSAGE_STATUS_READ
+
+
 async def test_the_fraud_guard_and_the_ip_limit_guard_the_gateway_leg(
     mongo_client: AsyncMongoClient[Document], keyring: Keyring, clock: ManualClock
 ) -> None:
