@@ -103,8 +103,22 @@ class _Window:
     previous: str
     stale: tuple[str, ...]  # fields of windows that no longer weigh: dropped as the count is written
     expires: datetime
-    units: int = 1  # taken from the shared count by this request (a lease when more than 1)
-    granted: int = 0  # of those, how many fitted under the limit
+    granted: int = 0  # of the units taken, how many fitted under the limit
+
+    @property
+    def units(self) -> int:
+        """Taken from the shared count by this request: the hit's lease (a block when more than 1)."""
+        return self.hit.lease
+
+    @property
+    def lease_key(self) -> str:
+        """Where this process keeps its lease of the limit on this key."""
+        return f"{self.hit.limit_name}|{self.hit.key}"
+
+    @property
+    def full_key(self) -> str:
+        """Where this process remembers the window found full (under this limit: a raised one is asked)."""
+        return f"{self.hit.key}|{self.current}|{self.hit.rate.limit}"
 
     @property
     def weight(self) -> float:
@@ -157,7 +171,7 @@ class Limiter:
         windows = [self._window(hit) for hit in hits if hit.rate.limit > 0]
         for window in windows:
             # Refused here before: counts only grow until then, so the answer stands without a write.
-            until = self._full_until.get(_full_key(window), 0.0)
+            until = self._full_until.get(window.full_key, 0.0)
             if until > window.epoch:
                 metrics.limiter_rejections_total.labels(window.hit.limit_name).inc()
                 raise RateLimited(window.hit, max(1.0, until - window.epoch))
@@ -180,15 +194,16 @@ class Limiter:
                     if window.granted == 0 and refused is None:
                         refused = (window, doc)
             admitted = refused is None
-            # A lease's units that fitted stay counted and leased; an admitted request spends one.
-            for _, group in groups:
+            unused: dict[str, list[tuple[_Window, int]]] = {}
+            for key, group in groups:
                 for window in group:
                     if window.units > 1:
+                        # A lease: what fitted stays counted and leased (an admitted request spends one).
                         self._keep_lease(window, window.granted - (1 if admitted else 0))
-            unused = {
-                key: [(w, w.units - w.granted if w.units > 1 or admitted else w.units) for w in group]
-                for key, group in groups
-            }
+                        back = window.units - window.granted
+                    else:
+                        back = 0 if admitted else window.units  # one unit: kept only if admitted
+                    unused.setdefault(key, []).append((window, back))
             await self._give_back(unused)
             if refused is not None:
                 window, doc = refused
@@ -213,7 +228,7 @@ class Limiter:
         base = f"{hit.limit_name}|{hit.rate.window:g}|".replace(".", "_")  # a dot would nest the field
         expires = datetime.fromtimestamp(start + 2 * hit.rate.window, tz=now.tzinfo) + timedelta(seconds=1)
         stale = (f"{base}{index - 2}", f"{base}{index - 3}")
-        return _Window(hit, start, epoch, f"{base}{index}", f"{base}{index - 1}", stale, expires, units=hit.lease)
+        return _Window(hit, start, epoch, f"{base}{index}", f"{base}{index - 1}", stale, expires)
 
     async def _spend_leased(self, window: _Window, refilling: list[str]) -> bool:
         """Spend one unit this process leased for the window. When none is left, one request
@@ -221,7 +236,7 @@ class Limiter:
         takes one lease, not one each."""
         if window.units == 1:
             return False
-        lease_key = f"{window.hit.limit_name}|{window.hit.key}"
+        lease_key = window.lease_key
         while True:
             lease = self._leases.get(lease_key)
             if lease is not None and lease.window == window.current and lease.left > 0:
@@ -236,19 +251,19 @@ class Limiter:
         return False
 
     def _return_leased(self, window: _Window) -> None:
-        lease = self._leases.get(f"{window.hit.limit_name}|{window.hit.key}")
+        lease = self._leases.get(window.lease_key)
         if lease is not None and lease.window == window.current:
             lease.left += 1
 
     def _remember_full(self, window: _Window, retry_after: float) -> None:
         if len(self._full_until) > 50_000:
             self._full_until.clear()
-        self._full_until[_full_key(window)] = window.epoch + retry_after
+        self._full_until[window.full_key] = window.epoch + retry_after
 
     def _keep_lease(self, window: _Window, left: int) -> None:
         if len(self._leases) > 50_000:
             self._leases.clear()
-        self._leases[f"{window.hit.limit_name}|{window.hit.key}"] = _Lease(window.current, max(0, left))
+        self._leases[window.lease_key] = _Lease(window.current, max(0, left))
 
     async def _count(self, key: str, windows: list[_Window]) -> Document:
         """Add the windows' units to the key's document; the document as it is after."""
@@ -302,7 +317,3 @@ class Limiter:
         """Documents whose every window has stopped weighing."""
         result = await self._coll.delete_many({"exp": {"$lt": self._clock.now()}})
         return int(result.deleted_count)
-
-
-def _full_key(window: _Window) -> str:
-    return f"{window.hit.key}|{window.current}|{window.hit.rate.limit}"
