@@ -253,13 +253,16 @@ class Admission:
     ) -> asyncio.Task[directory_pb2.ResolvePhoneResponse] | None:
         """The directory's answer for a message sent inline whose first rung is a bot, asked now:
         it is a read, so it runs while the message is admitted and stored, one hop off its
-        latency; a request refused meanwhile only wasted it."""
+        latency; a request refused meanwhile only wasted it (cancelled where it is seen to be, and a
+        failure nobody awaits is consumed by the task itself, on every way out)."""
         first_is_bot = channel == TELEGRAM or (
             channel == AUTO and (not policy.ladder or policy.ladder[0].channel == TELEGRAM)
         )
         if not (self.settings.inline_dispatch and first_is_bot):
             return None
-        return asyncio.create_task(self.router.resolve(e164, request.bot))
+        lookup = asyncio.create_task(self.router.resolve(e164, request.bot))
+        lookup.add_done_callback(_consume_failure)
+        return lookup
 
     def _validate(self, request: delivery_pb2.SendMessageRequest) -> tuple[Phone, float]:
         """The number and the ttl in seconds; raises INVALID_ARGUMENT with every violation."""
@@ -385,10 +388,12 @@ async def _looked_up(
 
 
 def _drop(lookup: asyncio.Task[directory_pb2.ResolvePhoneResponse] | None) -> None:
-    """An early lookup no longer wanted: cancelled, or its error consumed if it already failed."""
-    if lookup is None:
-        return
-    if not lookup.done():
+    """An early lookup no longer wanted: cancelled if still running."""
+    if lookup is not None:
         lookup.cancel()
-    elif not lookup.cancelled():
+
+
+def _consume_failure(lookup: asyncio.Task[directory_pb2.ResolvePhoneResponse]) -> None:
+    """Marks an early lookup's failure as seen: whoever wants the answer asks again."""
+    if not lookup.cancelled():
         lookup.exception()
