@@ -172,10 +172,15 @@ class Store:
                 return doc
         if not search:
             return None
-        doc = await coll.find_one({"pending_key": key})
+        doc = await self.holding(coll, key)
         if doc is not None:
             await self.point_pending(key, str(doc["_id"]), as_utc(doc["created_at"]))
         return doc
+
+    @staticmethod
+    async def holding(coll: AsyncCollection[Document], key: str) -> Document | None:
+        """The record holding `key` now, found by the unique pending_key index."""
+        return await coll.find_one({"pending_key": key})
 
     async def point_pending(self, key: str, record_id: str, at: datetime) -> None:
         await put_by_id(self.pending_pointers, key, {"record_id": record_id, "at": at})

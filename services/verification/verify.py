@@ -254,7 +254,7 @@ class Verifier:
             created = await self._create(start)
             if created is not None:
                 return created
-            existing = await self.store.verifications.find_one({"pending_key": pending_key})
+            existing = await self.store.holding(self.store.verifications, pending_key)
             if existing is None:
                 continue  # it ended between the refused insert and the lookup: create again
             view = await self.engine.view(existing)
