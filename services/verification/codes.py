@@ -273,8 +273,7 @@ class CodeEngine:
 
     def issued(self, record: Document, first_send: Document) -> View:
         """A record just inserted, with its first send: what a read would find, without reading."""
-        status = EXPIRED if self.is_lapsed(record) else PENDING
-        return View(record, status, 0, int(first_send["n"]), first_send)
+        return self._view(record, [first_send])
 
     # Final states ------------------------------------------------------------------------
 
