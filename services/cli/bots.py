@@ -21,10 +21,6 @@ from services.cli.edge_client import (
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    _register_bots(subparsers)
-
-
-def _register_bots(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bots = subparsers.add_parser(
         "bots",
         help="Telegram bots: the shared pool and clients' own bots",
