@@ -172,8 +172,8 @@ async def test_console_first_message_first_verification_and_policy(system: Syste
             break
         await page.get_by_role("button", name="Refresh").click()
         await page.wait_for_timeout(250)
-    await expect(page.locator(".timeline")).to_contain_text("Read")
-    await expect(page.locator(".timeline")).to_contain_text("Sent by telegram gateway")
+    await expect(timeline).to_contain_text("Read")
+    await expect(timeline).to_contain_text("Sent by telegram gateway")
 
     # 4. A verification, checked with the code read from the phone.
     await _nav(page, "Send a test").click()
