@@ -234,19 +234,21 @@ class TunnelSender:
     async def _receive(self) -> None:
         """The update stream; when the connection drops, reconnect with retries (then ask Telethon
         to catch up, as MTProtoSender's reconnect does), or disconnect when they run out."""
-        failures = 0
+        lost = False
+        failures = 0  # reconnection attempts in a row that could not reach the simulated Telegram
         while self._connected:
-            if failures:
+            if lost:
                 await asyncio.sleep(self._delay)
                 try:
                     await self._link.ready()
                 except LinkDown:
                     failures += 1
                     if failures > self._retries:
-                        log.warning("sandbox_connection_lost", bot=self._client.bot_id)
+                        log.warning("sandbox_connection_lost", bot=self._client.bot_id, attempts=failures)
                         await self._disconnect(ConnectionError("connection to the simulated Telegram lost"))
                         return
                     continue
+                lost, failures = False, 0
                 _detached(self._client._handle_auto_reconnect())
             try:
                 self._streaming = True
@@ -259,8 +261,8 @@ class TunnelSender:
                 log.info("sandbox_update_stream_refused", bot=self._client.bot_id, error=refused.message)
                 return
             except (LinkDown, OSError) as exc:
-                failures += 1
-                log.info("sandbox_update_stream_lost", bot=self._client.bot_id, error=str(exc), failures=failures)
+                lost = True
+                log.info("sandbox_update_stream_lost", bot=self._client.bot_id, error=str(exc))
             finally:
                 self._streaming = False
 
@@ -308,13 +310,15 @@ def _new_session_id() -> int:
     return int.from_bytes(os.urandom(8), "big", signed=True) or 1
 
 
-def sandbox_client_factory(link: Link) -> Any:
-    """A ClientFactory for TelethonTransport: TrackedClients whose Telegram is the simulated one."""
+def sandbox_client_factory(link: Link, *, retries: int = 5, delay: float = 1.0) -> Any:
+    """A ClientFactory for TelethonTransport: TrackedClients whose Telegram is the simulated one
+    (their senders try `retries` times, `delay` seconds apart, to reconnect a lost update stream)."""
+
+    def sender(client: TrackedClient) -> TunnelSender:
+        return TunnelSender(client, link, retries=retries, delay=delay)
 
     def make(session: KeptSession, api_id: int, api_hash: str, bot_id: str) -> TrackedClient:
-        return TrackedClient(
-            session, api_id, api_hash, bot_id=bot_id, sender_factory=lambda client: TunnelSender(client, link)
-        )
+        return TrackedClient(session, api_id, api_hash, bot_id=bot_id, sender_factory=sender)
 
     return make
 

@@ -37,6 +37,8 @@ def service_config(services: Iterable[ServiceDescriptor], timeout: float, extra_
     for service in services:
         safe = set(idempotent_methods(service, extra & {m.name for m in service.methods}))
         for method in service.methods:
+            if method.server_streaming or method.client_streaming:
+                continue  # a stream lives as long as its caller keeps it: no default deadline
             (retried if method.name in safe else other).append({"service": service.full_name, "method": method.name})
     # A target naming several processes (a DNS name of replicas, an ipv4: list) gets calls spread over all.
     config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": []}

@@ -50,6 +50,7 @@ class LocalWire:
         self._lost: dict[type[TLObject], int] = {}
         self._down = False
         self._cut = asyncio.Event()
+        self.refused_ready = 0  # reconnection attempts refused while cut
 
     def script(self, kind: type[TLObject], answer: Answer | None) -> None:
         if answer is None:
@@ -73,6 +74,7 @@ class LocalWire:
 
     async def ready(self) -> None:
         if self._down:
+            self.refused_ready += 1
             raise LinkDown("cut")
 
     async def create_auth_key(self) -> bytes:

@@ -473,6 +473,27 @@ async def test_a_lost_connection_reconnects_and_catches_up(world: World) -> None
     assert world.transport.running(BOT)
 
 
+async def test_each_drop_gets_its_retries_afresh_and_a_link_that_stays_down_ends_the_session(world: World) -> None:
+    # The update stream of a long-running bot drops now and then; a drop long after the last one
+    # must not be cut short by the retries the earlier ones used.
+    world.transport = TelethonTransport(*API, factory=sandbox_client_factory(world.wire, retries=2, delay=0.05))
+    world.transport.set_state_keeper(world.states)
+    await world.person()
+    await world.start()
+    client = world.transport.client(BOT)
+    for drop in range(1, 4):
+        await world.until(lambda: client._sender._transport_connected())
+        world.wire.cut()
+        # Down for as many reconnection attempts as the sender may make, then back.
+        await world.until(lambda: world.wire.refused_ready == 2 * drop)  # noqa: B023
+        world.wire.restore()
+    await world.until(lambda: client._sender._transport_connected())
+    assert world.transport.running(BOT)
+    world.wire.cut()  # and now it stays down: two retries, then the session ends
+    await world.until(lambda: not world.transport.running(BOT))
+    await world.transport.close()
+
+
 def test_event_mapping_of_text_forwarded_foreign_contact_and_bot_stopped() -> None:
     user = types.User(id=USER, access_hash=-998877665544, first_name="Ann", lang_code="en")
     text = types.UpdateNewMessage(
