@@ -122,9 +122,11 @@ class Directory:
         }
 
     async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff with full jitter: writers racing for one person's record spread
+        out, so each round has fewer of them (a linear one kept dozens colliding to the end)."""
         metrics.link_retries.inc()
         if attempt > 1:
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
+            await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
 
     async def link_contact(self, bot_id: str, telegram_user_id: int, phone: Phone) -> LinkOutcome:
         """Link `phone` to the person and connect them to `bot_id`. The contact was checked to be theirs."""
