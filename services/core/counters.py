@@ -9,8 +9,9 @@ name|key|window`, holding `n`; a reservation is one conditional increment,
 which MongoDB applies atomically to one document: of racing callers exactly `allowed - n` win.
 A full window does not match the filter, so the upsert tries to insert a second document with
 the same `_id` and is refused (E11000): that refusal *is* the answer "full", and no count is
-ever read first and written later. A caller whose action turns out not to count (the code was
-right) gives its unit back with `$inc: -1`.
+ever read first and written later. A caller whose action turns out not to count gives its unit
+back with `$inc: -1`; one that knows beforehand that it will not count (a right code) only asks
+`full`, a read that takes nothing.
 
 The window slides in steps: it is cut into `buckets` parts (default 6, so ten minutes of an
 hour), units go into the current part, and a reservation succeeds only while the current part
@@ -78,13 +79,9 @@ class CappedCounter:
 
     async def reserve(self, key: str) -> Reservation | Full:
         """Take one unit for `key`, or learn that none is left (nothing written then)."""
-        epoch = self._clock.now().timestamp()
-        index = math.floor(epoch / self.step)
-        base = f"{self.name}|{key}|"
-        earlier = [(i, f"{base}{i}") for i in range(index - self.buckets, index)]
+        epoch, index, earlier, current = self._parts(key)
         counts = await self._closed_counts([window_id for _, window_id in earlier])
         allowed = self.limit - sum(counts.values())
-        current = f"{base}{index}"
         if allowed > 0:
             try:
                 doc = await self._coll.find_one_and_update(
@@ -99,18 +96,47 @@ class CappedCounter:
                 return Reservation(current, int(doc["n"]))
         return Full(self._retry_after(earlier, counts, allowed, index, epoch))
 
+    async def full(self, key: str) -> Full | None:
+        """Whether `key` has no unit left, taking nothing: the closed parts this process lacks and
+        the current part in one `_id $in` lookup. For what never counts, but must not happen at
+        the cap (a right code is only answered while wrong ones could still be counted)."""
+        epoch, index, earlier, current = self._parts(key)
+        counts, missing = self._known_closed([window_id for _, window_id in earlier])
+        wanted = {"_id": {"$in": [*missing, current]}}
+        found = {doc["_id"]: int(doc["n"]) async for doc in self._coll.find(wanted, {"n": 1})}
+        counts.update(self._remember_closed({window_id: found.get(window_id, 0) for window_id in missing}))
+        allowed = self.limit - sum(counts.values())
+        if found.get(current, 0) < allowed:
+            return None
+        return Full(self._retry_after(earlier, counts, allowed, index, epoch))
+
+    def _parts(self, key: str) -> tuple[float, int, list[tuple[int, str]], str]:
+        """(now, the current part's index, the earlier parts' (index, id), the current part's id)."""
+        epoch = self._clock.now().timestamp()
+        index = math.floor(epoch / self.step)
+        base = f"{self.name}|{key}|"
+        return epoch, index, [(i, f"{base}{i}") for i in range(index - self.buckets, index)], f"{base}{index}"
+
+    def _known_closed(self, window_ids: list[str]) -> tuple[dict[str, int], list[str]]:
+        """The closed parts' counts this process keeps, and the ids of those it lacks."""
+        known = {window_id: self._closed[window_id] for window_id in window_ids if window_id in self._closed}
+        return known, [window_id for window_id in window_ids if window_id not in known]
+
+    def _remember_closed(self, counts: dict[str, int]) -> dict[str, int]:
+        if len(self._closed) + len(counts) > 100_000:
+            self._closed.clear()
+        self._closed.update(counts)
+        return counts
+
     async def give_back(self, reservation: Reservation) -> None:
         await self._coll.update_one({"_id": reservation.window_id, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
 
     async def _closed_counts(self, window_ids: list[str]) -> dict[str, int]:
-        missing = [window_id for window_id in window_ids if window_id not in self._closed]
+        counts, missing = self._known_closed(window_ids)
         if missing:
-            if len(self._closed) > 100_000:
-                self._closed.clear()
             found = {doc["_id"]: int(doc["n"]) async for doc in self._coll.find({"_id": {"$in": missing}}, {"n": 1})}
-            for window_id in missing:
-                self._closed[window_id] = found.get(window_id, 0)
-        return {window_id: self._closed[window_id] for window_id in window_ids}
+            counts.update(self._remember_closed({window_id: found.get(window_id, 0) for window_id in missing}))
+        return counts
 
     def _retry_after(
         self, earlier: list[tuple[int, str]], counts: dict[str, int], allowed: int, index: int, epoch: float

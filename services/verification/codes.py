@@ -361,9 +361,14 @@ class CodeEngine:
         matches: Callable[[str], Awaitable[bool]] | None = None,
     ) -> CheckResult | Full:
         """A check whose wrong code counts against `key`'s cap of failed checks (Full: none left,
-        nothing compared). Checks of a record no longer pending never count, so they take nothing."""
+        nothing answered). Checks of a record no longer pending never count, so they take nothing;
+        nor does a right code compared here, which only needs the cap not to be full (one read,
+        where a unit taken and given back would be a read and two writes)."""
         if not view.pending:
             return await self.check(view, code, matches)
+        if matches is None and self.keyring.code_matches(str(view.record["code_hash"]), view.id, code):
+            full = await failures.full(key)
+            return full if full is not None else await self.check(view, code)
         reserved = await failures.reserve(key)
         if isinstance(reserved, Full):
             return reserved

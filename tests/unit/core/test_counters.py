@@ -61,3 +61,24 @@ async def test_full_says_when_the_oldest_part_leaves(database: AsyncDatabase[Doc
     assert isinstance(await counter.reserve("k"), Full)
     clock.advance(1)
     assert isinstance(await counter.reserve("k"), Reservation)
+
+
+async def test_full_takes_nothing_and_agrees_with_reserve(
+    database: AsyncDatabase[Document], clock: ManualClock
+) -> None:
+    writer = CappedCounter(database["caps"], clock, "c", 3, 600, buckets=6)  # 100 s parts
+    reader = CappedCounter(database["caps"], clock, "c", 3, 600, buckets=6)  # another replica
+    clock.advance(-(clock.now().timestamp() % 100))
+    assert await reader.full("k") is None
+    assert await database["caps"].count_documents({}) == 0  # asking wrote nothing
+    for _ in range(2):  # two units in earlier parts, one in the current part
+        assert isinstance(await writer.reserve("k"), Reservation)
+        clock.advance(100)
+    assert await reader.full("k") is None
+    assert isinstance(await writer.reserve("k"), Reservation)
+    said = await reader.full("k")
+    refused = await writer.reserve("k")
+    assert isinstance(said, Full) and isinstance(refused, Full)
+    assert said.retry_after == refused.retry_after == 500
+    current = await database["caps"].find_one({"_id": f"c|k|{int(clock.now().timestamp() // 100)}"})
+    assert current is not None and current["n"] == 1  # asking at the cap took nothing either

@@ -115,6 +115,22 @@ async def test_check_refuses_malformed_codes_without_spending_an_attempt(verifie
     assert (await verifier.get("client-a", record["_id"])).attempts_left == 5
 
 
+async def test_a_right_code_never_counts_against_the_cap_and_a_wrong_one_keeps_its_unit(
+    verifier: Verifier, store: Store
+) -> None:
+    issued = await verifier.issue(verifier.validate_start(start_request()))
+    assert issued is not None
+    record, code = issued
+    wrong = "0000" if code != "0000" else "1111"
+    _, approved = await verifier.check("client-a", record["_id"], wrong)
+    assert not approved
+    units = [doc["n"] async for doc in store.failed_checks.find({})]
+    assert units == [1]
+    _, approved = await verifier.check("client-a", record["_id"], code)
+    assert approved
+    assert [doc["n"] async for doc in store.failed_checks.find({})] == units  # the right one left the count as it was
+
+
 async def test_failed_checks_per_phone_are_capped_across_verifications(
     verifier: Verifier, store: Store, clock: ManualClock
 ) -> None:
