@@ -42,8 +42,8 @@ from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
 
+from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.counters import CappedCounter, Full
 from services.core.crypto import Keyring, SealContext
@@ -171,6 +171,7 @@ class CodeEngine:
     ) -> None:
         self.store = store
         self.collection = collection
+        self._inserts = InsertBatcher(collection)
         self.keyring = keyring
         self.clock = clock
         self._final_unset = {name: "" for name in final_unset}
@@ -204,25 +205,14 @@ class CodeEngine:
     def slot_id(self, record_id: str, kind: str, number: int) -> str:
         return f"{self.owner(record_id)}:{kind}:{number}"
 
-    async def insert(self, record: Document) -> None:
-        """Insert a new pending record, whose first send it is (DuplicateKeyError if one is pending)."""
-        await self.collection.insert_one(record)
+    async def insert(self, record: Document) -> bool:
+        """Insert a new pending record, whose first send it is; False if one is pending (the unique
+        pending key refused it)."""
+        return await self._inserts.insert_one(record)
 
     async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime, **extra: Any) -> bool:
-        try:
-            await self.store.slots.insert_one(
-                {
-                    "_id": self.slot_id(record_id, kind, number),
-                    "owner": self.owner(record_id),
-                    "kind": kind,
-                    "n": number,
-                    "at": now,
-                    **extra,
-                }
-            )
-        except DuplicateKeyError:
-            return False
-        return True
+        slot = {"_id": self.slot_id(record_id, kind, number), "owner": self.owner(record_id), "kind": kind}
+        return await self.store.new_slots.insert_one({**slot, "n": number, "at": now, **extra})
 
     # Reading -----------------------------------------------------------------------------
 

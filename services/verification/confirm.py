@@ -25,7 +25,6 @@ from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
 from otpgate.verification.v1 import verification_pb2
-from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
 from services.core.counters import Full
@@ -181,9 +180,7 @@ class Confirmer:
             "updated_at": now,
             "expire_at": now + timedelta(seconds=self.policy.ttl),
         }
-        try:
-            await self.engine.insert(record)
-        except DuplicateKeyError:
+        if not await self.engine.insert(record):
             return None
         await self.store.point_pending(phone_bi, record_id, now)
         return record, code

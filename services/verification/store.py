@@ -30,8 +30,8 @@ from typing import Any
 from pymongo import DESCENDING, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
+from services.core.batching import InsertBatcher
 from services.core.clock import Clock, as_utc
 from services.core.counters import CappedCounter
 from services.core.feed import Feed
@@ -65,6 +65,9 @@ class Store:
 
     def __post_init__(self) -> None:
         self.feed = Feed(self.database[FEED])
+        # Concurrent requests' claims and slots go to the server together (services/core/batching.py).
+        self.new_requests = InsertBatcher(self.requests)
+        self.new_slots = InsertBatcher(self.slots)
 
     @property
     def verifications(self) -> AsyncCollection[Document]:
@@ -122,23 +125,20 @@ class Store:
     async def claim_request(self, client_id: str, request_id: str, fingerprint: str, now: datetime) -> Document | None:
         """Claim a request id. Returns None when claimed now, else the earlier claim."""
         key = self.request_key(client_id, request_id)
-        try:
-            await self.requests.insert_one(
-                {"_id": key, "fingerprint": fingerprint, "verification_id": None, "created_at": now}
-            )
+        claim = {"_id": key, "fingerprint": fingerprint, "verification_id": None, "created_at": now}
+        if await self.new_requests.insert_one(claim):
             return None
-        except DuplicateKeyError:
-            existing = await self.requests.find_one({"_id": key})
-            if existing is None:  # released between the two calls: try once more
+        existing = await self.requests.find_one({"_id": key})
+        if existing is None:  # released between the two calls: try once more
+            return await self.claim_request(client_id, request_id, fingerprint, now)
+        if existing.get("verification_id") is None and as_utc(existing["created_at"]) <= now - STALE_CLAIM:
+            # Its owner died mid-request: take the request id over.
+            taken = await self.requests.delete_one(
+                {"_id": key, "verification_id": None, "created_at": existing["created_at"]}
+            )
+            if taken.deleted_count:
                 return await self.claim_request(client_id, request_id, fingerprint, now)
-            if existing.get("verification_id") is None and as_utc(existing["created_at"]) <= now - STALE_CLAIM:
-                # Its owner died mid-request: take the request id over.
-                taken = await self.requests.delete_one(
-                    {"_id": key, "verification_id": None, "created_at": existing["created_at"]}
-                )
-                if taken.deleted_count:
-                    return await self.claim_request(client_id, request_id, fingerprint, now)
-            return existing
+        return existing
 
     async def complete_request(self, client_id: str, request_id: str, verification_id: str) -> None:
         await self.requests.update_one(

@@ -16,7 +16,6 @@ from datetime import timedelta
 from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.verification.v1 import verification_pb2
-from pymongo.errors import DuplicateKeyError
 
 from services.core.clock import Clock, as_utc
 from services.core.counters import Full
@@ -305,9 +304,7 @@ class Verifier:
             "expire_at": now + timedelta(seconds=start.ttl),
         }
         await self.store.feed.append(start.client_id, record_id, now)  # first: listed once it exists
-        try:
-            await self.engine.insert(record)
-        except DuplicateKeyError:
+        if not await self.engine.insert(record):
             return None  # one is pending for the number: re-send that instead
         return record, code
 
