@@ -96,6 +96,26 @@ async def test_an_idle_collection_sends_at_once_and_failures_reach_only_their_ca
     assert await database.items.count_documents({"_id": {"$in": ["lead", "ok-2"]}}) == 2
 
 
+async def test_callers_racing_for_one_unique_key_in_one_command_have_one_winner(
+    counted: tuple[AsyncDatabase[Document], InsertCommands],
+) -> None:
+    # Two starts for one number, two checks taking one attempt slot: their documents can leave in
+    # the same command, and the unique key must still pick exactly one of them.
+    database, commands = counted
+    items = database.items
+    await ensure_index(items, [("pending", 1)], unique=True)
+    batcher = InsertBatcher(items)
+    for trial in range(20):
+        commands.sizes.clear()
+        won = await asyncio.gather(
+            *(batcher.insert_one({"_id": f"t{trial}-{n}", "pending": f"p{trial}"}) for n in range(8)),
+            *(batcher.insert_one({"_id": f"slot{trial}"}) for _ in range(8)),
+        )
+        assert won[:8].count(True) == 1 and won[8:].count(True) == 1, trial
+        assert max(commands.sizes) > 2  # racers did share a command
+        assert await items.count_documents({"pending": f"p{trial}"}) == 1
+
+
 async def test_a_caller_cancelled_before_its_insert_leaves_stores_nothing(
     counted: tuple[AsyncDatabase[Document], InsertCommands],
 ) -> None:
