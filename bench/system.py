@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from otpgate.common.v1 import common_pb2
 from otpgate.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from otpgate.directory.v1 import directory_pb2, directory_pb2_grpc
 from otpgate.telegramsim.v1 import telegramsim_pb2, telegramsim_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.dev import SERVICES, ProcessStack
 from services.core.config import SIMULATOR
@@ -359,16 +359,13 @@ class System:
 
 
 def prometheus_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample of metric `name` in a Prometheus text exposition."""
-    samples: list[tuple[dict[str, str], float]] = []
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        metric, _, rest = head.partition("{")
-        if metric != name:
-            continue
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
-        samples.append((labels, float(value)))
-    return samples
+    """(labels, value) of every sample named `name` in a Prometheus text exposition."""
+    return [
+        (dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def counts_delta(after: Mapping[str, Mapping[str, int]], before: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
