@@ -69,13 +69,7 @@ class _CountedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
     def __init__(self, inner: grpc.aio.UnaryUnaryMultiCallable[Any, Any], method: str, default_timeout: float) -> None:
         self._inner = inner
         self._timeout = default_timeout
-        service, name = metrics.split_method(method)
-        self._labels = ("unary", service, name)
-        self._started = metrics.client_started.labels(*self._labels)
-        self._sent = metrics.client_msg_sent.labels(*self._labels)
-        self._received = metrics.client_msg_received.labels(*self._labels)
-        self._handling = metrics.client_handling.labels(*self._labels)
-        self._handled: dict[grpc.StatusCode, Any] = {}
+        self._metrics = metrics.MethodMetrics(method, server=False)
 
     def __call__(
         self,
@@ -102,8 +96,8 @@ class _CountedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         rid = request_id_var.get()
         if rid and not any(key == "x-request-id" for key, _ in md):
             md = (*md, ("x-request-id", rid))
-        self._started.inc()
-        self._sent.inc()
+        self._metrics.started.inc()
+        self._metrics.sent.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
@@ -116,20 +110,14 @@ class _CountedUnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
                 compression=compression,
             )
             code = grpc.StatusCode.OK
-            self._received.inc()
+            self._metrics.received.inc()
             return response
         except grpc.aio.AioRpcError as error:
             code = error.code()
             raise
         finally:
-            self._handled_counter(code).inc()
-            self._handling.observe(time.perf_counter() - started)
-
-    def _handled_counter(self, code: grpc.StatusCode) -> Any:
-        counter = self._handled.get(code)
-        if counter is None:
-            counter = self._handled[code] = metrics.client_handled.labels(*self._labels, metrics.code_label(code))
-        return counter
+            self._metrics.handled(code).inc()
+            self._metrics.handling.observe(time.perf_counter() - started)
 
 
 class _Channel(grpc.aio.Channel):

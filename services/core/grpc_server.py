@@ -105,21 +105,16 @@ def _serving(
     statuses. Built once per method at registration, so a request pays only for its own work."""
     if handler.unary_unary is None:
         return handler
-    service, name = metrics.split_method(method)
-    labels = ("unary", service, name)
-    started_total = metrics.server_started.labels(*labels)
-    received_total = metrics.server_msg_received.labels(*labels)
-    sent_total = metrics.server_msg_sent.labels(*labels)
-    handling = metrics.server_handling.labels(*labels)
-    handled: dict[grpc.StatusCode, Any] = {}
+    counted = metrics.MethodMetrics(method, server=True)
+    name = counted.name
     inner = handler.unary_unary
 
     async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = request_id_var.set(_request_id(context))
         remaining = context.time_remaining()
         answer_by = deadline.serve_until(remaining)
-        started_total.inc()
-        received_total.inc()
+        counted.started.inc()
+        counted.received.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -129,7 +124,7 @@ def _serving(
                 )
             with database_deadline(remaining, request_timeout):
                 response = await inner(request, context)  # type: ignore[arg-type]  # aio handlers take aio contexts
-            sent_total.inc()
+            counted.sent.inc()
             return response
         except ServiceError as err:
             code = err.code
@@ -149,11 +144,8 @@ def _serving(
             log.exception("rpc_failed", method=name, error=type(exc).__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            counter = handled.get(code)
-            if counter is None:
-                counter = handled[code] = metrics.server_handled.labels(*labels, metrics.code_label(code))
-            counter.inc()
-            handling.observe(time.perf_counter() - started)
+            counted.handled(code).inc()
+            counted.handling.observe(time.perf_counter() - started)
             deadline.reset(answer_by)
             request_id_var.reset(token)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -31,6 +33,10 @@ client_handling = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# (started, messages received, messages sent, handling seconds, handled) of each side
+_SERVER_SIDE = (server_started, server_msg_received, server_msg_sent, server_handling, server_handled)
+_CLIENT_SIDE = (client_started, client_msg_received, client_msg_sent, client_handling, client_handled)
+
 database_unavailable_total = Counter(
     "otpgate_database_unavailable_total",
     "Database operations that failed because the database was unreachable or did not answer in time.",
@@ -47,6 +53,29 @@ def split_method(full_method: str) -> tuple[str, str]:
     _, _, rest = full_method.partition("/")
     service, _, method = rest.partition("/")
     return service, method
+
+
+class MethodMetrics:
+    """One unary method's series on the server or the client side, looked up once (a status code's
+    handled counter the first time it is seen), so a call only increments and observes."""
+
+    def __init__(self, method: str, *, server: bool) -> None:
+        service, self.name = split_method(method)
+        labels = ("unary", service, self.name)
+        started, received, sent, handling, handled = _SERVER_SIDE if server else _CLIENT_SIDE
+        self.started = started.labels(*labels)
+        self.received = received.labels(*labels)
+        self.sent = sent.labels(*labels)
+        self.handling = handling.labels(*labels)
+        self._labels = labels
+        self._handled_family = handled
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = self._handled[code] = self._handled_family.labels(*self._labels, code_label(code))
+        return counter
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
