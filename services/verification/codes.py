@@ -210,9 +210,13 @@ class CodeEngine:
         pending key refused it)."""
         return await self._inserts.insert_one(record)
 
-    async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime, **extra: Any) -> bool:
-        slot = {"_id": self.slot_id(record_id, kind, number), "owner": self.owner(record_id), "kind": kind}
-        return await self.store.new_slots.insert_one({**slot, "n": number, "at": now, **extra})
+    def _slot_fields(self, record_id: str, kind: str, number: int, at: datetime) -> Document:
+        """What a slot holds besides its `_id` (slot_id) and what is recorded on it."""
+        return {"owner": self.owner(record_id), "kind": kind, "n": number, "at": at}
+
+    async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime) -> bool:
+        slot = {"_id": self.slot_id(record_id, kind, number), **self._slot_fields(record_id, kind, number, now)}
+        return await self.store.new_slots.insert_one(slot)
 
     # Reading -----------------------------------------------------------------------------
 
@@ -422,15 +426,7 @@ class CodeEngine:
         record_id = str(record["_id"])
         slot = await self.store.slots.find_one_and_update(
             {"_id": self.slot_id(record_id, "send", number)},
-            {
-                "$set": fields,
-                "$setOnInsert": {
-                    "owner": self.owner(record_id),
-                    "kind": "send",
-                    "n": number,
-                    "at": record["created_at"],
-                },
-            },
+            {"$set": fields, "$setOnInsert": self._slot_fields(record_id, "send", number, record["created_at"])},
             upsert=True,
             return_document=ReturnDocument.AFTER,
         )
