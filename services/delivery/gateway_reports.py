@@ -44,7 +44,7 @@ from services.delivery.tg_gateway import GatewayFailure, GatewayStatus, check_re
 
 log = get_logger(__name__)
 
-# A report that finds its message's claim held tries again this often, this far apart (1 s in all).
+# A report that finds its message's claim held tries this often in all, this far apart (about 1 s).
 _BUSY_TRIES = 10
 _BUSY_WAIT = 0.1
 _RANK: dict[int, int] = {SENT: 1, DELIVERED: 2, READ: 3}
@@ -89,15 +89,16 @@ class GatewayReports:
             metrics.gateway_reports_total.labels("refused").inc()
             log.warning("gateway_report_refused", message_id=record.id, reason=why)
             raise permission_denied("GATEWAY_REPORT_REFUSED", f"the report is refused: {why}")
-        for _ in range(_BUSY_TRIES):
+        for attempt in range(_BUSY_TRIES):
+            if attempt:
+                # Held by the attempt that sent the code (the Gateway reports at once, while that
+                # attempt still writes its outcome) or by another report: released within moments,
+                # so waited for here rather than answered busy and posted again seconds later.
+                await asyncio.sleep(_BUSY_WAIT)
+                record = await self.store.get(record.id) or record
             if await self._apply(record, status):
                 metrics.gateway_reports_total.labels("applied").inc()
                 return
-            # Held by the attempt that sent the code (the Gateway reports at once, while that attempt
-            # still writes its outcome) or by another report: released within moments, so waited for
-            # here rather than answered busy and posted again seconds later.
-            await asyncio.sleep(_BUSY_WAIT)
-            record = await self.store.get(record.id) or record
         raise aborted("the message is being changed right now; send the report again", reason="MESSAGE_BUSY")
 
     async def poll(self, record: MessageRecord) -> None:
