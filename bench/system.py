@@ -167,7 +167,9 @@ class System:
 
     def stop(self) -> None:
         if self.stack is not None:
-            self.stack.stop()
+            # A profiled service writes its reports as it exits, which takes longer than a stop.
+            profiled = bool(self.env.get("OTPGATE_BENCH_PROFILE_SERVICES"))
+            self.stack.stop(grace=120.0 if profiled else 10.0)
         if self.database is not None:
             self.database.stop()
 
