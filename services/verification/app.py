@@ -59,6 +59,8 @@ async def build_app(
         directory,
         failed_checks_per_hour=config.verify.failed_checks_per_hour,
     )
+    for engine in (verifier.engine, confirmer.engine):
+        await engine.adopt_slots()
     sweeper = Sweeper(store, verifier, confirmer, config.retention_days, config.sweep_interval)
     servicer = VerificationServicer(verifier, confirmer)
 

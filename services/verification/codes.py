@@ -5,19 +5,20 @@ A code comes from `secrets`, is stored as a keyed HMAC bound to the record id
 kept sealed only while it may be re-sent and erased at every final state. Expiry is decided
 at read time with the injected clock; the sweeper only tidies up.
 
-Every decision that must happen once is made by one atomic write that racing callers cannot
-both win, with nothing read first:
+Every decision that must happen once is one conditional write of the record, which racing
+callers cannot both win (single-document atomicity):
 
-- attempt slots `<coll>:<id>:attempt:<n>`, n = 1..max_attempts, inserted into `code_slots`
-  (the unique `_id` decides): a check must take one first, so no more than max_attempts codes
-  are ever compared, however many checks race;
-- send slots `<coll>:<id>:send:<n>`, n = 2..max_sends, likewise: a re-send takes the next one,
-  so two racing re-sends never both go out, and the cooldown is measured from the latest one.
-  The first send is the record's own (its insert decides it): its slot `…:send:1` is written
-  once it went out, holding what delivery answered;
+- attempts: a check takes one with `$inc` on the record's `attempts`, matched only while the
+  record is PENDING and `attempts` is below max_attempts, so no more than max_attempts checks
+  are ever answered however many race. A right code compared here takes its attempt and
+  approves in that same write;
+- sends: the record counts its sends (`sends`) and keeps the latest (`last_send`: its number,
+  when it went out, what delivery answered). A re-send takes the next number with a write
+  matched on the count it read, so two racing re-sends never both go out, and the cooldown is
+  measured from the latest one. The first send is the record's own (its insert decides it);
 - the final state: the first of APPROVED / EXPIRED / CANCELED / MAX_ATTEMPTS_REACHED to write
-  it wins, with one find_one_and_update of the record conditioned on status PENDING (atomic on
-  one document), which erases the sealed code in the same write.
+  it wins, with one find_one_and_update of the record conditioned on status PENDING, which
+  erases the sealed code in the same write.
 
 So 100 concurrent correct checks approve exactly once, and a check that loses the race with
 expiry (decided with the clock at the moment of the decision) cannot approve after it.
@@ -26,9 +27,12 @@ Failed checks also count per number, across records and clients (`check_capped`)
 pending record first reserves one failure from the number's capped counter (core/counters.py)
 and gives it back unless the code was wrong, so the cap holds however many checks race.
 
-A check compared elsewhere (a code the Telegram Gateway made) that gets no verdict, because the
-Gateway or delivery is away, gives its attempt slot back as well: the person keeps the attempt,
-and the next check takes the lowest free slot.
+A check compared elsewhere (a code the Telegram Gateway made) takes its attempt first and, when
+it gets no verdict because the Gateway or delivery is away, gives it back: the person keeps
+the attempt.
+
+Records written before the counters lived on them kept attempts and sends as documents of
+`code_slots`; `adopt_slots` folds those of pending records into their records once, at start.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.core.batching import InsertBatcher
@@ -83,15 +86,13 @@ def expire_at(record: Document) -> datetime:
 
 @dataclass
 class View:
-    """A record with what lives beside it: attempts used, sends made, the latest send."""
+    """A record read as a state: attempts used, sends made, the latest send."""
 
     record: Document
     status: str  # effective status: the record's, but a lapsed PENDING reads EXPIRED
     attempts: int
     send_count: int
-    last_send: Document | None
-    # The lowest attempt slot not taken: attempts + 1, unless a check gave one back below that.
-    first_free_attempt: int = 1
+    last_send: Document  # n, at, and what delivery answered once the send went out
 
     @property
     def id(self) -> str:
@@ -107,12 +108,12 @@ class View:
 
     @property
     def last_send_at(self) -> datetime:
-        return as_utc((self.last_send or self.record)["at" if self.last_send else "created_at"])
+        return as_utc(self.last_send["at"])
 
     @property
     def last_message_id(self) -> str:
         """Delivery's message that carried the latest send ("" before one went out)."""
-        return str((self.last_send or {}).get("message_id") or "")
+        return str(self.last_send.get("message_id") or "")
 
 
 class CheckOutcome(enum.Enum):
@@ -199,83 +200,40 @@ class CodeEngine:
     def open_phone(self, record: Document) -> str:
         return self.keyring.open_str(record["phone"], self.context(str(record["_id"]), "phone"))
 
-    def owner(self, record_id: str) -> str:
-        return f"{self.collection.name}:{record_id}"
-
-    def slot_id(self, record_id: str, kind: str, number: int) -> str:
-        return f"{self.owner(record_id)}:{kind}:{number}"
-
     async def insert(self, record: Document) -> bool:
-        """Insert a new pending record, whose first send it is; False if one is pending (the unique
-        pending key refused it)."""
+        """Insert a new pending record, whose first send it is (its counters are added to it); False
+        if one is pending (the unique pending key refused it)."""
+        record.update(attempts=0, sends=1, last_send={"n": 1, "at": record["created_at"]})
         return await self._inserts.insert_one(record)
-
-    def _slot_fields(self, record_id: str, kind: str, number: int, at: datetime) -> Document:
-        """What a slot holds besides its `_id` (slot_id) and what is recorded on it."""
-        return {"owner": self.owner(record_id), "kind": kind, "n": number, "at": at}
-
-    async def _take_slot(self, record_id: str, kind: str, number: int, now: datetime) -> bool:
-        slot = {"_id": self.slot_id(record_id, kind, number), **self._slot_fields(record_id, kind, number, now)}
-        return await self.store.new_slots.insert_one(slot)
 
     # Reading -----------------------------------------------------------------------------
 
     def is_lapsed(self, record: Document, now: datetime | None = None) -> bool:
         return expire_at(record) <= (now or self.clock.now())
 
-    def slot_ids(self, record: Document) -> list[str]:
-        """Every slot a record can ever have: its attempts and its sends."""
-        record_id = str(record["_id"])
-        attempts = range(1, int(record["max_attempts"]) + 1)
-        sends = range(1, int(record["max_sends"]) + 1)
-        return [
-            *(self.slot_id(record_id, "attempt", n) for n in attempts),
-            *(self.slot_id(record_id, "send", n) for n in sends),
-        ]
-
-    async def view(self, record: Document) -> View:
-        return (await self.views([record]))[0]
-
-    async def views(self, records: Sequence[Document]) -> list[View]:
-        """Each record with its slots, read in one lookup by `_id` for all of them (a key lookup
-        on every server; the slots are numbered from 1 and bounded by each record's own limits)."""
-        wanted = {slot: index for index, record in enumerate(records) for slot in self.slot_ids(record)}
-        found: list[list[Document]] = [[] for _ in records]
-        if wanted:
-            async for doc in self.store.slots.find({"_id": {"$in": list(wanted)}}):
-                found[wanted[str(doc["_id"])]].append(doc)
-        return [self._view(record, slots) for record, slots in zip(records, found, strict=True)]
-
-    def _view(self, record: Document, slots: list[Document]) -> View:
-        taken = {int(doc["n"]) for doc in slots if doc.get("kind") == "attempt"}
-        attempts = len(taken)
-        free = next(n for n in range(1, len(taken) + 2) if n not in taken)
-        sends = [doc for doc in slots if doc.get("kind") == "send"]
-        last_send = max(sends, key=lambda doc: int(doc["n"]), default=None)
+    def view(self, record: Document) -> View:
         status = str(record["status"])
         if status == PENDING and self.is_lapsed(record):
             status = EXPIRED
-        # The first send belongs to the record; its slot appears once it went out.
-        return View(record, status, attempts, int(last_send["n"]) if last_send else 1, last_send, free)
+        last_send = record.get("last_send") or {"n": 1, "at": record["created_at"]}
+        return View(record, status, int(record.get("attempts", 0)), int(record.get("sends", 1)), last_send)
 
     async def load(self, record_id: str, extra: dict[str, Any] | None = None) -> View | None:
         record = await self.collection.find_one({"_id": record_id, **(extra or {})})
-        return None if record is None else await self.view(record)
+        return None if record is None else self.view(record)
 
     async def reload(self, view: View) -> View:
         return await self.load(view.id) or view
 
-    def issued(self, record: Document, first_send: Document) -> View:
-        """A record just inserted, with its first send: what a read would find, without reading."""
-        return self._view(record, [first_send])
-
     # Final states ------------------------------------------------------------------------
 
-    async def decide(self, record_id: str, status: str, before: View | None = None) -> tuple[bool, View | None]:
+    async def decide(
+        self, record_id: str, status: str, *, also: dict[str, Any] | None = None, take_attempt_below: int = 0
+    ) -> tuple[bool, View | None]:
         """Try to move a pending record to a final status. (won, view after). Once per record:
-        the write matches only while the record is PENDING. With `before` (the record's slots as
-        the caller knows them), the winner's view is the record its write returned with those
-        slots, not read again."""
+        the write matches only while the record is PENDING. `also` narrows the match further;
+        `take_attempt_below` takes an attempt in the same write, matched only while fewer than
+        that many are taken."""
         assert status in FINAL_STATUSES
         at = self.clock.now()
         update: dict[str, Any] = {
@@ -286,18 +244,20 @@ class CodeEngine:
             update["$set"].update(self._approve_set)
         if unset:
             update["$unset"] = unset
-        record = await self.store.update(self.collection, {"_id": record_id, "status": PENDING}, update)
+        match: dict[str, Any] = {"_id": record_id, "status": PENDING, **(also or {})}
+        if take_attempt_below:
+            match["attempts"] = {"$lt": take_attempt_below}
+            update["$inc"] = {"attempts": 1}
+        record = await self.store.update(self.collection, match, update)
         if record is None:
             return False, await self.load(record_id)
-        if before is not None:
-            return True, replace(before, record=record, status=status)
-        return True, await self.view(record)
+        return True, self.view(record)
 
     async def settle_lapsed(self, view: View) -> View:
         """Write EXPIRED for a lapsed pending record (read-time expiry made durable)."""
         if view.record["status"] != PENDING or not self.is_lapsed(view.record):
             return view
-        _, after = await self.decide(view.id, EXPIRED, view)
+        _, after = await self.decide(view.id, EXPIRED)
         return after or view
 
     # Checking ----------------------------------------------------------------------------
@@ -305,46 +265,66 @@ class CodeEngine:
     async def check(
         self, view: View, code: str, matches: Callable[[str], Awaitable[bool]] | None = None
     ) -> CheckResult:
-        """One check of a code. At most max_attempts comparisons ever happen per record. `matches`
+        """One check of a code. At most max_attempts checks are ever answered per record. `matches`
         compares elsewhere (a code the Telegram Gateway made); else the stored keyed hash does."""
         if view.record["status"] != PENDING:
             return CheckResult(CheckOutcome.FINAL, view)
         if self.is_lapsed(view.record):
             return await self._expired(view)
         max_attempts = int(view.record["max_attempts"])
-        number = view.first_free_attempt
-        while number <= max_attempts and not await self._take_slot(view.id, "attempt", number, self.clock.now()):
-            number += 1
-        if number > max_attempts:
-            after = await self.reload(view)
-            if after.record["status"] == PENDING and not self.is_lapsed(after.record):
-                return CheckResult(CheckOutcome.EXHAUSTED, after)
-            return self._classify_final(after)
-        if matches is None:
-            right = self.keyring.code_matches(str(view.record["code_hash"]), view.id, code)
-        else:
+        if matches is None and self.keyring.code_matches(str(view.record["code_hash"]), view.id, code):
+            # One write takes the attempt and approves, and only before expiry.
+            unexpired = {"expire_at": {"$gt": self.clock.now()}}
+            won, decided = await self.decide(view.id, APPROVED, also=unexpired, take_attempt_below=max_attempts)
+            if won and decided is not None:
+                return CheckResult(CheckOutcome.APPROVED, decided)
+            return await self._lost(decided or view)
+        taken = await self._take_attempt(view.id, max_attempts)
+        if taken is None:
+            return await self._lost(await self.reload(view))
+        if matches is not None:
             try:
                 right = await matches(code)
             except BaseException:
                 # Nothing was compared (the Gateway did not answer): the attempt is given back.
-                await self.store.slots.delete_one({"_id": self.slot_id(view.id, "attempt", number)})
+                await self._give_back_attempt(view.id)
                 raise
-        if right:
-            if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
-                return await self._expired(view)
-            taken = replace(view, attempts=max(view.attempts, number))
-            won, decided = await self.decide(view.id, APPROVED, taken)
-            if won:
-                return CheckResult(CheckOutcome.APPROVED, decided or view)
-            return self._classify_final(decided or view)
-        if number >= max_attempts:
-            _, decided = await self.decide(view.id, MAX_ATTEMPTS_REACHED, replace(view, attempts=number))
-            final = decided or view
+            if right:
+                if self.is_lapsed(view.record):  # the clock passed expiry while this check ran
+                    return await self._expired(taken)
+                won, decided = await self.decide(view.id, APPROVED)
+                if won and decided is not None:
+                    return CheckResult(CheckOutcome.APPROVED, decided)
+                return self._classify_final(decided or taken)
+        if taken.attempts >= max_attempts:
+            _, decided = await self.decide(view.id, MAX_ATTEMPTS_REACHED)
+            final = decided or taken
             outcome = CheckOutcome.EXHAUSTED if final.status == MAX_ATTEMPTS_REACHED else CheckOutcome.FINAL
             return CheckResult(outcome, final, counted_failure=True)
-        after = await self.reload(view)
-        after.attempts = max(after.attempts, number)
-        return CheckResult(CheckOutcome.WRONG_CODE, after, counted_failure=True)
+        return CheckResult(CheckOutcome.WRONG_CODE, taken, counted_failure=True)
+
+    async def _take_attempt(self, record_id: str, max_attempts: int) -> View | None:
+        """The record after one more attempt was taken; None if it is no longer pending or has
+        none left."""
+        record = await self.store.update(
+            self.collection,
+            {"_id": record_id, "status": PENDING, "attempts": {"$lt": max_attempts}},
+            {"$inc": {"attempts": 1}},
+        )
+        return None if record is None else self.view(record)
+
+    async def _give_back_attempt(self, record_id: str) -> None:
+        await self.collection.update_one(
+            {"_id": record_id, "status": PENDING, "attempts": {"$gt": 0}}, {"$inc": {"attempts": -1}}
+        )
+
+    async def _lost(self, after: View) -> CheckResult:
+        """What a check that could not take an attempt answers, from the record as it is now."""
+        if after.pending:
+            return CheckResult(CheckOutcome.EXHAUSTED, after)
+        if after.record["status"] == PENDING:  # lapsed meanwhile
+            return await self._expired(after)
+        return self._classify_final(after)
 
     async def check_capped(
         self,
@@ -404,34 +384,36 @@ class CodeEngine:
         if ready_at > now:
             wait = (ready_at - now).total_seconds()
             return SendReservation(view, refusal=SendRefusal.TOO_SOON, retry_after=max(wait, 1.0))
-        if not await self._take_slot(view.id, "send", number, now):
-            # A concurrent re-send took it this instant.
-            return SendReservation(view, refusal=SendRefusal.TOO_SOON, retry_after=max(cooldown, 1.0))
-        after = await self.reload(view)
-        if after.send_count < number:
-            after.send_count = number
-        return SendReservation(after, number)
-
-    async def discard_slots(self, record: Document) -> None:
-        """Remove every slot of a record that is being discarded."""
-        await self.store.slots.delete_many({"_id": {"$in": self.slot_ids(record)}})
-
-    async def undo_send(self, record_id: str, number: int) -> None:
-        """Give back a reserved send that was refused downstream (the earlier code stays valid)."""
-        await self.store.slots.delete_one({"_id": self.slot_id(record_id, "send", number)})
-
-    async def record_send(self, record: Document, number: int, fields: dict[str, Any]) -> Document:
-        """What delivery answered for one send (message id, channel), kept on its slot: the slot
-        a re-send reserved, or the first send's, written now (dated from the record). Returned."""
-        record_id = str(record["_id"])
-        slot = await self.store.slots.find_one_and_update(
-            {"_id": self.slot_id(record_id, "send", number)},
-            {"$set": fields, "$setOnInsert": self._slot_fields(record_id, "send", number, record["created_at"])},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
+        sent = {"n": number, "at": now}
+        record = await self.store.update(
+            self.collection,
+            {"_id": view.id, "status": PENDING, "sends": view.send_count},
+            {"$set": {"sends": number, "last_send": sent}},
         )
-        assert slot is not None  # an upsert returning the document after it always has one
-        return slot
+        if record is None:
+            after = await self.reload(view)
+            if not after.pending:
+                return SendReservation(after, refusal=SendRefusal.NOT_PENDING)
+            # A concurrent re-send took it this instant.
+            return SendReservation(after, refusal=SendRefusal.TOO_SOON, retry_after=max(cooldown, 1.0))
+        return SendReservation(self.view(record), number)
+
+    async def undo_send(self, before: View, number: int) -> None:
+        """Give back a reserved send that was refused downstream: the record's sends are again
+        those of `before` (the earlier code stays valid)."""
+        await self.collection.update_one(
+            {"_id": before.id, "sends": number}, {"$set": {"sends": before.send_count, "last_send": before.last_send}}
+        )
+
+    async def record_send(self, view: View, fields: dict[str, Any]) -> View:
+        """What delivery answered for the record's latest send (message id, channel), kept on it.
+        The view with it, not read again."""
+        number = view.send_count
+        await self.collection.update_one(
+            {"_id": view.id, "last_send.n": number}, {"$set": {f"last_send.{name}": v for name, v in fields.items()}}
+        )
+        last_send = {**view.last_send, **fields}
+        return replace(view, record={**view.record, "last_send": last_send}, last_send=last_send)
 
     # Housekeeping ------------------------------------------------------------------------
 
@@ -445,3 +427,30 @@ class CodeEngine:
             await self.decide(record_id, EXPIRED)
             done += 1
         return done
+
+    async def adopt_slots(self) -> int:
+        """Pending records written while attempts and sends were documents of `code_slots`: their
+        counters, from those documents, written once onto the record. How many were adopted."""
+        adopted = 0
+        async for record in self.collection.find({"status": PENDING, "attempts": {"$exists": False}}):
+            owner = f"{self.collection.name}:{record['_id']}"
+            ids = [f"{owner}:attempt:{n}" for n in range(1, int(record["max_attempts"]) + 1)]
+            ids += [f"{owner}:send:{n}" for n in range(1, int(record["max_sends"]) + 1)]
+            slots = [doc async for doc in self.store.slots.find({"_id": {"$in": ids}})]
+            sends = [doc for doc in slots if doc.get("kind") == "send"]
+            latest = max(sends, key=lambda doc: int(doc["n"]), default=None)
+            last_send = (
+                {"n": 1, "at": record["created_at"]}
+                if latest is None
+                else {name: value for name, value in latest.items() if name not in ("_id", "owner", "kind")}
+            )
+            counters = {
+                "attempts": sum(1 for doc in slots if doc.get("kind") == "attempt"),
+                "sends": int(last_send["n"]),
+                "last_send": last_send,
+            }
+            result = await self.collection.update_one(
+                {"_id": record["_id"], "attempts": {"$exists": False}}, {"$set": counters}
+            )
+            adopted += result.modified_count
+        return adopted

@@ -136,7 +136,7 @@ class Confirmer:
             # The pointer first; after a refused insert (one is pending), the unique index too.
             existing = await self.store.pending_by_key(self.store.confirmations, phone_bi, search=attempt > 0)
             if existing is not None:
-                view = await self.engine.settle_lapsed(await self.engine.view(existing))
+                view = await self.engine.settle_lapsed(self.engine.view(existing))
                 if view.pending:
                     if int(view.record["telegram_user_id"]) == start.telegram_user_id:
                         return await self._reuse(view, start)
@@ -196,14 +196,13 @@ class Confirmer:
         except BaseException as exc:
             # A refused SMS leaves no pending confirmation behind.
             await self.store.confirmations.delete_one({"_id": record_id, "status": PENDING})
-            await self.engine.discard_slots(record)
             if isinstance(exc, DownstreamError):
                 metrics.confirmations.labels("refused").inc()
                 log.info("confirmation_refused", confirmation_id=record_id, reason=exc.reason)
                 raise exc.service_error() from None
             raise
         prompt_id = await self._send_prompt(record, start, 1)
-        await self.engine.record_send(record, 1, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        await self.engine.record_send(self.engine.view(record), {"message_id": sms.id, "prompt_message_id": prompt_id})
         metrics.confirmations.labels("started").inc()
         log.info(
             "confirmation_started",
@@ -227,14 +226,14 @@ class Confirmer:
             code = self.engine.open_code(record)
             sms = await self._send_sms(record, start, code, number)
         except DownstreamError as err:
-            await self.engine.undo_send(view.id, number)
+            await self.engine.undo_send(view, number)
             log.info("confirmation_resend_refused", confirmation_id=view.id, reason=err.reason)
             return self._start_response(record, reused=True, code_sent=False)
         except BaseException:
-            await self.engine.undo_send(view.id, number)
+            await self.engine.undo_send(view, number)
             raise
         prompt_id = await self._send_prompt(record, start, number)
-        await self.engine.record_send(record, number, {"message_id": sms.id, "prompt_message_id": prompt_id})
+        await self.engine.record_send(reservation.view, {"message_id": sms.id, "prompt_message_id": prompt_id})
         metrics.confirmations.labels("resent").inc()
         log.info("confirmation_reused", confirmation_id=view.id, resent=True, send_count=number)
         return self._start_response(record, reused=True, code_sent=True)
@@ -302,7 +301,7 @@ class Confirmer:
         record = await self.store.latest_confirmation(user, PENDING)
         if record is None:
             return await self._answer_without_pending(user)
-        view = await self.engine.view(record)
+        view = self.engine.view(record)
         masked = str(record["phone_masked"])
         if not view.pending:
             view = await self.engine.settle_lapsed(view)

@@ -1,7 +1,7 @@
 """ListVerifications (AIP-132, AIP-158, AIP-160): a client's verifications, newest first.
 
 Pages come from the client's verification feed (services/core/feed.py): every read is an `_id`
-lookup (feed entries, then the records, then their slots), so a page costs the same however
+lookup (feed entries, then the records), so a page costs the same however
 many verifications the service holds. A filter is applied to each page's candidates; reading
 stops after MAX_CANDIDATES of them, so a selective filter answers a short (even empty) page
 with a next_page_token rather than walking the whole history in one request (AIP-158 allows
@@ -179,7 +179,7 @@ async def list_verifications(
     async def load(ids: Sequence[str]) -> list[View]:
         cursor = store.verifications.find({"_id": {"$in": list(ids)}, "client_id": request.client_id})
         records = {str(doc["_id"]): doc async for doc in cursor}
-        return await verifier.engine.views([records[record_id] for record_id in ids if record_id in records])
+        return [verifier.engine.view(records[record_id]) for record_id in ids if record_id in records]
 
     page = await read_page(
         store.feed,

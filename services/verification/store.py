@@ -4,8 +4,9 @@ Collections (database owned by this service only):
 - verifications: Verify API codes (one pending per client and phone through `pending_key`).
 - confirmations: phone re-confirmations (one pending per phone through `pending_key`).
 - verification_requests: request_id claims for StartVerification idempotency (AIP-155).
-- code_slots: attempt and send slots of the codes above (see codes.py), always
-  found by `_id`: a record's slots are numbered within its own limits.
+- code_slots: no longer written. Attempts and sends were documents of their own here before
+  the records counted them (codes.py); pending records adopt theirs at start, and the rest
+  leave with retention.
 - failed_checks: failed code checks per number, a capped counter (services/core/counters.py):
   `_id = failed|<phone blind index>|<part of the hour>`, `n`, `at` (when the part stops counting).
 - verification_feed: each client's verifications numbered newest first (services/core/feed.py),
@@ -65,9 +66,8 @@ class Store:
 
     def __post_init__(self) -> None:
         self.feed = Feed(self.database[FEED])
-        # Concurrent requests' claims and slots go to the server together (services/core/batching.py).
+        # Concurrent requests' claims go to the server together (services/core/batching.py).
         self.new_requests = InsertBatcher(self.requests)
-        self.new_slots = InsertBatcher(self.slots)
 
     @property
     def verifications(self) -> AsyncCollection[Document]:

@@ -256,7 +256,7 @@ class Verifier:
             existing = await self.store.holding(self.store.verifications, pending_key)
             if existing is None:
                 continue  # it ended between the refused insert and the lookup: create again
-            view = await self.engine.view(existing)
+            view = self.engine.view(existing)
             if view.record["status"] == PENDING and self.engine.is_lapsed(view.record):
                 view = await self.engine.settle_lapsed(view)
             if view.pending:
@@ -323,7 +323,9 @@ class Verifier:
                 log.info("verification_refused", verification_id=record_id, reason=exc.reason)
                 raise exc.service_error() from None
             raise
-        first_send = await self.engine.record_send(record, 1, {"message_id": message.id, "channel": message.channel})
+        view = await self.engine.record_send(
+            self.engine.view(record), {"message_id": message.id, "channel": message.channel}
+        )
         metrics.verifications.labels("started").inc()
         log.info(
             "verification_started",
@@ -332,12 +334,11 @@ class Verifier:
             channel=common_pb2.Channel.Name(message.channel),
             message_id=message.id,
         )
-        return self.engine.issued(record, first_send)
+        return view
 
     async def _discard(self, record: Document) -> None:
         """A start that delivery refused leaves nothing behind."""
         await self.store.verifications.delete_one({"_id": record["_id"], "status": PENDING})
-        await self.engine.discard_slots(record)
 
     async def _resend(self, view: View, start: StartInput) -> View | None:
         reservation = await self.engine.reserve_send(view, self.policy.resend_cooldown)
@@ -366,18 +367,17 @@ class Verifier:
             code = "" if record.get("gateway_code") else self.engine.open_code(record)
             message = await self._send(record, code, start, number)
         except BaseException as exc:
-            await self.engine.undo_send(view.id, number)
+            await self.engine.undo_send(view, number)
             if isinstance(exc, DownstreamError):
                 metrics.verifications.labels("refused").inc()
                 log.info("verification_resend_refused", verification_id=view.id, reason=exc.reason)
                 raise exc.service_error() from None
             raise
-        await self.engine.record_send(
-            record, number, {"message_id": message.id, "channel": message.channel, "requested_channel": start.channel}
-        )
+        sent = {"message_id": message.id, "channel": message.channel, "requested_channel": start.channel}
+        resent = await self.engine.record_send(reservation.view, sent)
         metrics.verifications.labels("resent").inc()
         log.info("verification_resent", verification_id=view.id, send_count=number, message_id=message.id)
-        return await self.engine.reload(reservation.view)
+        return resent
 
     async def _send(self, record: Document, code: str, start: StartInput, send_number: int) -> common_pb2.Message:
         remaining = (expire_at(record) - self.clock.now()).total_seconds()
@@ -474,7 +474,7 @@ class Verifier:
     async def cancel(self, client_id: str, verification_id: str) -> View:
         view = await self._owned(client_id, verification_id)
         if view.pending:
-            won, after = await self.engine.decide(verification_id, CANCELED, view)
+            won, after = await self.engine.decide(verification_id, CANCELED)
             view = after or view
             if won:
                 metrics.verifications.labels("canceled").inc()

@@ -248,7 +248,7 @@ async def test_a_follow_up_that_did_not_finish_inline_is_finished_by_the_sweeper
     confirmer = env.stack.app("verification").confirmer
     # The code was accepted, then the process stopped before the directory and delivery heard of it.
     record = await env.database["confirmations"].find_one({"telegram_user_id": user.user_id})
-    result = await confirmer.engine.check(await confirmer.engine.view(record), code)
+    result = await confirmer.engine.check(confirmer.engine.view(record), code)
     assert result.record["followup_pending"] and "phone" in result.record
     assert await confirmer.retry_followups() == 0  # too fresh: the inline path may still be running
     env.clock.advance(31)
