@@ -10,6 +10,7 @@ they are, and digits inside a word (`01M8RH5D5GBE6512345670840C5Z`) are not a nu
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -55,12 +56,26 @@ def mask_phones_in(text: str) -> str:
     return _PHONE_RE.sub(lambda m: mask_phone(m.group(0)) if _is_possible_phone(m.group(0)) else m.group(0), text)
 
 
-def _redact_field(name: str, value: Any, depth: int) -> Any:
+_SECRET, _PHONE, _ID, _OTHER = range(4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_kind(name: str) -> int:
+    """How a field is redacted, by its name (a few dozen names recur in every event)."""
     if is_secret_field(name):
+        return _SECRET
+    if name in _PHONE_FIELDS:
+        return _PHONE
+    return _ID if is_id_field(name) else _OTHER
+
+
+def _redact_field(name: str, value: Any, depth: int) -> Any:
+    kind = _field_kind(name)
+    if kind == _SECRET:
         return REDACTED
-    if name in _PHONE_FIELDS and isinstance(value, str):
+    if kind == _PHONE and isinstance(value, str):
         return mask_phone(value) if value else ""
-    if is_id_field(name):
+    if kind == _ID:
         return value
     return _redact(value, depth)
 
@@ -90,7 +105,37 @@ def _add_request_id(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+class _Sink:
+    """Where our events are written: the stream of the latest configure_logging, so a logger that
+    cached its pipeline keeps writing where logging now goes."""
+
+    stream: TextIO = sys.stderr
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_SINK = _Sink()
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
+_threshold = logging.INFO
+
+
+def _at_level(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _LEVELS.get(method, logging.INFO) < _threshold:
+        raise structlog.DropEvent
+    return event
+
+
 def configure_logging(service: str, level: str = "info", stream: TextIO | None = None) -> None:
+    """Our events go straight from structlog to the stream (no stdlib record on the way: a log
+    line is on the path of every message); the libraries' stdlib records through the same
+    processors, by a handler on the same stream."""
+    global _threshold
+    _threshold = logging.getLevelName(level.upper())
+    _SINK.stream = stream or sys.stderr
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _add_request_id,
@@ -99,21 +144,18 @@ def configure_logging(service: str, level: str = "info", stream: TextIO | None =
         structlog.processors.format_exc_info,
         redact,
     ]
+    render: list[Any] = [structlog.processors.EventRenamer("msg"), structlog.processors.JSONRenderer()]
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[_at_level, *shared, *render],
+        logger_factory=structlog.WriteLoggerFactory(file=_SINK),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.EventRenamer("msg"),
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(_SINK.stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -104,16 +104,25 @@ def parse_phone(raw: str, *, plus_optional: bool = False) -> Phone:
     )
 
 
+_COUNTRY_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+
+
+def _country_code(digits: str) -> str:
+    """The country calling code an international number starts with ("" if none): codes are
+    prefix-free, 1 to 3 digits, so the first known prefix is the one (as the parser finds it)."""
+    for size in (1, 2, 3):
+        if digits[:size] in _COUNTRY_CODES:
+            return digits[:size]
+    return ""
+
+
 def mask_phone(e164: str) -> str:
     """+79991234567 -> +7******4567: country code and last 4 digits, never more."""
     digits = e164.lstrip("+")
     if len(digits) <= 4:
         return "+" + "*" * len(digits)
-    try:
-        cc = str(phonenumbers.parse("+" + digits, None).country_code)
-    except NumberParseException:
-        cc = ""
-    if not digits.startswith(cc) or len(digits) - len(cc) <= 4:
+    cc = _country_code(digits)
+    if len(digits) - len(cc) <= 4:
         cc = ""
     hidden = len(digits) - len(cc) - 4
     return f"+{cc}{'*' * hidden}{digits[-4:]}"
