@@ -51,6 +51,12 @@ def load_config(env: Env) -> TelegramSimConfig:
             "local Telegram Gateway: credits of the service-wide sandbox account when it is opened",
             min=0,
         ),
+        loop_interval=env.number(
+            "OTPGATE_SANDBOX_GATEWAY_LOOP_INTERVAL",
+            0.5,
+            "local Telegram Gateway: seconds between its passes over expired codes and due reports (0: none)",
+            min=0,
+        ),
     )
     return TelegramSimConfig(
         gateway=gateway,

@@ -75,6 +75,7 @@ class GatewayError(Exception):
 class GatewaySettings:
     price: float = 0.01  # credits per charged request
     initial_balance: float = 10.0  # of an account opened for a configured token
+    loop_interval: float = 0.5  # seconds between the ttl and report passes; 0: no loop (a test drives them)
 
 
 def report_signature(token: str, timestamp: str, body: bytes) -> str:
@@ -391,8 +392,11 @@ class SimulatedGateway:
                 await self.store.report_failed(str(report["_id"]), attempt, now + timedelta(seconds=2**attempt))
         return posted
 
-    async def run(self, interval: float = 0.5) -> None:
+    async def run(self) -> None:
         """The ttl and report loop of the process."""
+        interval = self.settings.loop_interval
+        if interval <= 0:
+            return
         while True:
             await self.expire_due()
             await self.post_due_reports()
