@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import phonenumbers
 import structlog
@@ -147,7 +147,7 @@ def configure_logging(service: str, level: str = "info", stream: TextIO | None =
     render: list[Any] = [structlog.processors.EventRenamer("msg"), structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[_at_level, *shared, *render],
-        logger_factory=structlog.WriteLoggerFactory(file=_SINK),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _SINK)),
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )

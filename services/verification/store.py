@@ -24,6 +24,7 @@ unique among pending records; every final state sets it to the record's own id. 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -122,22 +123,41 @@ class Store:
     def request_key(client_id: str, request_id: str) -> str:
         return f"{client_id}\x1f{request_id}"
 
-    async def claim_request(self, client_id: str, request_id: str, fingerprint: str, now: datetime) -> Document | None:
-        """Claim a request id. Returns None when claimed now, else the earlier claim."""
+    async def claim_request(
+        self,
+        client_id: str,
+        request_id: str,
+        fingerprint: str,
+        now: datetime,
+        planned_id: str,
+        started: Callable[[str], Awaitable[bool]],
+    ) -> Document | None:
+        """Claim a request id for the verification it will create as `planned_id`. Returns None
+        when claimed now, else the earlier claim. A claim is complete once it names its outcome
+        (`verification_id`, written when that is another record) or once its planned record's
+        first send went out (`started`); one neither after STALE_CLAIM lost its owner mid-request
+        and is taken over."""
         key = self.request_key(client_id, request_id)
-        claim = {"_id": key, "fingerprint": fingerprint, "verification_id": None, "created_at": now}
+        claim = {
+            "_id": key,
+            "fingerprint": fingerprint,
+            "verification_id": None,
+            "planned_id": planned_id,
+            "created_at": now,
+        }
         if await self.new_requests.insert_one(claim):
             return None
         existing = await self.requests.find_one({"_id": key})
         if existing is None:  # released between the two calls: try once more
-            return await self.claim_request(client_id, request_id, fingerprint, now)
-        if existing.get("verification_id") is None and as_utc(existing["created_at"]) <= now - STALE_CLAIM:
+            return await self.claim_request(client_id, request_id, fingerprint, now, planned_id, started)
+        stale = as_utc(existing["created_at"]) <= now - STALE_CLAIM
+        if existing.get("verification_id") is None and stale and not await started(existing.get("planned_id") or ""):
             # Its owner died mid-request: take the request id over.
             taken = await self.requests.delete_one(
                 {"_id": key, "verification_id": None, "created_at": existing["created_at"]}
             )
             if taken.deleted_count:
-                return await self.claim_request(client_id, request_id, fingerprint, now)
+                return await self.claim_request(client_id, request_id, fingerprint, now, planned_id, started)
         return existing
 
     async def complete_request(self, client_id: str, request_id: str, verification_id: str) -> None:

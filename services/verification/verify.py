@@ -187,19 +187,33 @@ class Verifier:
         if start.custom_code:
             await self._require_custom_code_allowed(start.client_id)
         if not start.request_id:
-            view = await self._start_or_resend(start)
+            view = await self._start_or_resend(start, new_id(int(self.clock.now().timestamp() * 1000)))
             return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
         now = self.clock.now()
-        earlier = await self.store.claim_request(start.client_id, start.request_id, self.fingerprint(start), now)
+        # The claim names the verification this request will create, so the common outcome needs
+        # no write of the claim after it: the record's first send recorded is what completes it.
+        planned = new_id(int(now.timestamp() * 1000))
+        fingerprint = self.fingerprint(start)
+        earlier = await self.store.claim_request(
+            start.client_id, start.request_id, fingerprint, now, planned, self._first_send_recorded
+        )
         if earlier is not None:
             return await self._replay(start, earlier)
         try:
-            view = await self._start_or_resend(start)
+            view = await self._start_or_resend(start, planned)
         except BaseException:
             await self.store.release_request(start.client_id, start.request_id)
             raise
-        await self.store.complete_request(start.client_id, start.request_id, view.id)
+        if view.id != planned:  # the number's pending verification was re-sent instead
+            await self.store.complete_request(start.client_id, start.request_id, view.id)
         return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
+
+    async def _first_send_recorded(self, record_id: str) -> bool:
+        """Whether the verification a request claim planned exists and its first send went out."""
+        if not record_id:
+            return False
+        record = await self.store.verifications.find_one({"_id": record_id}, {"last_send": 1})
+        return record is not None and bool((record.get("last_send") or {}).get("message_id"))
 
     async def _replay(self, start: StartInput, earlier: Document) -> verification_pb2.StartVerificationResponse:
         if not constant_time_equals(str(earlier.get("fingerprint", "")), self.fingerprint(start)):
@@ -208,15 +222,19 @@ class Verifier:
                 "request_id was already used for a different verification request", reason="IDEMPOTENCY_CONFLICT"
             )
         verification_id = earlier.get("verification_id")
-        if not verification_id:
-            raise aborted(
-                "a request with this request_id is still in progress; retry",
-                reason="REQUEST_IN_PROGRESS",
-                retry_after=1.0,
-            )
-        view = await self.engine.load(str(verification_id), {"client_id": start.client_id})
-        if view is None:  # purged after retention
-            raise verification_not_found()
+        if verification_id:
+            view = await self.engine.load(str(verification_id), {"client_id": start.client_id})
+            if view is None:  # purged after retention
+                raise verification_not_found()
+        else:
+            planned = str(earlier.get("planned_id") or "")
+            view = await self.engine.load(planned, {"client_id": start.client_id}) if planned else None
+            if view is None or not view.last_message_id:  # not created yet, or its send not out yet
+                raise aborted(
+                    "a request with this request_id is still in progress; retry",
+                    reason="REQUEST_IN_PROGRESS",
+                    retry_after=1.0,
+                )
         metrics.verifications.labels("replayed").inc()
         return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
 
@@ -245,12 +263,13 @@ class Verifier:
         phone_bi = self.keyring.blind_index(PHONE_INDEX, start.phone.e164)
         return phone_bi, f"{start.client_id}\x1f{phone_bi}"
 
-    async def _start_or_resend(self, start: StartInput) -> View:
+    async def _start_or_resend(self, start: StartInput, record_id: str) -> View:
+        """A new verification, created as `record_id`, or the number's pending one re-sent."""
         _, pending_key = self.keys(start)
         for _ in range(5):
             # A new verification first: the unique pending_key index refuses it while one is
             # pending for the number, and only then is that one looked up, by the same index.
-            created = await self._create(start)
+            created = await self._create(start, record_id)
             if created is not None:
                 return created
             existing = await self.store.holding(self.store.verifications, pending_key)
@@ -273,11 +292,12 @@ class Verifier:
                     return resent
         raise aborted("the verification changed concurrently; retry", reason="CONFLICT")
 
-    async def issue(self, start: StartInput) -> tuple[Document, str] | None:
-        """Store a new pending verification and its code (not sent yet). None if one is pending."""
+    async def issue(self, start: StartInput, record_id: str = "") -> tuple[Document, str] | None:
+        """Store a new pending verification (as `record_id`, else a new id) and its code, not
+        sent yet. None if one is pending."""
         phone_bi, pending_key = self.keys(start)
         now = self.clock.now()
-        record_id = new_id(int(now.timestamp() * 1000))
+        record_id = record_id or new_id(int(now.timestamp() * 1000))
         # A Gateway-made code is Telegram's alone: nothing of it is stored here.
         code = "" if start.gateway_code else start.custom_code or generate_code(start.code_length)
         record: Document = {
@@ -308,8 +328,8 @@ class Verifier:
             return None  # one is pending for the number: re-send that instead
         return record, code
 
-    async def _create(self, start: StartInput) -> View | None:
-        issued = await self.issue(start)
+    async def _create(self, start: StartInput, record_id: str) -> View | None:
+        issued = await self.issue(start, record_id)
         if issued is None:
             return None
         record, code = issued

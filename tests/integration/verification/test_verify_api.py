@@ -146,6 +146,16 @@ async def test_request_id_idempotency(env: Env) -> None:
     replay = (await env.verification.StartVerification(start(phone, request_id="r-1"))).verification
     assert replay.id == first.id and replay.send_count == 1
     assert len(await env.inbox(phone)) == 1  # the repeat sent nothing
+    # The claim named the verification it would create; nothing was written to it afterwards.
+    claims = env.database["verification_requests"]
+    assert await claims.find_one({"planned_id": first.id, "verification_id": None}) is not None
+    # Another request for the number re-sends the pending one: its claim names that one.
+    resent = (await env.verification.StartVerification(start(phone, request_id="r-2"))).verification
+    assert resent.id == first.id and resent.send_count == 2
+    env.clock.advance(120)
+    again = (await env.verification.StartVerification(start(phone, request_id="r-2"))).verification
+    assert again.id == first.id and again.send_count == 2 and len(await env.inbox(phone)) == 2
+    assert await claims.count_documents({"verification_id": first.id}) == 1
     conflict = await refused(env.verification.StartVerification(start(phone, request_id="r-1", code_length=8)))
     assert (conflict.code, conflict.reason) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_CONFLICT")
     # Request ids are per client.

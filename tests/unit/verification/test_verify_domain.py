@@ -11,6 +11,7 @@ from otpgate.common.v1 import common_pb2
 from services.core.clock import ManualClock
 from services.core.crypto import Keyring
 from services.core.errors import ServiceError
+from services.core.mongo import Document
 from services.verification import templates
 from services.verification.config import VerifyPolicy
 from services.verification.store import Store
@@ -205,20 +206,56 @@ def test_templates_in_english_and_russian_carry_the_code() -> None:
 
 
 async def test_request_id_claims(store: Store, clock: ManualClock) -> None:
-    assert await store.claim_request("c", "r", "fp", clock.now()) is None
-    busy = await store.claim_request("c", "r", "fp", clock.now())
-    assert busy is not None and busy["verification_id"] is None  # in progress
+    sent: set[str] = set()
+
+    async def started(record_id: str) -> bool:
+        return record_id in sent
+
+    async def claim(planned: str) -> Document | None:
+        return await store.claim_request("c", "r", "fp", clock.now(), planned, started)
+
+    assert await claim("V1") is None
+    busy = await claim("V2")
+    assert busy is not None and busy["verification_id"] is None and busy["planned_id"] == "V1"  # in progress
     await store.release_request("c", "r")  # the request failed: the id is free again
-    assert await store.claim_request("c", "r", "fp", clock.now()) is None
+    assert await claim("V3") is None
     # A claim whose owner died is taken over after a minute, never before.
     clock.advance(59)
-    assert await store.claim_request("c", "r", "fp", clock.now()) is not None
+    assert await claim("V4") is not None
     clock.advance(2)
-    assert await store.claim_request("c", "r", "fp", clock.now()) is None
-    await store.complete_request("c", "r", "V1")
+    assert await claim("V5") is None
+    # The verification it planned went out: complete without a write, never taken over.
+    sent.add("V5")
     clock.advance(3600)
-    done = await store.claim_request("c", "r", "fp", clock.now())
-    assert done is not None and done["verification_id"] == "V1"
+    done = await claim("V6")
+    assert done is not None and done["planned_id"] == "V5" and done["verification_id"] is None
+    # One that named another verification (a re-send) is complete by that name.
+    await store.release_request("c", "r")
+    sent.clear()
+    assert await claim("V7") is None
+    await store.complete_request("c", "r", "V0")
+    clock.advance(3600)
+    named = await claim("V8")
+    assert named is not None and named["verification_id"] == "V0"
+
+
+async def test_a_repeat_while_the_planned_verification_is_not_out_yet_is_in_progress(
+    verifier: Verifier, clock: ManualClock
+) -> None:
+    request = start_request(request_id="r-9")
+    start = verifier.validate_start(request)
+    earlier = await verifier.store.claim_request(
+        "client-a", "r-9", verifier.fingerprint(start), clock.now(), "P1", verifier._first_send_recorded
+    )
+    assert earlier is None
+    issued = await verifier.issue(start, "P1")  # created, its first send not answered yet
+    assert issued is not None
+    with pytest.raises(ServiceError) as info:
+        await verifier.start(request)
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.ABORTED, "REQUEST_IN_PROGRESS")
+    await verifier.engine.record_send(verifier.engine.view(issued[0]), {"message_id": "m1", "channel": 2})
+    replay = await verifier.start(request)
+    assert replay.verification.id == "P1" and replay.verification.message_id == "m1"
 
 
 async def test_concurrent_wrong_checks_across_clients_and_replicas_stop_exactly_at_the_cap(
