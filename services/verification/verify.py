@@ -186,16 +186,15 @@ class Verifier:
         start = self.validate_start(request)
         if start.custom_code:
             await self._require_custom_code_allowed(start.client_id)
-        if not start.request_id:
-            view = await self._start_or_resend(start, new_id(int(self.clock.now().timestamp() * 1000)))
-            return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
         now = self.clock.now()
+        planned = new_id(int(now.timestamp() * 1000))
+        if not start.request_id:
+            view = await self._start_or_resend(start, planned)
+            return verification_pb2.StartVerificationResponse(verification=self.to_proto(view))
         # The claim names the verification this request will create, so the common outcome needs
         # no write of the claim after it: the record's first send recorded is what completes it.
-        planned = new_id(int(now.timestamp() * 1000))
-        fingerprint = self.fingerprint(start)
         earlier = await self.store.claim_request(
-            start.client_id, start.request_id, fingerprint, now, planned, self._first_send_recorded
+            start.client_id, start.request_id, self.fingerprint(start), now, planned, self._first_send_recorded
         )
         if earlier is not None:
             return await self._replay(start, earlier)
@@ -210,10 +209,8 @@ class Verifier:
 
     async def _first_send_recorded(self, record_id: str) -> bool:
         """Whether the verification a request claim planned exists and its first send went out."""
-        if not record_id:
-            return False
-        record = await self.store.verifications.find_one({"_id": record_id}, {"last_send": 1})
-        return record is not None and bool((record.get("last_send") or {}).get("message_id"))
+        view = await self.engine.load(record_id) if record_id else None
+        return view is not None and bool(view.last_message_id)
 
     async def _replay(self, start: StartInput, earlier: Document) -> verification_pb2.StartVerificationResponse:
         if not constant_time_equals(str(earlier.get("fingerprint", "")), self.fingerprint(start)):

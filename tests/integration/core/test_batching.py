@@ -99,7 +99,7 @@ async def test_an_idle_collection_sends_at_once_and_failures_reach_only_their_ca
 async def test_callers_racing_for_one_unique_key_in_one_command_have_one_winner(
     counted: tuple[AsyncDatabase[Document], InsertCommands],
 ) -> None:
-    # Two starts for one number, two checks taking one attempt slot: their documents can leave in
+    # Two starts for one number, two claims of one request id: their documents can leave in
     # the same command, and the unique key must still pick exactly one of them.
     database, commands = counted
     items = database.items
