@@ -58,6 +58,10 @@ class SendLimiter:
         until = self._now() + seconds
         self._paused_until[bot_id] = max(self._paused_until.get(bot_id, 0.0), until)
 
+    def now(self) -> float:
+        """The limiter's monotonic time, in which callers' deadlines are kept."""
+        return self._now()
+
     def paused_for(self, bot_id: str) -> float:
         return max(0.0, self._paused_until.get(bot_id, 0.0) - self._now())
 
