@@ -193,37 +193,11 @@ class Gateway:
         """One message through the limiter and Telegram. A FLOOD_WAIT means Telegram made no message: the
         bot is paused, and a caller whose budget outlasts the wait gets the message sent after it (as
         Telethon's flood_sleep_threshold would, but never past the caller's deadline)."""
-        key = (bot_id, peer.user_id, message.random_id)
         deadline = None if budget is None else self.limiter.now() + budget
         while True:
+            await self._slot(bot_id, peer.user_id, self._left(deadline))
             try:
-                waited = await self.limiter.acquire(bot_id, peer.user_id, self._left(deadline))
-            except FloodPaused as paused:
-                metrics.bot_messages.labels(bot_id, "flood_wait").inc()
-                raise resource_exhausted(
-                    "FLOOD_WAIT",
-                    "the bot is paused by a Telegram flood wait",
-                    paused.retry_after,
-                    [(bot_id, "flood wait")],
-                ) from None
-            except RateLimited as limited:
-                metrics.bot_messages.labels(bot_id, "rate_limited").inc()
-                limit = self.limiter.chat_rate if limited.scope == "chat" else self.limiter.bot_rate
-                raise resource_exhausted(
-                    "BOT_RATE_LIMITED",
-                    f"the {limited.scope} send rate is exhausted for the caller's deadline",
-                    limited.retry_after,
-                    [(f"{limited.scope}:{bot_id}", f"{limit.per_second:g} messages per second")],
-                ) from None
-            metrics.limiter_wait.observe(waited)
-            if not await self.sessions.ensure_live(bot_id):  # the lease may have lapsed while waiting
-                metrics.bot_messages.labels(bot_id, "unavailable").inc()
-                raise bot_unavailable(bot_id)
-            try:
-                if message.random_id:
-                    sent = await self.sends.once(key, lambda: self.transport.send(bot_id, peer, message))
-                else:
-                    sent = Sent(await self.transport.send(bot_id, peer, message))
+                return await self._to_telegram(bot_id, peer, message)
             except FloodWait as wait:
                 self.limiter.pause(bot_id, wait.seconds)
                 metrics.flood_waits.labels(bot_id).inc()
@@ -234,61 +208,97 @@ class Gateway:
                     raise resource_exhausted(
                         "FLOOD_WAIT", "Telegram asked the bot to wait", wait.seconds, [(bot_id, "flood wait")]
                     ) from None
-                continue  # acquire waits the pause out, then the message goes again
-            except UserBlocked:
-                metrics.bot_messages.labels(bot_id, "blocked").inc()
-                self._background(self._set_status(bot_id, peer.user_id, common_pb2.BOT_LINK_STATUS_BLOCKED))
-                raise refused_by_telegram("BLOCKED_BY_USER", "the person blocked this bot") from None
-            except UserDeactivated:
-                metrics.bot_messages.labels(bot_id, "deactivated").inc()
-                raise refused_by_telegram("USER_DEACTIVATED", "the Telegram account was deleted") from None
-            except PeerInvalid:
-                metrics.bot_messages.labels(bot_id, "not_connected").inc()
-                raise refused_by_telegram("NOT_CONNECTED", "the bot cannot reach this person") from None
-            except RecipientIsBot:
-                metrics.bot_messages.labels(bot_id, "recipient_is_bot").inc()
-                raise refused_by_telegram(
-                    "RECIPIENT_IS_BOT", "the recipient is a bot; bots cannot message bots"
-                ) from None
-            except MessageTooLong:
-                metrics.bot_messages.labels(bot_id, "too_long").inc()
-                raise refused_by_telegram(
-                    "MESSAGE_TOO_LONG", "Telegram refused the text as too long (4096 UTF-16 units at most)"
-                ) from None
-            except ChatWriteForbidden:
-                metrics.bot_messages.labels(bot_id, "write_forbidden").inc()
-                raise refused_by_telegram("CHAT_WRITE_FORBIDDEN", "the bot may not write to this person") from None
-            except PeerFlood:
-                self.limiter.pause(bot_id, PEER_FLOOD_PAUSE)
-                metrics.bot_messages.labels(bot_id, "peer_flood").inc()
-                log.warning("bot_peer_flood", bot=bot_id, pause_seconds=PEER_FLOOD_PAUSE)
-                raise resource_exhausted(
-                    "PEER_FLOOD",
-                    "Telegram limits this bot for sending too much",
-                    PEER_FLOOD_PAUSE,
-                    [(bot_id, "peer flood")],
-                ) from None
-            except BotDeactivated:
-                metrics.bot_messages.labels(bot_id, "bot_banned").inc()
-                log.error("bot_deactivated_by_telegram", bot=bot_id)
-                raise refused_by_telegram("BOT_BANNED", "Telegram deactivated this bot") from None
-            except AlreadySent:
-                # Another send of this random_id is being made (elsewhere, or before a restart here): it is the message.
-                metrics.bot_messages.labels(bot_id, "already_sent").inc()
-                return Sent(self.sends.finished(key) or 0, already=True)
-            except (BotNotRunning, SessionInvalid):
-                metrics.bot_messages.labels(bot_id, "unavailable").inc()
-                raise bot_unavailable(bot_id) from None
-            except OutcomeUnknown as exc:
-                metrics.bot_messages.labels(bot_id, "outcome_unknown").inc()
-                log.warning("bot_send_outcome_unknown", bot=bot_id, error=str(exc) or type(exc).__name__)
-                raise outcome_unknown("Telegram may or may not have the message") from None
-            except TransportError as exc:
-                metrics.bot_messages.labels(bot_id, "error").inc()
-                log.warning("bot_send_failed", bot=bot_id, error=str(exc) or type(exc).__name__)
-                raise unavailable("BOT_UNAVAILABLE", "Telegram refused the message", retry_after=1.0) from None
-            metrics.bot_messages.labels(bot_id, "already_sent" if sent.already else "sent").inc()
-            return sent
+                # Waited out by the next slot's acquire, which sees the pause.
+
+    async def _slot(self, bot_id: str, user_id: int, budget: float | None) -> None:
+        """A slot of the bot's and the chat's rates within `budget`, on a session still live here."""
+        try:
+            waited = await self.limiter.acquire(bot_id, user_id, budget)
+        except FloodPaused as paused:
+            metrics.bot_messages.labels(bot_id, "flood_wait").inc()
+            raise resource_exhausted(
+                "FLOOD_WAIT",
+                "the bot is paused by a Telegram flood wait",
+                paused.retry_after,
+                [(bot_id, "flood wait")],
+            ) from None
+        except RateLimited as limited:
+            metrics.bot_messages.labels(bot_id, "rate_limited").inc()
+            limit = self.limiter.chat_rate if limited.scope == "chat" else self.limiter.bot_rate
+            raise resource_exhausted(
+                "BOT_RATE_LIMITED",
+                f"the {limited.scope} send rate is exhausted for the caller's deadline",
+                limited.retry_after,
+                [(f"{limited.scope}:{bot_id}", f"{limit.per_second:g} messages per second")],
+            ) from None
+        metrics.limiter_wait.observe(waited)
+        if not await self.sessions.ensure_live(bot_id):  # the lease may have lapsed while waiting
+            metrics.bot_messages.labels(bot_id, "unavailable").inc()
+            raise bot_unavailable(bot_id)
+
+    async def _to_telegram(self, bot_id: str, peer: Peer, message: OutgoingMessage) -> Sent:
+        """One send request to Telegram, its refusals answered as the contract's errors. A FloodWait
+        is raised as it is: what it means depends on the caller's deadline (_send)."""
+        key = (bot_id, peer.user_id, message.random_id)
+        try:
+            if message.random_id:
+                sent = await self.sends.once(key, lambda: self.transport.send(bot_id, peer, message))
+            else:
+                sent = Sent(await self.transport.send(bot_id, peer, message))
+        except FloodWait:
+            raise
+        except UserBlocked:
+            metrics.bot_messages.labels(bot_id, "blocked").inc()
+            self._background(self._set_status(bot_id, peer.user_id, common_pb2.BOT_LINK_STATUS_BLOCKED))
+            raise refused_by_telegram("BLOCKED_BY_USER", "the person blocked this bot") from None
+        except UserDeactivated:
+            metrics.bot_messages.labels(bot_id, "deactivated").inc()
+            raise refused_by_telegram("USER_DEACTIVATED", "the Telegram account was deleted") from None
+        except PeerInvalid:
+            metrics.bot_messages.labels(bot_id, "not_connected").inc()
+            raise refused_by_telegram("NOT_CONNECTED", "the bot cannot reach this person") from None
+        except RecipientIsBot:
+            metrics.bot_messages.labels(bot_id, "recipient_is_bot").inc()
+            raise refused_by_telegram("RECIPIENT_IS_BOT", "the recipient is a bot; bots cannot message bots") from None
+        except MessageTooLong:
+            metrics.bot_messages.labels(bot_id, "too_long").inc()
+            raise refused_by_telegram(
+                "MESSAGE_TOO_LONG", "Telegram refused the text as too long (4096 UTF-16 units at most)"
+            ) from None
+        except ChatWriteForbidden:
+            metrics.bot_messages.labels(bot_id, "write_forbidden").inc()
+            raise refused_by_telegram("CHAT_WRITE_FORBIDDEN", "the bot may not write to this person") from None
+        except PeerFlood:
+            self.limiter.pause(bot_id, PEER_FLOOD_PAUSE)
+            metrics.bot_messages.labels(bot_id, "peer_flood").inc()
+            log.warning("bot_peer_flood", bot=bot_id, pause_seconds=PEER_FLOOD_PAUSE)
+            raise resource_exhausted(
+                "PEER_FLOOD",
+                "Telegram limits this bot for sending too much",
+                PEER_FLOOD_PAUSE,
+                [(bot_id, "peer flood")],
+            ) from None
+        except BotDeactivated:
+            metrics.bot_messages.labels(bot_id, "bot_banned").inc()
+            log.error("bot_deactivated_by_telegram", bot=bot_id)
+            raise refused_by_telegram("BOT_BANNED", "Telegram deactivated this bot") from None
+        except AlreadySent:
+            # Another send of this random_id is being made (elsewhere, or before a restart here): it is the message.
+            metrics.bot_messages.labels(bot_id, "already_sent").inc()
+            return Sent(self.sends.finished(key) or 0, already=True)
+        except (BotNotRunning, SessionInvalid):
+            metrics.bot_messages.labels(bot_id, "unavailable").inc()
+            raise bot_unavailable(bot_id) from None
+        except OutcomeUnknown as exc:
+            metrics.bot_messages.labels(bot_id, "outcome_unknown").inc()
+            log.warning("bot_send_outcome_unknown", bot=bot_id, error=str(exc) or type(exc).__name__)
+            raise outcome_unknown("Telegram may or may not have the message") from None
+        except TransportError as exc:
+            metrics.bot_messages.labels(bot_id, "error").inc()
+            log.warning("bot_send_failed", bot=bot_id, error=str(exc) or type(exc).__name__)
+            raise unavailable("BOT_UNAVAILABLE", "Telegram refused the message", retry_after=1.0) from None
+        metrics.bot_messages.labels(bot_id, "already_sent" if sent.already else "sent").inc()
+        return sent
 
     def _left(self, deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - self.limiter.now())
